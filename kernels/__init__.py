@@ -1,0 +1,17 @@
+"""wpkl's Triton kernels (installed as ``wpkl.kernels``): ``@triton.jit`` code only.
+
+Launch logic and the autograd Function live in ``wpkl/autograd.py``; the math they implement is
+specified by ``wpkl/reference.py``.
+"""
+
+from .common import DIVERGENCE_IDS, NUM_PUBLIC_STATS, NUM_STATS
+from .token_divergence_bwd import token_divergence_bwd_kernel
+from .token_divergence_fwd import token_divergence_fwd_kernel
+
+__all__ = [
+    "DIVERGENCE_IDS",
+    "NUM_PUBLIC_STATS",
+    "NUM_STATS",
+    "token_divergence_bwd_kernel",
+    "token_divergence_fwd_kernel",
+]

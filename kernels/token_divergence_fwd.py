@@ -1,0 +1,156 @@
+"""Forward kernel: one token per program, online log-sum-exp over the vocabulary.
+
+Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl/reference.py is the spec):
+    reverse_kl  D = E_p[s - u] - lse(s) + lse(u)
+    forward_kl  D = E_q[u - s] - lse(u) + lse(s)
+    jsd(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta q
+    sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant)
+For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / Z_u
+(Z_u the teacher's sum of exp(u - max u)), the entropies lse - E[.] of p and q, both log-normalizers
+and, for jsd, KL(p || m) for the backward pass.
+
+Passes over [N, V]: one, reading each student and teacher logit once with running max and rescaled sums
+for both distributions (for "sampled", two extra scalar loads of the logits at token y). jsd makes a
+second pass, because log m needs both finished normalizers and is not linear in the logits.
+Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd), writes 4 * (1 + 7)
+bytes. Masked tokens read nothing and write zeros.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    JSD,
+    FORWARD_KL,
+    REVERSE_KL,
+    SAMPLED,
+    STAT_CONFIDENCE,
+    STAT_DIVERGENCE,
+    STAT_MIXTURE_KL,
+    STAT_STUDENT_ENTROPY,
+    STAT_STUDENT_LSE,
+    STAT_TEACHER_ENTROPY,
+    STAT_TEACHER_LSE,
+    log_mixture,
+    row_offset,
+    xlogy_term,
+)
+
+
+@triton.jit
+def token_divergence_fwd_kernel(
+    # pointers
+    student_ptr,  # [B, T, V] logits, last dim contiguous
+    teacher_ptr,  # [B, T, V_t >= V] logits, last dim contiguous
+    valid_ptr,  # [N] int8: 0 = token ignored
+    tokens_ptr,  # [N] int64 sampled tokens (read only for SAMPLED)
+    loss_ptr,  # [N] fp32 out: per-token loss L
+    stats_ptr,  # [NUM_STATS, N] fp32 out
+    # strides
+    stride_student_b,
+    stride_student_t,
+    stride_teacher_b,
+    stride_teacher_t,
+    # sizes
+    T,
+    V,
+    N,
+    # meta
+    inv_temperature,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    student_row = student_ptr + row_offset(row, T, stride_student_b, stride_student_t)
+    teacher_row = teacher_ptr + row_offset(row, T, stride_teacher_b, stride_teacher_t)
+    is_valid = tl.load(valid_ptr + row) != 0
+    # A masked token runs zero iterations: nothing is read, and its outputs are zeroed below.
+    num_blocks = tl.where(is_valid, tl.cdiv(V, BLOCK_V), 0)
+    cols = tl.arange(0, BLOCK_V)
+
+    # Running maxima and sums rescaled to them, for student (s) and teacher (u).
+    max_s = -float("inf")
+    max_u = -float("inf")
+    sum_s = 0.0  # sum exp(s - max_s)
+    sum_u = 0.0  # sum exp(u - max_u)
+    sum_s_s = 0.0  # sum exp(s - max_s) * s  -> E_p[s]
+    sum_u_u = 0.0  # sum exp(u - max_u) * u  -> E_q[u]
+    sum_cross = 0.0  # reverse: sum exp(s - max_s) (s - u);  forward: sum exp(u - max_u) (u - s)
+    for block in range(0, num_blocks):
+        offs = block * BLOCK_V + cols
+        in_vocab = offs < V
+        s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+        u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+
+        new_max_s = tl.maximum(max_s, tl.max(s, axis=0))
+        new_max_u = tl.maximum(max_u, tl.max(u, axis=0))
+        # While every logit so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
+        shift_s = tl.where(new_max_s == -float("inf"), 0.0, new_max_s)
+        shift_u = tl.where(new_max_u == -float("inf"), 0.0, new_max_u)
+        rescale_s = tl.exp(max_s - shift_s)
+        rescale_u = tl.exp(max_u - shift_u)
+        exp_s = tl.exp(s - shift_s)
+        exp_u = tl.exp(u - shift_u)
+
+        sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
+        sum_u = sum_u * rescale_u + tl.sum(exp_u, axis=0)
+        sum_s_s = sum_s_s * rescale_s + tl.sum(xlogy_term(exp_s, s), axis=0)
+        sum_u_u = sum_u_u * rescale_u + tl.sum(xlogy_term(exp_u, u), axis=0)
+        if DIVERGENCE == REVERSE_KL:
+            sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, s - u), axis=0)
+        if DIVERGENCE == FORWARD_KL:
+            sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, u - s), axis=0)
+        max_s = new_max_s
+        max_u = new_max_u
+
+    lse_s = max_s + tl.log(sum_s)
+    lse_u = max_u + tl.log(sum_u)
+    student_entropy = lse_s - sum_s_s / sum_s
+    teacher_entropy = lse_u - sum_u_u / sum_u
+    confidence = 1.0 / sum_u
+    mixture_kl = 0.0
+    loss = 0.0
+    if DIVERGENCE == REVERSE_KL:
+        divergence = sum_cross / sum_s - lse_s + lse_u
+    if DIVERGENCE == FORWARD_KL:
+        divergence = sum_cross / sum_u - lse_u + lse_s
+    if DIVERGENCE == SAMPLED:
+        token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
+        s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
+        u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
+        log_p_y = s_y - lse_s
+        divergence = log_p_y - (u_y - lse_u)
+        loss = divergence * log_p_y
+    if DIVERGENCE == JSD:
+        # Second pass: log m needs both finished normalizers.
+        log_1m_beta = tl.log(1.0 - beta)
+        log_beta = tl.log(beta)
+        kl_qm = 0.0
+        kl_pm = 0.0
+        for block in range(0, num_blocks):
+            offs = block * BLOCK_V + cols
+            in_vocab = offs < V
+            s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+            u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+            log_p = s - lse_s
+            log_q = u - lse_u
+            p = tl.exp(log_p)
+            q = tl.exp(log_q)
+            log_m = log_mixture(log_p, log_q, p, q, beta, log_1m_beta, log_beta)
+            kl_qm += tl.sum(xlogy_term(q, log_q - log_m), axis=0)
+            kl_pm += tl.sum(xlogy_term(p, log_p - log_m), axis=0)
+        divergence = beta * kl_qm + (1.0 - beta) * kl_pm
+        mixture_kl = kl_pm
+    if DIVERGENCE != SAMPLED:
+        loss = divergence
+
+    tl.store(loss_ptr + row, tl.where(is_valid, loss, 0.0))
+    stats_row = stats_ptr + row
+    tl.store(stats_row + STAT_DIVERGENCE * N, tl.where(is_valid, divergence, 0.0))
+    tl.store(stats_row + STAT_CONFIDENCE * N, tl.where(is_valid, confidence, 0.0))
+    tl.store(stats_row + STAT_STUDENT_ENTROPY * N, tl.where(is_valid, student_entropy, 0.0))
+    tl.store(stats_row + STAT_TEACHER_ENTROPY * N, tl.where(is_valid, teacher_entropy, 0.0))
+    tl.store(stats_row + STAT_STUDENT_LSE * N, tl.where(is_valid, lse_s, 0.0))
+    tl.store(stats_row + STAT_TEACHER_LSE * N, tl.where(is_valid, lse_u, 0.0))
+    tl.store(stats_row + STAT_MIXTURE_KL * N, tl.where(is_valid, mixture_kl, 0.0))

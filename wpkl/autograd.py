@@ -1,0 +1,78 @@
+"""The Triton backend: an autograd Function that launches the fused kernels.
+
+``TritonTokenDivergence.apply`` maps [B, T, V] student and teacher logits to the per-token loss L
+(differentiable) and the public per-token statistics [4, B, T] (divergence, teacher confidence, student
+and teacher entropy). Weighting and reduction happen afterwards on [B, T] vectors (wpkl/api.py), so
+autograd hands the backward kernel d loss / d L_i with the weights already folded in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .launch import launch_config
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels():
+    # Imported on first use: importing wpkl must not compile or interpret anything.
+    from . import kernels
+
+    return kernels
+
+
+def divergence_id(divergence: str, beta: float) -> int:
+    """jsd with beta 0 or 1 is exactly forward or reverse KL: run that (cheaper) specialization."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    return _kernels().DIVERGENCE_IDS[divergence]
+
+
+class TritonTokenDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, valid, tokens, divergence: str, beta: float, temperature: float,
+                inplace_backward: bool):
+        kernels = _kernels()
+        B, T, V = student.shape
+        N = B * T
+        loss = torch.empty(N, dtype=torch.float32, device=student.device)
+        stats = torch.empty(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
+        valid_bytes = valid.reshape(N).to(torch.int8)
+        tokens_flat = tokens.reshape(N) if tokens is not None else valid_bytes  # unread unless sampled
+        div_id = divergence_id(divergence, beta)
+        config = launch_config(V)
+        if N > 0:
+            kernels.token_divergence_fwd_kernel[(N,)](
+                student, teacher, valid_bytes, tokens_flat, loss, stats,
+                student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+                T, V, N,
+                1.0 / temperature, float(beta),
+                DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps,
+            )
+        ctx.save_for_backward(student, teacher, valid_bytes, tokens_flat, stats)
+        ctx.div_id, ctx.beta, ctx.temperature, ctx.inplace_backward = div_id, float(beta), temperature, inplace_backward
+        public = stats[: kernels.NUM_PUBLIC_STATS].clone().view(-1, B, T)
+        ctx.mark_non_differentiable(public)
+        return loss.view(B, T), public
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_stats):
+        student, teacher, valid_bytes, tokens_flat, stats = ctx.saved_tensors
+        B, T, V = student.shape
+        N = B * T
+        grad = student if ctx.inplace_backward else torch.empty_like(student)
+        if N > 0:
+            grad_loss = grad_loss.reshape(N).to(torch.float32).contiguous()
+            config = launch_config(V)
+            grid = (N, -(-V // config.block_v))
+            _kernels().token_divergence_bwd_kernel[grid](
+                student, teacher, valid_bytes, tokens_flat, grad_loss, stats, grad,
+                student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+                grad.stride(0), grad.stride(1),
+                T, V, N,
+                1.0 / ctx.temperature, ctx.beta,
+                DIVERGENCE=ctx.div_id, BLOCK_V=config.block_v, num_warps=config.num_warps,
+            )
+        return grad, None, None, None, None, None, None, None
+

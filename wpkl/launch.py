@@ -1,0 +1,31 @@
+"""Launch configuration for the kernels: BLOCK_V and num_warps from a small heuristic keyed on V.
+
+The kernels loop over the vocabulary in BLOCK_V chunks, so BLOCK_V bounds the registers a program
+holds (a few fp32 values per element per thread) rather than the vocabulary it can handle; any V works.
+``MAX_BLOCK_V`` caps the chunk so a program never spills (checked by ``python -m wpkl.kernels.report``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_BLOCK_V = 4096
+ELEMENTS_PER_WARP = 512  # 16 elements per thread per loaded tensor
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_v: int
+    num_warps: int
+
+
+def launch_config(vocab: int, max_block_v: int | None = None) -> LaunchConfig:
+    """BLOCK_V: the vocabulary rounded up to a power of two, capped; num_warps grows with it (1 to 8)."""
+    cap = MAX_BLOCK_V if max_block_v is None else max_block_v
+    block_v = max(16, min(1 << (max(vocab, 1) - 1).bit_length(), cap))
+    num_warps = max(1, min(8, block_v // ELEMENTS_PER_WARP))
+    return LaunchConfig(block_v=block_v, num_warps=num_warps)
+
+
+# The vocabulary sizes whose configurations the resource report and its test compile ahead of time.
+REPRESENTATIVE_VOCABS = (1, 97, 1000, 32000, 128256, 262144)

@@ -1,0 +1,73 @@
+"""The pure-torch backend: the reference math run over chunks of rows, with recompute in backward.
+
+Works on any device torch supports. Peak extra memory is a few [chunk, V] buffers in the compute dtype
+(float32, or float64 for float64 input) plus the [B, T, V] gradient, never several [N, V] float32
+tensors: forward keeps only per-token results, and backward recomputes each chunk under autograd
+(activation checkpointing, chunk by chunk). Masked tokens are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import TokenTerms, compute_dtype, token_terms
+
+# Rows per chunk = CHUNK_ELEMENTS // V: with 2**22 elements a float32 [chunk, V] buffer is 16 MiB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(valid: torch.Tensor, vocab: int):
+    """(b, t) index pairs of the valid tokens, in chunks of at most CHUNK_ELEMENTS // V rows."""
+    b, t = valid.nonzero(as_tuple=True)  # one host sync: the torch path is not the hot path
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, b.numel(), step):
+        yield b[start : start + step], t[start : start + step]
+
+
+def _select(x: torch.Tensor | None, b: torch.Tensor, t: torch.Tensor):
+    return None if x is None else x[b, t]
+
+
+class ChunkedTokenDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, valid, tokens, divergence: str, beta: float, temperature: float):
+        B, T, V = student.shape
+        dtype = compute_dtype(student, teacher)
+        loss = student.new_zeros((B, T), dtype=dtype)
+        stats = student.new_zeros((4, B, T), dtype=dtype)
+        options = dict(divergence=divergence, beta=beta, temperature=temperature)
+        for b, t in _chunks(valid, V):
+            terms = token_terms(student[b, t], teacher[b, t], tokens=_select(tokens, b, t), **options)
+            loss[b, t] = terms.loss
+            stats[:, b, t] = torch.stack(terms[1:])
+        ctx.save_for_backward(student, teacher, valid, tokens)
+        ctx.options = options
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        student, teacher, valid, tokens = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for b, t in _chunks(valid, student.shape[-1]):
+            rows = student[b, t].detach().requires_grad_(True)
+            with torch.enable_grad():
+                terms = token_terms(rows, teacher[b, t], tokens=_select(tokens, b, t), **ctx.options)
+                (grad_rows,) = torch.autograd.grad(terms.loss, rows, grad_loss[b, t].to(terms.loss.dtype))
+            grad[b, t] = grad_rows
+        return grad, None, None, None, None, None, None
+
+
+def chunked_terms(student, teacher, valid, tokens, divergence, beta, temperature) -> TokenTerms:
+    loss, stats = ChunkedTokenDivergence.apply(student, teacher, valid, tokens, divergence, beta, temperature)
+    return TokenTerms(loss, *stats.unbind(0))
+
+
+def reference_terms(student, teacher, valid, tokens, divergence, beta, temperature) -> TokenTerms:
+    """The specification as a backend: token_terms on the valid rows, all at once, plain autograd."""
+    b, t = valid.nonzero(as_tuple=True)
+    terms = token_terms(student[b, t], teacher[b, t], tokens=_select(tokens, b, t),
+                        divergence=divergence, beta=beta, temperature=temperature)
+    zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
+    return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))

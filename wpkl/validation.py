@@ -1,0 +1,199 @@
+"""Input checks: every bad argument raises a ValueError or TypeError naming it, before any kernel runs.
+
+``validate`` returns a ``Problem``: the inputs normalized to a [B, T, V] view (a 2-D [N, V] input
+becomes B = 1, T = N without a copy) and [B, T] per-token tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .reference import DIVERGENCES
+from .weighting import Weighting
+
+REDUCTIONS = ("mean", "sum", "seq_mean", "none")
+BACKENDS = ("auto", "triton", "torch", "reference")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass
+class Problem:
+    student: torch.Tensor  # [B, T, V]
+    teacher: torch.Tensor  # [B, T, V_t], V_t >= V
+    valid: torch.Tensor  # [B, T] bool
+    tokens: torch.Tensor | None  # [B, T] int64
+    user_weights: torch.Tensor | None  # [B, T] float
+    positions: torch.Tensor | None  # [B, T] int64
+    leading_shape: torch.Size  # the caller's leading shape: (B, T) or (N,)
+    packed: bool  # the caller passed [N, V] logits
+    divergence: str
+    beta: float
+    temperature: float
+    weighting: Weighting | None
+    reduction: str
+    num_items_in_batch: torch.Tensor | float | None
+
+
+def _choice(name: str, value, options) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _logits(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name} must have shape [B, T, V] or [N, V], got {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension: {tuple(x.shape)}")
+    return x
+
+
+def _per_token(name: str, x, leading: torch.Size, device: torch.device, kinds: str, kind_text: str):
+    """An optional per-token tensor of the leading shape and a dtype kind ('b' bool, 'i' int, 'f' float)."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    kind = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "c" if x.is_complex() else "i"
+    if kind not in kinds:
+        raise TypeError(f"{name} must be a {kind_text} tensor, got {x.dtype}")
+    if x.shape != leading:
+        raise ValueError(f"{name} must have the logits' leading shape {tuple(leading)}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+    return x
+
+
+def validate(
+    student_logits,
+    teacher_logits,
+    *,
+    mask=None,
+    weighting=None,
+    token_weights=None,
+    positions=None,
+    tokens=None,
+    divergence="reverse_kl",
+    beta=0.5,
+    temperature=1.0,
+    reduction="mean",
+    num_items_in_batch=None,
+) -> Problem:
+    student = _logits("student_logits", student_logits)
+    teacher = _logits("teacher_logits", teacher_logits)
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits leading shape {tuple(teacher.shape[:-1])} does not match "
+            f"student_logits leading shape {tuple(student.shape[:-1])}"
+        )
+    vocab = student.shape[-1]
+    if teacher.shape[-1] < vocab:
+        raise ValueError(
+            f"teacher_logits has vocabulary {teacher.shape[-1]} < the student's {vocab}; "
+            "a padded teacher vocabulary may be larger (its first V columns are used), never smaller"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
+
+    divergence = _choice("divergence", divergence, DIVERGENCES)
+    reduction = _choice("reduction", reduction, REDUCTIONS)
+    beta = _real("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = _real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if weighting is not None and not isinstance(weighting, Weighting):
+        raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
+
+    leading = student.shape[:-1]
+    device = student.device
+    mask = _per_token("mask", mask, leading, device, "b", "bool")
+    token_weights = _per_token("token_weights", token_weights, leading, device, "f", "floating-point")
+    positions = _per_token("positions", positions, leading, device, "i", "integer")
+    tokens = _per_token("tokens", tokens, leading, device, "i", "integer")
+    if divergence == "sampled" and tokens is None:
+        raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
+
+    packed = student.dim() == 2
+    if packed:
+        if positions is None and reduction == "seq_mean":
+            raise ValueError('reduction="seq_mean" on [N, V] input needs positions (a 0 starts each sequence)')
+        if positions is None and weighting is not None and weighting.position is not None:
+            raise ValueError("position weighting on [N, V] input needs positions (or pass [B, T, V] logits)")
+        if weighting is not None and weighting.accumulated > 0:
+            raise ValueError("Weighting(accumulated=...) needs [B, T, V] input: it sums over each sequence's prefix")
+
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError(f'num_items_in_batch replaces the token count of reduction="mean", not {reduction!r}')
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+        else:
+            count = _real("num_items_in_batch", num_items_in_batch)
+            if count <= 0:
+                raise ValueError(f"num_items_in_batch must be > 0, got {count}")
+
+    valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
+    _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens)
+
+    if packed:  # [N, V] -> [1, N, V]: a view, never a copy
+        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
+        valid, token_weights, positions, tokens = (
+            None if x is None else x.unsqueeze(0) for x in (valid, token_weights, positions, tokens)
+        )
+    # The kernels need a contiguous vocabulary dimension; leading dimensions may have any stride.
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    return Problem(
+        student=student,
+        teacher=teacher,
+        valid=valid,
+        tokens=None if tokens is None else tokens.long(),
+        user_weights=token_weights,
+        positions=None if positions is None else positions.long(),
+        leading_shape=leading,
+        packed=packed,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        weighting=weighting,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def _check_values(valid, vocab, *, token_weights, positions, tokens) -> None:
+    """Value checks on the valid tokens, with at most one host sync for all of them together."""
+    checks = []
+    if token_weights is not None:
+        bad = valid & ~(torch.isfinite(token_weights) & (token_weights >= 0))
+        checks.append(("token_weights must be finite and >= 0 on valid tokens", bad))
+    if positions is not None:
+        checks.append(("positions must be >= 0 on valid tokens", valid & (positions < 0)))
+    if tokens is not None:
+        checks.append((f"tokens must lie in [0, V) = [0, {vocab}) on valid tokens", valid & ((tokens < 0) | (tokens >= vocab))))
+    if not checks:
+        return
+    flags = torch.stack([bad.any() for _, bad in checks]).tolist()
+    for (message, _), failed in zip(checks, flags):
+        if failed:
+            raise ValueError(message)

@@ -1,0 +1,202 @@
+"""Per-token weights: the one place that defines how wpkl weights tokens.
+
+Every backend computes the per-token divergence over the vocabulary first; the weights then
+come from [N]-sized per-token vectors only (never from [N, V] data), with this formula::
+
+    w_i = mask_i * token_weight_i * f(pos_i) * c_i ** confidence * |D_i| ** disagreement
+          * (1 + accumulated * (1 - A_i / max(S_b, 1e-8)))
+
+    c_i  teacher confidence max_j q_ij            D_i  detached divergence (0 ** 0 = 1)
+    A_i  sum of |D_k| over the valid tokens k before i in the same sequence b
+    S_b  sum of |D_k| over all valid tokens of sequence b
+
+and, with ``normalize=True``, ``w_i *= n_valid / sum(w)`` (all weights 0 when ``sum(w) == 0``).
+Weights are constants for autograd: no gradient flows through them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+# Floor on a sequence's total |D| before dividing by it (TRL's IW-OPD ``iw_opd_epsilon``).
+ACCUMULATED_EPS = 1e-8
+
+
+def _check_real(owner: str, name: str, value, *, minimum=None, strict=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}.{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}.{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{owner}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ExpDecay:
+    """f(pos) = 2 ** (-pos / half_life): a token ``half_life`` positions later counts half as much."""
+
+    half_life: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "half_life", _check_real("ExpDecay", "half_life", self.half_life, minimum=0, strict=True))
+
+    def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        return torch.exp2(-position / self.half_life)
+
+
+@dataclass(frozen=True)
+class PowerDecay:
+    """f(pos) = (1 + pos) ** (-alpha)."""
+
+    alpha: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _check_real("PowerDecay", "alpha", self.alpha, minimum=0))
+
+    def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        return (1.0 + position) ** (-self.alpha)
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """f(pos) = values[min(pos, len(values) - 1)]: a lookup table whose last entry holds beyond its end."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self):
+        values = self.values
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().reshape(-1).tolist()
+        try:
+            values = tuple(values)
+        except TypeError:
+            raise TypeError(f"PositionTable.values must be a sequence of numbers, got {type(self.values).__name__}") from None
+        if not values:
+            raise ValueError("PositionTable.values must not be empty")
+        checked = tuple(_check_real("PositionTable", f"values[{i}]", v, minimum=0) for i, v in enumerate(values))
+        object.__setattr__(self, "values", checked)
+
+    def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(self.values, dtype=position.dtype, device=position.device)
+        index = position.clamp(max=len(self.values) - 1).long()
+        return table[index]
+
+
+@dataclass(frozen=True)
+class PositionWindow:
+    """f(pos) = 1 where start <= pos / n_b < end, else 0 (n_b: valid tokens in the sequence).
+
+    ``PositionWindow(0.0, 0.3)`` trains on the first 30% of each response and ``PositionWindow(0.7, 1.0)``
+    on the last 30%: the position diagnostic of arXiv 2606.22600.
+    """
+
+    start: float
+    end: float
+
+    def __post_init__(self):
+        start = _check_real("PositionWindow", "start", self.start, minimum=0)
+        if isinstance(self.end, bool) or not isinstance(self.end, (int, float)) or math.isnan(self.end):
+            raise TypeError(f"PositionWindow.end must be a real number, got {self.end!r}")
+        end = float(self.end)
+        if start >= end:
+            raise ValueError(f"PositionWindow needs start < end, got start={start}, end={end}")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "end", end)
+
+    def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        relative = position / length.clamp_min(1)
+        return ((relative >= self.start) & (relative < self.end)).to(position.dtype)
+
+
+PositionSchedule = Union[ExpDecay, PowerDecay, PositionTable, PositionWindow]
+POSITION_SCHEDULES = (ExpDecay, PowerDecay, PositionTable, PositionWindow)
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How tokens are weighted; ``None`` in the API means uniform (standard OPD, no normalization).
+
+    position:     a schedule f(pos) (ExpDecay, PowerDecay, PositionTable, PositionWindow) or None
+    confidence:   exponent on the teacher confidence c_i = max_j q_ij (0 = off)
+    disagreement: exponent on the detached per-token divergence |D_i| (0 = off)
+    accumulated:  IW-OPD gamma: 1 + gamma * (1 - prefix share of the sequence's accumulated |D|) (0 = off)
+    normalize:    rescale the weights to mean 1 over the valid tokens of the batch
+    """
+
+    position: PositionSchedule | None = None
+    confidence: float = 0.0
+    disagreement: float = 0.0
+    accumulated: float = 0.0
+    normalize: bool = True
+
+    def __post_init__(self):
+        if self.position is not None and not isinstance(self.position, POSITION_SCHEDULES):
+            names = ", ".join(cls.__name__ for cls in POSITION_SCHEDULES)
+            raise TypeError(f"Weighting.position must be one of {names} or None, got {type(self.position).__name__}")
+        for name in ("confidence", "disagreement", "accumulated"):
+            object.__setattr__(self, name, _check_real("Weighting", name, getattr(self, name), minimum=0))
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"Weighting.normalize must be a bool, got {type(self.normalize).__name__}")
+
+    @property
+    def needs_sequences(self) -> bool:
+        """True when the weights need sequence structure ([B, T] input or packed positions)."""
+        return self.position is not None or self.accumulated > 0
+
+
+def sequence_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Position of each token among the valid tokens of its sequence: the first valid token is 0."""
+    counts = valid.to(torch.int64).cumsum(dim=-1)
+    return counts - valid.to(torch.int64)
+
+
+def accumulated_factor(abs_divergence: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """IW-OPD: 1 + gamma * (1 - A_i / max(S_b, eps)) over [S, L] sequences, A_i the exclusive prefix sum."""
+    abs_divergence = torch.where(valid, abs_divergence, 0.0)
+    prefix = abs_divergence.cumsum(dim=-1) - abs_divergence
+    total = abs_divergence.sum(dim=-1, keepdim=True).clamp_min(ACCUMULATED_EPS)
+    return 1.0 + gamma * (1.0 - prefix / total)
+
+
+def compute_weights(
+    weighting: Weighting | None,
+    *,
+    valid: torch.Tensor,
+    divergence: torch.Tensor,
+    confidence: torch.Tensor,
+    user_weights: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weights w of the module docstring, for [S, L] tensors laid out one sequence per row.
+
+    ``divergence`` and ``confidence`` are the detached per-token D_i and c_i (any value where invalid).
+    ``positions`` overrides the positions counted from ``valid``. Returns w with 0 on invalid tokens.
+    """
+    dtype = divergence.dtype
+    w = valid.to(dtype)
+    if user_weights is not None:
+        w = w * torch.where(valid, user_weights.to(dtype), 0.0)
+    if weighting is None:
+        return w
+    if weighting.position is not None:
+        pos = sequence_positions(valid) if positions is None else positions
+        length = valid.sum(dim=-1, keepdim=True)
+        w = w * weighting.position(pos.to(dtype), length.to(dtype))
+    if weighting.confidence:
+        w = w * torch.where(valid, confidence, 1.0) ** weighting.confidence
+    if weighting.disagreement:
+        w = w * torch.where(valid, divergence.abs(), 1.0) ** weighting.disagreement
+    if weighting.accumulated:
+        w = w * accumulated_factor(divergence.abs(), valid, weighting.accumulated)
+    if weighting.normalize:
+        total = w.sum()
+        n_valid = valid.sum().to(dtype)
+        # total == 0 (e.g. an empty window) gives all-zero weights; NaN or inf totals propagate.
+        w = torch.where(total == 0, torch.zeros_like(w), w * (n_valid / total))
+    return torch.where(valid, w, 0.0)
