@@ -19,7 +19,8 @@ STAT_TEACHER_ENTROPY: tl.constexpr = 3
 STAT_STUDENT_LSE: tl.constexpr = 4  # logsumexp(s), s = student / T
 STAT_TEACHER_LSE: tl.constexpr = 5  # logsumexp(u), u = teacher / T
 STAT_MIXTURE_KL: tl.constexpr = 6  # jsd only: KL(p || m)
-NUM_STATS = 7
+STAT_LSE_GAP: tl.constexpr = 7  # lse(s) - lse(u), summed from shifted pieces (more exact than the difference)
+NUM_STATS = 8
 NUM_PUBLIC_STATS = 4
 
 
@@ -35,17 +36,24 @@ def row_offset(row, T, stride_b, stride_t):
 
 
 @triton.jit
-def log_mixture(log_p, log_q, p, q, beta, log_1m_beta, log_beta):
-    """log m for m = (1 - beta) p + beta q, never below its exact lower bounds.
+def logaddexp(a, b):
+    hi = tl.maximum(a, b)
+    return hi + tl.log(1.0 + tl.exp(-tl.abs(a - b)))
 
-    The clamp keeps log m finite wherever p > 0 or q > 0 even if (1 - beta) * p underflows in fp32.
+
+@triton.jit
+def mixture_log_ratios(log_ratio, log_1m_beta, log_beta):
+    """(log p - log m, log q - log m) for m = (1 - beta) p + beta q, from log_ratio = log q - log p.
+
+    log m - log p = log((1 - beta) + beta q / p) depends on the ratio alone, so when p and q are close
+    nothing large cancels. log_ratio = +inf (p = 0) and -inf (q = 0) give the exact limits.
     """
-    m = (1.0 - beta) * p + beta * q
-    log_m = tl.log(tl.maximum(m, 1e-38))
-    return tl.maximum(log_m, tl.maximum(log_p + log_1m_beta, log_q + log_beta))
+    log_p_m = -logaddexp(log_1m_beta, log_beta + log_ratio)
+    log_q_m = -logaddexp(log_beta, log_1m_beta - log_ratio)
+    return log_p_m, log_q_m
 
 
 @triton.jit
 def xlogy_term(prob, value):
-    """prob * value, or 0 where prob == 0 (0 * log 0 = 0, and no NaN from 0 * inf)."""
-    return tl.where(prob > 0, prob * value, 0.0)
+    """prob * value, or 0 where prob == 0 (0 * log 0 = 0, and no NaN from 0 * inf); NaN prob propagates."""
+    return tl.where(prob != 0, prob * value, 0.0)

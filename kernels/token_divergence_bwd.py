@@ -24,10 +24,11 @@ from .common import (
     REVERSE_KL,
     SAMPLED,
     STAT_DIVERGENCE,
+    STAT_LSE_GAP,
     STAT_MIXTURE_KL,
     STAT_STUDENT_LSE,
     STAT_TEACHER_LSE,
-    log_mixture,
+    mixture_log_ratios,
     row_offset,
     xlogy_term,
 )
@@ -82,15 +83,16 @@ def token_divergence_bwd_kernel(
         lse_u = tl.load(stats_row + STAT_TEACHER_LSE * N)
         u = tl.load(teacher_ptr + row_offset(row, T, stride_teacher_b, stride_teacher_t) + offs, mask=load_mask,
                     other=-float("inf")).to(tl.float32) * inv_temperature
-        log_q = u - lse_u
         if DIVERGENCE == REVERSE_KL:
-            grad = xlogy_term(p, log_p - log_q - divergence)
+            # log p - log q = (s - u) - (lse_s - lse_u): subtract the logits first, exact when they are close.
+            shift = tl.load(stats_row + STAT_LSE_GAP * N) + divergence
+            grad = xlogy_term(p, (s - u) - shift)
         if DIVERGENCE == FORWARD_KL:
-            grad = p - tl.exp(log_q)
+            grad = p - tl.exp(u - lse_u)
         if DIVERGENCE == JSD:
-            q = tl.exp(log_q)
-            log_m = log_mixture(log_p, log_q, p, q, beta, tl.log(1.0 - beta), tl.log(beta))
+            log_ratio = (u - s) + tl.load(stats_row + STAT_LSE_GAP * N)  # log q - log p
+            log_p_m, _ = mixture_log_ratios(log_ratio, tl.log(1.0 - beta), tl.log(beta))
             mixture_kl = tl.load(stats_row + STAT_MIXTURE_KL * N)
-            grad = (1.0 - beta) * xlogy_term(p, log_p - log_m - mixture_kl)
+            grad = (1.0 - beta) * xlogy_term(p, log_p_m - mixture_kl)
     grad_row = grad_ptr + row_offset(row, T, stride_grad_b, stride_grad_t)
     tl.store(grad_row + offs, (coef * grad).to(grad_ptr.dtype.element_ty), mask=in_vocab)

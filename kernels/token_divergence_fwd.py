@@ -7,12 +7,13 @@ Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl
     sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant)
 For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / Z_u
 (Z_u the teacher's sum of exp(u - max u)), the entropies lse - E[.] of p and q, both log-normalizers
-and, for jsd, KL(p || m) for the backward pass.
+their exact difference and, for jsd, KL(p || m) for the backward pass.
 
 Passes over [N, V]: one, reading each student and teacher logit once with running max and rescaled sums
 for both distributions (for "sampled", two extra scalar loads of the logits at token y). jsd makes a
-second pass, because log m needs both finished normalizers and is not linear in the logits.
-Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd), writes 4 * (1 + 7)
+second pass, because log m needs both finished normalizers and is not linear in the logits
+(3 exp + 2 log per element there, computed from log q - log p so that close distributions lose nothing).
+Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd), writes 4 * (1 + 8)
 bytes. Masked tokens read nothing and write zeros.
 """
 
@@ -26,12 +27,13 @@ from .common import (
     SAMPLED,
     STAT_CONFIDENCE,
     STAT_DIVERGENCE,
+    STAT_LSE_GAP,
     STAT_MIXTURE_KL,
     STAT_STUDENT_ENTROPY,
     STAT_STUDENT_LSE,
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
-    log_mixture,
+    mixture_log_ratios,
     row_offset,
     xlogy_term,
 )
@@ -104,23 +106,28 @@ def token_divergence_fwd_kernel(
         max_s = new_max_s
         max_u = new_max_u
 
-    lse_s = max_s + tl.log(sum_s)
-    lse_u = max_u + tl.log(sum_u)
-    student_entropy = lse_s - sum_s_s / sum_s
-    teacher_entropy = lse_u - sum_u_u / sum_u
+    # Combine the shifted pieces before adding large magnitudes: with lse_gap = (max_s - max_u) +
+    # (log sum_s - log sum_u), D = E_p[s - u] - lse_gap is exact when p == q, where lse_s - lse_u is not.
+    log_sum_s = tl.log(sum_s)
+    log_sum_u = tl.log(sum_u)
+    lse_s = max_s + log_sum_s
+    lse_u = max_u + log_sum_u
+    student_entropy = log_sum_s - (sum_s_s / sum_s - max_s)
+    teacher_entropy = log_sum_u - (sum_u_u / sum_u - max_u)
+    lse_gap = (max_s - max_u) + (log_sum_s - log_sum_u)
     confidence = 1.0 / sum_u
     mixture_kl = 0.0
     loss = 0.0
     if DIVERGENCE == REVERSE_KL:
-        divergence = sum_cross / sum_s - lse_s + lse_u
+        divergence = sum_cross / sum_s - lse_gap
     if DIVERGENCE == FORWARD_KL:
-        divergence = sum_cross / sum_u - lse_u + lse_s
+        divergence = sum_cross / sum_u + lse_gap
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
         s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
         u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
-        log_p_y = s_y - lse_s
-        divergence = log_p_y - (u_y - lse_u)
+        log_p_y = (s_y - max_s) - log_sum_s
+        divergence = log_p_y - ((u_y - max_u) - log_sum_u)
         loss = divergence * log_p_y
     if DIVERGENCE == JSD:
         # Second pass: log m needs both finished normalizers.
@@ -133,13 +140,9 @@ def token_divergence_fwd_kernel(
             in_vocab = offs < V
             s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
             u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-            log_p = s - lse_s
-            log_q = u - lse_u
-            p = tl.exp(log_p)
-            q = tl.exp(log_q)
-            log_m = log_mixture(log_p, log_q, p, q, beta, log_1m_beta, log_beta)
-            kl_qm += tl.sum(xlogy_term(q, log_q - log_m), axis=0)
-            kl_pm += tl.sum(xlogy_term(p, log_p - log_m), axis=0)
+            log_p_m, log_q_m = mixture_log_ratios((u - s) + lse_gap, log_1m_beta, log_beta)
+            kl_qm += tl.sum(xlogy_term(tl.exp(u - lse_u), log_q_m), axis=0)
+            kl_pm += tl.sum(xlogy_term(tl.exp(s - lse_s), log_p_m), axis=0)
         divergence = beta * kl_qm + (1.0 - beta) * kl_pm
         mixture_kl = kl_pm
     if DIVERGENCE != SAMPLED:
@@ -154,3 +157,4 @@ def token_divergence_fwd_kernel(
     tl.store(stats_row + STAT_STUDENT_LSE * N, tl.where(is_valid, lse_s, 0.0))
     tl.store(stats_row + STAT_TEACHER_LSE * N, tl.where(is_valid, lse_u, 0.0))
     tl.store(stats_row + STAT_MIXTURE_KL * N, tl.where(is_valid, mixture_kl, 0.0))
+    tl.store(stats_row + STAT_LSE_GAP * N, tl.where(is_valid, lse_gap, 0.0))

@@ -52,7 +52,7 @@ class TritonTokenDivergence(torch.autograd.Function):
             )
         ctx.save_for_backward(student, teacher, valid_bytes, tokens_flat, stats)
         ctx.div_id, ctx.beta, ctx.temperature, ctx.inplace_backward = div_id, float(beta), temperature, inplace_backward
-        public = stats[: kernels.NUM_PUBLIC_STATS].clone().view(-1, B, T)
+        public = stats[: kernels.NUM_PUBLIC_STATS].clone().view(kernels.NUM_PUBLIC_STATS, B, T)
         ctx.mark_non_differentiable(public)
         return loss.view(B, T), public
 

@@ -52,9 +52,10 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def expectation(prob: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """sum_j prob_j * value_j over the last dim, with 0 * value = 0 even for infinite or NaN value.
 
-    The inner ``where`` keeps autograd from multiplying a zero gradient by an infinite value.
+    A NaN probability still propagates. The inner ``where`` keeps autograd from multiplying a zero
+    gradient by an infinite value.
     """
-    alive = prob > 0
+    alive = prob != 0
     return torch.where(alive, prob * torch.where(alive, value, 0.0), 0.0).sum(dim=-1)
 
 

@@ -1,0 +1,44 @@
+"""Test setup: the Triton interpreter on CPU-only machines, seeding, the kernel device."""
+
+import os
+
+import pytest
+import torch
+
+# Decided when the kernels are decorated, so before anything imports wpkl.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("wpkl", max_examples=15, deadline=None, derandomize=True)
+settings.load_profile("wpkl")
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # Fresh inputs per test, reproducible per test id.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the Triton backend runs: the GPU when there is one, else the CPU interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Force BLOCK_V = 64 so small vocabularies take several blocks (online rescaling, ragged tails)."""
+    import wpkl.launch
+
+    monkeypatch.setattr(wpkl.launch, "MAX_BLOCK_V", 64)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

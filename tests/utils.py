@@ -1,0 +1,82 @@
+"""Shared test helpers: input generators and the tolerance table (one place for every dtype)."""
+
+from __future__ import annotations
+
+import torch
+
+import wpkl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Every backend accumulates in float32, so losses and statistics meet float32 tolerances whatever the
+# logits dtype (the float64 reference sees the same rounded logits).
+VALUE_TOL = dict(atol=2e-5, rtol=2e-5)
+
+# Gradients are stored in the logits dtype and are judged against the error of plain torch in the same
+# dtype (the reference computed in float32 from the same logits, its gradient rounded to the same dtype):
+# elementwise, |kernel - truth| <= 2 |torch - truth| + rtol |truth| + atol * max |truth|.
+GRAD_TOL = {
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-4),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.float64: dict(rtol=1e-9, atol=1e-12),
+}
+
+
+def logits_pair(shape, dtype=torch.float32, vocab_teacher=None, close=False, scale=3.0, device="cpu"):
+    """Random student and teacher logits (never zeros). ``close``: the teacher is a perturbed student."""
+    student = torch.randn(shape, dtype=torch.float64) * scale
+    v_t = shape[-1] if vocab_teacher is None else vocab_teacher
+    teacher = torch.randn(*shape[:-1], v_t, dtype=torch.float64) * scale
+    if close:
+        teacher[..., : shape[-1]] = student + 0.1 * torch.randn(shape, dtype=torch.float64)
+    return student.to(dtype).to(device), teacher.to(dtype).to(device)
+
+
+def random_mask(leading, p_valid=0.7, full_masked_row=True):
+    mask = torch.rand(leading) < p_valid
+    if full_masked_row and len(leading) == 2 and leading[0] > 1:
+        mask[1] = False  # one fully masked sequence
+    return mask
+
+
+def run(student, teacher, *, backend, upstream=None, **kwargs):
+    """Loss, stats and d(upstream . loss)/d student for one backend, on a fresh leaf copy of the logits."""
+    leaf = student.detach().clone().requires_grad_(True)
+    loss, stats = wpkl.weighted_kl_loss(leaf, teacher, backend=backend, return_stats=True, **kwargs)
+    g = torch.ones_like(loss) if upstream is None else upstream.to(loss.dtype)
+    (loss * g).sum().backward()
+    return loss.detach(), stats, leaf.grad
+
+
+def reference(student, teacher, **kwargs):
+    """The float64 truth on the same (already rounded) logits."""
+    return run(student.double().cpu(), teacher.double().cpu(), backend="reference", **{
+        k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+
+def assert_values_close(actual, expected, **tol):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=True, **(tol or VALUE_TOL))
+
+
+def assert_grad_close(actual, truth, same_dtype_torch, dtype):
+    tol = GRAD_TOL[dtype]
+    actual, truth, torch_err = actual.double().cpu(), truth.double().cpu(), None
+    torch_err = (same_dtype_torch.double().cpu() - truth).abs()
+    scale = float(truth.abs().max()) if truth.numel() else 0.0
+    bound = 2 * torch_err + tol["rtol"] * truth.abs() + tol["atol"] * scale + 1e-30
+    excess = (actual - truth).abs() / bound
+    assert torch.isfinite(actual).all() == torch.isfinite(truth).all()
+    if excess.numel() and excess.max() > 1:
+        i = int(excess.argmax())
+        raise AssertionError(
+            f"gradient off at flat index {i}: got {actual.flatten()[i]:.6e}, truth {truth.flatten()[i]:.6e}, "
+            f"same-dtype torch {same_dtype_torch.flatten()[i].item():.6e}; "
+            f"{int((excess > 1).sum())} of {excess.numel()} elements out of bounds"
+        )
+
+
+def assert_stats_close(actual, expected):
+    for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy", "position"):
+        assert_values_close(getattr(actual, name), getattr(expected, name))
+    assert torch.equal(actual.mask.cpu(), expected.mask.cpu())
