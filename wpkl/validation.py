@@ -73,7 +73,7 @@ def _per_token(name: str, x, leading: torch.Size, device: torch.device, kinds: s
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
     kind = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "c" if x.is_complex() else "i"
     if kind not in kinds:
-        raise TypeError(f"{name} must be a {kind_text} tensor, got {x.dtype}")
+        raise TypeError(f"{name} must be {kind_text} tensor, got {x.dtype}")
     if x.shape != leading:
         raise ValueError(f"{name} must have the logits' leading shape {tuple(leading)}, got {tuple(x.shape)}")
     if x.device != device:
@@ -125,10 +125,10 @@ def validate(
 
     leading = student.shape[:-1]
     device = student.device
-    mask = _per_token("mask", mask, leading, device, "b", "bool")
-    token_weights = _per_token("token_weights", token_weights, leading, device, "f", "floating-point")
-    positions = _per_token("positions", positions, leading, device, "i", "integer")
-    tokens = _per_token("tokens", tokens, leading, device, "i", "integer")
+    mask = _per_token("mask", mask, leading, device, "b", "a bool")
+    token_weights = _per_token("token_weights", token_weights, leading, device, "f", "a floating-point")
+    positions = _per_token("positions", positions, leading, device, "i", "an integer")
+    tokens = _per_token("tokens", tokens, leading, device, "i", "an integer")
     if divergence == "sampled" and tokens is None:
         raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
 

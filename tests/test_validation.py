@@ -1,0 +1,133 @@
+"""Every bad input raises ValueError or TypeError naming the argument, before any kernel runs."""
+
+import math
+
+import pytest
+import torch
+
+import wpkl
+from wpkl.backends import compute_terms as real_compute_terms
+
+S = torch.randn(2, 3, 10)
+T = torch.randn(2, 3, 10)
+
+
+def call(**overrides):
+    kwargs = dict(student_logits=S, teacher_logits=T)
+    kwargs.update(overrides)
+    return wpkl.weighted_kl_loss(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_launch(monkeypatch):
+    """A bad input must be rejected before any backend runs."""
+    import wpkl.backends
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a backend ran on bad input")
+
+    monkeypatch.setattr(wpkl.backends, "compute_terms", boom)
+    monkeypatch.setattr(wpkl.api, "compute_terms", boom)
+
+
+@pytest.mark.parametrize("overrides,error,words", [
+    (dict(student_logits=S.numpy()), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(student_logits=S.long()), TypeError, "student_logits must be float"),
+    (dict(teacher_logits=T.int()), TypeError, "teacher_logits must be float"),
+    (dict(student_logits=torch.randn(10)), ValueError, "student_logits must have shape"),
+    (dict(student_logits=torch.randn(2, 3, 0), teacher_logits=torch.randn(2, 3, 0)), ValueError, "empty vocabulary"),
+    (dict(teacher_logits=torch.randn(2, 4, 10)), ValueError, "leading shape"),
+    (dict(teacher_logits=torch.randn(2, 3, 9)), ValueError, "vocabulary 9 < the student's 10"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (dict(temperature=math.inf), ValueError, "temperature must be finite"),
+    (dict(temperature=math.nan), ValueError, "temperature must be finite"),
+    (dict(temperature="1"), TypeError, "temperature must be a real number"),
+    (dict(beta=1.5), ValueError, "beta must be in [0, 1]"),
+    (dict(beta=-0.1), ValueError, "beta must be in [0, 1]"),
+    (dict(divergence="kl"), ValueError, "divergence must be one of"),
+    (dict(reduction="batchmean"), ValueError, "reduction must be one of"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(weighting="position"), TypeError, "weighting must be a wpkl.Weighting"),
+    (dict(mask=torch.ones(2, 3)), TypeError, "mask must be a bool tensor"),
+    (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask must have the logits' leading shape"),
+    (dict(mask=[[True] * 3] * 2), TypeError, "mask must be a torch.Tensor"),
+    (dict(token_weights=torch.ones(2, 3, dtype=torch.long)), TypeError, "token_weights must be a floating-point"),
+    (dict(token_weights=torch.ones(3, 2)), ValueError, "token_weights must have the logits' leading shape"),
+    (dict(token_weights=-torch.ones(2, 3)), ValueError, "token_weights must be finite and >= 0"),
+    (dict(token_weights=torch.full((2, 3), math.nan)), ValueError, "token_weights must be finite and >= 0"),
+    (dict(token_weights=torch.full((2, 3), math.inf)), ValueError, "token_weights must be finite and >= 0"),
+    (dict(positions=torch.zeros(2, 3)), TypeError, "positions must be an integer"),
+    (dict(positions=torch.zeros(2, 2, dtype=torch.long)), ValueError, "positions must have the logits' leading"),
+    (dict(positions=-torch.ones(2, 3, dtype=torch.long)), ValueError, "positions must be >= 0"),
+    (dict(divergence="sampled"), ValueError, "needs tokens"),
+    (dict(divergence="sampled", tokens=torch.zeros(2, 3)), TypeError, "tokens must be an integer"),
+    (dict(divergence="sampled", tokens=torch.zeros(3, dtype=torch.long)), ValueError, "tokens must have the logits'"),
+    (dict(divergence="sampled", tokens=torch.full((2, 3), 10)), ValueError, "tokens must lie in [0, V)"),
+    (dict(divergence="sampled", tokens=torch.full((2, 3), -1)), ValueError, "tokens must lie in [0, V)"),
+    (dict(student_logits=S[0], teacher_logits=T[0], reduction="seq_mean"), ValueError, "seq_mean"),
+    (dict(student_logits=S[0], teacher_logits=T[0], weighting=wpkl.Weighting(position=wpkl.ExpDecay(2.0))),
+     ValueError, "position weighting on [N, V] input needs positions"),
+    (dict(student_logits=S[0], teacher_logits=T[0], weighting=wpkl.Weighting(accumulated=0.5)),
+     ValueError, "needs [B, T, V] input"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+    (dict(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch replaces"),
+    (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a scalar"),
+    (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+])
+def test_bad_input(overrides, error, words):
+    with pytest.raises(error, match=None) as info:
+        call(**overrides)
+    assert words in str(info.value), str(info.value)
+
+
+def test_bad_values_on_masked_tokens_are_ignored(monkeypatch):
+    """TRL marks ignored tokens with -100: out-of-range values where mask is False are fine."""
+    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    tokens = torch.where(mask, 3, -100)
+    weights = torch.where(mask, 1.0, math.nan)
+    loss = call(mask=mask, tokens=tokens, divergence="sampled", token_weights=weights, positions=tokens)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without a GPU")
+def test_mismatched_devices_name_the_argument():
+    meta = torch.randn(2, 3, 10, device="meta")
+    with pytest.raises(ValueError, match="teacher_logits is on meta"):
+        call(teacher_logits=meta)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        call(mask=torch.ones(2, 3, dtype=torch.bool, device="meta"))
+
+
+def test_triton_backend_with_float64_is_refused(monkeypatch):
+    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    with pytest.raises(ValueError, match="supports float32, bfloat16 and float16"):
+        call(student_logits=S.double(), backend="triton")
+
+
+@pytest.mark.parametrize("make,error,words", [
+    (lambda: wpkl.ExpDecay(0.0), ValueError, "half_life must be > 0"),
+    (lambda: wpkl.ExpDecay(-2.0), ValueError, "half_life must be > 0"),
+    (lambda: wpkl.ExpDecay(math.inf), ValueError, "half_life must be finite"),
+    (lambda: wpkl.PowerDecay(-0.5), ValueError, "alpha must be >= 0"),
+    (lambda: wpkl.PositionTable([]), ValueError, "must not be empty"),
+    (lambda: wpkl.PositionTable([1.0, -0.5]), ValueError, "values[1] must be >= 0"),
+    (lambda: wpkl.PositionTable(3.0), TypeError, "must be a sequence"),
+    (lambda: wpkl.PositionWindow(0.5, 0.5), ValueError, "start < end"),
+    (lambda: wpkl.PositionWindow(0.7, 0.3), ValueError, "start < end"),
+    (lambda: wpkl.PositionWindow(-0.1, 0.3), ValueError, "start must be >= 0"),
+    (lambda: wpkl.Weighting(confidence=-1.0), ValueError, "confidence must be >= 0"),
+    (lambda: wpkl.Weighting(disagreement=-0.5), ValueError, "disagreement must be >= 0"),
+    (lambda: wpkl.Weighting(accumulated=-0.5), ValueError, "accumulated must be >= 0"),
+    (lambda: wpkl.Weighting(accumulated=math.nan), ValueError, "accumulated must be finite"),
+    (lambda: wpkl.Weighting(position=2.0), TypeError, "Weighting.position must be one of"),
+    (lambda: wpkl.Weighting(normalize=1), TypeError, "normalize must be a bool"),
+    (lambda: wpkl.WeightedKLLoss(divergence="tv"), ValueError, "divergence must be one of"),
+    (lambda: wpkl.WeightedKLLoss(temperature=0), ValueError, "temperature must be > 0"),
+    (lambda: wpkl.WeightedKLLoss(backend="cuda"), ValueError, "backend must be one of"),
+])
+def test_bad_configuration(make, error, words):
+    with pytest.raises(error) as info:
+        make()
+    assert words in str(info.value), str(info.value)
