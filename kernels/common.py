@@ -4,22 +4,22 @@ import triton
 import triton.language as tl
 
 # Divergence ids, passed to the kernels as the DIVERGENCE constexpr (one specialization each).
-REVERSE_KL: tl.constexpr = 0
-FORWARD_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SAMPLED: tl.constexpr = 3
+REVERSE_KL = tl.constexpr(0)
+FORWARD_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SAMPLED = tl.constexpr(3)
 DIVERGENCE_IDS = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "sampled": 3}
 
 # Rows of the fp32 per-token statistics buffer [NUM_STATS, N] the forward kernel writes.
 # The first four are public (TokenStats); the rest are what the backward kernel needs.
-STAT_DIVERGENCE: tl.constexpr = 0
-STAT_CONFIDENCE: tl.constexpr = 1
-STAT_STUDENT_ENTROPY: tl.constexpr = 2
-STAT_TEACHER_ENTROPY: tl.constexpr = 3
-STAT_STUDENT_LSE: tl.constexpr = 4  # logsumexp(s), s = student / T
-STAT_TEACHER_LSE: tl.constexpr = 5  # logsumexp(u), u = teacher / T
-STAT_MIXTURE_KL: tl.constexpr = 6  # jsd only: KL(p || m)
-STAT_LSE_GAP: tl.constexpr = 7  # lse(s) - lse(u), summed from shifted pieces (more exact than the difference)
+STAT_DIVERGENCE = tl.constexpr(0)
+STAT_CONFIDENCE = tl.constexpr(1)
+STAT_STUDENT_ENTROPY = tl.constexpr(2)
+STAT_TEACHER_ENTROPY = tl.constexpr(3)
+STAT_STUDENT_LSE = tl.constexpr(4)  # logsumexp(s), s = student / T
+STAT_TEACHER_LSE = tl.constexpr(5)  # logsumexp(u), u = teacher / T
+STAT_MIXTURE_KL = tl.constexpr(6)  # jsd only: KL(p || m)
+STAT_LSE_GAP = tl.constexpr(7)  # lse(s) - lse(u), summed from shifted pieces (more exact than the difference)
 NUM_STATS = 8
 NUM_PUBLIC_STATS = 4
 

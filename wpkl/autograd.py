@@ -4,6 +4,10 @@
 (differentiable) and the public per-token statistics [4, B, T] (divergence, teacher confidence, student
 and teacher entropy). Weighting and reduction happen afterwards on [B, T] vectors (wpkl/api.py), so
 autograd hands the backward kernel d loss / d L_i with the weights already folded in.
+
+``forward_launch`` and ``backward_launch`` build each kernel's grid and arguments; the Function and the
+ahead-of-time resource report (``python -m wpkl.kernels.report``) both use them, so the report compiles
+exactly the specializations the package launches.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernels():
-    # Imported on first use: importing wpkl must not compile or interpret anything.
+    # Imported on first use: importing wpkl must neither need Triton nor compile anything.
     from . import kernels
 
     return kernels
@@ -29,6 +33,37 @@ def divergence_id(divergence: str, beta: float) -> int:
     return _kernels().DIVERGENCE_IDS[divergence]
 
 
+def _config(student, teacher):
+    return launch_config(student.shape[-1], max(student.element_size(), teacher.element_size()))
+
+
+def forward_launch(student, teacher, valid_bytes, tokens, loss, stats, div_id, beta, temperature):
+    """(grid, positional args, meta) of the forward kernel: one program per token."""
+    B, T, V = student.shape
+    config = _config(student, teacher)
+    args = (
+        student, teacher, valid_bytes, tokens, loss, stats,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        T, V, B * T,
+        1.0 / temperature, float(beta),
+    )
+    return (B * T,), args, dict(DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps)
+
+
+def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad, div_id, beta, temperature):
+    """(grid, positional args, meta) of the backward kernel: one program per (token, vocabulary block)."""
+    B, T, V = student.shape
+    config = _config(student, teacher)
+    args = (
+        student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
+        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), grad.stride(0), grad.stride(1),
+        T, V, B * T,
+        1.0 / temperature, float(beta),
+    )
+    grid = (B * T, -(-V // config.block_v))
+    return grid, args, dict(DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps)
+
+
 class TritonTokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, tokens, divergence: str, beta: float, temperature: float,
@@ -39,40 +74,27 @@ class TritonTokenDivergence(torch.autograd.Function):
         loss = torch.empty(N, dtype=torch.float32, device=student.device)
         stats = torch.empty(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
         valid_bytes = valid.reshape(N).to(torch.int8)
-        tokens_flat = tokens.reshape(N) if tokens is not None else valid_bytes  # unread unless sampled
+        tokens = tokens.reshape(N) if tokens is not None else valid_bytes  # unread unless "sampled"
         div_id = divergence_id(divergence, beta)
-        config = launch_config(V)
         if N > 0:
-            kernels.token_divergence_fwd_kernel[(N,)](
-                student, teacher, valid_bytes, tokens_flat, loss, stats,
-                student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-                T, V, N,
-                1.0 / temperature, float(beta),
-                DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps,
-            )
-        ctx.save_for_backward(student, teacher, valid_bytes, tokens_flat, stats)
+            grid, args, meta = forward_launch(student, teacher, valid_bytes, tokens, loss, stats, div_id, beta,
+                                              temperature)
+            kernels.token_divergence_fwd_kernel[grid](*args, **meta)
+        ctx.save_for_backward(student, teacher, valid_bytes, tokens, stats)
         ctx.div_id, ctx.beta, ctx.temperature, ctx.inplace_backward = div_id, float(beta), temperature, inplace_backward
         public = stats[: kernels.NUM_PUBLIC_STATS].clone().view(kernels.NUM_PUBLIC_STATS, B, T)
         ctx.mark_non_differentiable(public)
         return loss.view(B, T), public
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
-        student, teacher, valid_bytes, tokens_flat, stats = ctx.saved_tensors
+        student, teacher, valid_bytes, tokens, stats = ctx.saved_tensors
         B, T, V = student.shape
-        N = B * T
         grad = student if ctx.inplace_backward else torch.empty_like(student)
-        if N > 0:
-            grad_loss = grad_loss.reshape(N).to(torch.float32).contiguous()
-            config = launch_config(V)
-            grid = (N, -(-V // config.block_v))
-            _kernels().token_divergence_bwd_kernel[grid](
-                student, teacher, valid_bytes, tokens_flat, grad_loss, stats, grad,
-                student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-                grad.stride(0), grad.stride(1),
-                T, V, N,
-                1.0 / ctx.temperature, ctx.beta,
-                DIVERGENCE=ctx.div_id, BLOCK_V=config.block_v, num_warps=config.num_warps,
-            )
+        if B * T > 0:
+            grad_loss = grad_loss.reshape(B * T).to(torch.float32).contiguous()
+            grid, args, meta = backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
+                                               ctx.div_id, ctx.beta, ctx.temperature)
+            _kernels().token_divergence_bwd_kernel[grid](*args, **meta)
         return grad, None, None, None, None, None, None, None
-

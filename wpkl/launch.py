@@ -2,14 +2,16 @@
 
 The kernels loop over the vocabulary in BLOCK_V chunks, so BLOCK_V bounds the registers a program
 holds (a few fp32 values per element per thread) rather than the vocabulary it can handle; any V works.
-``MAX_BLOCK_V`` caps the chunk so a program never spills (checked by ``python -m wpkl.kernels.report``).
+A chunk is capped at MAX_BLOCK_BYTES per input tensor (4096 bf16/fp16 or 2048 fp32 logits, 16 per thread
+at 8 warps) so that no specialization spills: ``python -m wpkl.kernels.report`` checks it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_BLOCK_V = 4096
+MAX_BLOCK_BYTES = 8192
+MAX_BLOCK_V = 4096  # tests lower it to force many blocks at small V
 ELEMENTS_PER_WARP = 512  # 16 elements per thread per loaded tensor
 
 
@@ -19,13 +21,13 @@ class LaunchConfig:
     num_warps: int
 
 
-def launch_config(vocab: int, max_block_v: int | None = None) -> LaunchConfig:
+def launch_config(vocab: int, element_size: int = 2) -> LaunchConfig:
     """BLOCK_V: the vocabulary rounded up to a power of two, capped; num_warps grows with it (1 to 8)."""
-    cap = MAX_BLOCK_V if max_block_v is None else max_block_v
+    cap = min(MAX_BLOCK_V, MAX_BLOCK_BYTES // element_size)
     block_v = max(16, min(1 << (max(vocab, 1) - 1).bit_length(), cap))
     num_warps = max(1, min(8, block_v // ELEMENTS_PER_WARP))
     return LaunchConfig(block_v=block_v, num_warps=num_warps)
 
 
 # The vocabulary sizes whose configurations the resource report and its test compile ahead of time.
-REPRESENTATIVE_VOCABS = (1, 97, 1000, 32000, 128256, 262144)
+REPRESENTATIVE_VOCABS = (1, 97, 1000, 32000, 128256, 151936, 262144)
