@@ -1,0 +1,40 @@
+"""The docs stay true: CI runs the README's test command, and the README's quickstart API exists."""
+
+import inspect
+import re
+from pathlib import Path
+
+import wpkl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Develop: set up, then test", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [line.strip() for line in block.strip().splitlines()]
+    assert len(lines) == 2, "the README gives two commands: set up, then test"
+    return lines[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    command = _readme_test_command()
+    assert "pytest" in command
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command in [line.strip() for line in ci], f"{command!r} is not a line of .ci/run"
+
+
+def test_readme_signature_matches_the_code():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    signature = inspect.signature(wpkl.weighted_kl_loss)
+    for name, param in signature.parameters.items():
+        default = "" if param.default is inspect.Parameter.empty else f"={param.default!r}"
+        assert f"{name}{default}".replace("'", '"') in readme, f"README lacks {name}{default}"
+    for name in ("ExpDecay(half_life)", "PowerDecay(alpha)", "PositionTable(values)", "PositionWindow(start, end)"):
+        assert name in readme
+
+
+def test_documented_kernels_name_their_bytes():
+    for path in (ROOT / "kernels").glob("token_divergence_*.py"):
+        doc = path.read_text().split('"""')[1]
+        assert re.search(r"Passes over \[N, V\]", doc) and "Memory per valid token" in doc, path
