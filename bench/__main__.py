@@ -1,0 +1,213 @@
+"""python -m bench: time wpkl against eager torch, torch.compile, TRL and Liger on the same inputs."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import CASES, DEFAULT_SHAPES, QUICK_SHAPES, SMOKE_SHAPE, make_inputs, minimal_bytes, parse_shape
+from .measure import (
+    CPU_MEMORY_METHOD,
+    CUDA_MEMORY_METHOD,
+    copy_bandwidth_gbps,
+    device_name,
+    peak_extra_bytes,
+    setup_cpu_memory_tracking,
+    slug,
+    time_ms,
+)
+from .providers import PROVIDERS, build, unavailable
+from .results import Results, Row
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("fwd", "fwd+bwd")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("torch", "triton", "wpkl", "trl", "liger-kernel", "transformers"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda or "?"
+    return out
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def measure(provider, case, inputs, shape, mode, device, copy_gbps) -> Row:
+    backward = mode == "fwd+bwd"
+    student = inputs.student.requires_grad_(backward)
+    fn = build(provider, case, inputs, backward)
+
+    def step():
+        if backward:
+            fn().backward()
+        else:
+            with torch.no_grad():
+                fn()
+
+    row = Row(provider, case.name, shape.tokens, shape.vocab, shape.dtype, mode, "ok")
+    try:
+        with torch.no_grad():
+            row.note = f"loss {float(fn()):.6g}"
+        student.grad = None
+        row.ms, row.ms_p20, row.ms_p80 = time_ms(step, device, grad_to_none=[student] if backward else None)
+        student.grad = None
+        peak = peak_extra_bytes(step, device)
+        row.peak_extra_mib = None if peak is None else peak / 2**20
+    except Exception as error:  # noqa: BLE001 - a provider failing is a result, not a crash of the sweep
+        row.status = "oom" if _is_oom(error) else "error"
+        row.note = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
+    finally:
+        student.grad = None
+        inputs.student.requires_grad_(False)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if row.ms:
+        row.gbps = minimal_bytes(shape, backward) / (row.ms * 1e-3) / 1e9
+        row.copy_fraction = row.gbps / copy_gbps
+    return row
+
+
+def interpreter_smoke(case) -> Row:
+    """CPU only: the Triton kernels under the interpreter, against the reference, loss and gradient."""
+    import wpkl
+
+    inputs = make_inputs(SMOKE_SHAPE, "cpu")
+    out = {}
+    for backend in ("triton", "reference"):
+        leaf = inputs.student.detach().clone().requires_grad_(True)
+        loss = wpkl.weighted_kl_loss(leaf, inputs.teacher, mask=inputs.mask, tokens=inputs.tokens,
+                                     weighting=case.weighting, divergence=case.divergence, backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), leaf.grad)
+    ok = torch.allclose(*[v[0] for v in out.values()], rtol=1e-4, atol=1e-5) and torch.allclose(
+        *[v[1] for v in out.values()], rtol=1e-3, atol=1e-6)
+    return Row("wpkl", case.name, SMOKE_SHAPE.tokens, SMOKE_SHAPE.vocab, SMOKE_SHAPE.dtype, "fwd+bwd",
+               "smoke-ok" if ok else "smoke-failed",
+               note="Triton interpreter vs reference (correctness only, not timed)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small set of shapes (a few minutes on a 2-core CPU)")
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, metavar="NxV[:dtype]",
+                        help="explicit shapes, e.g. 4096x128256 or 1024x32000:float32 (default dtype bfloat16)")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
+    parser.add_argument("--budget", type=float, default=None, help="stop measuring after this many seconds")
+    parser.add_argument("--plot", type=Path, metavar="RESULTS.json", help="only plot a results file, then exit")
+    parser.add_argument("--plot-dir", type=Path, default=ROOT / "docs" / "figures", help="where --plot writes PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        from .plot import plot
+
+        for path in plot(args.plot, args.plot_dir):
+            print(f"wrote {path}")
+        return 0
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    notice = ""
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before wpkl.kernels is first imported
+        setup_cpu_memory_tracking()
+        notice = ("No CUDA GPU: these are CPU timings of the torch providers; the Triton kernels only ran the "
+                  "interpreter's correctness smoke. GPU numbers need a GPU: run bench/gpu.sh there.")
+        print(notice, file=sys.stderr)
+    if args.shapes:
+        shapes = args.shapes
+    elif args.quick or device == "cpu":
+        if device == "cpu" and not args.quick:
+            print("The default shapes need a GPU; running the quick CPU set.", file=sys.stderr)
+        shapes = QUICK_SHAPES[device]
+    else:
+        shapes = DEFAULT_SHAPES
+
+    cases = [CASES[name] for name in args.cases]
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    date = datetime.date.today().isoformat()
+    copy_gbps = copy_bandwidth_gbps(device)
+    results = Results(meta=dict(
+        device=device_name(device), device_kind=device, date=date, command=command.strip(), versions=_versions(),
+        timer="triton.testing.do_bench (L2 flushed per run)" if device == "cuda" else
+        "torch.utils.benchmark.Timer.blocked_autorange",
+        memory_method=CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD,
+        copy_gbps=copy_gbps, notice=notice, cases={c.name: c.description for c in cases}, providers=args.providers,
+    ))
+
+    jobs = [(shape, case, provider, mode) for shape in shapes for case in cases for provider in args.providers
+            for mode in args.modes]
+    progress = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(jobs), desc="bench", unit="run", file=sys.stderr)
+        except ImportError:
+            pass
+    start = time.monotonic()
+    for shape in shapes:
+        try:
+            inputs = make_inputs(shape, device)
+        except Exception as error:  # noqa: BLE001
+            if not _is_oom(error):
+                raise
+            reason = f"the inputs alone do not fit in {device} memory"
+            results.rows += [Row(p, c.name, shape.tokens, shape.vocab, shape.dtype, m, "skipped", note=reason)
+                             for s, c, p, m in jobs if s == shape]
+            if progress:
+                progress.update(sum(1 for s, *_ in jobs if s == shape))
+            continue
+        for case in cases:
+            for provider in args.providers:
+                for mode in args.modes:
+                    if progress:
+                        progress.set_postfix_str(f"{shape.label} {case.name} {provider} {mode}")
+                    reason = unavailable(provider, case, device)
+                    if args.budget is not None and time.monotonic() - start > args.budget:
+                        reason = f"time budget of {args.budget:.0f} s spent"
+                    if reason:
+                        row = Row(provider, case.name, shape.tokens, shape.vocab, shape.dtype, mode, "skipped",
+                                  note=reason)
+                    else:
+                        row = measure(provider, case, inputs, shape, mode, device, copy_gbps)
+                    results.rows.append(row)
+                    if progress:
+                        progress.update(1)
+        del inputs
+    if progress:
+        progress.close()
+    if device == "cpu" and "wpkl" in args.providers:
+        results.rows += [interpreter_smoke(case) for case in cases]
+
+    target = args.out / f"{slug(results.meta['device'])}-{date}.json"
+    results.save(target)
+    print(results.markdown())
+    print(f"\nwrote {target} and {target.with_suffix('.md')}")
+    failed = [r for r in results.rows if r.status in ("error", "smoke-failed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""What is benchmarked: shapes, weighting cases, and the inputs every provider shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import wpkl
+
+HALF_LIFE = 256.0
+GAMMA = 0.5
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int  # N = B * T
+    vocab: int
+    dtype: str = "bfloat16"
+
+    @property
+    def batch(self) -> tuple[int, int]:
+        """[B, T] with sequences of 1024 tokens (or one shorter sequence)."""
+        seq = min(self.tokens, 1024)
+        return self.tokens // seq, seq
+
+    @property
+    def label(self) -> str:
+        return f"N={self.tokens} V={self.vocab} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    divergence: str
+    weighting: wpkl.Weighting | None
+    description: str
+
+
+CASES = {
+    "uniform": Case("uniform", "reverse_kl", None, "reverse KL, uniform mean over valid tokens (standard OPD)"),
+    "combined": Case("combined", "reverse_kl",
+                     wpkl.Weighting(position=wpkl.ExpDecay(HALF_LIFE), confidence=1.0, disagreement=1.0),
+                     "reverse KL weighted by position x teacher confidence x disagreement, normalized"),
+    "iw_opd": Case("iw_opd", "sampled", wpkl.Weighting(accumulated=GAMMA, normalize=False),
+                   "sampled-token IW-OPD (TRL IWOPDTrainer's objective), gamma = 0.5"),
+}
+
+# The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.
+DEFAULT_SHAPES = [Shape(n, v) for n in (4096, 16384) for v in (32000, 128256, 151936, 262144)] + [
+    Shape(4096, 128256, "float32")
+]
+QUICK_SHAPES = {
+    "cuda": [Shape(4096, 32000), Shape(4096, 128256)],
+    "cpu": [Shape(256, 8192, "float32"), Shape(1024, 32000, "float32")],
+}
+SMOKE_SHAPE = Shape(24, 300, "float32")  # the Triton interpreter's correctness smoke on CPU
+
+
+def parse_shape(text: str) -> Shape:
+    """'4096x128256' or '4096x128256:float32'."""
+    dims, _, dtype = text.partition(":")
+    n, v = (int(x) for x in dims.lower().split("x"))
+    return Shape(n, v, dtype or "bfloat16")
+
+
+@dataclass
+class Inputs:
+    student: torch.Tensor  # [B, T, V]
+    teacher: torch.Tensor  # [B, T, V]
+    mask: torch.Tensor  # [B, T] bool, all True: bandwidth figures count every token
+    tokens: torch.Tensor  # [B, T] sampled tokens
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """TRL's form of the mask: the token, or -100 where ignored."""
+        return self.tokens.masked_fill(~self.mask, -100)
+
+
+def make_inputs(shape: Shape, device: str, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    B, T = shape.batch
+    dtype = getattr(torch, shape.dtype)
+    student = torch.randn(B, T, shape.vocab, generator=gen, device=device, dtype=dtype).mul_(2)
+    teacher = torch.randn(B, T, shape.vocab, generator=gen, device=device, dtype=dtype).mul_(2)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    tokens = torch.randint(0, shape.vocab, (B, T), generator=gen, device=device)
+    return Inputs(student, teacher, mask, tokens)
+
+
+def minimal_bytes(shape: Shape, backward: bool) -> int:
+    """The stated bytes model: each [N, V] input read once, each [N, V] output written once
+    (forward reads student and teacher; forward + backward also writes the student gradient)."""
+    size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
+    arrays = 3 if backward else 2
+    return arrays * shape.tokens * shape.vocab * size

@@ -1,0 +1,127 @@
+"""Providers: ways to compute the same loss on the same inputs.
+
+    wpkl        the fused Triton kernels (CUDA only; on CPU the interpreter only smoke-tests correctness)
+    wpkl-torch  wpkl's chunked pure-torch path
+    eager       the straightforward torch a trainer writes today: log_softmax of both, elementwise KL,
+                weights, masked mean
+    compiled    the same function under torch.compile
+    trl         TRL's eager losses: GKDTrainer.generalized_jsd_loss(beta=1) for reverse KL, and
+                IWOPDTrainer's sampled-token IW-OPD loss (no equivalent of the combined weighting)
+    liger       Liger-Kernel's LigerJSD(beta=1) (reverse KL) fed log-probs, as its users must (CUDA only;
+                uniform weighting only)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+import wpkl
+
+from .cases import GAMMA, HALF_LIFE, Case, Inputs
+
+PROVIDERS = ("wpkl", "wpkl-torch", "eager", "compiled", "trl", "liger")
+
+
+def eager_loss(student, teacher, mask, tokens, case_name: str):
+    """What a trainer writes without wpkl, weighted the same way as the case."""
+    log_p = torch.log_softmax(student.float(), dim=-1)
+    log_q = torch.log_softmax(teacher.float(), dim=-1)
+    valid = mask.float()
+    n_valid = valid.sum().clamp_min(1)
+    if case_name == "iw_opd":
+        log_p_y = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        log_q_y = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        advantage = ((log_q_y - log_p_y) * valid).detach()
+        abs_adv = advantage.abs()
+        prefix = abs_adv.cumsum(dim=1) - abs_adv
+        weight = 1 + GAMMA * (1 - prefix / abs_adv.sum(dim=1, keepdim=True).clamp_min(1e-8))
+        return (-log_p_y * weight * advantage * valid).sum() / n_valid
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    weight = valid
+    if case_name == "combined":
+        position = mask.long().cumsum(dim=1) - mask.long()
+        confidence = log_q.max(dim=-1).values.exp()
+        weight = weight * torch.exp2(-position / HALF_LIFE) * confidence * kl.detach().abs()
+        weight = weight * (n_valid / weight.sum())
+    return (weight.detach() * kl).sum() / n_valid
+
+
+_compiled = {}
+
+
+def _compiled_loss(backward: bool):
+    # Dynamic over shapes so the sweep does not recompile per shape. Dynamo still specializes per case and
+    # grad mode (and dtype); raise its recompile limit so that it never silently falls back to eager.
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if backward not in _compiled:
+        _compiled[backward] = torch.compile(eager_loss, dynamic=True)
+    return _compiled[backward]
+
+
+def _trl_iw_opd(student, teacher, labels, tokens):
+    from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
+
+    trainer = SimpleNamespace(temperature=1.0, iw_opd_gamma=GAMMA, iw_opd_epsilon=1e-8,
+                              model=SimpleNamespace(training=True), _metrics=defaultdict(lambda: defaultdict(list)))
+    # As IWOPDTrainer.compute_loss does: the teacher's log-probabilities of the sampled tokens first.
+    teacher_logprobs = torch.log_softmax(teacher, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return IWOPDTrainer._compute_iw_opd_loss(trainer, student_logits=student, completion_tokens=tokens,
+                                             labels=labels, teacher_actual_logprobs=teacher_logprobs)
+
+
+def unavailable(provider: str, case: Case, device: str) -> str | None:
+    """Why a provider cannot run this case here, or None."""
+    if provider == "wpkl" and device != "cuda":
+        return "Triton kernels need a CUDA GPU (CPU runs only the interpreter's correctness smoke)"
+    if provider == "trl":
+        if importlib.util.find_spec("trl") is None:
+            return "trl is not installed"
+        if case.name == "combined":
+            return "TRL has no position x confidence x disagreement weighting"
+    if provider == "liger":
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
+        if device != "cuda":
+            return "Liger-Kernel needs a CUDA GPU"
+        if case.name != "uniform":
+            return "Liger-Kernel has no weighted or sampled-token loss"
+    return None
+
+
+def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable[[], torch.Tensor]:
+    """A zero-argument function computing the case's loss with this provider."""
+    s, t, mask, tokens = inputs.student, inputs.teacher, inputs.mask, inputs.tokens
+    if provider in ("wpkl", "wpkl-torch"):
+        backend = "triton" if provider == "wpkl" else "torch"
+        return lambda: wpkl.weighted_kl_loss(s, t, mask=mask, tokens=tokens, weighting=case.weighting,
+                                             divergence=case.divergence, backend=backend)
+    if provider == "eager":
+        return lambda: eager_loss(s, t, mask, tokens, case.name)
+    if provider == "compiled":
+        fn = _compiled_loss(backward)
+        return lambda: fn(s, t, mask, tokens, case.name)
+    if provider == "trl":
+        labels = inputs.labels
+        if case.name == "iw_opd":
+            return lambda: _trl_iw_opd(s, t, labels, tokens)
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+        return lambda: GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=1.0)
+    if provider == "liger":
+        from liger_kernel.transformers import LigerJSD
+
+        jsd = LigerJSD(beta=1.0)
+        V = s.shape[-1]
+        labels = inputs.labels.reshape(-1)
+        return lambda: jsd(torch.log_softmax(s, dim=-1).reshape(-1, V), torch.log_softmax(t, dim=-1).reshape(-1, V),
+                           labels)
+    raise ValueError(f"unknown provider {provider!r}")

@@ -1,0 +1,76 @@
+"""Results: rows kept as data (JSON) and rendered as a markdown table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Row:
+    provider: str
+    case: str
+    tokens: int
+    vocab: int
+    dtype: str
+    mode: str  # "fwd" or "fwd+bwd"
+    status: str  # "ok", "skipped", "oom", "error", "smoke-ok", "smoke-failed"
+    ms: float | None = None
+    ms_p20: float | None = None
+    ms_p80: float | None = None
+    gbps: float | None = None  # minimal bytes / median time
+    copy_fraction: float | None = None  # gbps / the device's copy bandwidth measured in the same run
+    peak_extra_mib: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Results:
+    meta: dict
+    rows: list[Row] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=1))
+        path.with_suffix(".md").write_text(self.markdown())
+
+    @classmethod
+    def load(cls, path: Path) -> "Results":
+        data = json.loads(Path(path).read_text())
+        return cls(data["meta"], [Row(**r) for r in data["rows"]])
+
+    def markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"# wpkl benchmark: {m['device']}",
+            "",
+            f"- date: {m['date']}; command: `{m['command']}`",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
+            f"- timer: {m['timer']}; memory: {m['memory_method']}",
+            f"- copy bandwidth measured in this run: {m['copy_gbps']:.1f} GB/s",
+            f"- GB/s uses the minimal-bytes model: each [N, V] input read once, each [N, V] output written once",
+            "",
+        ]
+        if m.get("notice"):
+            lines += [f"**{m['notice']}**", ""]
+        for case, description in m["cases"].items():
+            rows = [r for r in self.rows if r.case == case]
+            if not rows:
+                continue
+            lines += [f"## {case}: {description}", "",
+                      "| shape | mode | provider | median ms | GB/s | % of copy BW | peak extra MiB | vs eager | note |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            eager = {(r.tokens, r.vocab, r.dtype, r.mode): r.ms for r in rows if r.provider == "eager" and r.ms}
+            for r in rows:
+                base = eager.get((r.tokens, r.vocab, r.dtype, r.mode))
+                speedup = f"{base / r.ms:.2f}x" if base and r.ms else ""
+                fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
+                note = r.note if r.status in ("ok",) else f"{r.status}: {r.note}".rstrip(": ")
+                lines.append(
+                    f"| N={r.tokens} V={r.vocab} {r.dtype} | {r.mode} | {r.provider} | {fmt(r.ms, '.3f')} | "
+                    f"{fmt(r.gbps, '.1f')} | {fmt(None if r.copy_fraction is None else 100 * r.copy_fraction, '.0f')} | "
+                    f"{fmt(r.peak_extra_mib, '.1f')} | {speedup} | {note} |"
+                )
+            lines.append("")
+        return "\n".join(lines)

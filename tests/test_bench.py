@@ -1,0 +1,64 @@
+"""The benchmark runs end to end on a CPU: results JSON, markdown table, interpreter smoke, plots."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args, timeout=600):
+    env = dict(os.environ, TRITON_INTERPRET="1", TRL_EXPERIMENTAL_SILENCE="1")
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run = _bench("--shapes", "48x384:float32", "--providers", "eager", "wpkl-torch", "trl", "wpkl", "--out", str(out),
+                 "--no-progress", "--device", "cpu")
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1
+    return files[0], json.loads(files[0].read_text()), run
+
+
+def test_rows_and_metadata(results):
+    path, data, run = results
+    meta, rows = data["meta"], data["rows"]
+    assert "GPU numbers need a GPU" in run.stderr
+    assert meta["device_kind"] == "cpu" and meta["copy_gbps"] > 0 and "torch" in meta["versions"]
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in timed} == {"eager", "wpkl-torch", "trl"}
+    for r in timed:
+        assert r["ms"] > 0 and r["gbps"] > 0 and 0 < r["copy_fraction"] and r["peak_extra_mib"] is not None
+    # TRL has no combined weighting; the Triton kernels are not timed on a CPU, only smoke-tested.
+    assert any(r["provider"] == "trl" and r["case"] == "combined" and r["status"] == "skipped" for r in rows)
+    smoke = [r for r in rows if r["provider"] == "wpkl" and r["status"].startswith("smoke")]
+    assert len(smoke) == 3 and all(r["status"] == "smoke-ok" for r in smoke)
+    # Every provider computed the same loss for the same case and shape.
+    for case in ("uniform", "combined", "iw_opd"):
+        losses = {r["note"] for r in timed if r["case"] == case and r["mode"] == "fwd"}
+        assert len(losses) == 1, losses
+    assert path.with_suffix(".md").read_text().count("| N=48 V=384 float32 |") >= 12
+
+
+def test_plot(results, tmp_path):
+    path, _, _ = results
+    pytest.importorskip("matplotlib")
+    run = _bench("--plot", str(path), "--plot-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)
+
+
+def test_help_lists_options():
+    run = _bench("--help")
+    assert run.returncode == 0
+    for option in ("--quick", "--shapes", "--providers", "--plot", "--budget"):
+        assert option in run.stdout

@@ -1,0 +1,134 @@
+"""The GPU suite (``python -m pytest -m gpu``): compiled kernels at realistic shapes.
+
+Skipped, with the reason shown, where there is no CUDA GPU. Full batches run through the kernels; a random
+subset of tokens is checked against the float64 reference (rows are independent under reduction="none"),
+and whole-batch losses against the chunked torch path.
+"""
+
+import pytest
+import torch
+
+import wpkl
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CHECKED_ROWS = 48
+
+
+def _pair(N, V, dtype, close=False):
+    g = torch.Generator(device="cuda").manual_seed(N + V)
+    student = torch.randn(N, V, device="cuda", dtype=torch.float32, generator=g).mul_(2.5)
+    teacher = torch.randn(N, V, device="cuda", dtype=torch.float32, generator=g).mul_(2.5)
+    if close:
+        teacher = student + 0.1 * teacher
+    return student.to(dtype), teacher.to(dtype)
+
+
+def _check_rows(student, teacher, loss, stats, grad, upstream, rows, **kwargs):
+    """Per-token loss, stats and gradient rows against the float64 reference, on the chosen rows."""
+    s = student[rows].double().requires_grad_(True)
+    sub = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ref, ref_stats = wpkl.weighted_kl_loss(s, teacher[rows].double(), backend="reference", reduction="none",
+                                           return_stats=True, **sub)
+    (ref * upstream[rows].double()).sum().backward()
+    torch.testing.assert_close(loss[rows].double(), ref, rtol=1e-4, atol=1e-4)
+    for name in ("divergence", "teacher_confidence", "teacher_entropy", "student_entropy"):
+        torch.testing.assert_close(getattr(stats, name)[rows].double(), getattr(ref_stats, name).double(),
+                                   rtol=1e-4, atol=1e-4)
+    expected = s.grad
+    tol = 1e-2 if student.dtype != torch.float32 else 1e-4
+    torch.testing.assert_close(grad[rows].double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("divergence,beta", [("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("sampled", 0.5)])
+@pytest.mark.parametrize("vocab", [128256, 262144])
+def test_realistic_bf16(divergence, beta, vocab):
+    N = 2048
+    student, teacher = _pair(N, vocab, torch.bfloat16)
+    tokens = torch.randint(0, vocab, (N,), device="cuda")
+    mask = torch.rand(N, device="cuda") < 0.9
+    upstream = torch.randn(N, device="cuda")
+    leaf = student.clone().requires_grad_(True)
+    kwargs = dict(mask=mask, tokens=tokens, divergence=divergence, beta=beta)
+    loss, stats = wpkl.weighted_kl_loss(leaf, teacher, reduction="none", return_stats=True, backend="triton", **kwargs)
+    (loss * upstream).sum().backward()
+    rows = torch.randperm(N, device="cuda")[:CHECKED_ROWS]
+    _check_rows(student, teacher, loss.detach(), stats, leaf.grad, upstream, rows, **kwargs)
+    assert torch.count_nonzero(leaf.grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_dtypes(dtype):
+    N, V = 1024, 151936
+    student, teacher = _pair(N, V, dtype, close=True)
+    upstream = torch.randn(N, device="cuda")
+    leaf = student.clone().requires_grad_(True)
+    loss, stats = wpkl.weighted_kl_loss(leaf, teacher, reduction="none", return_stats=True, backend="triton")
+    (loss * upstream).sum().backward()
+    _check_rows(student, teacher, loss.detach(), stats, leaf.grad, upstream, torch.arange(0, N, N // CHECKED_ROWS))
+
+
+def test_weighted_losses_match_torch_path():
+    B, T, V = 4, 1024, 128256
+    student, teacher = _pair(B * T, V, torch.bfloat16)
+    student, teacher = student.view(B, T, V), teacher.view(B, T, V)
+    mask = torch.rand(B, T, device="cuda") < 0.9
+    weighting = wpkl.Weighting(position=wpkl.ExpDecay(256.0), confidence=1.0, disagreement=1.0, accumulated=0.5)
+    out = {}
+    for backend in ("triton", "torch"):
+        leaf = student.clone().requires_grad_(True)
+        for reduction in ("mean", "seq_mean"):
+            loss = wpkl.weighted_kl_loss(leaf, teacher, mask=mask, weighting=weighting, reduction=reduction,
+                                         backend=backend)
+            loss.backward()
+        out[backend] = (loss.detach(), leaf.grad.float())
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=2e-2, atol=1e-2 * out["torch"][1].abs().max())
+
+
+def test_int64_offsets_past_2_pow_31():
+    """N * V > 2**31 elements: the last tokens live past int32 offsets."""
+    N, V = 8448, 262144
+    assert N * V > 2**31
+    student, teacher = _pair(N, V, torch.bfloat16)
+    tokens = torch.randint(0, V, (N,), device="cuda")
+    upstream = torch.randn(N, device="cuda")
+    for divergence in ("reverse_kl", "sampled"):
+        leaf = student.clone().requires_grad_(True)
+        loss, stats = wpkl.weighted_kl_loss(leaf, teacher, tokens=tokens, divergence=divergence, reduction="none",
+                                            return_stats=True, backend="triton")
+        (loss * upstream).sum().backward()
+        rows = torch.arange(N - 16, N, device="cuda")  # the far end of the buffers
+        _check_rows(student, teacher, loss.detach(), stats, leaf.grad, upstream, rows, tokens=tokens,
+                    divergence=divergence)
+        del leaf
+
+
+def test_deterministic_on_gpu():
+    student, teacher = _pair(4096, 128256, torch.bfloat16)
+    weighting = wpkl.Weighting(position=wpkl.ExpDecay(64.0), disagreement=1.0)
+    runs = []
+    for _ in range(2):
+        leaf = student.view(4, 1024, -1).clone().requires_grad_(True)
+        loss = wpkl.weighted_kl_loss(leaf, teacher.view(4, 1024, -1), weighting=weighting)
+        loss.backward()
+        runs.append((loss.detach(), leaf.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_inplace_backward_saves_the_gradient_buffer():
+    N, V = 4096, 128256
+    student, teacher = _pair(N, V, torch.bfloat16)
+    expected_leaf = student.clone().requires_grad_(True)
+    wpkl.weighted_kl_loss(expected_leaf * 1.0, teacher).backward()
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    wpkl.weighted_kl_loss(logits, teacher, inplace_backward=True).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    # leaf.grad (one [N, V] buffer, owned by the caller's leaf) is the only [N, V] allocation.
+    assert extra <= N * V * 2 * 1.05, extra
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
