@@ -20,7 +20,6 @@ from .measure import (
     copy_bandwidth_gbps,
     device_name,
     peak_extra_bytes,
-    setup_cpu_memory_tracking,
     slug,
     time_ms,
 )
@@ -131,7 +130,6 @@ def main(argv=None) -> int:
     notice = ""
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before wpkl.kernels is first imported
-        setup_cpu_memory_tracking()
         notice = ("No CUDA GPU: these are CPU timings of the torch providers; the Triton kernels only ran the "
                   "interpreter's correctness smoke. GPU numbers need a GPU: run bench/gpu.sh there.")
         print(notice, file=sys.stderr)

@@ -5,7 +5,9 @@ just sit in it), median and 20/80% quantiles in ms; peak extra memory = ``torch.
 over the call minus what was allocated before it.
 CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (median); peak extra memory = the process's peak
 resident set (VmHWM, reset through /proc/self/clear_refs before the call) minus its resident set before
-the call, with glibc's mmap threshold pinned so that large buffers are returned to the OS when freed.
+the call. For that one call free heap pages are returned to the OS (malloc_trim) and glibc's mmap
+threshold is lowered to 1 MiB, so every large buffer is mapped fresh and counted; timing runs with glibc's usual behaviour (buffers up to 32 MiB reuse the heap), which
+would otherwise charge page faults to chunked code.
 """
 
 from __future__ import annotations
@@ -22,14 +24,19 @@ CPU_MEMORY_METHOD = "peak RSS delta (VmHWM reset via /proc/self/clear_refs)"
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated delta"
 
 
-def setup_cpu_memory_tracking() -> bool:
-    """Make freed large buffers leave the resident set (glibc's dynamic mmap threshold would keep them)."""
+def _set_mmap_threshold(size: int) -> bool:
     try:
-        libc = ctypes.CDLL("libc.so.6")
         M_MMAP_THRESHOLD = -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size))
     except OSError:
         return False
+
+
+def _release_free_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
 
 def _status_kib(field: str) -> int:
@@ -49,10 +56,15 @@ def peak_extra_bytes(fn, device: str) -> int | None:
     if platform.system() != "Linux":
         fn()
         return None
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
-    before = _status_kib("VmRSS")
-    fn()
-    return (_status_kib("VmHWM") - before) * 1024
+    _set_mmap_threshold(1 << 20)  # every buffer of 1 MiB or more is mapped on allocation, unmapped on free
+    _release_free_heap()  # and chunks the heap kept from earlier runs come back without their pages
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
+        before = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - before) * 1024
+    finally:
+        _set_mmap_threshold(32 << 20)  # glibc's default ceiling for its dynamic threshold
 
 
 def time_ms(fn, device: str, grad_to_none=None, min_run_time: float = 0.5) -> tuple[float, float, float]:

@@ -49,19 +49,29 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def expectation(prob: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """sum_j prob_j * value_j over the last dim, with 0 * value = 0 even for infinite or NaN value.
-
-    A NaN probability still propagates. The inner ``where`` keeps autograd from multiplying a zero
-    gradient by an infinite value.
-    """
-    alive = prob != 0
-    return torch.where(alive, prob * torch.where(alive, value, 0.0), 0.0).sum(dim=-1)
-
-
 def kl(prob: torch.Tensor, log_prob: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
-    """KL(prob || other) = sum_j prob_j (log prob_j - log other_j)."""
-    return expectation(prob, log_prob - log_other)
+    """KL(prob || other) = sum_j prob_j (log prob_j - log other_j), with 0 * log(0 / x) = 0.
+
+    Where prob_j == 0 the log-ratio may be -inf - -inf = NaN (a token both ban) or -inf; the ``where`` makes
+    that term an exact 0 in value and gradient, while a NaN probability still propagates.
+    """
+    log_ratio = torch.where(prob != 0, log_prob - log_other, 0.0)
+    return (prob * log_ratio).sum(dim=-1)
+
+
+def entropy(prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
+    """-sum_j prob_j log prob_j, with 0 log 0 = 0."""
+    return -(prob * torch.where(prob != 0, log_prob, 0.0)).sum(dim=-1)
+
+
+def log_probs(student_logits, teacher_logits, temperature=1.0):
+    """log_softmax of student / T and teacher[..., :V] / T in the compute dtype (the teacher detached)."""
+    dtype = compute_dtype(student_logits, teacher_logits)
+    s = student_logits.to(dtype)
+    u = teacher_logits[..., : student_logits.shape[-1]].detach().to(dtype)
+    if temperature != 1.0:
+        s, u = s / temperature, u / temperature
+    return torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
 
 
 def token_terms(
@@ -72,40 +82,41 @@ def token_terms(
     beta: float = 0.5,
     temperature: float = 1.0,
     tokens: torch.Tensor | None = None,
+    stats: bool = True,
 ) -> TokenTerms:
-    """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used)."""
-    dtype = compute_dtype(student_logits, teacher_logits)
-    vocab = student_logits.shape[-1]
-    s = student_logits.to(dtype) / temperature
-    u = teacher_logits[..., :vocab].detach().to(dtype) / temperature
+    """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
-    log_p = torch.log_softmax(s, dim=-1)
-    log_q = torch.log_softmax(u, dim=-1)
-    p, q = log_p.exp(), log_q.exp()
+    ``stats=False`` skips the confidence and entropies (returned as None) when only the loss is needed.
+    """
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    log_p, log_q = log_probs(student_logits, teacher_logits, temperature)
+    p = log_p.exp()
+    q = log_q.exp() if stats or divergence in ("forward_kl", "jsd") else None
 
     if divergence == "sampled":
         index = tokens.long().unsqueeze(-1)
         log_p_y = log_p.gather(-1, index).squeeze(-1)
-        log_q_y = log_q.gather(-1, index).squeeze(-1)
-        div = log_p_y - log_q_y
+        div = log_p_y - log_q.gather(-1, index).squeeze(-1)
         loss = div.detach() * log_p_y  # -a * log p(y) with a = -D held constant
+    elif divergence == "reverse_kl":
+        div = loss = kl(p, log_p, log_q)
+    elif divergence == "forward_kl":
+        div = loss = kl(q, log_q, log_p)
+    elif divergence == "jsd":
+        m = (1 - beta) * p + beta * q
+        log_m = torch.where(m > 0, m, 1.0).log()
+        div = loss = beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
     else:
-        if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
-            div = kl(p, log_p, log_q)
-        elif divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
-            div = kl(q, log_q, log_p)
-        elif divergence == "jsd":
-            m = (1 - beta) * p + beta * q
-            log_m = torch.where(m > 0, m, 1.0).log()
-            div = beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
-        else:
-            raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
-        loss = div
+        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
-    return TokenTerms(
-        loss=loss,
-        divergence=div.detach(),
-        confidence=q.amax(dim=-1),
-        student_entropy=-expectation(p, log_p).detach(),
-        teacher_entropy=-expectation(q, log_q),
-    )
+    if not stats:
+        return TokenTerms(loss, div.detach(), None, None, None)
+    with torch.no_grad():
+        return TokenTerms(
+            loss=loss,
+            divergence=div.detach(),
+            confidence=log_q.amax(dim=-1).exp(),
+            student_entropy=entropy(p, log_p),
+            teacher_entropy=entropy(q, log_q),
+        )

@@ -53,7 +53,7 @@ class ChunkedTokenDivergence(torch.autograd.Function):
         for b, t in _chunks(valid, student.shape[-1]):
             rows = student[b, t].detach().requires_grad_(True)
             with torch.enable_grad():
-                terms = token_terms(rows, teacher[b, t], tokens=_select(tokens, b, t), **ctx.options)
+                terms = token_terms(rows, teacher[b, t], tokens=_select(tokens, b, t), stats=False, **ctx.options)
                 (grad_rows,) = torch.autograd.grad(terms.loss, rows, grad_loss[b, t].to(terms.loss.dtype))
             grad[b, t] = grad_rows
         return grad, None, None, None, None, None, None
