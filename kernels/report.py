@@ -25,6 +25,7 @@ from pathlib import Path
 ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled")
+SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logprobs", "teacher logprobs + rollout")
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int64": "i64"}
 
 
@@ -35,12 +36,14 @@ class Job:
     dtype: str
     vocabs: tuple[int, ...]  # representative V values sharing this specialization; the first is compiled
     arch: int
+    variant: str = ""  # "sampled": where log q(y) and the behaviour log p(y) come from
 
 
 @dataclass
 class Row:
     kernel: str
     divergence: str
+    variant: str
     dtype: str
     block_v: int
     num_warps: int
@@ -69,12 +72,17 @@ def _launch(job: Job):
     meta_tensor = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
     student, teacher = meta_tensor(B, T, job.vocabs[0]), meta_tensor(B, T, job.vocabs[0])
     valid = meta_tensor(B * T, dt=torch.int8)
-    tokens = meta_tensor(B * T, dt=torch.int64) if job.divergence == "sampled" else valid
+    tokens = meta_tensor(B * T, dt=torch.int64) if job.divergence == "sampled" else None
     stats = meta_tensor(kernels.NUM_STATS, B * T, dt=torch.float32)
     per_token = meta_tensor(B * T, dt=torch.float32)
+    teacher_logprobs = per_token if "teacher logprobs" in job.variant else None
+    rollout = per_token if "rollout" in job.variant else None
+    if teacher_logprobs is not None:
+        teacher = None
     div_id = autograd.divergence_id(job.divergence, 0.5)
     if job.kernel == "fwd":
-        _, args, meta = autograd.forward_launch(student, teacher, valid, tokens, per_token, stats, div_id, 0.5, 1.0)
+        _, args, meta = autograd.forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
+                                                stats, div_id, 0.5, 1.0)
         return kernels.token_divergence_fwd_kernel, args, meta
     grad = meta_tensor(B, T, job.vocabs[0])
     _, args, meta = autograd.backward_launch(student, teacher, valid, tokens, per_token, stats, grad, div_id, 0.5, 1.0)
@@ -131,7 +139,7 @@ def compile_job(job: Job) -> Row:
     usage = _resources(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     return Row(
-        kernel=job.kernel, divergence=job.divergence, dtype=job.dtype, block_v=constexprs["BLOCK_V"],
+        kernel=job.kernel, divergence=job.divergence, variant=job.variant, dtype=job.dtype, block_v=constexprs["BLOCK_V"],
         num_warps=num_warps, arch=job.arch, vocabs=" ".join(map(str, job.vocabs)), registers=usage.get("REG", -1),
         shared_bytes=usage.get("SHARED", -1), local_bytes=usage.get("LOCAL", -1), stack_bytes=usage.get("STACK", -1),
         loads_16b=bool(re.search(r"ld\.global(\.[a-z0-9]+)*\.v4\.(b32|u32|f32)", ptx)),
@@ -151,8 +159,12 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
             by_key.setdefault((launch_config(vocab, size), vocab % 16 == 0), []).append(vocab)
         groups = sorted(by_key.values(), key=max)
         for vocabs in groups[-1:] if quick else groups:
-            out += [Job(kernel, divergence, dtype, tuple(vocabs), arch)
-                    for kernel in ("fwd", "bwd") for divergence in DIVERGENCES for arch in archs]
+            for kernel in ("fwd", "bwd"):
+                for divergence in DIVERGENCES:
+                    # Only the sampled forward reads its teacher and behaviour log-probs in several ways.
+                    variants = SAMPLED_VARIANTS if (divergence, kernel) == ("sampled", "fwd") else ("",)
+                    out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, variant)
+                            for variant in variants for arch in archs]
     return out
 
 
@@ -177,7 +189,8 @@ def table(rows: list[Row]) -> str:
     head = "| kernel | divergence | dtype | V | BLOCK_V | warps | arch | regs | smem B | spill B | 16B loads |"
     lines = [head, "|" + "|".join("---" for _ in range(11)) + "|"]
     for r in rows:
-        lines.append(f"| {r.kernel} | {r.divergence} | {r.dtype} | {r.vocabs} | {r.block_v} | {r.num_warps} | "
+        name = f"{r.divergence} ({r.variant})" if r.variant else r.divergence
+        lines.append(f"| {r.kernel} | {name} | {r.dtype} | {r.vocabs} | {r.block_v} | {r.num_warps} | "
                      f"sm_{r.arch} | {r.registers} | {r.shared_bytes} | {r.spills} | {'yes' if r.loads_16b else 'no'} |")
     return "\n".join(lines)
 

@@ -4,7 +4,9 @@ Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl
     reverse_kl  D = E_p[s - u] - lse(s) + lse(u)
     forward_kl  D = E_q[u - s] - lse(u) + lse(s)
     jsd(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta q
-    sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant)
+    sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant);
+                log q(y) may come from teacher_logprobs instead of teacher logits (TEACHER_LOGITS=False: the
+                teacher row is never read) and log p(y) in D from rollout_logprobs (HAS_ROLLOUT)
 For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / Z_u
 (Z_u the teacher's sum of exp(u - max u)), the entropies lse - E[.] of p and q, both log-normalizers
 their exact difference and, for jsd, KL(p || m) for the backward pass.
@@ -13,8 +15,8 @@ Passes over [N, V]: one, reading each student and teacher logit once with runnin
 for both distributions (for "sampled", two extra scalar loads of the logits at token y). jsd makes a
 second pass, because log m needs both finished normalizers and is not linear in the logits
 (3 exp + 2 log per element there, computed from log q - log p so that close distributions lose nothing).
-Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd), writes 4 * (1 + 8)
-bytes. Masked tokens read nothing and write zeros.
+Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd; V * bytes(student)
+for "sampled" with teacher_logprobs), writes 4 * (1 + 8) bytes. Masked tokens read nothing and write zeros.
 """
 
 import triton
@@ -43,9 +45,11 @@ from .common import (
 def token_divergence_fwd_kernel(
     # pointers
     student_ptr,  # [B, T, V] logits, last dim contiguous
-    teacher_ptr,  # [B, T, V_t >= V] logits, last dim contiguous
+    teacher_ptr,  # [B, T, V_t >= V] logits, last dim contiguous (unread unless TEACHER_LOGITS)
     valid_ptr,  # [N] int8: 0 = token ignored
-    tokens_ptr,  # [N] int64 sampled tokens (read only for SAMPLED)
+    tokens_ptr,  # [N] int64 sampled tokens (SAMPLED only)
+    teacher_logprobs_ptr,  # [N] fp32 log q(y) (SAMPLED without TEACHER_LOGITS only)
+    rollout_ptr,  # [N] fp32 log p(y) under the sampling policy (HAS_ROLLOUT only)
     loss_ptr,  # [N] fp32 out: per-token loss L
     stats_ptr,  # [NUM_STATS, N] fp32 out
     # strides
@@ -61,6 +65,8 @@ def token_divergence_fwd_kernel(
     inv_temperature,
     beta,
     DIVERGENCE: tl.constexpr,
+    TEACHER_LOGITS: tl.constexpr,  # False: "sampled" with log q(y) given, the teacher row is never read
+    HAS_ROLLOUT: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -82,40 +88,47 @@ def token_divergence_fwd_kernel(
     for block in range(0, num_blocks):
         offs = block * BLOCK_V + cols
         in_vocab = offs < V
+        # Both loads first, so that they are in flight together.
         s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-        u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-
+        if TEACHER_LOGITS:
+            u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
         new_max_s = tl.maximum(max_s, tl.max(s, axis=0))
-        new_max_u = tl.maximum(max_u, tl.max(u, axis=0))
         # While every logit so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
         shift_s = tl.where(new_max_s == -float("inf"), 0.0, new_max_s)
-        shift_u = tl.where(new_max_u == -float("inf"), 0.0, new_max_u)
         rescale_s = tl.exp(max_s - shift_s)
-        rescale_u = tl.exp(max_u - shift_u)
         exp_s = tl.exp(s - shift_s)
-        exp_u = tl.exp(u - shift_u)
-
         sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
-        sum_u = sum_u * rescale_u + tl.sum(exp_u, axis=0)
         sum_s_s = sum_s_s * rescale_s + tl.sum(xlogy_term(exp_s, s), axis=0)
-        sum_u_u = sum_u_u * rescale_u + tl.sum(xlogy_term(exp_u, u), axis=0)
-        if DIVERGENCE == REVERSE_KL:
-            sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, s - u), axis=0)
-        if DIVERGENCE == FORWARD_KL:
-            sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, u - s), axis=0)
         max_s = new_max_s
-        max_u = new_max_u
+        if TEACHER_LOGITS:
+            new_max_u = tl.maximum(max_u, tl.max(u, axis=0))
+            shift_u = tl.where(new_max_u == -float("inf"), 0.0, new_max_u)
+            rescale_u = tl.exp(max_u - shift_u)
+            exp_u = tl.exp(u - shift_u)
+            sum_u = sum_u * rescale_u + tl.sum(exp_u, axis=0)
+            sum_u_u = sum_u_u * rescale_u + tl.sum(xlogy_term(exp_u, u), axis=0)
+            if DIVERGENCE == REVERSE_KL:
+                sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, s - u), axis=0)
+            if DIVERGENCE == FORWARD_KL:
+                sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, u - s), axis=0)
+            max_u = new_max_u
 
     # Combine the shifted pieces before adding large magnitudes: with lse_gap = (max_s - max_u) +
     # (log sum_s - log sum_u), D = E_p[s - u] - lse_gap is exact when p == q, where lse_s - lse_u is not.
     log_sum_s = tl.log(sum_s)
-    log_sum_u = tl.log(sum_u)
     lse_s = max_s + log_sum_s
-    lse_u = max_u + log_sum_u
     student_entropy = log_sum_s - (sum_s_s / sum_s - max_s)
-    teacher_entropy = log_sum_u - (sum_u_u / sum_u - max_u)
-    lse_gap = (max_s - max_u) + (log_sum_s - log_sum_u)
-    confidence = 1.0 / sum_u
+    if TEACHER_LOGITS:
+        log_sum_u = tl.log(sum_u)
+        lse_u = max_u + log_sum_u
+        lse_gap = (max_s - max_u) + (log_sum_s - log_sum_u)
+        teacher_entropy = log_sum_u - (sum_u_u / sum_u - max_u)
+        confidence = 1.0 / sum_u
+    else:
+        lse_u = 0.0
+        lse_gap = 0.0
+        teacher_entropy = float("nan")  # unknown without the teacher's logits
+        confidence = float("nan")
     mixture_kl = 0.0
     loss = 0.0
     if DIVERGENCE == REVERSE_KL:
@@ -125,24 +138,42 @@ def token_divergence_fwd_kernel(
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
         s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
-        u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
         log_p_y = (s_y - max_s) - log_sum_s
-        divergence = log_p_y - ((u_y - max_u) - log_sum_u)
-        loss = divergence * log_p_y
+        if TEACHER_LOGITS:
+            u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
+            log_q_y = (u_y - max_u) - log_sum_u
+        else:
+            log_q_y = tl.load(teacher_logprobs_ptr + row, mask=is_valid, other=0.0)
+        if HAS_ROLLOUT:
+            behaviour = tl.load(rollout_ptr + row, mask=is_valid, other=0.0)
+        else:
+            behaviour = log_p_y
+        divergence = behaviour - log_q_y  # = -a, held constant
+        loss = divergence * log_p_y  # -a log p(y)
     if DIVERGENCE == JSD:
         # Second pass: log m needs both finished normalizers.
         log_1m_beta = tl.log(1.0 - beta)
         log_beta = tl.log(beta)
+        # Normalizing by the mass sums of the same p and q cancels the rounding of lse_s and lse_u that all
+        # terms share: with a saturated jsd the backward's log p/m - KL(p || m) cancels down to that size.
         kl_qm = 0.0
         kl_pm = 0.0
+        mass_q = 0.0
+        mass_p = 0.0
         for block in range(0, num_blocks):
             offs = block * BLOCK_V + cols
             in_vocab = offs < V
             s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
             u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
             log_p_m, log_q_m = mixture_log_ratios((u - s) + lse_gap, log_1m_beta, log_beta)
-            kl_qm += tl.sum(xlogy_term(tl.exp(u - lse_u), log_q_m), axis=0)
-            kl_pm += tl.sum(xlogy_term(tl.exp(s - lse_s), log_p_m), axis=0)
+            p = tl.exp(s - lse_s)
+            q = tl.exp(u - lse_u)
+            kl_qm += tl.sum(xlogy_term(q, log_q_m), axis=0)
+            kl_pm += tl.sum(xlogy_term(p, log_p_m), axis=0)
+            mass_q += tl.sum(q, axis=0)
+            mass_p += tl.sum(p, axis=0)
+        kl_qm = kl_qm / mass_q
+        kl_pm = kl_pm / mass_p
         divergence = beta * kl_qm + (1.0 - beta) * kl_pm
         mixture_kl = kl_pm
     if DIVERGENCE != SAMPLED:

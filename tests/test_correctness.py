@@ -252,3 +252,38 @@ def test_auto_backend_on_cpu_uses_torch_path(monkeypatch):
     student, teacher = logits_pair((2, 3, 10))
     wpkl.weighted_kl_loss(student, teacher)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_rollout", [False, True])
+def test_sampled_with_teacher_logprobs_and_rollout(backend, with_rollout, small_blocks, device):
+    """log q(y) given directly (no teacher logits read) and behaviour log-probs from the sampler."""
+    leading, V = (3, 6), 150
+    student, teacher = logits_pair((*leading, V))
+    mask = random_mask(leading)
+    tokens = _sampled_tokens(leading, V, mask)
+    safe = tokens.clamp_min(0)
+    teacher_logprobs = torch.log_softmax(teacher.double(), -1).gather(-1, safe[..., None]).squeeze(-1).float()
+    rollout = (torch.log_softmax(student.double(), -1).gather(-1, safe[..., None]).squeeze(-1)
+               + 0.3 * torch.randn(leading, dtype=torch.float64)).float() if with_rollout else None
+    common = dict(mask=mask, tokens=tokens, divergence="sampled", rollout_logprobs=rollout,
+                  weighting=wpkl.Weighting(accumulated=0.7, disagreement=0.5))
+    upstream = torch.randn(leading)
+    # The reference with teacher logits is the truth; the teacher-logprobs run must match it.
+    truth_loss, truth_stats, truth_grad = reference(student, teacher, upstream=upstream, reduction="none", **common)
+    dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+    loss, stats, grad = run(student.to(device), None, backend=backend, upstream=upstream.to(device),
+                            teacher_logprobs=teacher_logprobs.to(device), reduction="none",
+                            **{k: (dev(v) if isinstance(v, torch.Tensor) else v) for k, v in common.items()})
+    assert_values_close(loss, truth_loss)
+    assert_values_close(stats.divergence, truth_stats.divergence)
+    assert_values_close(stats.weight, truth_stats.weight)
+    assert_values_close(stats.student_entropy, truth_stats.student_entropy)
+    torch.testing.assert_close(grad.double().cpu(), truth_grad, rtol=1e-4, atol=1e-7)
+    # Without teacher logits the teacher's confidence and entropy are unknown: NaN, never a made-up number.
+    valid = mask.to(device)
+    assert torch.isnan(stats.teacher_confidence[valid]).all() and torch.isnan(stats.teacher_entropy[valid]).all()
+    if with_rollout:  # the divergence uses the behaviour log-probs
+        assert_values_close(stats.divergence[valid].cpu(), (rollout - teacher_logprobs)[mask])
+    # And the same problem through teacher logits on this backend agrees too.
+    _check(backend, student, teacher, torch.float32, device, upstream=upstream, reduction="none", **common)

@@ -74,6 +74,21 @@ def no_kernel_launch(monkeypatch):
     (dict(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch replaces"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a scalar"),
     (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    (dict(teacher_logits=None), ValueError, "teacher_logits may be None only"),
+    (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError,
+     "teacher_logits may be None only"),
+    (dict(divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long), teacher_logprobs=torch.zeros(2, 3)),
+     ValueError, "not both"),
+    (dict(rollout_logprobs=torch.zeros(2, 3)), ValueError, "rollout_logprobs only applies"),
+    (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          teacher_logprobs=torch.zeros(2, 3), weighting=wpkl.Weighting(confidence=1.0)), ValueError,
+     "needs teacher_logits"),
+    (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          teacher_logprobs=torch.full((2, 3), -math.inf)), ValueError, "teacher_logprobs must be finite"),
+    (dict(divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          rollout_logprobs=torch.full((2, 3), math.nan)), ValueError, "rollout_logprobs must be finite"),
+    (dict(divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long), rollout_logprobs=torch.zeros(2)),
+     ValueError, "rollout_logprobs must have the logits' leading shape"),
 ])
 def test_bad_input(overrides, error, words):
     with pytest.raises(error, match=None) as info:

@@ -35,6 +35,8 @@ def weighted_kl_loss(
     backend: str = "auto",
     *,
     num_items_in_batch: torch.Tensor | float | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
@@ -56,6 +58,10 @@ def weighted_kl_loss(
         backend: "auto", "triton", "torch" or "reference" (see ``wpkl.backends``).
         num_items_in_batch: for "mean", divide by this count (e.g. the valid tokens of all micro-batches and
             ranks, for gradient accumulation) instead of the local valid-token count.
+        teacher_logprobs: "sampled" only, leading shape: log q(y) of the sampled tokens, given instead of
+            ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
+        rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
+            used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
             new [N, V] buffer. Only when nothing else reads those logits after this loss.
 
@@ -76,6 +82,8 @@ def weighted_kl_loss(
         temperature=temperature,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
+        teacher_logprobs=teacher_logprobs,
+        rollout_logprobs=rollout_logprobs,
     )
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
@@ -107,7 +115,7 @@ def weighted_kl_loss(
         return x.detach().reshape(problem.leading_shape)
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
-        return leading(torch.where(problem.valid, x, 0).float())
+        return leading(torch.where(problem.valid, x, 0.0).float())
 
     stats = TokenStats(
         divergence=per_token(terms.divergence),

@@ -34,29 +34,42 @@ def divergence_id(divergence: str, beta: float) -> int:
 
 
 def _config(student, teacher):
-    return launch_config(student.shape[-1], max(student.element_size(), teacher.element_size()))
+    sizes = [x.element_size() for x in (student, teacher) if x is not None]
+    return launch_config(student.shape[-1], max(sizes))
 
 
-def forward_launch(student, teacher, valid_bytes, tokens, loss, stats, div_id, beta, temperature):
-    """(grid, positional args, meta) of the forward kernel: one program per token."""
+def forward_launch(student, teacher, valid_bytes, tokens, teacher_logprobs, rollout_logprobs, loss, stats, div_id,
+                   beta, temperature):
+    """(grid, positional args, meta) of the forward kernel: one program per token.
+
+    ``teacher`` may be None ("sampled" with ``teacher_logprobs``); absent optional inputs are passed as
+    placeholders the kernel does not read.
+    """
     B, T, V = student.shape
     config = _config(student, teacher)
     args = (
-        student, teacher, valid_bytes, tokens, loss, stats,
-        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        student, student if teacher is None else teacher, valid_bytes, valid_bytes if tokens is None else tokens,
+        loss if teacher_logprobs is None else teacher_logprobs, loss if rollout_logprobs is None else rollout_logprobs,
+        loss, stats,
+        student.stride(0), student.stride(1),
+        0 if teacher is None else teacher.stride(0), 0 if teacher is None else teacher.stride(1),
         T, V, B * T,
         1.0 / temperature, float(beta),
     )
-    return (B * T,), args, dict(DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps)
+    meta = dict(DIVERGENCE=div_id, TEACHER_LOGITS=teacher is not None, HAS_ROLLOUT=rollout_logprobs is not None,
+                BLOCK_V=config.block_v, num_warps=config.num_warps)
+    return (B * T,), args, meta
 
 
 def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad, div_id, beta, temperature):
     """(grid, positional args, meta) of the backward kernel: one program per (token, vocabulary block)."""
     B, T, V = student.shape
     config = _config(student, teacher)
+    teacher_strides = (0, 0) if teacher is None else (teacher.stride(0), teacher.stride(1))
     args = (
-        student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
-        student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), grad.stride(0), grad.stride(1),
+        student, student if teacher is None else teacher, valid_bytes, valid_bytes if tokens is None else tokens,
+        grad_loss, stats, grad,
+        student.stride(0), student.stride(1), *teacher_strides, grad.stride(0), grad.stride(1),
         T, V, B * T,
         1.0 / temperature, float(beta),
     )
@@ -66,19 +79,21 @@ def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, gra
 
 class TritonTokenDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, valid, tokens, divergence: str, beta: float, temperature: float,
-                inplace_backward: bool):
+    def forward(ctx, student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence: str,
+                beta: float, temperature: float, inplace_backward: bool):
         kernels = _kernels()
         B, T, V = student.shape
         N = B * T
         loss = torch.empty(N, dtype=torch.float32, device=student.device)
         stats = torch.empty(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
         valid_bytes = valid.reshape(N).to(torch.int8)
-        tokens = tokens.reshape(N) if tokens is not None else valid_bytes  # unread unless "sampled"
+        tokens = None if tokens is None else tokens.reshape(N)
+        per_token = [None if x is None else x.reshape(N).to(torch.float32).contiguous()
+                     for x in (teacher_logprobs, rollout_logprobs)]
         div_id = divergence_id(divergence, beta)
         if N > 0:
-            grid, args, meta = forward_launch(student, teacher, valid_bytes, tokens, loss, stats, div_id, beta,
-                                              temperature)
+            grid, args, meta = forward_launch(student, teacher, valid_bytes, tokens, *per_token, loss, stats, div_id,
+                                              beta, temperature)
             kernels.token_divergence_fwd_kernel[grid](*args, **meta)
         ctx.save_for_backward(student, teacher, valid_bytes, tokens, stats)
         ctx.div_id, ctx.beta, ctx.temperature, ctx.inplace_backward = div_id, float(beta), temperature, inplace_backward
@@ -97,4 +112,4 @@ class TritonTokenDivergence(torch.autograd.Function):
             grid, args, meta = backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
                                                ctx.div_id, ctx.beta, ctx.temperature)
             _kernels().token_divergence_bwd_kernel[grid](*args, **meta)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None

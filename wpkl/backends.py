@@ -27,8 +27,9 @@ def _kernels_interpreted() -> bool:
 
 
 def resolve_backend(backend: str, problem: Problem) -> str:
-    student, teacher = problem.student, problem.teacher
-    kernel_dtypes = student.dtype in KERNEL_DTYPES and teacher.dtype in KERNEL_DTYPES
+    student = problem.student
+    logits = [x for x in (student, problem.teacher) if x is not None]
+    kernel_dtypes = all(x.dtype in KERNEL_DTYPES for x in logits)
     if backend == "auto":
         return "triton" if student.is_cuda and kernel_dtypes and triton_installed() else "torch"
     if backend != "triton":
@@ -37,7 +38,7 @@ def resolve_backend(backend: str, problem: Problem) -> str:
         raise ValueError('backend="triton" needs the triton package (pip install triton); use backend="torch"')
     if not kernel_dtypes:
         raise ValueError(
-            f'backend="triton" supports float32, bfloat16 and float16 logits, got {student.dtype} and {teacher.dtype}'
+            f'backend="triton" supports float32, bfloat16 and float16 logits, got {", ".join(str(x.dtype) for x in logits)}'
         )
     if student.device.type == "cpu":
         if not _kernels_interpreted():
@@ -52,8 +53,8 @@ def resolve_backend(backend: str, problem: Problem) -> str:
 
 def compute_terms(problem: Problem, backend: str, inplace_backward: bool = False) -> TokenTerms:
     """Per-token terms ([B, T] each; loss differentiable) from the resolved backend."""
-    args = (problem.student, problem.teacher, problem.valid, problem.tokens,
-            problem.divergence, problem.beta, problem.temperature)
+    args = (problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
+            problem.rollout_logprobs, problem.divergence, problem.beta, problem.temperature)
     if backend == "triton":
         loss, stats = TritonTokenDivergence.apply(*args, inplace_backward)
         return TokenTerms(loss, *stats.unbind(0))

@@ -14,7 +14,10 @@ With temperature T, s = student / T and u = teacher[..., :V] / T:
                  D = beta * KL(q || m) + (1 - beta) * KL(p || m)
                  beta = 0 is forward_kl and beta = 1 is reverse_kl exactly (TRL's convention)
     sampled      with y the sampled token and a = log q(y) - log p(y) held constant:
-                 L = -a * log p(y) (the on-policy policy-gradient surrogate), D = log p(y) - log q(y)
+                 L = -a * log p(y) (the on-policy policy-gradient surrogate), D = log p(y) - log q(y) = -a.
+                 log q(y) may be given directly (teacher_logprobs, e.g. from a teacher server: no teacher
+                 logits needed), and log p(y) in a may come from the policy that sampled y (rollout_logprobs,
+                 e.g. vLLM's), as in TRL's IW-OPD trainer.
 
 The per-token loss is L = D for every divergence but "sampled". 0 * log 0 = 0 throughout, so -inf
 logits (banned tokens) are legal; a token the teacher bans while the student allows it makes the
@@ -64,41 +67,46 @@ def entropy(prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     return -(prob * torch.where(prob != 0, log_prob, 0.0)).sum(dim=-1)
 
 
-def log_probs(student_logits, teacher_logits, temperature=1.0):
-    """log_softmax of student / T and teacher[..., :V] / T in the compute dtype (the teacher detached)."""
-    dtype = compute_dtype(student_logits, teacher_logits)
-    s = student_logits.to(dtype)
-    u = teacher_logits[..., : student_logits.shape[-1]].detach().to(dtype)
-    if temperature != 1.0:
-        s, u = s / temperature, u / temperature
-    return torch.log_softmax(s, dim=-1), torch.log_softmax(u, dim=-1)
+def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits[..., :V] / T) in the compute dtype."""
+    x = logits[..., :vocab].to(dtype)
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
 
 
 def token_terms(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     *,
     divergence: str = "reverse_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
     tokens: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
     stats: bool = True,
 ) -> TokenTerms:
     """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
-    ``stats=False`` skips the confidence and entropies (returned as None) when only the loss is needed.
+    ``teacher_logits`` may be None for "sampled" when ``teacher_logprobs`` holds log q(y); the teacher
+    confidence and entropy are then unknown (NaN). ``stats=False`` skips the confidence and entropies
+    (returned as None) when only the loss is needed.
     """
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    log_p, log_q = log_probs(student_logits, teacher_logits, temperature)
+    vocab = student_logits.shape[-1]
+    dtype = compute_dtype(*(t for t in (student_logits, teacher_logits) if t is not None))
+    log_p = log_probs(student_logits, vocab, dtype, temperature)
+    log_q = None if teacher_logits is None else log_probs(teacher_logits.detach(), vocab, dtype, temperature)
     p = log_p.exp()
-    q = log_q.exp() if stats or divergence in ("forward_kl", "jsd") else None
+    q = log_q.exp() if log_q is not None and (stats or divergence in ("forward_kl", "jsd")) else None
 
     if divergence == "sampled":
         index = tokens.long().unsqueeze(-1)
         log_p_y = log_p.gather(-1, index).squeeze(-1)
-        div = log_p_y - log_q.gather(-1, index).squeeze(-1)
-        loss = div.detach() * log_p_y  # -a * log p(y) with a = -D held constant
+        log_q_y = log_q.gather(-1, index).squeeze(-1) if teacher_logprobs is None else teacher_logprobs.to(dtype)
+        behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
+        div = behaviour - log_q_y  # = -a, a constant
+        loss = div * log_p_y  # -a * log p(y)
     elif divergence == "reverse_kl":
         div = loss = kl(p, log_p, log_q)
     elif divergence == "forward_kl":
@@ -113,10 +121,11 @@ def token_terms(
     if not stats:
         return TokenTerms(loss, div.detach(), None, None, None)
     with torch.no_grad():
+        unknown = torch.full_like(div, float("nan"))
         return TokenTerms(
             loss=loss,
             divergence=div.detach(),
-            confidence=log_q.amax(dim=-1).exp(),
+            confidence=unknown if log_q is None else log_q.amax(dim=-1).exp(),
             student_entropy=entropy(p, log_p),
-            teacher_entropy=entropy(q, log_q),
+            teacher_entropy=unknown if log_q is None else entropy(q, log_q),
         )

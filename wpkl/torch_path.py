@@ -28,19 +28,27 @@ def _select(x: torch.Tensor | None, b: torch.Tensor, t: torch.Tensor):
     return None if x is None else x[b, t]
 
 
+def _rows(b, t, teacher, tokens, teacher_logprobs, rollout_logprobs) -> dict:
+    """The per-row inputs of token_terms for the (b, t) rows."""
+    return dict(teacher_logits=_select(teacher, b, t), tokens=_select(tokens, b, t),
+                teacher_logprobs=_select(teacher_logprobs, b, t), rollout_logprobs=_select(rollout_logprobs, b, t))
+
+
 class ChunkedTokenDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, valid, tokens, divergence: str, beta: float, temperature: float):
+    def forward(ctx, student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence: str,
+                beta: float, temperature: float):
         B, T, V = student.shape
-        dtype = compute_dtype(student, teacher)
+        dtype = compute_dtype(*(x for x in (student, teacher) if x is not None))
         loss = student.new_zeros((B, T), dtype=dtype)
         stats = student.new_zeros((4, B, T), dtype=dtype)
         options = dict(divergence=divergence, beta=beta, temperature=temperature)
+        per_row = (teacher, tokens, teacher_logprobs, rollout_logprobs)
         for b, t in _chunks(valid, V):
-            terms = token_terms(student[b, t], teacher[b, t], tokens=_select(tokens, b, t), **options)
+            terms = token_terms(student[b, t], **_rows(b, t, *per_row), **options)
             loss[b, t] = terms.loss
             stats[:, b, t] = torch.stack(terms[1:])
-        ctx.save_for_backward(student, teacher, valid, tokens)
+        ctx.save_for_backward(student, valid, *per_row)
         ctx.options = options
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -48,26 +56,29 @@ class ChunkedTokenDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
-        student, teacher, valid, tokens = ctx.saved_tensors
+        student, valid, *per_row = ctx.saved_tensors
         grad = torch.zeros_like(student)
         for b, t in _chunks(valid, student.shape[-1]):
             rows = student[b, t].detach().requires_grad_(True)
             with torch.enable_grad():
-                terms = token_terms(rows, teacher[b, t], tokens=_select(tokens, b, t), stats=False, **ctx.options)
+                terms = token_terms(rows, **_rows(b, t, *per_row), stats=False, **ctx.options)
                 (grad_rows,) = torch.autograd.grad(terms.loss, rows, grad_loss[b, t].to(terms.loss.dtype))
             grad[b, t] = grad_rows
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
-def chunked_terms(student, teacher, valid, tokens, divergence, beta, temperature) -> TokenTerms:
-    loss, stats = ChunkedTokenDivergence.apply(student, teacher, valid, tokens, divergence, beta, temperature)
+def chunked_terms(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence, beta,
+                  temperature) -> TokenTerms:
+    loss, stats = ChunkedTokenDivergence.apply(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs,
+                                               divergence, beta, temperature)
     return TokenTerms(loss, *stats.unbind(0))
 
 
-def reference_terms(student, teacher, valid, tokens, divergence, beta, temperature) -> TokenTerms:
+def reference_terms(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence, beta,
+                    temperature) -> TokenTerms:
     """The specification as a backend: token_terms on the valid rows, all at once, plain autograd."""
     b, t = valid.nonzero(as_tuple=True)
-    terms = token_terms(student[b, t], teacher[b, t], tokens=_select(tokens, b, t),
+    terms = token_terms(student[b, t], **_rows(b, t, teacher, tokens, teacher_logprobs, rollout_logprobs),
                         divergence=divergence, beta=beta, temperature=temperature)
     zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
     return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))

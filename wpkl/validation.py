@@ -23,9 +23,11 @@ LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 @dataclass
 class Problem:
     student: torch.Tensor  # [B, T, V]
-    teacher: torch.Tensor  # [B, T, V_t], V_t >= V
+    teacher: torch.Tensor | None  # [B, T, V_t], V_t >= V; None when "sampled" gets teacher_logprobs
     valid: torch.Tensor  # [B, T] bool
     tokens: torch.Tensor | None  # [B, T] int64
+    teacher_logprobs: torch.Tensor | None  # [B, T] float: log q(y), instead of teacher logits
+    rollout_logprobs: torch.Tensor | None  # [B, T] float: log p(y) under the policy that sampled y
     user_weights: torch.Tensor | None  # [B, T] float
     positions: torch.Tensor | None  # [B, T] int64
     leading_shape: torch.Size  # the caller's leading shape: (B, T) or (N,)
@@ -95,25 +97,23 @@ def validate(
     temperature=1.0,
     reduction="mean",
     num_items_in_batch=None,
+    teacher_logprobs=None,
+    rollout_logprobs=None,
 ) -> Problem:
     student = _logits("student_logits", student_logits)
-    teacher = _logits("teacher_logits", teacher_logits)
-    if teacher.shape[:-1] != student.shape[:-1]:
-        raise ValueError(
-            f"teacher_logits leading shape {tuple(teacher.shape[:-1])} does not match "
-            f"student_logits leading shape {tuple(student.shape[:-1])}"
-        )
-    vocab = student.shape[-1]
-    if teacher.shape[-1] < vocab:
-        raise ValueError(
-            f"teacher_logits has vocabulary {teacher.shape[-1]} < the student's {vocab}; "
-            "a padded teacher vocabulary may be larger (its first V columns are used), never smaller"
-        )
-    if teacher.device != student.device:
-        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
-
     divergence = _choice("divergence", divergence, DIVERGENCES)
+    if teacher_logits is None:
+        if divergence != "sampled" or teacher_logprobs is None:
+            raise ValueError('teacher_logits may be None only with divergence="sampled" and teacher_logprobs')
+        teacher = None
+    else:
+        if teacher_logprobs is not None:
+            raise ValueError("give teacher_logits or teacher_logprobs, not both")
+        teacher = _checked_teacher(_logits("teacher_logits", teacher_logits), student)
+    if divergence != "sampled" and rollout_logprobs is not None:
+        raise ValueError('rollout_logprobs only applies to divergence="sampled"')
     reduction = _choice("reduction", reduction, REDUCTIONS)
+    vocab = student.shape[-1]
     beta = _real("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -122,6 +122,8 @@ def validate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if weighting is not None and not isinstance(weighting, Weighting):
         raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
+    if teacher is None and weighting is not None and weighting.confidence > 0:
+        raise ValueError("Weighting(confidence=...) needs teacher_logits: teacher_logprobs carry no confidence")
 
     leading = student.shape[:-1]
     device = student.device
@@ -129,6 +131,8 @@ def validate(
     token_weights = _per_token("token_weights", token_weights, leading, device, "f", "a floating-point")
     positions = _per_token("positions", positions, leading, device, "i", "an integer")
     tokens = _per_token("tokens", tokens, leading, device, "i", "an integer")
+    teacher_logprobs = _per_token("teacher_logprobs", teacher_logprobs, leading, device, "f", "a floating-point")
+    rollout_logprobs = _per_token("rollout_logprobs", rollout_logprobs, leading, device, "f", "a floating-point")
     if divergence == "sampled" and tokens is None:
         raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
 
@@ -153,23 +157,24 @@ def validate(
                 raise ValueError(f"num_items_in_batch must be > 0, got {count}")
 
     valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
-    _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens)
+    _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens,
+                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs})
 
-    if packed:  # [N, V] -> [1, N, V]: a view, never a copy
-        student, teacher = student.unsqueeze(0), teacher.unsqueeze(0)
-        valid, token_weights, positions, tokens = (
-            None if x is None else x.unsqueeze(0) for x in (valid, token_weights, positions, tokens)
-        )
-    # The kernels need a contiguous vocabulary dimension; leading dimensions may have any stride.
-    student = student if student.stride(-1) == 1 else student.contiguous()
-    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    def per_token(x):  # [N] -> [1, N] for packed input: a view, never a copy
+        return x if x is None or not packed else x.unsqueeze(0)
+
+    def contiguous_vocab(x):  # the kernels need a contiguous vocabulary dimension; other strides are free
+        return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
     return Problem(
-        student=student,
-        teacher=teacher,
-        valid=valid,
-        tokens=None if tokens is None else tokens.long(),
-        user_weights=token_weights,
-        positions=None if positions is None else positions.long(),
+        student=contiguous_vocab(per_token(student)),
+        teacher=contiguous_vocab(per_token(teacher)),
+        valid=per_token(valid),
+        tokens=per_token(None if tokens is None else tokens.long()),
+        teacher_logprobs=per_token(teacher_logprobs),
+        rollout_logprobs=per_token(rollout_logprobs),
+        user_weights=per_token(token_weights),
+        positions=per_token(None if positions is None else positions.long()),
         leading_shape=leading,
         packed=packed,
         divergence=divergence,
@@ -181,9 +186,26 @@ def validate(
     )
 
 
-def _check_values(valid, vocab, *, token_weights, positions, tokens) -> None:
+def _checked_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    if teacher.shape[:-1] != student.shape[:-1]:
+        raise ValueError(
+            f"teacher_logits leading shape {tuple(teacher.shape[:-1])} does not match "
+            f"student_logits leading shape {tuple(student.shape[:-1])}"
+        )
+    if teacher.shape[-1] < student.shape[-1]:
+        raise ValueError(
+            f"teacher_logits has vocabulary {teacher.shape[-1]} < the student's {student.shape[-1]}; "
+            "a padded teacher vocabulary may be larger (its first V columns are used), never smaller"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
+    return teacher
+
+
+def _check_values(valid, vocab, *, token_weights, positions, tokens, logprobs) -> None:
     """Value checks on the valid tokens, with at most one host sync for all of them together."""
-    checks = []
+    checks = [(f"{name} must be finite on valid tokens", valid & ~torch.isfinite(x))
+              for name, x in logprobs.items() if x is not None]
     if token_weights is not None:
         bad = valid & ~(torch.isfinite(token_weights) & (token_weights >= 0))
         checks.append(("token_weights must be finite and >= 0 on valid tokens", bad))
