@@ -9,6 +9,8 @@ import torch
 # Decided when the kernels are decorated, so before anything imports wpkl.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build tiny models from configs: nothing is downloaded
 
 from hypothesis import settings  # noqa: E402
 

@@ -4,7 +4,7 @@ Every backend computes the per-token divergence over the vocabulary first; the w
 come from [N]-sized per-token vectors only (never from [N, V] data), with this formula::
 
     w_i = mask_i * token_weight_i * f(pos_i) * c_i ** confidence * |D_i| ** disagreement
-          * (1 + accumulated * (1 - A_i / max(S_b, 1e-8)))
+          * (1 + accumulated * (1 - A_i / max(S_b, accumulated_eps)))     (accumulated_eps = 1e-8)
 
     c_i  teacher confidence max_j q_ij            D_i  detached divergence (0 ** 0 = 1)
     A_i  sum of |D_k| over the valid tokens k before i in the same sequence b
@@ -22,8 +22,6 @@ from typing import Union
 
 import torch
 
-# Floor on a sequence's total |D| before dividing by it (TRL's IW-OPD ``iw_opd_epsilon``).
-ACCUMULATED_EPS = 1e-8
 
 
 def _check_real(owner: str, name: str, value, *, minimum=None, strict=False) -> float:
@@ -127,6 +125,7 @@ class Weighting:
     disagreement: exponent on the detached per-token divergence |D_i| (0 = off)
     accumulated:  IW-OPD gamma: 1 + gamma * (1 - prefix share of the sequence's accumulated |D|) (0 = off)
     normalize:    rescale the weights to mean 1 over the valid tokens of the batch
+    accumulated_eps: floor on a sequence's total |D| before dividing by it (TRL's ``iw_opd_epsilon``)
     """
 
     position: PositionSchedule | None = None
@@ -134,6 +133,7 @@ class Weighting:
     disagreement: float = 0.0
     accumulated: float = 0.0
     normalize: bool = True
+    accumulated_eps: float = 1e-8
 
     def __post_init__(self):
         if self.position is not None and not isinstance(self.position, POSITION_SCHEDULES):
@@ -141,6 +141,8 @@ class Weighting:
             raise TypeError(f"Weighting.position must be one of {names} or None, got {type(self.position).__name__}")
         for name in ("confidence", "disagreement", "accumulated"):
             object.__setattr__(self, name, _check_real("Weighting", name, getattr(self, name), minimum=0))
+        eps = _check_real("Weighting", "accumulated_eps", self.accumulated_eps, minimum=0, strict=True)
+        object.__setattr__(self, "accumulated_eps", eps)
         if not isinstance(self.normalize, bool):
             raise TypeError(f"Weighting.normalize must be a bool, got {type(self.normalize).__name__}")
 
@@ -156,11 +158,11 @@ def sequence_positions(valid: torch.Tensor) -> torch.Tensor:
     return counts - valid.to(torch.int64)
 
 
-def accumulated_factor(abs_divergence: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+def accumulated_factor(abs_divergence: torch.Tensor, valid: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
     """IW-OPD: 1 + gamma * (1 - A_i / max(S_b, eps)) over [S, L] sequences, A_i the exclusive prefix sum."""
     abs_divergence = torch.where(valid, abs_divergence, 0.0)
     prefix = abs_divergence.cumsum(dim=-1) - abs_divergence
-    total = abs_divergence.sum(dim=-1, keepdim=True).clamp_min(ACCUMULATED_EPS)
+    total = abs_divergence.sum(dim=-1, keepdim=True).clamp_min(eps)
     return 1.0 + gamma * (1.0 - prefix / total)
 
 
@@ -193,7 +195,7 @@ def compute_weights(
     if weighting.disagreement:
         w = w * torch.where(valid, divergence.abs(), 1.0) ** weighting.disagreement
     if weighting.accumulated:
-        w = w * accumulated_factor(divergence.abs(), valid, weighting.accumulated)
+        w = w * accumulated_factor(divergence.abs(), valid, weighting.accumulated, weighting.accumulated_eps)
     if weighting.normalize:
         total = w.sum()
         n_valid = valid.sum().to(dtype)

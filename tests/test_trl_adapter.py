@@ -1,0 +1,104 @@
+"""wpkl.integrations.trl: the drop-in functions return TRL's values and gradients for the same inputs."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import wpkl
+
+pytest.importorskip("trl", reason="trl is not installed")
+from trl.experimental.gkd.gkd_trainer import GKDTrainer  # noqa: E402
+from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer  # noqa: E402
+
+from wpkl.integrations import trl as adapter  # noqa: E402
+
+
+def _batch(B=3, T=7, V=45):
+    student, teacher = torch.randn(B, T, V) * 2, torch.randn(B, T, V) * 2
+    labels = torch.randint(0, V, (B, T))
+    labels[:, :2] = -100
+    labels[2] = -100
+    return student, teacher, labels
+
+
+def _value_and_grad(fn, student):
+    leaf = student.clone().requires_grad_(True)
+    out = fn(leaf)
+    out.sum().backward()
+    return out.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_generalized_jsd_loss_matches_trl(reduction, beta, with_labels):
+    student, teacher, labels = _batch()
+    labels = labels if with_labels else None
+    kwargs = dict(labels=labels, beta=beta, temperature=1.5, reduction=reduction)
+    expected = _value_and_grad(lambda s: GKDTrainer.generalized_jsd_loss(s, teacher, **kwargs), student)
+    got = _value_and_grad(lambda s: adapter.generalized_jsd_loss(s, teacher, **kwargs), student)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_items", [17, torch.tensor(23.0)])
+def test_generalized_jsd_loss_num_items_in_batch(num_items):
+    student, teacher, labels = _batch()
+    expected = GKDTrainer.generalized_jsd_loss(student, teacher, labels, 0.5, 1.0, "batchmean", num_items)
+    got = adapter.generalized_jsd_loss(student, teacher, labels, 0.5, 1.0, "batchmean", num_items)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_generalized_jsd_loss_weighted():
+    student, teacher, labels = _batch()
+    weighting = wpkl.Weighting(position=wpkl.ExpDecay(2.0), confidence=1.0)
+    got = adapter.generalized_jsd_loss(student, teacher, labels, beta=1.0, weighting=weighting)
+    direct = wpkl.weighted_kl_loss(student, teacher, mask=labels != -100, weighting=weighting, divergence="jsd",
+                                   beta=1.0)
+    torch.testing.assert_close(got, direct)
+    assert not torch.allclose(got, adapter.generalized_jsd_loss(student, teacher, labels, beta=1.0))
+    # "none" keeps TRL's per-entry terms, each token's row scaled by its weight.
+    rows = adapter.generalized_jsd_loss(student, teacher, labels, beta=1.0, reduction="none", weighting=weighting)
+    torch.testing.assert_close(rows.sum() / (labels != -100).sum(), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_falls_back_to_trl():
+    student, teacher, labels = _batch()
+    kwargs = dict(labels=labels, beta=0.5, top_k=5, add_tail=True)
+    torch.testing.assert_close(adapter.generalized_jsd_loss(student, teacher, **kwargs),
+                               IWOPDTrainer.generalized_jsd_loss(student, teacher, **kwargs))
+    with pytest.raises(ValueError, match="top_k"):
+        adapter.generalized_jsd_loss(student, teacher, weighting=wpkl.Weighting(), **kwargs)
+
+
+def _trainer_stub(gamma=0.5, epsilon=1e-8, temperature=1.0):
+    return SimpleNamespace(temperature=temperature, iw_opd_gamma=gamma, iw_opd_epsilon=epsilon,
+                           model=SimpleNamespace(training=True), _metrics=defaultdict(lambda: defaultdict(list)))
+
+
+@pytest.mark.parametrize("with_rollout", [False, True])
+@pytest.mark.parametrize("num_items", [None, 31])
+def test_iw_opd_method_matches_trl_with_metrics(with_rollout, num_items):
+    student, teacher, labels = _batch()
+    tokens = labels.clamp_min(0)
+    teacher_lp = torch.log_softmax(teacher / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    rollout = (torch.log_softmax(student / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+               - 0.1 * torch.rand(3, 7)) if with_rollout else None
+    args = (tokens, labels, teacher_lp, rollout, num_items)
+    trl_self, wpkl_self = _trainer_stub(epsilon=1e-3, temperature=0.8), _trainer_stub(epsilon=1e-3, temperature=0.8)
+    expected = _value_and_grad(lambda s: IWOPDTrainer._compute_iw_opd_loss(trl_self, s, *args), student)
+    method = adapter._iw_opd_method(None, "auto")
+    got = _value_and_grad(lambda s: method(wpkl_self, s, *args), student)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-7)
+    for key, values in trl_self._metrics["train"].items():
+        assert wpkl_self._metrics["train"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
+
+
+def test_use_wpkl_rejects_other_objects():
+    with pytest.raises(TypeError, match="use_wpkl does not know"):
+        adapter.use_wpkl(object())
+    with pytest.raises(TypeError, match="weighting must be"):
+        adapter.use_wpkl(object(), weighting="uniform")

@@ -1,0 +1,1 @@
+"""Adapters for existing trainers (optional dependencies: each module imports its trainer lazily)."""

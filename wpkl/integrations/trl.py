@@ -1,0 +1,231 @@
+"""TRL drop-ins: the same losses as TRL 1.16, computed by wpkl's fused kernels, optionally weighted.
+
+    from wpkl.integrations.trl import use_wpkl
+    use_wpkl(trainer, weighting=wpkl.Weighting(accumulated=0.5))   # GKD, IW-OPD or Distillation trainer
+
+Tested against TRL 1.16 (``wpkl[trl]`` pins ``trl>=1.16,<1.17``). What stays TRL's own code:
+- ``top_k > 0`` (sparse top-k support with a tail bucket) in ``generalized_jsd_loss``;
+- the IW-OPD and Distillation trainers' sparse top-1 paths (``loss_top_k == 1``) and teacher-server JSD paths;
+- ``reduction="none"`` of ``generalized_jsd_loss`` (TRL returns per-vocabulary-entry terms, which a fused kernel
+  never materializes): TRL computes it, and wpkl's weights, if any, scale each token's row.
+The teacher-server IW-OPD path *is* fused: it passes log q(y) only (``teacher_logprobs``), the teacher's logits
+are never needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..api import weighted_kl_loss
+from ..weighting import Weighting
+
+IGNORE_INDEX = -100
+
+
+def _divide(total: torch.Tensor, count) -> torch.Tensor:
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.device)
+    return total / count
+
+
+def generalized_jsd_loss(
+    student_logits,
+    teacher_logits,
+    labels=None,
+    beta=0.5,
+    temperature=1.0,
+    reduction="batchmean",
+    num_items_in_batch=None,
+    *,
+    top_k=0,
+    add_tail=True,
+    weighting: Weighting | None = None,
+    backend: str = "auto",
+):
+    """TRL's ``GKDTrainer.generalized_jsd_loss`` (same signature, reductions and ``num_items_in_batch``), fused.
+
+    ``labels == -100`` marks ignored tokens. Reductions, as TRL defines them over the per-entry divergence:
+    "batchmean" = sum / valid tokens (sum / batch size without labels), "sum", "mean" = sum / (valid tokens * V),
+    "none" = the per-entry tensor (TRL's own code). With ``num_items_in_batch`` the loss is sum / that count.
+    ``weighting`` multiplies each token's divergence by its wpkl weight. ``top_k`` and ``add_tail`` are those of
+    IWOPDTrainer's version; ``top_k > 0`` runs TRL's own code.
+    """
+    mask = None if labels is None else labels != IGNORE_INDEX
+    if top_k > 0 or reduction == "none":
+        from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
+
+        if top_k > 0 and weighting is not None:
+            raise ValueError("weighting is not supported with top_k > 0 (TRL's own sparse top-k path)")
+        out = IWOPDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
+                                                temperature=temperature, reduction=reduction, top_k=top_k,
+                                                add_tail=add_tail, num_items_in_batch=num_items_in_batch)
+        if reduction != "none" or weighting is None:
+            return out
+        _, stats = weighted_kl_loss(student_logits.detach(), teacher_logits, mask=mask, weighting=weighting,
+                                    divergence="jsd", beta=beta, temperature=temperature, return_stats=True,
+                                    backend=backend)
+        weights = stats.weight if mask is None else stats.weight[mask]
+        return out * weights.unsqueeze(-1).to(out.dtype)
+
+    total = weighted_kl_loss(student_logits, teacher_logits, mask=mask, weighting=weighting, divergence="jsd",
+                             beta=beta, temperature=temperature, reduction="sum", backend=backend)
+    if num_items_in_batch is not None:
+        return _divide(total, num_items_in_batch)
+    if reduction == "sum":
+        return total
+    tokens = mask.sum() if mask is not None else student_logits[..., 0].numel()
+    if reduction == "batchmean":
+        # TRL divides by the valid-token count, or, without labels, by the size of the first dimension.
+        return total / (mask.sum().clamp_min(1) if mask is not None else max(student_logits.size(0), 1))
+    if reduction == "mean":
+        return total / (tokens * student_logits.size(-1))
+    raise ValueError(f"reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def iw_opd_loss(
+    student_logits,
+    completion_tokens,
+    labels,
+    teacher_actual_logprobs,
+    rollout_logprobs=None,
+    num_items_in_batch=None,
+    *,
+    temperature: float = 1.0,
+    gamma: float = 0.5,
+    epsilon: float = 1e-8,
+    weighting: Weighting | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+):
+    """TRL's ``IWOPDTrainer._compute_iw_opd_loss`` (sampled-token IW-OPD), fused over the student's vocabulary.
+
+    Loss = sum_i -log p(y_i) * w_i * a_i / (valid tokens or ``num_items_in_batch``) with
+    a_i = log q(y_i) - log p_rollout(y_i) and w_i = 1 + gamma * (1 - prefix share of the sequence's |a|).
+    ``weighting`` replaces TRL's weights by any wpkl weighting (default: ``Weighting(accumulated=gamma,
+    normalize=False, accumulated_eps=epsilon)``, which is TRL's).
+    """
+    weighting = weighting or Weighting(accumulated=gamma, normalize=False, accumulated_eps=epsilon)
+    return weighted_kl_loss(
+        student_logits, None, mask=labels != IGNORE_INDEX, tokens=completion_tokens, divergence="sampled",
+        weighting=weighting, temperature=temperature, backend=backend, return_stats=return_stats,
+        num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_actual_logprobs,
+        rollout_logprobs=rollout_logprobs,
+    )
+
+
+def _iw_opd_method(weighting, backend):
+    """A replacement for ``IWOPDTrainer._compute_iw_opd_loss`` that also logs TRL's iw_opd/* metrics."""
+
+    def _compute_iw_opd_loss(self, student_logits, completion_tokens, labels, teacher_actual_logprobs,
+                             rollout_logprobs=None, num_items_in_batch=None):
+        loss, stats = iw_opd_loss(student_logits, completion_tokens, labels, teacher_actual_logprobs,
+                                  rollout_logprobs, num_items_in_batch, temperature=self.temperature,
+                                  gamma=self.iw_opd_gamma, epsilon=self.iw_opd_epsilon, weighting=weighting,
+                                  backend=backend, return_stats=True)
+        with torch.no_grad():
+            mode = "train" if self.model.training else "eval"
+            valid = stats.mask
+            if valid.any():
+                advantage = -stats.divergence[valid]  # a = log q(y) - log p(y)
+                weight = stats.weight[valid]
+                self._metrics[mode]["iw_opd/mean_advantage"].append((weight * advantage).mean().item())
+                self._metrics[mode]["iw_opd/mean_abs_advantage"].append(advantage.abs().mean().item())
+                self._metrics[mode]["iw_opd/mean_weight"].append(weight.mean().item())
+                self._metrics[mode]["iw_opd/min_weight"].append(weight.min().item())
+                self._metrics[mode]["iw_opd/max_weight"].append(weight.max().item())
+        return loss
+
+    return _compute_iw_opd_loss
+
+
+def _project(hidden, weight, bias, scale, softcap):
+    """The lm_head projection exactly as TRL's DistillationTrainer applies it: scale, then softcap."""
+    if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather once, as TRL does
+        weight = weight.full_tensor().to(hidden.dtype)
+        bias = None if bias is None else bias.full_tensor()
+    logits = F.linear(hidden, weight, bias)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _distillation_divergence(weighting, backend):
+    """A replacement for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (same signature/returns).
+
+    It materializes the [B, K, V] logits of both models (TRL's own path projects them tile by tile and never
+    does), then runs wpkl: the price of weighting, which needs each sequence's tokens together.
+    """
+
+    def _chunked_divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_head_weight,
+                                 teacher_lm_head_weight, completion_mask, beta, num_items_in_batch=None,
+                                 student_lm_head_bias=None, teacher_lm_head_bias=None, student_logit_scale=1.0,
+                                 teacher_logit_scale=1.0, student_final_logit_softcapping=None,
+                                 teacher_final_logit_softcapping=None, temperature=1.0):
+        student = _project(student_hidden_states, student_lm_head_weight, student_lm_head_bias, student_logit_scale,
+                           student_final_logit_softcapping)
+        with torch.no_grad():
+            teacher = _project(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias,
+                               teacher_logit_scale, teacher_final_logit_softcapping)
+        mask = completion_mask != 0
+        total, stats = weighted_kl_loss(student, teacher, mask=mask, weighting=weighting, divergence="jsd", beta=beta,
+                                        temperature=temperature, reduction="sum", return_stats=True,
+                                        backend=backend)
+        n_valid = mask.sum()
+        loss = total / n_valid.clamp(min=1) if num_items_in_batch is None else _divide(total, num_items_in_batch)
+        return loss, stats.student_entropy.sum(), n_valid
+
+    return _chunked_divergence_loss
+
+
+@contextlib.contextmanager
+def _swapped(module, name, value):
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto"):
+    """Make a TRL trainer compute its distillation loss with wpkl (in place; returns the trainer).
+
+    - ``GKDTrainer``: ``generalized_jsd_loss`` (the full-vocabulary JSD / KL).
+    - ``IWOPDTrainer``: ``generalized_jsd_loss`` and the sampled-token IW-OPD loss; ``weighting`` (if given)
+      replaces TRL's IW-OPD weights in the latter.
+    - ``DistillationTrainer``: its fused-linear divergence, through materialized logits.
+    Paths listed in this module's docstring stay TRL's.
+    """
+    if weighting is not None and not isinstance(weighting, Weighting):
+        raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
+    from trl.trainer import distillation_trainer
+
+    patched = False
+    if isinstance(trainer, distillation_trainer.DistillationTrainer):
+        original = trainer._compute_loss
+        replacement = _distillation_divergence(weighting, backend)
+
+        def _compute_loss(*args, **kwargs):
+            with _swapped(distillation_trainer, "_chunked_divergence_loss", replacement):
+                return original(*args, **kwargs)
+
+        trainer._compute_loss = _compute_loss
+        patched = True
+    if callable(getattr(type(trainer), "generalized_jsd_loss", None)):
+        trainer.generalized_jsd_loss = partial(generalized_jsd_loss, weighting=weighting, backend=backend)
+        patched = True
+    if callable(getattr(type(trainer), "_compute_iw_opd_loss", None)):
+        trainer._compute_iw_opd_loss = types.MethodType(_iw_opd_method(weighting, backend), trainer)
+        patched = True
+    if not patched:
+        raise TypeError(f"use_wpkl does not know {type(trainer).__name__}: expected a TRL GKD, IW-OPD or "
+                        "Distillation trainer")
+    trainer.wpkl_weighting = weighting
+    return trainer
