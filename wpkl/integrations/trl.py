@@ -209,7 +209,10 @@ def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto")
 
     patched = False
     if isinstance(trainer, distillation_trainer.DistillationTrainer):
-        original = trainer._compute_loss
+        # Wrap TRL's own `_compute_loss`, never an earlier use_wpkl wrapper: nested wrappers would swap the module
+        # function in turn and the innermost (the first use_wpkl's weighting) would win.
+        original = trainer.__dict__.get("_wpkl_original_compute_loss", trainer._compute_loss)
+        trainer._wpkl_original_compute_loss = original
         replacement = _distillation_divergence(weighting, backend)
 
         def _compute_loss(*args, **kwargs):
