@@ -37,8 +37,8 @@ def weightings(new_tokens: int) -> dict[str, wpkl.Weighting | None]:
 
 @dataclass
 class DemoConfig:
-    steps: int = 120
-    seeds: tuple[int, ...] = (0,)
+    steps: int = 200
+    seeds: tuple[int, ...] = (0, 1)
     weightings: tuple[str, ...] = ("uniform", "first30", "last30", "iw_opd", "position", "confidence", "disagreement")
     divergence: str = "reverse_kl"
     batch: int = 32
@@ -47,7 +47,7 @@ class DemoConfig:
     lr: float = 2e-3
     teacher_steps: int = 400
     warmup_steps: int = 40
-    eval_every: int = 20
+    eval_every: int = 10
     eval_prompts: int = 256
     target_kl: float | None = None  # default: half the warm-started student's KL
     device: str = "cpu"
