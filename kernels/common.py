@@ -36,6 +36,23 @@ def row_offset(row, T, stride_b, stride_t):
 
 
 @triton.jit
+def online_softmax_step(x, running_max, running_sum, running_sum_x):
+    """Fold one block of logits x into a running maximum and sums rescaled to it (online log-sum-exp).
+
+    Returns the new maximum, the factor that rescaled the old sums, exp(x - max) of the block, and the new
+    sum exp(x - max) and sum exp(x - max) * x. While every logit so far is -inf the shift is 0 instead,
+    since exp(-inf - -inf) would be NaN.
+    """
+    new_max = tl.maximum(running_max, tl.max(x, axis=0))
+    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    exp_x = tl.exp(x - shift)
+    running_sum = running_sum * rescale + tl.sum(exp_x, axis=0)
+    running_sum_x = running_sum_x * rescale + tl.sum(xlogy_term(exp_x, x), axis=0)
+    return new_max, rescale, exp_x, running_sum, running_sum_x
+
+
+@triton.jit
 def logaddexp(a, b):
     hi = tl.maximum(a, b)
     return hi + tl.log(1.0 + tl.exp(-tl.abs(a - b)))

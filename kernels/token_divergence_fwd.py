@@ -36,6 +36,7 @@ from .common import (
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
     mixture_log_ratios,
+    online_softmax_step,
     row_offset,
     xlogy_term,
 )
@@ -92,26 +93,13 @@ def token_divergence_fwd_kernel(
         s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
         if TEACHER_LOGITS:
             u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-        new_max_s = tl.maximum(max_s, tl.max(s, axis=0))
-        # While every logit so far is -inf, shift by 0 instead: exp(-inf - -inf) would be NaN.
-        shift_s = tl.where(new_max_s == -float("inf"), 0.0, new_max_s)
-        rescale_s = tl.exp(max_s - shift_s)
-        exp_s = tl.exp(s - shift_s)
-        sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
-        sum_s_s = sum_s_s * rescale_s + tl.sum(xlogy_term(exp_s, s), axis=0)
-        max_s = new_max_s
+        max_s, rescale_s, exp_s, sum_s, sum_s_s = online_softmax_step(s, max_s, sum_s, sum_s_s)
         if TEACHER_LOGITS:
-            new_max_u = tl.maximum(max_u, tl.max(u, axis=0))
-            shift_u = tl.where(new_max_u == -float("inf"), 0.0, new_max_u)
-            rescale_u = tl.exp(max_u - shift_u)
-            exp_u = tl.exp(u - shift_u)
-            sum_u = sum_u * rescale_u + tl.sum(exp_u, axis=0)
-            sum_u_u = sum_u_u * rescale_u + tl.sum(xlogy_term(exp_u, u), axis=0)
+            max_u, rescale_u, exp_u, sum_u, sum_u_u = online_softmax_step(u, max_u, sum_u, sum_u_u)
             if DIVERGENCE == REVERSE_KL:
                 sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, s - u), axis=0)
             if DIVERGENCE == FORWARD_KL:
                 sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, u - s), axis=0)
-            max_u = new_max_u
 
     # Combine the shifted pieces before adding large magnitudes: with lse_gap = (max_s - max_u) +
     # (log sum_s - log sum_u), D = E_p[s - u] - lse_gap is exact when p == q, where lse_s - lse_u is not.
