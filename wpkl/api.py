@@ -15,7 +15,7 @@ from .backends import compute_terms, resolve_backend
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
-from .validation import BACKENDS, validate
+from .validation import check_options, validate
 from .weighting import Weighting, compute_weights, sequence_positions
 
 
@@ -84,9 +84,8 @@ def weighted_kl_loss(
         num_items_in_batch=num_items_in_batch,
         teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs,
+        backend=backend,
     )
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     terms = compute_terms(problem, resolve_backend(backend, problem), inplace_backward=inplace_backward)
@@ -151,13 +150,8 @@ class WeightedKLLoss(nn.Module):
         self.backend = backend
         self.inplace_backward = inplace_backward
         # Fail at construction, not at the first training step.
-        if weighting is not None and not isinstance(weighting, Weighting):
-            raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
-        probe = torch.zeros(1, 1)
-        validate(probe, probe, divergence="reverse_kl" if divergence == "sampled" else divergence,
-                 beta=beta, temperature=temperature, reduction="mean" if reduction == "seq_mean" else reduction)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        check_options(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                      weighting=weighting, backend=backend)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None):

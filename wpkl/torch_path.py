@@ -1,6 +1,7 @@
-"""The pure-torch backend: the reference math run over chunks of rows, with recompute in backward.
+"""The torch backends: "torch", the reference math over chunks of rows with recompute in backward, and
+"reference", the same math on all valid rows at once under plain autograd.
 
-Works on any device torch supports. Peak extra memory is a few [chunk, V] buffers in the compute dtype
+The chunked path works on any device torch supports. Peak extra memory is a few [chunk, V] buffers in the compute dtype
 (float32, or float64 for float64 input) plus the [B, T, V] gradient, never several [N, V] float32
 tensors: forward keeps only per-token results, and backward recomputes each chunk under autograd
 (activation checkpointing, chunk by chunk). Masked tokens are never read.

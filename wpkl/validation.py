@@ -83,6 +83,24 @@ def _per_token(name: str, x, leading: torch.Size, device: torch.device, kinds: s
     return x
 
 
+def check_options(*, divergence, beta, temperature, reduction, weighting, backend="auto"):
+    """The configuration arguments alone (shared by the function and WeightedKLLoss's constructor).
+
+    Returns the normalized (reduction, beta, temperature)."""
+    _choice("divergence", divergence, DIVERGENCES)
+    _choice("backend", backend, BACKENDS)
+    reduction = _choice("reduction", reduction, REDUCTIONS)
+    beta = _real("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = _real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if weighting is not None and not isinstance(weighting, Weighting):
+        raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
+    return reduction, beta, temperature
+
+
 def validate(
     student_logits,
     teacher_logits,
@@ -99,6 +117,7 @@ def validate(
     num_items_in_batch=None,
     teacher_logprobs=None,
     rollout_logprobs=None,
+    backend="auto",
 ) -> Problem:
     student = _logits("student_logits", student_logits)
     divergence = _choice("divergence", divergence, DIVERGENCES)
@@ -112,16 +131,9 @@ def validate(
         teacher = _checked_teacher(_logits("teacher_logits", teacher_logits), student)
     if divergence != "sampled" and rollout_logprobs is not None:
         raise ValueError('rollout_logprobs only applies to divergence="sampled"')
-    reduction = _choice("reduction", reduction, REDUCTIONS)
+    reduction, beta, temperature = check_options(divergence=divergence, beta=beta, temperature=temperature,
+                                                 reduction=reduction, weighting=weighting, backend=backend)
     vocab = student.shape[-1]
-    beta = _real("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    temperature = _real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if weighting is not None and not isinstance(weighting, Weighting):
-        raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
     if teacher is None and weighting is not None and weighting.confidence > 0:
         raise ValueError("Weighting(confidence=...) needs teacher_logits: teacher_logprobs carry no confidence")
 
