@@ -38,3 +38,14 @@ def test_documented_kernels_name_their_bytes():
     for path in (ROOT / "kernels").glob("token_divergence_*.py"):
         doc = path.read_text().split('"""')[1]
         assert re.search(r"Passes over \[N, V\]", doc) and "Memory per valid token" in doc, path
+
+
+def test_import_is_light():
+    """`import wpkl` needs only torch: Triton, TRL and matplotlib load when (and if) they are used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, wpkl, wpkl.audit; heavy = [m for m in ('triton', 'trl', 'matplotlib', 'transformers') "
+            "if m in sys.modules]; print(heavy); assert not heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
