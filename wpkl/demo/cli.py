@@ -62,14 +62,20 @@ def main(args) -> int:
 
 
 def summarize(results: dict) -> list[dict]:
+    final_kl = {(r["name"], r["seed"]): r["curve"][-1]["kl"] for r in results["runs"]}
     rows = []
     for name in results["config"]["weightings"]:
         runs = [r for r in results["runs"] if r["name"] == name]
         final = [r["curve"][-1] for r in runs]
         reached = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
+        # Paired by seed: the same teacher, student start and prompts, so seed-to-seed spread cancels.
+        paired = [final_kl[(name, r["seed"])] - final_kl[("uniform", r["seed"])] for r in runs
+                  if ("uniform", r["seed"]) in final_kl]
         rows.append(dict(
             weighting=name,
             kl=mean_std([f["kl"] for f in final]),
+            kl_vs_uniform=mean_std(paired) if paired else (float("nan"), float("nan")),
+            better_than_uniform=f"{sum(d < 0 for d in paired)}/{len(paired)}" if paired else "",
             true_ll=mean_std([f["true_ll"] for f in final]),
             steps_to_target=mean_std(reached) if reached else (float("nan"), float("nan")),
             reached=f"{len(reached)}/{len(runs)}",
@@ -79,6 +85,17 @@ def summarize(results: dict) -> list[dict]:
 
 
 def write_report(results: dict, out: Path, elapsed: float) -> None:
+    (out / "summary.md").write_text(summary_markdown(results, elapsed))
+    serializable = dict(results, runs=[{k: v for k, v in r.items() if k != "monitor"} for r in results["runs"]],
+                        summary=summarize(results), seconds=elapsed)
+    (out / "results.json").write_text(json.dumps(serializable, indent=1, default=str))
+    for r in results["runs"]:
+        r["monitor"].save(out / "runs" / r["name"] / f"seed{r['seed']}" / "position_bias.pt")
+    _plots(results, out)
+
+
+def summary_markdown(results: dict, elapsed: float) -> str:
+    """The report's table (works on results.json as loaded, too)."""
     cfg = results["config"]
     rows = summarize(results)
     ref = results["reference"]
@@ -91,13 +108,14 @@ def write_report(results: dict, out: Path, elapsed: float) -> None:
         f"{cfg['new_tokens']} tokens per weighting, divergence {cfg['divergence']}, device {cfg['device']}; "
         f"{elapsed:.0f} s in all. Mean ± standard deviation over seeds.",
         "",
-        "| weighting | final KL(student ‖ teacher) / token | true log-likelihood / token | steps to target KL | reached | per-seed KL |",
-        "|---|---|---|---|---|---|",
+        "| weighting | final KL(student ‖ teacher) / token | KL − uniform's (paired) | lower than uniform | "
+        "true log-likelihood / token | steps to target KL | reached | per-seed KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         steps = "not reached" if r["reached"].startswith("0/") else fmt(r["steps_to_target"], 0)
-        lines.append(f"| {r['weighting']} | {fmt(r['kl'])} | {fmt(r['true_ll'], 3)} | {steps} | {r['reached']} | "
-                     f"{', '.join(map(str, r['per_seed_kl']))} |")
+        lines.append(f"| {r['weighting']} | {fmt(r['kl'])} | {fmt(r['kl_vs_uniform'])} | {r['better_than_uniform']} | "
+                     f"{fmt(r['true_ll'], 3)} | {steps} | {r['reached']} | {', '.join(map(str, r['per_seed_kl']))} |")
     teacher_ll = [v["teacher_true_ll"] for v in ref.values()]
     language_ll = [v["language_true_ll"] for v in ref.values()]
     target = [r["target_kl"] for r in results["runs"]]
@@ -106,16 +124,11 @@ def write_report(results: dict, out: Path, elapsed: float) -> None:
         f"Reference: the teacher's own samples score {sum(teacher_ll) / len(teacher_ll):.3f} nats/token under the "
         f"language, samples of the language itself {sum(language_ll) / len(language_ll):.3f}. Target KL: "
         f"{'given' if cfg['target_kl'] is not None else 'half the warm-started student KL'} "
-        f"({min(target):.4f} to {max(target):.4f}). KL is measured on the student's own samples of "
-        f"{cfg['eval_prompts']} held-out prompts.",
+        f"({min(target):.4f} to {max(target):.4f}), checked every {cfg['eval_every']} updates. KL is measured on "
+        f"the student's own samples of {cfg['eval_prompts']} held-out prompts; 'KL − uniform's' pairs runs of the "
+        "same seed (same teacher, student start and prompts).",
     ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    serializable = dict(results, runs=[{k: v for k, v in r.items() if k != "monitor"} for r in results["runs"]],
-                        summary=rows, seconds=elapsed)
-    (out / "results.json").write_text(json.dumps(serializable, indent=1, default=str))
-    for r in results["runs"]:
-        r["monitor"].save(out / "runs" / r["name"] / f"seed{r['seed']}" / "position_bias.pt")
-    _plots(results, out)
+    return "\n".join(lines) + "\n"
 
 
 def _plots(results: dict, out: Path) -> None:
