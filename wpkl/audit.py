@@ -168,7 +168,8 @@ def plot(monitor: PositionBiasMonitor, out_dir, title: str = "") -> list[Path]:
     ax2 = ax.twinx()
     ax2.plot(x, [r["teacher_confidence"] for r in rows], "s--", color="tab:orange", label="teacher confidence")
     ax2.set_ylabel("teacher confidence max q")
-    fig.legend(loc="upper right", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
     ax.set_title(f"{title} divergence and teacher confidence by position".strip())
     written.append(out_dir / "divergence_by_position.png")
     fig.savefig(written[-1], dpi=110)

@@ -34,7 +34,10 @@ def audit(args) -> int:
     root = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
     for path in files:
         monitor = PositionBiasMonitor.load(path)
-        name = str(path.parent.relative_to(root)) if path.parent != root else path.stem
+        if path.parent != root:
+            name = str(path.parent.relative_to(root))
+        else:  # a single file: name it after its folders (e.g. runs/uniform/seed0 -> uniform/seed0)
+            name = path.stem if path.stem != MONITOR_FILE.removesuffix(".pt") else "/".join(path.parent.parts[-2:])
         print(f"\n== {path}\n{monitor.format_table()}")
         if can_plot and args.out:
             target = Path(args.out) / name if len(files) > 1 else Path(args.out)
