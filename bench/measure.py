@@ -95,7 +95,6 @@ def copy_bandwidth_gbps(device: str) -> float:
     src = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     median, _, _ = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * size / (median * 1e-3) / 1e9
 
 

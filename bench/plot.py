@@ -31,7 +31,7 @@ def plot(path: Path, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.4 * len(shapes) + 3), 11), constrained_layout=True)
         for ax, (mode, metric, ylabel) in zip(axes, [("fwd", "ms", "forward: median ms"),
                                                       ("fwd+bwd", "ms", "forward + backward: median ms"),
-                                                      ("fwd+bwd", "peak_extra_mib", "fwd + bwd: peak extra MiB")]):
+                                                      ("fwd+bwd", "peak_extra_mib", "fwd + bwd: peak extra MiB")], strict=True):
             width = 0.8 / max(1, len(providers))
             for k, provider in enumerate(providers):
                 values = []

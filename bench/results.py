@@ -49,7 +49,7 @@ class Results:
             f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}",
             f"- timer: {m['timer']}; memory: {m['memory_method']}",
             f"- copy bandwidth measured in this run: {m['copy_gbps']:.1f} GB/s",
-            f"- GB/s uses the minimal-bytes model: each [N, V] input read once, each [N, V] output written once",
+            "- GB/s uses the minimal-bytes model: each [N, V] input read once, each [N, V] output written once",
             "",
         ]
         if m.get("notice"):

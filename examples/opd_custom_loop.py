@@ -51,7 +51,7 @@ def main(argv=None):
 
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for seq, mask in zip(rollouts, masks):
+        for seq, mask in zip(rollouts, masks, strict=True):
             # Logits predicting the response tokens: a slice of the full logits (no copy is made by wpkl).
             student_logits = student(seq[:, :-1])[:, args.prompt_length - 1:]
             with torch.no_grad():

@@ -49,3 +49,18 @@ def test_import_is_light():
             "if m in sys.modules]; print(heavy); assert not heavy")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_lint():
+    """pyflakes and bugbear checks (ruff, configured in pyproject.toml): unused names, undefined names, traps."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in the test extra)")
+    result = subprocess.run([ruff, "check", "--output-format", "concise", "wpkl", "kernels", "bench", "tests",
+                             "examples"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

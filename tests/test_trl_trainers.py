@@ -84,7 +84,7 @@ def _loss_grads_metrics(trainer, model, inputs, num_items_in_batch, metric_keys)
 def _assert_same_grads(got, expected):
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("name", list(TRAINERS))

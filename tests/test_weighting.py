@@ -1,5 +1,6 @@
 """The weighting formula, checked against values computed by hand (plain Python loops)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -117,7 +118,7 @@ def test_normalize_keeps_nan():
 def test_weighting_is_hashable_and_frozen():
     w = wpkl.Weighting(position=wpkl.PositionTable([1.0, 0.5]), accumulated=0.5)
     assert hash(w) == hash(wpkl.Weighting(position=wpkl.PositionTable((1.0, 0.5)), accumulated=0.5))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         w.accumulated = 1.0
 
 

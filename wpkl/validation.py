@@ -228,6 +228,6 @@ def _check_values(valid, vocab, *, token_weights, positions, tokens, logprobs) -
     if not checks:
         return
     flags = torch.stack([bad.any() for _, bad in checks]).tolist()
-    for (message, _), failed in zip(checks, flags):
+    for (message, _), failed in zip(checks, flags, strict=True):
         if failed:
             raise ValueError(message)

@@ -17,7 +17,7 @@ Weights are constants for autograd: no gradient flows through them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 import torch

@@ -146,7 +146,7 @@ def _plots(results: dict, out: Path) -> None:
     for name in results["config"]["weightings"]:
         runs = [r for r in results["runs"] if r["name"] == name]
         steps = [p["step"] for p in runs[0]["curve"]]
-        for ax, key in zip(axes, ("kl", "true_ll")):
+        for ax, key in zip(axes, ("kl", "true_ll"), strict=True):
             values = [sum(r["curve"][i][key] for r in runs) / len(runs) for i in range(len(steps))]
             ax.plot(steps, values, marker=".", label=name)
     axes[0].set_ylabel("KL(student ‖ teacher) per token, held-out prompts")
