@@ -22,6 +22,8 @@ python -m wpkl.kernels.report --json "$out/kernel-report.json" > "$out/kernel-re
 tail -1 "$out/kernel-report.md" | tee -a "$out/summary.txt"
 
 echo "== default benchmark" | tee -a "$out/summary.txt"
-python -m bench --out "$out" --budget 330 2>&1 | tee "$out/bench.txt" | tail -3
-python -m bench --plot "$out"/*.json --plot-dir "$out/figures" 2>&1 | tail -5
+python -m bench --out "$out/bench" --budget 330 2>&1 | tee "$out/bench.txt" | tail -3
+for results in "$out"/bench/*.json; do
+  python -m bench --plot "$results" --plot-dir "$out/figures" 2>&1 | tail -5
+done
 echo "everything is under $out" | tee -a "$out/summary.txt"

@@ -94,7 +94,8 @@ def _signature(fn, args, meta):
     (torch allocations are 16-byte aligned), and an int equal to 1 becomes a constant."""
     constexprs, attrs, signature = dict(meta), {}, {}
     num_warps = constexprs.pop("num_warps")
-    for index, (name, value) in enumerate(zip(fn.arg_names, args, strict=True)):
+    # args holds the runtime arguments only: the trailing constexpr names of arg_names come from meta.
+    for index, (name, value) in enumerate(zip(fn.arg_names, args, strict=False)):
         if hasattr(value, "dtype"):
             signature[name] = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
             attrs[(index,)] = [["tt.divisibility", 16]]
