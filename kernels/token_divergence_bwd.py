@@ -10,7 +10,8 @@ and d loss / d student_j = g_i / T * dL/ds_j (the teacher gets no gradient).
 
 Passes over [N, V]: one, on a 2-D grid (token x vocabulary block) so that few tokens still fill the GPU:
 the normalizers are per-token statistics, so no program needs another's result.
-Memory per valid token: reads V * (bytes(student) + bytes(teacher)), writes V * bytes(student);
+Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (V * bytes(student) for "sampled", which
+never reads the teacher), writes V * bytes(student);
 masked tokens read nothing and write zeros. The gradient may alias the student logits (in-place backward):
 each element is read before it is written, by the same program.
 """
