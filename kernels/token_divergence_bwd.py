@@ -73,25 +73,24 @@ def token_divergence_bwd_kernel(
     lse_s = tl.load(stats_row + STAT_STUDENT_LSE * N)
     divergence = tl.load(stats_row + STAT_DIVERGENCE * N)
 
-    s = tl.load(student_ptr + row_offset(row, T, stride_student_b, stride_student_t) + offs, mask=load_mask,
-                other=-float("inf")).to(tl.float32) * inv_temperature
-    log_p = s - lse_s
-    p = tl.exp(log_p)
+    s_raw = tl.load(student_ptr + row_offset(row, T, stride_student_b, stride_student_t) + offs, mask=load_mask,
+                    other=-float("inf")).to(tl.float32)
+    p = tl.exp(s_raw * inv_temperature - lse_s)
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row)
         grad = divergence * (tl.where(offs == token, 1.0, 0.0) - p)
     else:
         lse_u = tl.load(stats_row + STAT_TEACHER_LSE * N)
-        u = tl.load(teacher_ptr + row_offset(row, T, stride_teacher_b, stride_teacher_t) + offs, mask=load_mask,
-                    other=-float("inf")).to(tl.float32) * inv_temperature
+        u_raw = tl.load(teacher_ptr + row_offset(row, T, stride_teacher_b, stride_teacher_t) + offs, mask=load_mask,
+                        other=-float("inf")).to(tl.float32)
+        # log p - log q = (s - u) / T - (lse_s - lse_u): the logits are subtracted first, exact when close.
         if DIVERGENCE == REVERSE_KL:
-            # log p - log q = (s - u) - (lse_s - lse_u): subtract the logits first, exact when they are close.
             shift = tl.load(stats_row + STAT_LSE_GAP * N) + divergence
-            grad = xlogy_term(p, (s - u) - shift)
+            grad = xlogy_term(p, (s_raw - u_raw) * inv_temperature - shift)
         if DIVERGENCE == FORWARD_KL:
-            grad = p - tl.exp(u - lse_u)
+            grad = p - tl.exp(u_raw * inv_temperature - lse_u)
         if DIVERGENCE == JSD:
-            log_ratio = (u - s) + tl.load(stats_row + STAT_LSE_GAP * N)  # log q - log p
+            log_ratio = (u_raw - s_raw) * inv_temperature + tl.load(stats_row + STAT_LSE_GAP * N)  # log q - log p
             log_p_m, _ = mixture_log_ratios(log_ratio, tl.log(1.0 - beta), tl.log(beta))
             mixture_kl = tl.load(stats_row + STAT_MIXTURE_KL * N)
             grad = (1.0 - beta) * xlogy_term(p, log_p_m - mixture_kl)

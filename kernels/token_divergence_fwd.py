@@ -90,16 +90,23 @@ def token_divergence_fwd_kernel(
         offs = block * BLOCK_V + cols
         in_vocab = offs < V
         # Both loads first, so that they are in flight together.
-        s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+        s_raw = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
         if TEACHER_LOGITS:
-            u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
+            u_raw = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
+            # Differences of logits are taken before scaling by 1 / T: exact when the logits are close.
+            if DIVERGENCE == REVERSE_KL:
+                cross = (s_raw - u_raw) * inv_temperature
+            if DIVERGENCE == FORWARD_KL:
+                cross = (u_raw - s_raw) * inv_temperature
+        s = s_raw * inv_temperature
         max_s, rescale_s, exp_s, sum_s, sum_s_s = online_softmax_step(s, max_s, sum_s, sum_s_s)
         if TEACHER_LOGITS:
+            u = u_raw * inv_temperature
             max_u, rescale_u, exp_u, sum_u, sum_u_u = online_softmax_step(u, max_u, sum_u, sum_u_u)
             if DIVERGENCE == REVERSE_KL:
-                sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, s - u), axis=0)
+                sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, cross), axis=0)
             if DIVERGENCE == FORWARD_KL:
-                sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, u - s), axis=0)
+                sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, cross), axis=0)
 
     # Combine the shifted pieces before adding large magnitudes: with lse_gap = (max_s - max_u) +
     # (log sum_s - log sum_u), D = E_p[s - u] - lse_gap is exact when p == q, where lse_s - lse_u is not.
@@ -125,18 +132,20 @@ def token_divergence_fwd_kernel(
         divergence = sum_cross / sum_u + lse_gap
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
-        s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
-        log_p_y = (s_y - max_s) - log_sum_s
+        s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32)
+        log_p_y = (s_y * inv_temperature - max_s) - log_sum_s
         if TEACHER_LOGITS:
-            u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32) * inv_temperature
-            log_q_y = (u_y - max_u) - log_sum_u
+            u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32)
+            log_q_y = (u_y * inv_temperature - max_u) - log_sum_u
         else:
             log_q_y = tl.load(teacher_logprobs_ptr + row, mask=is_valid, other=0.0)
         if HAS_ROLLOUT:
-            behaviour = tl.load(rollout_ptr + row, mask=is_valid, other=0.0)
+            divergence = tl.load(rollout_ptr + row, mask=is_valid, other=0.0) - log_q_y
+        elif TEACHER_LOGITS:
+            divergence = (s_y - u_y) * inv_temperature - lse_gap  # log p(y) - log q(y), the logits subtracted first
         else:
-            behaviour = log_p_y
-        divergence = behaviour - log_q_y  # = -a, held constant
+            divergence = log_p_y - log_q_y
+        # divergence = -a, held constant
         loss = divergence * log_p_y  # -a log p(y)
     if DIVERGENCE == JSD:
         # Second pass: log m needs both finished normalizers.
@@ -151,11 +160,12 @@ def token_divergence_fwd_kernel(
         for block in range(0, num_blocks):
             offs = block * BLOCK_V + cols
             in_vocab = offs < V
-            s = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-            u = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32) * inv_temperature
-            log_p_m, log_q_m = mixture_log_ratios((u - s) + lse_gap, log_1m_beta, log_beta)
-            p = tl.exp(s - lse_s)
-            q = tl.exp(u - lse_u)
+            s_raw = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
+            u_raw = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
+            log_ratio = (u_raw - s_raw) * inv_temperature + lse_gap  # log q - log p
+            log_p_m, log_q_m = mixture_log_ratios(log_ratio, log_1m_beta, log_beta)
+            p = tl.exp(s_raw * inv_temperature - lse_s)
+            q = tl.exp(u_raw * inv_temperature - lse_u)
             kl_qm += tl.sum(xlogy_term(q, log_q_m), axis=0)
             kl_pm += tl.sum(xlogy_term(p, log_p_m), axis=0)
             mass_q += tl.sum(q, axis=0)

@@ -19,6 +19,11 @@ from .launch import launch_config
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Output allocation in one place (tests swap in NaN-filled buffers to prove the kernels write every element).
+new_buffer = torch.empty
+new_buffer_like = torch.empty_like
+
+
 def _kernels():
     # Imported on first use: importing wpkl must neither need Triton nor compile anything.
     from . import kernels
@@ -84,8 +89,8 @@ class TritonTokenDivergence(torch.autograd.Function):
         kernels = _kernels()
         B, T, V = student.shape
         N = B * T
-        loss = torch.empty(N, dtype=torch.float32, device=student.device)
-        stats = torch.empty(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
+        loss = new_buffer(N, dtype=torch.float32, device=student.device)
+        stats = new_buffer(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
         valid_bytes = valid.reshape(N).to(torch.int8)
         tokens = None if tokens is None else tokens.reshape(N)
         per_token = [None if x is None else x.reshape(N).to(torch.float32).contiguous()
@@ -106,7 +111,7 @@ class TritonTokenDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_stats):
         student, teacher, valid_bytes, tokens, stats = ctx.saved_tensors
         B, T, V = student.shape
-        grad = student if ctx.inplace_backward else torch.empty_like(student)
+        grad = student if ctx.inplace_backward else new_buffer_like(student)
         if B * T > 0:
             grad_loss = grad_loss.reshape(B * T).to(torch.float32).contiguous()
             grid, args, meta = backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
