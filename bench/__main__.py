@@ -126,6 +126,7 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         return 0
 
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the trl provider imports trl.experimental
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     notice = ""
     if device == "cpu":
