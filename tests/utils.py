@@ -61,7 +61,7 @@ def assert_values_close(actual, expected, **tol):
 
 def assert_grad_close(actual, truth, same_dtype_torch, dtype):
     tol = GRAD_TOL[dtype]
-    actual, truth, torch_err = actual.double().cpu(), truth.double().cpu(), None
+    actual, truth = actual.double().cpu(), truth.double().cpu()
     torch_err = (same_dtype_torch.double().cpu() - truth).abs()
     scale = float(truth.abs().max()) if truth.numel() else 0.0
     bound = 2 * torch_err + tol["rtol"] * truth.abs() + tol["atol"] * scale + 1e-30
