@@ -16,6 +16,7 @@ Weights are constants for autograd: no gradient flows through them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -81,9 +82,14 @@ class PositionTable:
         object.__setattr__(self, "values", checked)
 
     def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(self.values, dtype=position.dtype, device=position.device)
         index = position.clamp(max=len(self.values) - 1).long()
-        return table[index]
+        return _device_table(self.values, position.device, position.dtype)[index]
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Built once per device and dtype: a host-to-device copy every step would synchronize with the GPU.
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

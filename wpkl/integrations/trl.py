@@ -128,16 +128,21 @@ def _iw_opd_method(weighting, backend):
                                   gamma=self.iw_opd_gamma, epsilon=self.iw_opd_epsilon, weighting=weighting,
                                   backend=backend, return_stats=True)
         with torch.no_grad():
-            mode = "train" if self.model.training else "eval"
+            # TRL's iw_opd/* metrics, read back with one host sync (TRL itself makes six).
             valid = stats.mask
-            if valid.any():
-                advantage = -stats.divergence[valid]  # a = log q(y) - log p(y)
-                weight = stats.weight[valid]
-                self._metrics[mode]["iw_opd/mean_advantage"].append((weight * advantage).mean().item())
-                self._metrics[mode]["iw_opd/mean_abs_advantage"].append(advantage.abs().mean().item())
-                self._metrics[mode]["iw_opd/mean_weight"].append(weight.mean().item())
-                self._metrics[mode]["iw_opd/min_weight"].append(weight.min().item())
-                self._metrics[mode]["iw_opd/max_weight"].append(weight.max().item())
+            count = valid.sum()
+            n = count.clamp_min(1)
+            advantage = -stats.divergence  # a = log q(y) - log p(y); 0 on masked tokens, as is the weight
+            weight = stats.weight
+            values = torch.stack([
+                count.float(), (weight * advantage).sum() / n, advantage.abs().sum() / n, weight.sum() / n,
+                torch.where(valid, weight, torch.inf).min(), torch.where(valid, weight, -torch.inf).max(),
+            ]).tolist()
+            if values[0] > 0:
+                mode = "train" if self.model.training else "eval"
+                names = ("mean_advantage", "mean_abs_advantage", "mean_weight", "min_weight", "max_weight")
+                for name, value in zip(names, values[1:], strict=True):
+                    self._metrics[mode][f"iw_opd/{name}"].append(value)
         return loss
 
     return _compute_iw_opd_loss
