@@ -98,10 +98,22 @@ def test_cli_without_matplotlib_still_prints(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "plots").exists()
 
 
-def test_cli_reports_missing_runs(tmp_path):
+def test_cli_reports_missing_runs(tmp_path, capsys):
     from wpkl import cli
 
-    with pytest.raises(SystemExit, match="no position_bias.pt"):
-        cli.main(["audit", str(tmp_path)])
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["audit", str(tmp_path / "nope")])
+    assert cli.main(["audit", str(tmp_path)]) == 2
+    assert cli.main(["audit", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "no position_bias.pt" in err[0] and "does not exist" in err[1]
+
+
+def test_cli_rejects_a_file_that_is_not_an_audit(tmp_path):
+    """A results.json (or any other file) is named as such in one line, exit code 2, no traceback."""
+    bad = tmp_path / "results.json"
+    bad.write_text('{"runs": []}')
+    result = subprocess.run([sys.executable, "-m", "wpkl.cli", "audit", str(bad)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"wpkl audit: error: {bad} is not a saved PositionBiasMonitor (PositionBiasMonitor.save writes one): "
+        "UnpicklingError"], result.stderr

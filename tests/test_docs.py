@@ -51,6 +51,17 @@ def test_import_is_light():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_documented_attribute_access_works_after_a_bare_import():
+    """README: `import wpkl; wpkl.audit.PositionBiasMonitor()` works, and a bare import stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, wpkl; assert 'wpkl.audit' not in sys.modules; m = wpkl.audit.PositionBiasMonitor(); "
+            "import wpkl.integrations; print(type(m).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "PositionBiasMonitor" in result.stdout, result.stdout + result.stderr
+
+
 def test_lint():
     """pyflakes and bugbear checks (ruff, configured in pyproject.toml): unused names, undefined names, traps."""
     import shutil

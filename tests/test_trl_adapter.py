@@ -102,3 +102,40 @@ def test_use_wpkl_rejects_other_objects():
         adapter.use_wpkl(object())
     with pytest.raises(TypeError, match="weighting must be"):
         adapter.use_wpkl(object(), weighting="uniform")
+
+
+def _hidden_batch(dtype, weight_dtype, B=2, K=5, H=16, V=37, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, K, H, generator=g).to(dtype)
+    ht = torch.randn(B, K, H + 8, generator=g).to(dtype)
+    ws = (torch.randn(V, H, generator=g) / 2).to(weight_dtype)
+    wt = (torch.randn(V, H + 8, generator=g) / 2).to(weight_dtype)
+    bs = torch.randn(V, generator=g).to(weight_dtype) if bias else None
+    bt = torch.randn(V, generator=g).to(weight_dtype) if bias else None
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[1, 3:] = 0
+    return hs, ht, ws, wt, bs, bt, mask
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distillation_divergence_matches_trl(dtype, weight_dtype, beta):
+    """TRL's `_chunked_divergence_loss` and wpkl's replacement: loss, entropy sum, count and every gradient,
+    including bf16 hidden states with an fp32 lm_head weight and bias (TRL's `test_bf16_hidden_fp32_weight`)."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss as trl_loss
+
+    hs, ht, ws, wt, bs, bt, mask = _hidden_batch(dtype, weight_dtype)
+    kwargs = dict(student_lm_head_bias=None, teacher_lm_head_bias=bt, student_logit_scale=0.8,
+                  teacher_logit_scale=1.1, student_final_logit_softcapping=5.0,
+                  teacher_final_logit_softcapping=None, temperature=0.9, num_items_in_batch=torch.tensor(7))
+    results = []
+    for fn in (trl_loss, adapter._distillation_divergence(None, "torch")):
+        leaves = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+        loss, entropy, count = fn(leaves[0], ht, leaves[1], wt, mask, beta,
+                                  **dict(kwargs, student_lm_head_bias=leaves[2]))
+        loss.backward()
+        results.append((loss.detach().float(), entropy.float(), count, *[x.grad.float() for x in leaves]))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, **tol)

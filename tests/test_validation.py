@@ -70,7 +70,16 @@ def no_kernel_launch(monkeypatch):
      ValueError, "position weighting on [N, V] input needs positions"),
     (dict(student_logits=S[0], teacher_logits=T[0], weighting=wpkl.Weighting(accumulated=0.5)),
      ValueError, "needs [B, T, V] input"),
-    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be > 0"),
+    (dict(num_items_in_batch=0), ValueError, "num_items_in_batch must be finite and > 0"),
+    (dict(num_items_in_batch=torch.tensor(0)), ValueError, "num_items_in_batch must be finite and > 0"),
+    (dict(num_items_in_batch=torch.tensor(-5)), ValueError, "num_items_in_batch must be finite and > 0"),
+    (dict(num_items_in_batch=torch.tensor(math.nan)), ValueError, "num_items_in_batch must be finite and > 0"),
+    (dict(num_items_in_batch=torch.tensor(True)), TypeError, "num_items_in_batch must be a real number"),
+    (dict(num_items_in_batch=math.inf), ValueError, "num_items_in_batch must be finite"),
+    (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          teacher_logprobs=torch.rand(2, 3) + 0.01), ValueError, "teacher_logprobs must be log-probabilities"),
+    (dict(divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          rollout_logprobs=torch.rand(2, 3) + 0.01), ValueError, "rollout_logprobs must be log-probabilities"),
     (dict(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch replaces"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a scalar"),
     (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
@@ -129,8 +138,12 @@ def test_triton_backend_with_float64_is_refused(monkeypatch):
     (lambda: wpkl.PositionTable([]), ValueError, "must not be empty"),
     (lambda: wpkl.PositionTable([1.0, -0.5]), ValueError, "values[1] must be >= 0"),
     (lambda: wpkl.PositionTable(3.0), TypeError, "must be a sequence"),
-    (lambda: wpkl.PositionWindow(0.5, 0.5), ValueError, "start < end"),
-    (lambda: wpkl.PositionWindow(0.7, 0.3), ValueError, "start < end"),
+    (lambda: wpkl.PositionWindow(0.5, 0.5), ValueError, "0 <= start < end <= 1"),
+    (lambda: wpkl.PositionWindow(0.7, 0.3), ValueError, "0 <= start < end <= 1"),
+    (lambda: wpkl.PositionWindow(30, 70), ValueError, "fractions of the response"),  # percent, not fractions
+    (lambda: wpkl.PositionWindow(0, 30), ValueError, "fractions of the response"),
+    (lambda: wpkl.PositionWindow(0.0, math.inf), ValueError, "end must be finite"),
+    (lambda: wpkl.PositionWindow(0.0, "1"), TypeError, "end must be a real number"),
     (lambda: wpkl.PositionWindow(-0.1, 0.3), ValueError, "start must be >= 0"),
     (lambda: wpkl.Weighting(confidence=-1.0), ValueError, "confidence must be >= 0"),
     (lambda: wpkl.Weighting(disagreement=-0.5), ValueError, "disagreement must be >= 0"),
@@ -146,3 +159,22 @@ def test_bad_configuration(make, error, words):
     with pytest.raises(error) as info:
         make()
     assert words in str(info.value), str(info.value)
+
+
+def test_logprobs_allow_rounding_above_zero(monkeypatch):
+    """A near-certain token's log-prob may round slightly above 0; that is accepted, and used as given."""
+    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    logprobs = torch.full((2, 3), 1e-4)
+    loss = call(teacher_logits=None, divergence="sampled", tokens=tokens, teacher_logprobs=logprobs)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("count", [0, torch.tensor(0), torch.tensor(-5), torch.tensor(0.0)])
+def test_num_items_with_no_valid_token_gives_zero(monkeypatch, count):
+    """An empty step (no valid token, e.g. num_items = response_mask.sum() = 0): loss 0, gradient 0, no NaN."""
+    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    student = S.clone().requires_grad_(True)
+    loss = call(student_logits=student, mask=torch.zeros(2, 3, dtype=torch.bool), num_items_in_batch=count)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(student.grad) == 0

@@ -103,8 +103,8 @@ def test_uniform_none_keeps_user_weights_raw():
 
 
 def test_normalize_all_zero_weights_stay_zero():
-    """An empty window: sum w = 0 gives all-zero weights, not NaN."""
-    got = weights(wpkl.Weighting(position=wpkl.PositionWindow(5.0, 6.0)))
+    """An empty window (no sequence here has 100 tokens): sum w = 0 gives all-zero weights, not NaN."""
+    got = weights(wpkl.Weighting(position=wpkl.PositionWindow(0.99, 1.0)))
     assert torch.count_nonzero(got) == 0 and not torch.isnan(got).any()
 
 

@@ -10,6 +10,18 @@ from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, Weig
 
 __version__ = "0.1.0"
 
+# Submodules reachable as attributes (wpkl.audit.PositionBiasMonitor after a bare `import wpkl`) without
+# importing them, or what they need, until first use.
+_LAZY_SUBMODULES = ("audit", "integrations")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ExpDecay",
     "PositionTable",

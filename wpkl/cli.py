@@ -1,4 +1,8 @@
-"""The ``wpkl`` command: ``wpkl audit`` (position-bias tables and plots) and ``wpkl demo`` (the OPD experiment)."""
+"""The ``wpkl`` command: ``wpkl audit`` (position-bias tables and plots) and ``wpkl demo`` (the OPD experiment).
+
+Bad arguments and unusable files end with one line on stderr (``wpkl <command>: error: ...``) and exit code 2,
+never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,32 @@ from pathlib import Path
 MONITOR_FILE = "position_bias.pt"
 
 
+class CommandError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
 def _monitor_files(run: Path) -> list[Path]:
     if run.is_file():
         return [run]
     if run.is_dir():
-        return sorted(run.rglob(MONITOR_FILE))
-    raise SystemExit(f"wpkl audit: {run} does not exist")
+        files = sorted(run.rglob(MONITOR_FILE))
+        if not files:
+            raise CommandError(f"no {MONITOR_FILE} under {run} (save one with PositionBiasMonitor.save)")
+        return files
+    raise CommandError(f"{run} does not exist")
 
 
 def audit(args) -> int:
     from .audit import PositionBiasMonitor, plot
 
     files = _monitor_files(Path(args.run))
-    if not files:
-        raise SystemExit(f"wpkl audit: no {MONITOR_FILE} under {args.run} (save one with PositionBiasMonitor.save)")
+    monitors = []
+    for path in files:
+        try:
+            monitors.append(PositionBiasMonitor.load(path))
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            raise CommandError(f"{path} is not a saved PositionBiasMonitor (PositionBiasMonitor.save writes one): "
+                               f"{type(error).__name__}") from None
     try:
         import matplotlib  # noqa: F401
 
@@ -32,8 +48,7 @@ def audit(args) -> int:
         print("matplotlib is not installed: printing tables only (pip install 'wpkl[plot]' for the plots)",
               file=sys.stderr)
     root = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
-    for path in files:
-        monitor = PositionBiasMonitor.load(path)
+    for path, monitor in zip(files, monitors, strict=True):
         if path.parent != root:
             name = str(path.parent.relative_to(root))
         else:  # a single file: name it after its folders (e.g. runs/uniform/seed0 -> uniform/seed0)
@@ -46,20 +61,45 @@ def audit(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="wpkl", description="wpkl: weighted token-level KL for on-policy distillation")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in --help; options whose default is None or False (a flag) say nothing."""
 
-    audit_parser = commands.add_parser("audit", help="print a position-bias table and write its plots")
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    root = argparse.ArgumentParser(prog="wpkl", description="wpkl: weighted token-level KL for on-policy distillation",
+                                   formatter_class=_HelpFormatter)
+    root.add_argument("--version", action="version", version=f"wpkl {__version__}")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    audit_parser = commands.add_parser("audit", help="print a position-bias table and write its plots",
+                                       description="Print the position-bias table of saved PositionBiasMonitors "
+                                                   "and, with --out, write their plots.",
+                                       formatter_class=_HelpFormatter)
     audit_parser.add_argument("run", help=f"a saved PositionBiasMonitor ({MONITOR_FILE}) or a folder holding some")
     audit_parser.add_argument("--out", help="folder for the PNG plots (none written without it)")
     audit_parser.set_defaults(handler=audit)
 
     from .demo.cli import add_parser as add_demo_parser
 
-    add_demo_parser(commands)
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    add_demo_parser(commands, _HelpFormatter)
+    return root
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"wpkl {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

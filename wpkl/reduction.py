@@ -9,6 +9,7 @@ def reduce_loss(weighted: torch.Tensor, valid: torch.Tensor, reduction: str, num
     """Reduce [S, L] weighted losses laid out one sequence per row ("none" is handled by the caller).
 
     mean      sum_i w_i L_i / n_valid (or / num_items_in_batch), 0 with zero gradient when nothing is valid
+              (whatever num_items_in_batch is then; validation rejects a count <= 0 when a token is valid)
     sum       sum_i w_i L_i
     seq_mean  mean over sequences with a valid token of (sum_t w_t L_t / the sequence's valid count)
     """
@@ -17,9 +18,9 @@ def reduce_loss(weighted: torch.Tensor, valid: torch.Tensor, reduction: str, num
     if reduction == "mean":
         if num_items_in_batch is None:
             return weighted.sum() / valid.sum().clamp_min(1)
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(device=weighted.device, dtype=weighted.dtype).reshape(())
-        return weighted.sum() / num_items_in_batch
+        count = torch.as_tensor(num_items_in_batch, device=weighted.device, dtype=weighted.dtype).reshape(())
+        # No valid token: 0 with a zero gradient, whatever the count (0 for an empty step's own count).
+        return weighted.sum() / torch.where(valid.any(), count, 1.0)
     if reduction == "seq_mean":
         counts = valid.sum(dim=-1)
         per_sequence = weighted.sum(dim=-1) / counts.clamp_min(1)

@@ -18,6 +18,9 @@ from .weighting import Weighting
 REDUCTIONS = ("mean", "sum", "seq_mean", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Log-probabilities are <= 0; this much above 0 is accepted as rounding (a server's fp32 log_softmax of a
+# near-certain token), anything larger is rejected (probabilities passed by mistake).
+LOGPROB_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -163,14 +166,15 @@ def validate(
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(num_items_in_batch.shape)}")
+            if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+                raise TypeError(f"num_items_in_batch must be a real number, got a {num_items_in_batch.dtype} tensor")
         else:
-            count = _real("num_items_in_batch", num_items_in_batch)
-            if count <= 0:
-                raise ValueError(f"num_items_in_batch must be > 0, got {count}")
+            num_items_in_batch = _real("num_items_in_batch", num_items_in_batch)
 
     valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
     _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens,
-                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs})
+                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs},
+                  num_items_in_batch=num_items_in_batch)
 
     def per_token(x):  # [N] -> [1, N] for packed input: a view, never a copy
         return x if x is None or not packed else x.unsqueeze(0)
@@ -214,10 +218,19 @@ def _checked_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
     return teacher
 
 
-def _check_values(valid, vocab, *, token_weights, positions, tokens, logprobs) -> None:
+def _check_values(valid, vocab, *, token_weights, positions, tokens, logprobs, num_items_in_batch) -> None:
     """Value checks on the valid tokens, with at most one host sync for all of them together."""
-    checks = [(f"{name} must be finite on valid tokens", valid & ~torch.isfinite(x))
-              for name, x in logprobs.items() if x is not None]
+    checks = []
+    for name, x in logprobs.items():
+        if x is not None:
+            checks.append((f"{name} must be finite on valid tokens", valid & ~torch.isfinite(x)))
+            checks.append((f"{name} must be log-probabilities (<= 0, up to {LOGPROB_TOLERANCE} of rounding) on valid "
+                           "tokens; were probabilities passed?", valid & (x > LOGPROB_TOLERANCE)))
+    if num_items_in_batch is not None:
+        # With no valid token the loss is 0 whatever the count (an empty micro-batch); otherwise it divides.
+        count = torch.as_tensor(num_items_in_batch, device=valid.device)
+        bad_count = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
+        checks.append(("num_items_in_batch must be finite and > 0 when there are valid tokens", bad_count))
     if token_weights is not None:
         bad = valid & ~(torch.isfinite(token_weights) & (token_weights >= 0))
         checks.append(("token_weights must be finite and >= 0 on valid tokens", bad))

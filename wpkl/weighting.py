@@ -94,7 +94,7 @@ def _device_table(values: tuple[float, ...], device: torch.device, dtype: torch.
 
 @dataclass(frozen=True)
 class PositionWindow:
-    """f(pos) = 1 where start <= pos / n_b < end, else 0 (n_b: valid tokens in the sequence).
+    """f(pos) = 1 where start <= pos / n_b < end, else 0 (n_b: valid tokens in the sequence), 0 <= start < end <= 1.
 
     ``PositionWindow(0.0, 0.3)`` trains on the first 30% of each response and ``PositionWindow(0.7, 1.0)``
     on the last 30%: the position diagnostic of arXiv 2606.22600.
@@ -105,11 +105,14 @@ class PositionWindow:
 
     def __post_init__(self):
         start = _check_real("PositionWindow", "start", self.start, minimum=0)
-        if isinstance(self.end, bool) or not isinstance(self.end, (int, float)) or math.isnan(self.end):
-            raise TypeError(f"PositionWindow.end must be a real number, got {self.end!r}")
-        end = float(self.end)
-        if start >= end:
-            raise ValueError(f"PositionWindow needs start < end, got start={start}, end={end}")
+        end = _check_real("PositionWindow", "end", self.end, minimum=0)
+        # Relative positions: PositionWindow(30, 70) (percent) would silently weight nothing, and
+        # PositionWindow(0, 30) everything.
+        if not start < end <= 1.0:
+            raise ValueError(
+                f"PositionWindow takes fractions of the response, 0 <= start < end <= 1 (e.g. 0.0, 0.3 for the first "
+                f"30%); got start={start}, end={end}"
+            )
         object.__setattr__(self, "start", start)
         object.__setattr__(self, "end", end)
 

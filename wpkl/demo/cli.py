@@ -12,24 +12,54 @@ from .experiment import DemoConfig, mean_std, run, weightings
 DEFAULTS = DemoConfig()
 
 
-def add_parser(commands) -> None:
+def add_parser(commands, formatter_class=None) -> None:
     parser = commands.add_parser(
         "demo", help="a small on-policy distillation experiment on a synthetic language (CPU, a few minutes)",
         description="Train a teacher on a synthetic language, distill a smaller student on-policy under several "
                     "token weightings (same seeds, same updates), and report KL to the teacher, the true "
-                    "log-likelihood of the student's samples and steps to a target KL, with position-bias plots.")
+                    "log-likelihood of the student's samples and steps to a target KL, with position-bias plots.",
+        **({} if formatter_class is None else dict(formatter_class=formatter_class)))
     names = ", ".join(weightings(DEFAULTS.new_tokens))
     parser.add_argument("--weighting", default=",".join(DEFAULTS.weightings),
-                        help=f"comma-separated weightings to compare (default: all of {names})")
+                        help=f"comma-separated weightings to compare, from {names}")
     parser.add_argument("--steps", type=int, default=DEFAULTS.steps, help="on-policy updates per run")
     parser.add_argument("--seeds", type=int, default=len(DEFAULTS.seeds), help="number of seeds (0, 1, ...)")
-    parser.add_argument("--divergence", default=DEFAULTS.divergence, choices=("reverse_kl", "forward_kl", "jsd", "sampled"))
-    parser.add_argument("--teacher-steps", type=int, default=DEFAULTS.teacher_steps)
+    parser.add_argument("--divergence", default=DEFAULTS.divergence, choices=("reverse_kl", "forward_kl", "jsd", "sampled"),
+                        help="the per-token divergence")
+    parser.add_argument("--teacher-steps", type=int, default=DEFAULTS.teacher_steps, help="teacher training steps")
     parser.add_argument("--target-kl", type=float, default=None, help="default: half the warm-started student's KL")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: CUDA when present, else the CPU")
     parser.add_argument("--out", default="wpkl-demo", help="output folder")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=main)
+
+
+def _checked(args):
+    """The arguments as a DemoConfig, or a CommandError (one line, exit code 2) naming the bad one."""
+    import torch
+
+    from ..cli import CommandError
+
+    for name in ("seeds", "steps"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.teacher_steps < 0:
+        raise CommandError(f"--teacher-steps must be >= 0, got {args.teacher_steps}")
+    if args.target_kl is not None and not args.target_kl > 0:
+        raise CommandError(f"--target-kl must be > 0, got {args.target_kl}")
+    known = weightings(DEFAULTS.new_tokens)
+    chosen = tuple(w.strip() for w in args.weighting.split(",") if w.strip())
+    unknown = [w for w in chosen if w not in known]
+    if unknown or not chosen:
+        raise CommandError(f"unknown weighting {', '.join(map(repr, unknown)) or repr(args.weighting)}; "
+                           f"choose from {', '.join(known)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda, but CUDA is not available here (use --device cpu or auto)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return DemoConfig(steps=args.steps, seeds=tuple(range(args.seeds)), weightings=chosen,
+                      divergence=args.divergence, teacher_steps=args.teacher_steps, target_kl=args.target_kl,
+                      device=device)
 
 
 def _progress(disabled: bool):
@@ -43,21 +73,17 @@ def _progress(disabled: bool):
 
 
 def main(args) -> int:
-    import torch
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    cfg = DemoConfig(steps=args.steps, seeds=tuple(range(args.seeds)),
-                     weightings=tuple(w.strip() for w in args.weighting.split(",") if w.strip()),
-                     divergence=args.divergence, teacher_steps=args.teacher_steps, target_kl=args.target_kl,
-                     device=device)
+    cfg = _checked(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run(cfg, _progress(args.no_progress))
     elapsed = time.perf_counter() - start
-    write_report(results, out, elapsed)
+    plotted = write_report(results, out, elapsed)
     print((out / "summary.md").read_text())
-    print(f"\nwrote {out}/summary.md, results.json, curves.png and audit/ (in {elapsed:.0f} s)")
+    written = "summary.md, results.json, runs/ (position-bias monitors)" + (", curves.png and audit/ (plots)"
+                                                                             if plotted else "")
+    print(f"\nwrote {written} under {out} (in {elapsed:.0f} s)")
     return 0
 
 
@@ -84,14 +110,15 @@ def summarize(results: dict) -> list[dict]:
     return rows
 
 
-def write_report(results: dict, out: Path, elapsed: float) -> None:
+def write_report(results: dict, out: Path, elapsed: float) -> bool:
+    """Write the report; True when the plots were written too (they need matplotlib)."""
     (out / "summary.md").write_text(summary_markdown(results, elapsed))
     serializable = dict(results, runs=[{k: v for k, v in r.items() if k != "monitor"} for r in results["runs"]],
                         summary=summarize(results), seconds=elapsed)
     (out / "results.json").write_text(json.dumps(serializable, indent=1, default=str))
     for r in results["runs"]:
         r["monitor"].save(out / "runs" / r["name"] / f"seed{r['seed']}" / "position_bias.pt")
-    _plots(results, out)
+    return _plots(results, out)
 
 
 def summary_markdown(results: dict, elapsed: float) -> str:
@@ -131,7 +158,7 @@ def summary_markdown(results: dict, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plots(results: dict, out: Path) -> None:
+def _plots(results: dict, out: Path) -> bool:
     try:
         import matplotlib
 
@@ -139,7 +166,7 @@ def _plots(results: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'wpkl[demo]')", file=sys.stderr)
-        return
+        return False
     from ..audit import plot as audit_plot
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
@@ -162,3 +189,4 @@ def _plots(results: dict, out: Path) -> None:
     for r in results["runs"]:
         if r["seed"] == results["config"]["seeds"][0]:
             audit_plot(r["monitor"], out / "audit" / r["name"], title=r["name"])
+    return True

@@ -19,12 +19,24 @@ import types
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from ..api import weighted_kl_loss
+from ..projection import gather_full, project
 from ..weighting import Weighting
 
 IGNORE_INDEX = -100
+
+
+def _import_trl(module: str):
+    """Import a TRL module, or say how to install the supported TRL."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.split(".")[0] == "trl":
+            raise ImportError('wpkl.integrations.trl needs TRL 1.16: pip install "wpkl[trl]"') from error
+        raise
 
 
 def _divide(total: torch.Tensor, count) -> torch.Tensor:
@@ -57,8 +69,7 @@ def generalized_jsd_loss(
     """
     mask = None if labels is None else labels != IGNORE_INDEX
     if top_k > 0 or reduction == "none":
-        from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
-
+        IWOPDTrainer = _import_trl("trl.experimental.iw_opd.iw_opd_trainer").IWOPDTrainer
         if top_k > 0 and weighting is not None:
             raise ValueError("weighting is not supported with top_k > 0 (TRL's own sparse top-k path)")
         out = IWOPDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta,
@@ -149,16 +160,9 @@ def _iw_opd_method(weighting, backend):
 
 
 def _project(hidden, weight, bias, scale, softcap):
-    """The lm_head projection exactly as TRL's DistillationTrainer applies it: scale, then softcap."""
-    if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather once, as TRL does
-        weight = weight.full_tensor().to(hidden.dtype)
-        bias = None if bias is None else bias.full_tensor()
-    logits = F.linear(hidden, weight, bias)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
+    """The lm_head projection exactly as TRL's DistillationTrainer applies it (wpkl/projection.py): an FSDP2
+    weight gathered once, cast to the compute dtype, fp32 output, fp32 bias, then scale, then softcap."""
+    return project(hidden, gather_full(weight), gather_full(bias), scale, softcap)
 
 
 def _distillation_divergence(weighting, backend):
@@ -210,7 +214,7 @@ def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto")
     """
     if weighting is not None and not isinstance(weighting, Weighting):
         raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
-    from trl.trainer import distillation_trainer
+    distillation_trainer = _import_trl("trl.trainer.distillation_trainer")
 
     patched = False
     if isinstance(trainer, distillation_trainer.DistillationTrainer):
