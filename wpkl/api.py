@@ -15,7 +15,7 @@ from .backends import compute_terms, resolve_backend
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
-from .validation import check_options, validate
+from .validation import check_inplace_backward, check_options, validate
 from .weighting import Weighting, compute_weights, sequence_positions
 
 
@@ -63,7 +63,9 @@ def weighted_kl_loss(
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
-            new [N, V] buffer. Only when nothing else reads those logits after this loss.
+            new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
+            cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
+            torch path (CPU tensors) it is ignored, so one configuration runs everywhere.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
@@ -88,7 +90,9 @@ def weighted_kl_loss(
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    terms = compute_terms(problem, resolve_backend(backend, problem), inplace_backward=inplace_backward)
+    resolved = resolve_backend(backend, problem)
+    check_inplace_backward(inplace_backward, backend, resolved)
+    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton")
 
     layout = SequenceLayout(problem.packed, problem.positions)
     valid = layout.rows(problem.valid)
@@ -152,6 +156,7 @@ class WeightedKLLoss(nn.Module):
         # Fail at construction, not at the first training step.
         check_options(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
                       weighting=weighting, backend=backend)
+        check_inplace_backward(inplace_backward, backend, None)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None):
