@@ -254,7 +254,7 @@ def test_auto_backend_on_cpu_uses_torch_path(monkeypatch):
 
     calls = []
     original = wpkl.backends.chunked_terms
-    monkeypatch.setattr(wpkl.backends, "chunked_terms", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(wpkl.backends, "chunked_terms", lambda *a, **k: calls.append(1) or original(*a, **k))
     student, teacher = logits_pair((2, 3, 10))
     wpkl.weighted_kl_loss(student, teacher)
     assert calls == [1]

@@ -92,7 +92,9 @@ def weighted_kl_loss(
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton")
+    needs_stats = return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
+    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton",
+                          stats=needs_stats)
 
     layout = SequenceLayout(problem.packed, problem.positions)
     valid = layout.rows(problem.valid)
