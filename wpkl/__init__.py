@@ -4,7 +4,7 @@
                                  weighting=wpkl.Weighting(accumulated=0.5))
 """
 
-from .api import WeightedKLLoss, weighted_kl_loss
+from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
 from .stats import TokenStats
 from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, Weighting
 
@@ -24,11 +24,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "ExpDecay",
+    "FusedLinearWeightedKLLoss",
     "PositionTable",
     "PositionWindow",
     "PowerDecay",
     "TokenStats",
     "Weighting",
     "WeightedKLLoss",
+    "fused_linear_kl_loss",
     "weighted_kl_loss",
 ]

@@ -8,6 +8,8 @@ after validation touch [N, V] data; weighting and reduction work on [B, T] per-t
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -15,7 +17,15 @@ from .backends import compute_terms, resolve_backend
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
-from .validation import check_inplace_backward, check_options, validate
+from .reference import TokenTerms
+from .validation import (
+    Problem,
+    check_inplace_backward,
+    check_linear_options,
+    check_options,
+    validate,
+    validate_linear,
+)
 from .weighting import Weighting, compute_weights, sequence_positions
 
 
@@ -88,26 +98,46 @@ def weighted_kl_loss(
         rollout_logprobs=rollout_logprobs,
         backend=backend,
     )
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    needs_stats = return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
     terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton",
-                          stats=needs_stats)
+                          stats=_needs_stats(problem, return_stats))
+    return _weigh_and_reduce(problem, terms, return_stats)
 
-    layout = SequenceLayout(problem.packed, problem.positions)
-    valid = layout.rows(problem.valid)
-    given = None if problem.positions is None else layout.rows(problem.positions)
-    pos = sequence_positions(valid) if given is None else given
-    weights = compute_weights(
-        problem.weighting,
-        valid=valid,
-        divergence=layout.rows(terms.divergence),
-        confidence=layout.rows(terms.confidence),
-        user_weights=None if problem.user_weights is None else layout.rows(problem.user_weights),
-        positions=pos,
-    )
+
+def _check_return_stats(return_stats) -> None:
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+
+
+def _needs_stats(problem: Problem, return_stats: bool) -> bool:
+    """Whether the teacher confidence and the entropies are needed (the torch path skips them otherwise)."""
+    return return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
+
+
+class _Sequences:
+    """The [B, T] per-token vectors laid out one sequence per row (wpkl/layout.py), with their positions."""
+
+    def __init__(self, problem: Problem):
+        self.layout = SequenceLayout(problem.packed, problem.positions)
+        self.valid = self.layout.rows(problem.valid)
+        given = None if problem.positions is None else self.layout.rows(problem.positions)
+        self.positions = sequence_positions(self.valid) if given is None else given
+        self.user_weights = None if problem.user_weights is None else self.layout.rows(problem.user_weights)
+
+    def weights(self, weighting: Weighting | None, divergence: torch.Tensor, confidence: torch.Tensor):
+        return compute_weights(weighting, valid=self.valid, divergence=self.layout.rows(divergence),
+                               confidence=self.layout.rows(confidence), user_weights=self.user_weights,
+                               positions=self.positions)
+
+
+def _weigh_and_reduce(problem: Problem, terms: TokenTerms, return_stats: bool):
+    """Weights (wpkl/weighting.py) and reduction (wpkl/reduction.py) on the [B, T] per-token terms: shared by
+    every input form."""
+    seq = _Sequences(problem)
+    layout, valid = seq.layout, seq.valid
+    weights = seq.weights(problem.weighting, terms.divergence, terms.confidence)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)
     if problem.reduction == "none":
         loss = layout.tokens(weighted).reshape(problem.leading_shape)
@@ -128,10 +158,113 @@ def weighted_kl_loss(
         teacher_confidence=per_token(terms.confidence),
         teacher_entropy=per_token(terms.teacher_entropy),
         student_entropy=per_token(terms.student_entropy),
-        position=per_token(layout.tokens(pos)),
+        position=per_token(layout.tokens(seq.positions)),
         mask=leading(problem.valid),
     )
     return loss, stats
+
+
+class _EagerCoefficients:
+    """The fused-linear form's eager schedule (wpkl/fused_linear.py): each token's d loss / d L_i up to one scalar
+    for the whole batch, from the same weight and reduction code, as soon as the token's chunk is done.
+
+    d loss / d L_i = w_i * r_i with r_i = d reduce(x) / d x_i (constant: the reduction is linear) and w_i the
+    weight without normalization; normalization and the upstream gradient make the one remaining scalar.
+    Token i's weight needs only its own divergence and confidence, the mask and positions, except for
+    ``accumulated``, which needs the whole sequence: then chunks hold whole sequences (``whole_rows``).
+    """
+
+    def __init__(self, problem: Problem):
+        self.seq = _Sequences(problem)
+        self.shape = problem.valid.shape
+        weighting = problem.weighting
+        self.weighting = None if weighting is None else dataclasses.replace(weighting, normalize=False)
+        self.whole_rows = weighting is not None and weighting.accumulated > 0
+        x = torch.zeros(self.seq.valid.shape, dtype=torch.float64, device=problem.device, requires_grad=True)
+        with torch.enable_grad():
+            reduced = reduce_loss(x, self.seq.valid, problem.reduction, problem.num_items_in_batch)
+            (self.reduction_coef,) = torch.autograd.grad(reduced, x)
+
+    def __call__(self, ids: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        divergence, confidence = (x.reshape(self.shape) for x in stats[:2])
+        weights = self.seq.weights(self.weighting, divergence, confidence)
+        coef = self.seq.layout.tokens(weights.double() * self.reduction_coef)
+        return coef.reshape(-1)[ids]
+
+
+def fused_linear_kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    weighting: Weighting | None = None,
+    token_weights: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+):
+    """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
+
+    The result (loss, stats, and the gradients of ``student_hidden``, ``student_weight`` and ``student_bias``)
+    equals ``weighted_kl_loss`` on the logits ``softcap(scale * (hidden @ weight.T + bias))``, with
+    ``softcap(x) = c * tanh(x / c)`` (TRL's order: scale, then softcap), for every option of
+    ``weighted_kl_loss``. Precision follows TRL's ``DistillationTrainer`` (its reference here): the weight is cast to
+    the hidden states' dtype (the autocast dtype under autocast), products accumulate and are returned in
+    float32, the bias is added in float32; the logits-gradient is cast to that dtype for the two gradient GEMMs,
+    which accumulate in float32. So bf16 hidden states with an fp32 weight and bias work as in TRL.
+
+    Args (beyond ``weighted_kl_loss``'s, which keep their meaning; the logits' leading shape is the hidden
+    states'):
+        student_hidden: [B, T, H] or [N, H] (requires grad).
+        student_weight: the student's lm_head weight [V, H] (may require grad; an FSDP2 DTensor is gathered once).
+        teacher_hidden: [B, T, H_t] or [N, H_t], no gradient; None with ``teacher_logprobs`` ("sampled").
+        teacher_weight: [V_t >= V, H_t]; only the first V rows are used. None with ``teacher_hidden=None``.
+        student_bias, teacher_bias: [V] / [V_t] or None.
+        student_logit_scale, teacher_logit_scale: multiply the logits before the softcap.
+        student_softcap, teacher_softcap: ``c`` of the softcap, or None.
+        chunk_size: tokens per chunk; None picks it from a 1 GiB budget (wpkl/fused_linear.py states the formula).
+
+    Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
+    first, which costs one host sync.
+    """
+    from .projection import gather_full
+
+    student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
+    teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
+    problem = validate_linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+        teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size, mask=mask,
+        weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
+        beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs, backend=backend,
+    )
+    _check_return_stats(return_stats)
+    resolved = resolve_backend(backend, problem)
+    lin = problem.linear
+    trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
+                                                                lin.student_bias))
+    eager = problem.reduction != "none" and trainable and torch.is_grad_enabled() and resolved != "reference"
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
+                          coefficients=_EagerCoefficients(problem) if eager else None)
+    return _weigh_and_reduce(problem, terms, return_stats)
 
 
 class WeightedKLLoss(nn.Module):
@@ -183,3 +316,58 @@ class WeightedKLLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
                 f"reduction={self.reduction!r}, weighting={self.weighting}")
+
+
+class FusedLinearWeightedKLLoss(nn.Module):
+    """``fused_linear_kl_loss`` with its configuration held by a module (the same split as ``WeightedKLLoss``)."""
+
+    def __init__(
+        self,
+        weighting: Weighting | None = None,
+        divergence: str = "reverse_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+        *,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.weighting = weighting
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.reduction = reduction
+        self.backend = backend
+        self.student_logit_scale = student_logit_scale
+        self.teacher_logit_scale = teacher_logit_scale
+        self.student_softcap = student_softcap
+        self.teacher_softcap = teacher_softcap
+        self.chunk_size = chunk_size
+        # Fail at construction, not at the first training step.
+        check_options(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                      weighting=weighting, backend=backend)
+        check_linear_options(student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                             student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
+                positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,
+                num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None):
+        return fused_linear_kl_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask, weighting=self.weighting,
+            token_weights=token_weights, positions=positions, tokens=tokens, divergence=self.divergence,
+            beta=self.beta, temperature=self.temperature, reduction=self.reduction, return_stats=return_stats,
+            backend=self.backend, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
+            student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
+            num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
+            rollout_logprobs=rollout_logprobs, chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, weighting={self.weighting}, chunk_size={self.chunk_size}")

@@ -24,9 +24,26 @@ LOGPROB_TOLERANCE = 1e-3
 
 
 @dataclass
+class LinearInputs:
+    """The fused-linear form: logits = softcap(scale * (hidden @ weight.T + bias)), never materialized."""
+
+    student_hidden: torch.Tensor  # [B, T, H]
+    student_weight: torch.Tensor  # [V, H]
+    student_bias: torch.Tensor | None  # [V]
+    teacher_hidden: torch.Tensor | None  # [B, T, H_t]; None with teacher_logprobs
+    teacher_weight: torch.Tensor | None  # [V_t >= V, H_t] (the first V rows are used)
+    teacher_bias: torch.Tensor | None  # [V_t]
+    student_logit_scale: float
+    teacher_logit_scale: float
+    student_softcap: float | None
+    teacher_softcap: float | None
+    chunk_size: int | None  # tokens per chunk; None: from the memory budget
+
+
+@dataclass
 class Problem:
-    student: torch.Tensor  # [B, T, V]
-    teacher: torch.Tensor | None  # [B, T, V_t], V_t >= V; None when "sampled" gets teacher_logprobs
+    student: torch.Tensor | None  # [B, T, V] logits; None for the fused-linear form
+    teacher: torch.Tensor | None  # [B, T, V_t], V_t >= V; None with teacher_logprobs or the fused-linear form
     valid: torch.Tensor  # [B, T] bool
     tokens: torch.Tensor | None  # [B, T] int64
     teacher_logprobs: torch.Tensor | None  # [B, T] float: log q(y), instead of teacher logits
@@ -34,13 +51,16 @@ class Problem:
     user_weights: torch.Tensor | None  # [B, T] float
     positions: torch.Tensor | None  # [B, T] int64
     leading_shape: torch.Size  # the caller's leading shape: (B, T) or (N,)
-    packed: bool  # the caller passed [N, V] logits
+    packed: bool  # the caller passed [N, ...] input
     divergence: str
     beta: float
     temperature: float
     weighting: Weighting | None
     reduction: str
     num_items_in_batch: torch.Tensor | float | None
+    vocab: int = 0
+    device: torch.device | None = None
+    linear: LinearInputs | None = None
 
 
 def _choice(name: str, value, options) -> str:
@@ -130,26 +150,150 @@ def validate(
     rollout_logprobs=None,
     backend="auto",
 ) -> Problem:
+    """The materialized form: [B, T, V] or [N, V] student and teacher logits."""
     student = _logits("student_logits", student_logits)
-    divergence = _choice("divergence", divergence, DIVERGENCES)
-    if teacher_logits is None:
-        if divergence != "sampled" or teacher_logprobs is None:
-            raise ValueError('teacher_logits may be None only with divergence="sampled" and teacher_logprobs')
-        teacher = None
-    else:
-        if teacher_logprobs is not None:
-            raise ValueError("give teacher_logits or teacher_logprobs, not both")
+    teacher = None
+    if teacher_logits is not None:
         teacher = _checked_teacher(_logits("teacher_logits", teacher_logits), student)
+    problem = _problem(student.shape[:-1], student.device, student.shape[-1], "teacher_logits", teacher is not None,
+                       mask=mask, weighting=weighting, token_weights=token_weights, positions=positions,
+                       tokens=tokens, divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                       num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
+                       rollout_logprobs=rollout_logprobs, backend=backend)
+
+    def contiguous_vocab(x):  # the kernels need a contiguous vocabulary dimension; other strides are free
+        return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+    problem.student = contiguous_vocab(_rows_view(student, problem.packed))
+    problem.teacher = contiguous_vocab(_rows_view(teacher, problem.packed))
+    return problem
+
+
+def check_linear_options(*, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, chunk_size):
+    """The fused-linear form's configuration (shared by the function and its module's constructor).
+
+    Returns the normalized ([student scale, teacher scale], [student softcap, teacher softcap])."""
+    scales = [_real(name, value) for name, value in (("student_logit_scale", student_logit_scale),
+                                                     ("teacher_logit_scale", teacher_logit_scale))]
+    caps = []
+    for name, cap in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if cap is not None:
+            cap = _real(name, cap)
+            if cap <= 0:
+                raise ValueError(f"{name} must be > 0 (or None), got {cap}")
+        caps.append(cap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (tokens per chunk) or None, got {chunk_size!r}")
+    return scales, caps
+
+
+def validate_linear(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    *,
+    student_bias=None,
+    teacher_bias=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
+    chunk_size=None,
+    **common,
+) -> Problem:
+    """The fused-linear form: hidden states [B, T, H] or [N, H] and lm_head weights [V, H]."""
+    hidden = _float_tensor("student_hidden", student_hidden)
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] == 0:
+        raise ValueError(f"student_hidden must have shape [B, T, H] or [N, H] with H > 0, got {tuple(hidden.shape)}")
+    device = hidden.device
+    weight = _weight("student_weight", student_weight, hidden.shape[-1], "student_hidden", device)
+    vocab = weight.shape[0]
+    bias = _bias("student_bias", student_bias, vocab, device)
+    t_hidden = t_weight = t_bias = None
+    if teacher_hidden is None:
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("teacher_weight and teacher_bias need teacher_hidden (None only with teacher_logprobs)")
+    else:
+        t_hidden = _float_tensor("teacher_hidden", teacher_hidden)
+        if t_hidden.shape[:-1] != hidden.shape[:-1] or t_hidden.dim() != hidden.dim() or t_hidden.shape[-1] == 0:
+            raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(hidden.shape[:-1])} and "
+                             f"a hidden size > 0, got {tuple(t_hidden.shape)}")
+        if t_hidden.device != device:
+            raise ValueError(f"teacher_hidden is on {t_hidden.device} but student_hidden is on {device}")
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight (the teacher's lm_head weight [V_t, H_t])")
+        t_weight = _weight("teacher_weight", teacher_weight, t_hidden.shape[-1], "teacher_hidden", device)
+        if t_weight.shape[0] < vocab:
+            raise ValueError(f"teacher_weight has vocabulary {t_weight.shape[0]} < the student's {vocab}; a padded "
+                             "teacher vocabulary may be larger (its first V rows are used), never smaller")
+        t_bias = _bias("teacher_bias", teacher_bias, t_weight.shape[0], device)
+    scales, caps = check_linear_options(student_logit_scale=student_logit_scale,
+                                        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                                        teacher_softcap=teacher_softcap, chunk_size=chunk_size)
+
+    problem = _problem(hidden.shape[:-1], device, vocab, "teacher_hidden", t_hidden is not None, **common)
+    problem.linear = LinearInputs(
+        student_hidden=_rows_view(hidden, problem.packed), student_weight=weight, student_bias=bias,
+        teacher_hidden=_rows_view(t_hidden, problem.packed), teacher_weight=t_weight, teacher_bias=t_bias,
+        student_logit_scale=scales[0], teacher_logit_scale=scales[1], student_softcap=caps[0],
+        teacher_softcap=caps[1], chunk_size=chunk_size,
+    )
+    return problem
+
+
+def _float_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    return x
+
+
+def _weight(name: str, weight, hidden_size: int, hidden_name: str, device) -> torch.Tensor:
+    weight = _float_tensor(name, weight)
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{name} must be an lm_head weight [V, H] with V > 0, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden_size:
+        raise ValueError(f"{name} has hidden size {weight.shape[1]} but {hidden_name} has {hidden_size}")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but {hidden_name} is on {device}")
+    return weight
+
+
+def _bias(name: str, bias, vocab: int, device) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    bias = _float_tensor(name, bias)
+    if bias.shape != (vocab,):
+        raise ValueError(f"{name} must have shape [{vocab}] (one per lm_head row), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"{name} is on {bias.device} but the hidden states are on {device}")
+    return bias
+
+
+def _rows_view(x, packed: bool):
+    """[N, ...] -> [1, N, ...] for packed input: a view, never a copy."""
+    return x if x is None or not packed else x.unsqueeze(0)
+
+
+def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weighting, token_weights, positions,
+             tokens, divergence, beta, temperature, reduction, num_items_in_batch, teacher_logprobs,
+             rollout_logprobs, backend) -> Problem:
+    """The checks both input forms share: options, per-token tensors, and their values (one host sync)."""
+    divergence = _choice("divergence", divergence, DIVERGENCES)
+    if not teacher_given:
+        if divergence != "sampled" or teacher_logprobs is None:
+            raise ValueError(f'{teacher_name} may be None only with divergence="sampled" and teacher_logprobs')
+    elif teacher_logprobs is not None:
+        raise ValueError(f"give {teacher_name} or teacher_logprobs, not both")
     if divergence != "sampled" and rollout_logprobs is not None:
         raise ValueError('rollout_logprobs only applies to divergence="sampled"')
     reduction, beta, temperature = check_options(divergence=divergence, beta=beta, temperature=temperature,
                                                  reduction=reduction, weighting=weighting, backend=backend)
-    vocab = student.shape[-1]
-    if teacher is None and weighting is not None and weighting.confidence > 0:
-        raise ValueError("Weighting(confidence=...) needs teacher_logits: teacher_logprobs carry no confidence")
+    if not teacher_given and weighting is not None and weighting.confidence > 0:
+        raise ValueError(f"Weighting(confidence=...) needs {teacher_name}: teacher_logprobs carry no confidence")
 
-    leading = student.shape[:-1]
-    device = student.device
     mask = _per_token("mask", mask, leading, device, "b", "a bool")
     token_weights = _per_token("token_weights", token_weights, leading, device, "f", "a floating-point")
     positions = _per_token("positions", positions, leading, device, "i", "an integer")
@@ -159,7 +303,7 @@ def validate(
     if divergence == "sampled" and tokens is None:
         raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
 
-    packed = student.dim() == 2
+    packed = len(leading) == 1
     if packed:
         if positions is None and reduction == "seq_mean":
             raise ValueError('reduction="seq_mean" on [N, V] input needs positions (a 0 starts each sequence)')
@@ -184,21 +328,15 @@ def validate(
                   logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs},
                   num_items_in_batch=num_items_in_batch)
 
-    def per_token(x):  # [N] -> [1, N] for packed input: a view, never a copy
-        return x if x is None or not packed else x.unsqueeze(0)
-
-    def contiguous_vocab(x):  # the kernels need a contiguous vocabulary dimension; other strides are free
-        return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
     return Problem(
-        student=contiguous_vocab(per_token(student)),
-        teacher=contiguous_vocab(per_token(teacher)),
-        valid=per_token(valid),
-        tokens=per_token(None if tokens is None else tokens.long()),
-        teacher_logprobs=per_token(teacher_logprobs),
-        rollout_logprobs=per_token(rollout_logprobs),
-        user_weights=per_token(token_weights),
-        positions=per_token(None if positions is None else positions.long()),
+        student=None,
+        teacher=None,
+        valid=_rows_view(valid, packed),
+        tokens=_rows_view(None if tokens is None else tokens.long(), packed),
+        teacher_logprobs=_rows_view(teacher_logprobs, packed),
+        rollout_logprobs=_rows_view(rollout_logprobs, packed),
+        user_weights=_rows_view(token_weights, packed),
+        positions=_rows_view(None if positions is None else positions.long(), packed),
         leading_shape=leading,
         packed=packed,
         divergence=divergence,
@@ -207,6 +345,8 @@ def validate(
         weighting=weighting,
         reduction=reduction,
         num_items_in_batch=num_items_in_batch,
+        vocab=vocab,
+        device=device,
     )
 
 
