@@ -106,7 +106,7 @@ def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> T
     spec = LinearSpec(PassSpec(problem.divergence, problem.beta, problem.temperature, stats), backend,
                       lin.student_logit_scale, lin.student_softcap, lin.teacher_logit_scale, lin.teacher_softcap)
     hidden = lin.student_hidden.shape[-1]
-    chunk = lin.chunk_size or chunk_size_for(problem.vocab, hidden)
+    chunk = lin.chunk_size or chunk_size_for(problem.vocab, hidden, backend)
     chunks = None
     if coefficients is not None:
         chunks = plan_chunks(problem.valid, chunk, whole_rows=coefficients.whole_rows)

@@ -25,14 +25,16 @@ Two schedules, chosen per call (``schedule()``):
 
 Memory beyond the inputs and the returned gradients, per call:
 
-    chunk buffers   chunk_size * (16 V + 8 H) bytes     (student and teacher logits fp32, the logits-gradient, its
-                                                        cast to the compute dtype; the hidden rows and their grad)
+    chunk buffers   chunk_size * (b V + 8 H) bytes      b = 16 with the Triton kernels (student and teacher logits
+                                                        fp32, the logits-gradient, its cast to the compute dtype),
+                                                        b = 48 with the torch pass (the reference math's
+                                                        temporaries); 8 H: the hidden rows and their gradient
     accumulators    4 (V H + N H + V) bytes: grad_W, grad_h, grad_b in float32 (those that are asked for)
     casts           V H * bytes(compute dtype) per weight not already in the compute dtype (once per call)
 
-with ``chunk_size = max(1, CHUNK_BYTES // (16 V + 8 H))`` tokens (1 GiB: 441 tokens at V = 151936, H = 4096)
-unless given. Valid tokens are compacted first (one host sync: the chunk loop needs their count); masked tokens
-cost nothing.
+with ``chunk_size = max(1, CHUNK_BYTES // (b V + 8 H))`` tokens (CHUNK_BYTES = 1 GiB: 441 tokens at
+V = 151936, H = 4096 with the kernels) unless given. Valid tokens are compacted first (one host sync: the chunk
+loop needs their count); masked tokens cost nothing.
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ from .projection import accumulate_dtype, addmm_fp32, compute_dtype, matmul_fp32
 from .vocab_pass import PassSpec, TorchSaved, TritonSaved, pass_for
 
 CHUNK_BYTES = 1 << 30
+# Bytes per logit of a chunk (module docstring): measured for the torch pass (peak RSS, tests/test_fused_linear.py).
+BYTES_PER_LOGIT = {"triton": 16, "torch": 48}
 
 
-def chunk_size_for(vocab: int, hidden: int, budget: int | None = None) -> int:
+def chunk_bytes(chunk_size: int, vocab: int, hidden: int, backend: str) -> int:
+    """The chunk buffers' bytes (module docstring)."""
+    return chunk_size * (BYTES_PER_LOGIT[backend] * vocab + 8 * hidden)
+
+
+def chunk_size_for(vocab: int, hidden: int, backend: str, budget: int | None = None) -> int:
     """Tokens per chunk from the memory budget (module docstring)."""
-    return max(1, (CHUNK_BYTES if budget is None else budget) // (16 * vocab + 8 * hidden))
+    return max(1, (CHUNK_BYTES if budget is None else budget) // chunk_bytes(1, vocab, hidden, backend))
 
 
 @dataclass(frozen=True)
