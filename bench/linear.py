@@ -189,7 +189,7 @@ def rows_for(shape: LinearShape, device: str, providers, budget_left, measure_fn
                 fn = build(provider, case, inputs)
                 with torch.no_grad():
                     row.note = f"loss {float(fn()):.6g}" if provider != "gemms" else "GEMMs only"
-                row.ms, row.ms_p20, row.ms_p80, peak = measure_fn(lambda: fn().backward(), grads)
+                row.ms, row.ms_p20, row.ms_p80, peak = measure_fn(lambda fn=fn: fn().backward(), grads)
                 row.peak_extra_mib = None if peak is None else peak / 2**20
                 row.tflops = gemm_flops(shape) / (row.ms * 1e-3) / 1e12
             except Exception as error:  # noqa: BLE001
