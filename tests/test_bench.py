@@ -33,7 +33,6 @@ def test_rows_and_metadata(results):
     meta, rows = data["meta"], data["rows"]
     assert "GPU numbers need a GPU" in run.stderr
     assert meta["device_kind"] == "cpu" and meta["copy_gbps"] > 0 and "torch" in meta["versions"]
-    linear = [r for r in rows if r["case"].startswith("linear-")]
     rows = [r for r in rows if not r["case"].startswith("linear-")]
     timed = [r for r in rows if r["status"] == "ok"]
     assert {r["provider"] for r in timed} == {"eager", "wpkl-torch", "trl"}

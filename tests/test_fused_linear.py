@@ -97,7 +97,7 @@ def check(inputs, backend, upstream=None, **kwargs):
         assert g is not None and g.dtype == x.dtype and g.shape == x.shape, name
         rtol = max(GRAD_RTOL[compute], GRAD_RTOL[x.dtype])
         scale = float(t.abs().max()) if t.numel() else 0.0
-        torch.testing.assert_close(g.double(), t, rtol=rtol, atol=rtol * scale + 1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), t, rtol=rtol, atol=rtol * scale + 1e-12, msg=lambda m, name=name: f"{name}: {m}")
     return got
 
 
