@@ -4,6 +4,7 @@
                                  weighting=wpkl.Weighting(accumulated=0.5))
 """
 
+from .checks import DeferredCheckError, check_errors
 from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
 from .stats import TokenStats
 from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, Weighting
@@ -23,6 +24,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "DeferredCheckError",
     "ExpDecay",
     "FusedLinearWeightedKLLoss",
     "PositionTable",
@@ -31,6 +33,7 @@ __all__ = [
     "TokenStats",
     "Weighting",
     "WeightedKLLoss",
+    "check_errors",
     "fused_linear_kl_loss",
     "weighted_kl_loss",
 ]

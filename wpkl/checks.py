@@ -1,0 +1,66 @@
+"""Value checks that need the data (a token out of range, a negative weight, a probability given as a log-prob)
+without a host synchronization on the GPU.
+
+On the CPU a check is a plain comparison: it raises at once. On a CUDA device, reading a flag back would stall
+the host until the GPU catches up (and forbid CUDA graphs), so the flags are copied to pinned host memory
+asynchronously; a later wpkl call raises the error as soon as the copy has landed (``torch.cuda.Event.query``,
+no waiting), and ``wpkl.check_errors()`` waits for every pending check and raises. The kernels never read out of
+bounds on bad input meanwhile: an out-of-range token gives a NaN loss for its row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_pending: list[tuple[torch.cuda.Event, torch.Tensor, list[str]]] = []
+
+
+class DeferredCheckError(ValueError):
+    """A ValueError found by a check that ran on the GPU without a host sync, raised by a later wpkl call or by
+    ``wpkl.check_errors()``."""
+
+
+def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
+    """``checks``: (message, a bool tensor that is True where the input is bad). Raises now on the CPU; on CUDA
+    queues the flags and raises the first failure of an earlier call whose flags have arrived."""
+    raise_arrived()
+    if not checks:
+        return
+    flags = torch.stack([bad.any() for _, bad in checks])
+    messages = [message for message, _ in checks]
+    if flags.device.type != "cuda":
+        for message, failed in zip(messages, flags.tolist(), strict=True):
+            if failed:
+                raise ValueError(message)
+        return
+    host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((event, host, messages))
+
+
+def _raise_from(entries) -> None:
+    for _, host, messages in entries:
+        for message, failed in zip(messages, host.tolist(), strict=True):
+            if failed:
+                raise DeferredCheckError(
+                    f"{message} (found by a check on the GPU that does not stall the host: raised by a later wpkl "
+                    "call or by wpkl.check_errors(); the loss of the call that received this input is not valid)")
+
+
+def raise_arrived() -> None:
+    """Raise the first failure among pending checks whose flags have arrived; never waits."""
+    arrived = []
+    while _pending and _pending[0][0].query():
+        arrived.append(_pending.pop(0))
+    _raise_from(arrived)
+
+
+def check_errors() -> None:
+    """Wait for every pending value check of earlier wpkl calls and raise the first failure, if any."""
+    entries = list(_pending)
+    _pending.clear()
+    for event, _, _ in entries:
+        event.synchronize()
+    _raise_from(entries)
