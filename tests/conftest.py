@@ -37,7 +37,9 @@ def poisoned_outputs(monkeypatch):
     import wpkl.vocab_pass
 
     def full_nan(*shape, dtype=None, device=None):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # Integer buffers (the weights kernel's flags and sequence ids) get -1: an unwritten flag reads as a failure.
+        poison = float("nan") if dtype is None or dtype.is_floating_point else -1
+        return torch.full(shape, poison, dtype=dtype, device=device)
 
     monkeypatch.setattr(wpkl.vocab_pass, "new_buffer", full_nan)
     monkeypatch.setattr(wpkl.vocab_pass, "new_buffer_like", lambda t: torch.full_like(t, float("nan")))

@@ -22,7 +22,11 @@ from .validation import (
     Problem,
     check_inplace_backward,
     check_linear_options,
+    CHECKS,
+    LOGPROB_TOLERANCE,
+    check_message,
     check_options,
+    check_values,
     validate,
     validate_linear,
 )
@@ -101,9 +105,53 @@ def weighted_kl_loss(
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton",
-                          stats=_needs_stats(problem, return_stats))
+    if resolved == "triton":
+        return _triton_weighted_loss(problem, return_stats, inplace_backward)
+    check_values(problem)
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
     return _weigh_and_reduce(problem, terms, return_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TritonConfig:
+    divergence: str
+    beta: float
+    temperature: float
+    weighting: Weighting | None
+    reduction: str
+    segments: int  # kernels/token_weights.py: 0 rows, 1 packed split at positions 0, 2 one sequence
+    num_items_value: float | None
+    logprob_tolerance: float
+    check_messages: tuple
+    inplace_backward: bool
+
+
+def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
+    """The Triton path: the vocabulary pass and the weights kernel (wpkl/autograd.py: TritonWeightedLoss) make the
+    loss, the weights and the value checks in two kernels, with no host sync."""
+    from .autograd import TritonWeightedLoss
+
+    count = problem.num_items_in_batch
+    tensor_count = None
+    if isinstance(count, torch.Tensor):
+        tensor_count, count = count.to(problem.device, non_blocking=True), None
+    segments = 0 if not problem.packed else (1 if problem.positions is not None else 2)
+    config = _TritonConfig(problem.divergence, problem.beta, problem.temperature, problem.weighting,
+                           problem.reduction, segments, count, LOGPROB_TOLERANCE,
+                           tuple(check_message(name, problem.vocab) for name in CHECKS), inplace_backward)
+    loss, public, weight, position = TritonWeightedLoss.apply(
+        problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
+        problem.rollout_logprobs, problem.user_weights, problem.positions, tensor_count, config)
+    if problem.reduction == "none":
+        loss = loss.reshape(problem.leading_shape)
+    if not return_stats:
+        return loss
+    shape = problem.leading_shape
+    stats = TokenStats(divergence=public[0].reshape(shape), weight=weight.reshape(shape),
+                       teacher_confidence=public[1].reshape(shape), teacher_entropy=public[3].reshape(shape),
+                       student_entropy=public[2].reshape(shape), position=position.reshape(shape),
+                       mask=problem.valid.reshape(shape))
+    return loss, stats
 
 
 def _check_return_stats(return_stats) -> None:
@@ -258,6 +306,7 @@ def fused_linear_kl_loss(
     )
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
+    check_values(problem)
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
                                                                 lin.student_bias))

@@ -33,16 +33,44 @@ def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
             if failed:
                 raise ValueError(message)
         return
-    host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+    _queue(flags, messages)
+
+
+def run_flags(flags: torch.Tensor, messages: list[str]) -> None:
+    """Flags a kernel wrote (nonzero = that check failed): raised now on the CPU, deferred on CUDA."""
+    raise_arrived()
+    if flags.device.type != "cuda":
+        for message, failed in zip(messages, flags.tolist(), strict=True):
+            if failed:
+                raise ValueError(message)
+        return
+    _queue(flags, messages)
+
+
+def _queue(flags: torch.Tensor, messages: list[str]) -> None:
+    host = _pinned(flags.shape, flags.dtype)
     host.copy_(flags, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     _pending.append((event, host, messages))
 
 
+_free_pinned: list[torch.Tensor] = []
+
+
+def _pinned(shape, dtype) -> torch.Tensor:
+    """A pinned host buffer, reused once its check has been read (pinning memory is slow: not per call)."""
+    for i, buffer in enumerate(_free_pinned):
+        if buffer.shape == shape and buffer.dtype == dtype:
+            return _free_pinned.pop(i)
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 def _raise_from(entries) -> None:
     for _, host, messages in entries:
-        for message, failed in zip(messages, host.tolist(), strict=True):
+        values = host.tolist()
+        _free_pinned.append(host)
+        for message, failed in zip(messages, values, strict=True):
             if failed:
                 raise DeferredCheckError(
                     f"{message} (found by a check on the GPU that does not stall the host: raised by a later wpkl "

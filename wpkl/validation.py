@@ -281,7 +281,7 @@ def _rows_view(x, packed: bool):
 def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weighting, token_weights, positions,
              tokens, divergence, beta, temperature, reduction, num_items_in_batch, teacher_logprobs,
              rollout_logprobs, backend) -> Problem:
-    """The checks both input forms share: options, per-token tensors, and their values (one host sync)."""
+    """The checks both input forms share: options and per-token tensors. Their values: ``check_values``."""
     divergence = _choice("divergence", divergence, DIVERGENCES)
     if not teacher_given:
         if divergence != "sampled" or teacher_logprobs is None:
@@ -325,9 +325,6 @@ def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weigh
             num_items_in_batch = _real("num_items_in_batch", num_items_in_batch)
 
     valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
-    _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens,
-                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs},
-                  num_items_in_batch=num_items_in_batch)
 
     return Problem(
         student=None,
@@ -367,24 +364,45 @@ def _checked_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
     return teacher
 
 
-def _check_values(valid, vocab, *, token_weights, positions, tokens, logprobs, num_items_in_batch) -> None:
-    """Value checks on the valid tokens: at once on the CPU, without a host sync on CUDA (wpkl/checks.py)."""
-    checks = []
-    for name, x in logprobs.items():
+# The value checks, in the order of the weights kernel's flags (kernels/token_weights.py).
+CHECKS = ("token_weights", "positions", "tokens", "teacher_logprobs_finite", "teacher_logprobs_range",
+          "rollout_logprobs_finite", "rollout_logprobs_range", "num_items_in_batch")
+
+
+def check_message(check: str, vocab: int) -> str:
+    if check == "token_weights":
+        return "token_weights must be finite and >= 0 on valid tokens"
+    if check == "positions":
+        return "positions must be >= 0 on valid tokens"
+    if check == "tokens":
+        return f"tokens must lie in [0, V) = [0, {vocab}) on valid tokens"
+    if check == "num_items_in_batch":
+        return "num_items_in_batch must be finite and > 0 when there are valid tokens"
+    name, kind = check.rsplit("_", 1)
+    if kind == "finite":
+        return f"{name} must be finite on valid tokens"
+    return (f"{name} must be log-probabilities (<= 0, up to {LOGPROB_TOLERANCE} of rounding) on valid tokens; were "
+            "probabilities passed?")
+
+
+def check_values(problem: Problem) -> None:
+    """The checks that need the data, as torch ops: at once on the CPU, without a host sync on CUDA
+    (wpkl/checks.py). The Triton path makes the same checks inside its weights kernel instead."""
+    valid, vocab = problem.valid, problem.vocab
+    bad = {}
+    if problem.user_weights is not None:
+        w = problem.user_weights
+        bad["token_weights"] = valid & ~(torch.isfinite(w) & (w >= 0))
+    if problem.positions is not None:
+        bad["positions"] = valid & (problem.positions < 0)
+    if problem.tokens is not None:
+        bad["tokens"] = valid & ((problem.tokens < 0) | (problem.tokens >= vocab))
+    for name, x in (("teacher_logprobs", problem.teacher_logprobs), ("rollout_logprobs", problem.rollout_logprobs)):
         if x is not None:
-            checks.append((f"{name} must be finite on valid tokens", valid & ~torch.isfinite(x)))
-            checks.append((f"{name} must be log-probabilities (<= 0, up to {LOGPROB_TOLERANCE} of rounding) on valid "
-                           "tokens; were probabilities passed?", valid & (x > LOGPROB_TOLERANCE)))
-    if num_items_in_batch is not None:
+            bad[f"{name}_finite"] = valid & ~torch.isfinite(x)
+            bad[f"{name}_range"] = valid & (x > LOGPROB_TOLERANCE)
+    if problem.num_items_in_batch is not None:
         # With no valid token the loss is 0 whatever the count (an empty micro-batch); otherwise it divides.
-        count = torch.as_tensor(num_items_in_batch, device=valid.device)
-        bad_count = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
-        checks.append(("num_items_in_batch must be finite and > 0 when there are valid tokens", bad_count))
-    if token_weights is not None:
-        bad = valid & ~(torch.isfinite(token_weights) & (token_weights >= 0))
-        checks.append(("token_weights must be finite and >= 0 on valid tokens", bad))
-    if positions is not None:
-        checks.append(("positions must be >= 0 on valid tokens", valid & (positions < 0)))
-    if tokens is not None:
-        checks.append((f"tokens must lie in [0, V) = [0, {vocab}) on valid tokens", valid & ((tokens < 0) | (tokens >= vocab))))
-    run_checks(checks)
+        count = torch.as_tensor(problem.num_items_in_batch, device=valid.device)
+        bad["num_items_in_batch"] = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
+    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS if name in bad])

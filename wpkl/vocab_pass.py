@@ -246,3 +246,86 @@ class TorchPass:
 def pass_for(backend: str):
     """The implementation a resolved backend ("triton" or "torch") runs."""
     return TritonPass if backend == "triton" else TorchPass
+
+
+# ------------------------------------------------------------------------------------- weights kernel
+
+WEIGHTS_BLOCK = 1024
+_POSITION_KINDS = {"ExpDecay": 1, "PowerDecay": 2, "PositionTable": 3, "PositionWindow": 4}
+_REDUCTIONS = {"mean": 0, "sum": 1, "seq_mean": 2, "none": 3}
+
+
+@dataclass
+class WeightsOutputs:
+    out: torch.Tensor  # [1] the loss, or [N] for "none"
+    weight: torch.Tensor  # [N]
+    position: torch.Tensor  # [N]
+    coef: torch.Tensor  # [N] d loss / d L_i
+    flags: torch.Tensor  # [NUM_CHECKS] int32
+
+
+def weights_launch(valid, divergence, confidence, loss, *, weighting, reduction: str, segments: int, row_length: int,
+                   vocab: int, user_weights=None, positions=None, tokens=None, teacher_logprobs=None,
+                   rollout_logprobs=None, num_items_in_batch=None, logprob_tolerance: float = 1e-3):
+    """(grid, args, meta, outputs) of the weights kernel over flat [N] vectors (kernels/token_weights.py).
+
+    ``segments``: 0 rows of ``row_length`` tokens, 1 packed input split at each position 0, 2 one sequence."""
+    N = valid.numel()
+    device = valid.device
+    f32 = dict(dtype=torch.float32, device=device)
+    scratch = new_buffer(4, max(N, 1), **f32)
+    segment = new_buffer(max(N, 1), dtype=torch.int32, device=device)
+    outputs = WeightsOutputs(out=new_buffer(N if reduction == "none" else 1, **f32), weight=new_buffer(N, **f32),
+                             position=new_buffer(N, **f32), coef=new_buffer(N, **f32),
+                             flags=new_buffer(8, dtype=torch.int32, device=device))
+    position_schedule = None if weighting is None else weighting.position
+    kind = 0 if position_schedule is None else _POSITION_KINDS[type(position_schedule).__name__]
+    pos_a = pos_b = 0.0
+    table = scratch  # a placeholder the kernel does not read
+    table_len = 1
+    if kind == 1:
+        pos_a = position_schedule.half_life
+    elif kind == 2:
+        pos_a = position_schedule.alpha
+    elif kind == 3:
+        from .weighting import _device_table
+
+        table = _device_table(position_schedule.values, device, torch.float32)
+        table_len = len(position_schedule.values)
+    elif kind == 4:
+        pos_a, pos_b = position_schedule.start, position_schedule.end
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_mode, num_items_value, num_items_tensor = 2, 0.0, num_items_in_batch.reshape(1)
+    elif num_items_in_batch is not None:
+        num_items_mode, num_items_value, num_items_tensor = 1, float(num_items_in_batch), scratch
+    else:
+        num_items_mode, num_items_value, num_items_tensor = 0, 0.0, scratch
+
+    def placeholder(x):
+        return scratch if x is None else x.reshape(N)
+
+    args = (
+        valid.reshape(N), divergence.reshape(N), confidence.reshape(N), loss.reshape(N),
+        placeholder(user_weights), placeholder(positions), placeholder(tokens), placeholder(teacher_logprobs),
+        placeholder(rollout_logprobs), table, num_items_tensor,
+        outputs.out, outputs.weight, outputs.position, outputs.coef, outputs.flags,
+        segment, scratch[0], scratch[1], scratch[2],
+        N, max(row_length, 1), vocab, table_len,
+        float(pos_a), float(pos_b),
+        0.0 if weighting is None else weighting.confidence, 0.0 if weighting is None else weighting.disagreement,
+        0.0 if weighting is None else weighting.accumulated, 1.0 if weighting is None else weighting.accumulated_eps,
+        num_items_value, float(logprob_tolerance),
+    )
+    meta = dict(
+        SEGMENTS=segments, POSITION=kind, POSITIONS_GIVEN=positions is not None,
+        HAS_USER=user_weights is not None,
+        CONFIDENCE=weighting is not None and weighting.confidence > 0,
+        DISAGREEMENT=weighting is not None and weighting.disagreement > 0,
+        ACCUMULATED=weighting is not None and weighting.accumulated > 0,
+        NORMALIZE=weighting is not None and weighting.normalize,
+        REDUCTION=_REDUCTIONS[reduction], NUM_ITEMS=num_items_mode,
+        CHECK_TOKENS=tokens is not None, CHECK_TEACHER_LOGPROBS=teacher_logprobs is not None,
+        CHECK_ROLLOUT=rollout_logprobs is not None,
+        BLOCK=WEIGHTS_BLOCK, num_warps=4,
+    )
+    return (1,), args, meta, outputs
