@@ -28,7 +28,7 @@ def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
         return
     flags = torch.stack([bad.any() for _, bad in checks])
     messages = [message for message, _ in checks]
-    if flags.device.type != "cuda":
+    if not _deferred(flags):
         for message, failed in zip(messages, flags.tolist(), strict=True):
             if failed:
                 raise ValueError(message)
@@ -39,12 +39,17 @@ def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
 def run_flags(flags: torch.Tensor, messages: list[str]) -> None:
     """Flags a kernel wrote (nonzero = that check failed): raised now on the CPU, deferred on CUDA."""
     raise_arrived()
-    if flags.device.type != "cuda":
+    if not _deferred(flags):
         for message, failed in zip(messages, flags.tolist(), strict=True):
             if failed:
                 raise ValueError(message)
         return
     _queue(flags, messages)
+
+
+def _deferred(flags: torch.Tensor) -> bool:
+    """Whether reading these flags would stall the host (a CUDA device): then they are read later."""
+    return flags.device.type == "cuda"
 
 
 def _queue(flags: torch.Tensor, messages: list[str]) -> None:
