@@ -1,6 +1,7 @@
 """fused_linear_kl_loss: from hidden states and lm_head weights, equal to weighted_kl_loss on the materialized
 logits (the float64 truth below), with every option, both schedules, both backends, and no [N, V] buffer."""
 
+import contextlib
 import math
 
 import pytest
@@ -419,3 +420,116 @@ def test_bad_module_configuration():
         wpkl.FusedLinearWeightedKLLoss(student_softcap=-1.0)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         wpkl.FusedLinearWeightedKLLoss(chunk_size=0)
+
+
+# ---- the review's cases: extreme weights, float16, double backward, autocast, ZeRO-3, NaN rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [dict(weighting=wpkl.Weighting(position=wpkl.PositionTable((1e-30,)))),
+                                    dict(weighting=wpkl.Weighting(), token_weights=torch.full((3, 6), 1e-21)),
+                                    dict(weighting=wpkl.Weighting(), token_weights=torch.full((3, 6), 1e20))],
+                         ids=["tiny-table", "tiny-token-weights", "huge-token-weights"])
+def test_eager_schedule_with_extreme_weight_scales(backend, kwargs):
+    """Normalized weights make the truth independent of the weights' scale; the eager schedule's scalar too."""
+    check(make(), backend, mask=_mask(3, 6), chunk_size=5, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_runs_two_phase_and_sees_the_loss_scale(backend, monkeypatch):
+    """float16 with a GradScaler-like upstream (65536) and a huge num_items_in_batch: the logits-gradient is cast to
+    float16 only after the upstream scale is known (the two-phase schedule), so it neither underflows nor flushes."""
+    calls = _schedule_calls(monkeypatch)
+    inputs = make(dtype=torch.float16, bias=False)
+    check(inputs, backend, upstream=torch.tensor(65536.0), mask=_mask(3, 6), num_items_in_batch=torch.tensor(1e6),
+          chunk_size=5)
+    assert calls["grad_gemm"] > 0 and calls["project"] == 2 * calls["grad_gemm"]  # 6 GEMM-equivalents: two-phase
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_twice_with_retain_graph(backend, reduction):
+    inputs = make()
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    loss = wpkl.fused_linear_kl_loss(hidden, inputs["student_weight"], inputs["teacher_hidden"],
+                                     inputs["teacher_weight"], weighting=COMBINED, reduction=reduction,
+                                     backend=backend, chunk_size=5)
+    first = torch.autograd.grad(loss.sum() * 3, hidden, retain_graph=True)[0]
+    second = torch.autograd.grad(loss.sum() * 3, hidden)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_autocast_compute_dtype_is_kept_for_backward(reduction, monkeypatch):
+    """Under autocast the forward projects in bf16; backward (outside autocast) must recompute in bf16 too, or its
+    logits disagree with the forward's log-normalizers. Both backends then agree closely."""
+    dtypes = []
+    original = wpkl.fused_linear.project
+    monkeypatch.setattr(wpkl.fused_linear, "project", lambda *a, **k: dtypes.append(a[5]) or original(*a, **k))
+    inputs = make(H=32, V=61, bias=False)
+    grads = []
+    for backend in BACKENDS:
+        hidden = inputs["student_hidden"].clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = wpkl.fused_linear_kl_loss(hidden, inputs["student_weight"], inputs["teacher_hidden"],
+                                             inputs["teacher_weight"], backend=backend, reduction=reduction,
+                                             chunk_size=4, student_logit_scale=8.0, teacher_logit_scale=8.0)
+        loss.sum().backward()
+        grads.append(hidden.grad)
+    # 5 chunks of 4 of the 18 tokens, 2 projections each: forward only (eager) or forward and backward (two-phase)
+    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == (20 if reduction == "none" else 10) * 2
+    # (the logits-gradient is rounded to bf16 before its GEMMs: the backends agree to that rounding)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-2, atol=1e-2 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("weighting", [None, wpkl.Weighting(accumulated=0.5)], ids=["eager", "two-phase"])
+def test_zero3_weights_are_gathered_again_for_the_two_phase_backward(weighting, monkeypatch):
+    """A ZeRO-3-like lm_head (empty outside its gather context, as DeepSpeed re-partitions it): the TRL route
+    gathers it for the forward, and the two-phase backward re-enters the gather to recompute the projections."""
+    from trl.trainer import utils as trl_utils
+
+    from wpkl.integrations import trl as adapter
+
+    inputs = make(B=2, T=8, V=37, bias=False)
+    full = inputs["student_weight"].clone()
+    weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)  # frozen (as under LoRA): the hidden grad only
+    gathers = []
+
+    @contextlib.contextmanager
+    def gather(*params):
+        mine = any(p is weight for p in params)
+        if mine:
+            gathers.append(1)
+            weight.data = full
+        try:
+            yield
+        finally:
+            if mine:
+                weight.data = torch.empty(0)
+
+    monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", gather)
+    monkeypatch.setattr(wpkl.fused_linear, "CHUNK_BYTES", wpkl.fused_linear.chunk_bytes(4, 37, 16, "torch"))
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    loss, _, _ = adapter._distillation_divergence(weighting, "torch")(
+        hidden, inputs["teacher_hidden"], weight, inputs["teacher_weight"], torch.ones(2, 8, dtype=torch.long), 1.0)
+    loss.backward()
+    assert len(gathers) == (1 if weighting is None else 2)
+    plain = inputs["student_hidden"].clone().requires_grad_(True)
+    wpkl.fused_linear_kl_loss(plain, full, inputs["teacher_hidden"], inputs["teacher_weight"], weighting=weighting,
+                              reduction="sum", backend="torch").div(16).backward()
+    torch.testing.assert_close(hidden.grad, plain.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_row_leaves_the_other_rows_finite(backend):
+    """One NaN hidden state with a divergence-dependent weighting: the loss is NaN, that row's gradient is NaN, the
+    other rows' gradients are finite and right (as on materialized logits)."""
+    inputs = make(bias=False)
+    inputs["student_hidden"][0, 2, 1] = float("nan")
+    weighting = wpkl.Weighting(disagreement=1.0, normalize=False)
+    got = fused(inputs, backend, weighting=weighting, chunk_size=5)
+    _, _, (expected, _, _) = truth(inputs, weighting=weighting)
+    finite = torch.isfinite(expected).all(dim=-1)
+    assert torch.isnan(got[0]) and not finite[0, 2] and finite.sum() == 17
+    torch.testing.assert_close(got[2][0][finite].double(), expected[finite], rtol=1e-4, atol=1e-6)
+    assert torch.isnan(got[2][0][0, 2]).all()

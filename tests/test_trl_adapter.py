@@ -154,7 +154,7 @@ def test_use_wpkl_without_trl_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize("weighting", [None, wpkl.Weighting(accumulated=0.5, position=wpkl.ExpDecay(2.0))])
-def test_distillation_route_never_materializes_logits(weighting):
+def test_distillation_route_never_materializes_logits(weighting, monkeypatch):
     """use_wpkl's DistillationTrainer route computes from hidden states: no [B, K, V] tensor exists."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -170,7 +170,11 @@ def test_distillation_route_never_materializes_logits(weighting):
                     self.seen.append(tuple(x.shape))
             return out
 
+    import wpkl.fused_linear
+
     hs, ht, ws, wt, bs, bt, mask = _hidden_batch(torch.float32, torch.float32, B=4, K=8, V=37)
+    mask = torch.ones_like(mask)  # every token valid: 32 of them, in chunks of 4
+    monkeypatch.setattr(wpkl.fused_linear, "CHUNK_BYTES", wpkl.fused_linear.chunk_bytes(4, 37, 16, "torch"))
     fn = adapter._distillation_divergence(weighting, "torch")
     leaf = hs.clone().requires_grad_(True)
     with Shapes() as shapes:

@@ -180,10 +180,10 @@ class _Sequences:
                                positions=self.positions)
 
 
-def _weigh_and_reduce(problem: Problem, terms: TokenTerms, return_stats: bool):
+def _weigh_and_reduce(problem: Problem, terms: TokenTerms, return_stats: bool, seq: _Sequences | None = None):
     """Weights (wpkl/weighting.py) and reduction (wpkl/reduction.py) on the [B, T] per-token terms: shared by
-    every input form."""
-    seq = _Sequences(problem)
+    every input form (``seq``: the sequence layout, when the caller already built it)."""
+    seq = _Sequences(problem) if seq is None else seq
     layout, valid = seq.layout, seq.valid
     weights = seq.weights(problem.weighting, terms.divergence, terms.confidence)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)
@@ -222,8 +222,8 @@ class _EagerCoefficients:
     ``accumulated``, which needs the whole sequence: then chunks hold whole sequences (``whole_rows``).
     """
 
-    def __init__(self, problem: Problem):
-        self.seq = _Sequences(problem)
+    def __init__(self, problem: Problem, seq: _Sequences):
+        self.seq = seq
         self.shape = problem.valid.shape
         weighting = problem.weighting
         self.weighting = None if weighting is None else dataclasses.replace(weighting, normalize=False)
@@ -287,12 +287,12 @@ def fused_linear_kl_loss(
         student_bias, teacher_bias: [V] / [V_t] or None.
         student_logit_scale, teacher_logit_scale: multiply the logits before the softcap.
         student_softcap, teacher_softcap: ``c`` of the softcap, or None.
-        chunk_size: tokens per chunk; None picks it from a 1 GiB budget (wpkl/fused_linear.py states the formula).
+        chunk_size: tokens per chunk; None picks it from a 2 GiB budget (wpkl/fused_linear.py states the formula).
 
     Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.
     """
-    from .projection import gather_full
+    from .projection import gather_full, projection_dtype
 
     student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
     teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
@@ -310,10 +310,14 @@ def fused_linear_kl_loss(
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
                                                                 lin.student_bias))
-    eager = problem.reduction != "none" and trainable and torch.is_grad_enabled() and resolved != "reference"
+    # The eager schedule (wpkl/fused_linear.py) needs a scalar upstream and a compute dtype whose range holds the
+    # unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase.
+    eager = (problem.reduction != "none" and trainable and torch.is_grad_enabled() and resolved != "reference"
+             and projection_dtype(lin.student_hidden) != torch.float16)
+    seq = _Sequences(problem)
     terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
-                          coefficients=_EagerCoefficients(problem) if eager else None)
-    return _weigh_and_reduce(problem, terms, return_stats)
+                          coefficients=_EagerCoefficients(problem, seq) if eager else None)
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
 
 
 class WeightedKLLoss(nn.Module):

@@ -38,10 +38,11 @@ def _kernels_interpreted() -> bool:
 def _input_dtypes(problem: Problem) -> list:
     if problem.linear is None:
         return [x.dtype for x in (problem.student, problem.teacher) if x is not None]
-    # The fused-linear form hands the kernels float32 logits; float64 inputs project to float64 (torch only).
+    # The fused-linear form hands the kernels float32 logits; float64 hidden states project to float64 logits
+    # (the torch pass only). A float64 weight with float32 hidden states projects in float32.
     lin = problem.linear
-    tensors = (lin.student_hidden, lin.student_weight, lin.teacher_hidden, lin.teacher_weight)
-    return [torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32]
+    hidden = [x for x in (lin.student_hidden, lin.teacher_hidden) if x is not None]
+    return [torch.float64 if any(x.dtype == torch.float64 for x in hidden) else torch.float32]
 
 
 def resolve_backend(backend: str, problem: Problem) -> str:

@@ -19,7 +19,7 @@ import torch
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+def projection_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the product runs in: autocast's when it is on for the hidden states' device, else theirs."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -66,7 +66,7 @@ def project(
 ) -> torch.Tensor:
     """float32 logits ``softcap(scale * (hidden @ weight.T + bias))`` for hidden [..., H] and weight [V, H]
     (float64 when the compute dtype is float64)."""
-    dtype = compute_dtype(hidden) if dtype is None else dtype
+    dtype = projection_dtype(hidden) if dtype is None else dtype
     flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     logits = matmul_fp32(flat, weight.to(dtype).t())
     if bias is not None:
