@@ -9,6 +9,7 @@ after validation touch [N, V] data; weighting and reduction work on [B, T] per-t
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -22,15 +23,12 @@ from .validation import (
     Problem,
     check_inplace_backward,
     check_linear_options,
-    CHECKS,
-    LOGPROB_TOLERANCE,
-    check_message,
     check_options,
     check_values,
     validate,
     validate_linear,
 )
-from .weighting import Weighting, compute_weights, sequence_positions
+from .weighting import PositionTable, Weighting, _device_table, compute_weights, sequence_positions
 
 
 def weighted_kl_loss(
@@ -112,44 +110,35 @@ def weighted_kl_loss(
     return _weigh_and_reduce(problem, terms, return_stats)
 
 
-@dataclasses.dataclass(frozen=True)
-class _TritonConfig:
-    divergence: str
-    beta: float
-    temperature: float
-    weighting: Weighting | None
-    reduction: str
-    segments: int  # kernels/token_weights.py: 0 rows, 1 packed split at positions 0, 2 one sequence
-    num_items_value: float | None
-    logprob_tolerance: float
-    check_messages: tuple
-    inplace_backward: bool
-
-
 def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
-    """The Triton path: the vocabulary pass and the weights kernel (wpkl/autograd.py: TritonWeightedLoss) make the
-    loss, the weights and the value checks in two kernels, with no host sync."""
-    from .autograd import TritonWeightedLoss
+    """The Triton path: the vocabulary pass and the weights kernel make the loss, the weights and the value checks
+    in two kernels (backward: one), with no host sync, as a torch custom op (wpkl/ops.py) that torch.compile
+    traces without graph breaks."""
+    from . import ops
+    from .vocab_pass import encode_weighting
 
     count = problem.num_items_in_batch
     tensor_count = None
     if isinstance(count, torch.Tensor):
-        tensor_count, count = count.to(problem.device, non_blocking=True), None
+        tensor_count, count = count.to(problem.device, non_blocking=True).reshape(()), None
+    weighting = problem.weighting
+    table = None
+    if weighting is not None and isinstance(weighting.position, PositionTable):
+        table = _device_table(weighting.position.values, problem.device, torch.float32)
     segments = 0 if not problem.packed else (1 if problem.positions is not None else 2)
-    config = _TritonConfig(problem.divergence, problem.beta, problem.temperature, problem.weighting,
-                           problem.reduction, segments, count, LOGPROB_TOLERANCE,
-                           tuple(check_message(name, problem.vocab) for name in CHECKS), inplace_backward)
-    loss, public, weight, position = TritonWeightedLoss.apply(
+    loss, stats, weight, position, _ = ops.weighted_loss(
         problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
-        problem.rollout_logprobs, problem.user_weights, problem.positions, tensor_count, config)
+        problem.rollout_logprobs, problem.user_weights, problem.positions, tensor_count, table, problem.divergence,
+        problem.beta, problem.temperature, encode_weighting(weighting), problem.reduction, segments,
+        math.nan if count is None else float(count), inplace_backward)
     if problem.reduction == "none":
         loss = loss.reshape(problem.leading_shape)
     if not return_stats:
         return loss
     shape = problem.leading_shape
-    stats = TokenStats(divergence=public[0].reshape(shape), weight=weight.reshape(shape),
-                       teacher_confidence=public[1].reshape(shape), teacher_entropy=public[3].reshape(shape),
-                       student_entropy=public[2].reshape(shape), position=position.reshape(shape),
+    stats = TokenStats(divergence=stats[0].reshape(shape), weight=weight.reshape(shape),
+                       teacher_confidence=stats[1].reshape(shape), teacher_entropy=stats[3].reshape(shape),
+                       student_entropy=stats[2].reshape(shape), position=position.reshape(shape),
                        mask=problem.valid.reshape(shape))
     return loss, stats
 

@@ -1,6 +1,7 @@
 """Backend dispatch: which implementation computes the per-token terms over the vocabulary.
 
-    triton     the fused kernels (wpkl/autograd.py): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+    triton     the fused kernels (wpkl/ops.py, wpkl/vocab_pass.py): CUDA tensors, or CPU tensors under
+               TRITON_INTERPRET=1
     torch      the chunked pure-torch path (wpkl/torch_path.py): any device, bounded memory
     reference  the specification (wpkl/reference.py) on all valid rows at once: float64-capable, for tests
                (the fused-linear form materializes its logits for it)
@@ -16,13 +17,12 @@ import importlib.util
 
 import torch
 
-from .autograd import KERNEL_DTYPES, TritonTokenDivergence
 from .fused_linear import FusedLinearTokenDivergence, LinearSpec, chunk_size_for, plan_chunks
 from .projection import project
 from .reference import TokenTerms
 from .torch_path import chunked_terms, reference_terms
 from .validation import Problem
-from .vocab_pass import PassSpec
+from .vocab_pass import KERNEL_DTYPES, PassSpec
 
 
 def triton_installed() -> bool:
@@ -69,20 +69,17 @@ def resolve_backend(backend: str, problem: Problem) -> str:
     return "triton"
 
 
-def compute_terms(problem: Problem, backend: str, inplace_backward: bool = False, stats: bool = True,
-                  coefficients=None) -> TokenTerms:
-    """Per-token terms ([B, T] each; loss differentiable) from the resolved backend.
+def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficients=None) -> TokenTerms:
+    """Per-token terms ([B, T] each; loss differentiable) from the resolved backend, for the weighting and
+    reduction in torch (wpkl/api.py). Materialized logits on the Triton backend do not come here: their weights
+    and reduction run in a kernel too (wpkl/ops.py).
 
     ``stats=False``: the teacher confidence and the entropies are not needed (the torch path then skips them and
-    reports NaN; the kernels compute them at no cost anyway). ``coefficients``: the fused-linear form's eager
-    schedule (wpkl/fused_linear.py), or None."""
+    reports NaN). ``coefficients``: the fused-linear form's eager schedule (wpkl/fused_linear.py), or None."""
     if problem.linear is not None:
         return linear_terms(problem, backend, stats, coefficients)
     args = (problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
             problem.rollout_logprobs, problem.divergence, problem.beta, problem.temperature)
-    if backend == "triton":
-        loss, out_stats = TritonTokenDivergence.apply(*args, inplace_backward)
-        return TokenTerms(loss, *out_stats.unbind(0))
     if backend == "torch":
         return chunked_terms(*args, stats=stats)
     return reference_terms(*args)

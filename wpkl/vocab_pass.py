@@ -251,8 +251,32 @@ def pass_for(backend: str):
 # ------------------------------------------------------------------------------------- weights kernel
 
 WEIGHTS_BLOCK = 1024
-_POSITION_KINDS = {"ExpDecay": 1, "PowerDecay": 2, "PositionTable": 3, "PositionWindow": 4}
 _REDUCTIONS = {"mean": 0, "sum": 1, "seq_mean": 2, "none": 3}
+_POSITION_KINDS = {"ExpDecay": 1.0, "PowerDecay": 2.0, "PositionTable": 3.0, "PositionWindow": 4.0}
+
+
+def encode_weighting(weighting) -> list[float]:
+    """A Weighting as plain numbers (what the weights kernel and the custom op's schema take):
+    [position kind, a, b, confidence, disagreement, accumulated, eps, normalize]; kind 0 none, 1 ExpDecay
+    (a = half_life), 2 PowerDecay (a = alpha), 3 PositionTable (the values travel as a tensor), 4 PositionWindow
+    (a = start, b = end). ``None`` (uniform) encodes as all zeros."""
+    if weighting is None:
+        return [0.0] * 8
+    position = weighting.position
+    kind = 0.0 if position is None else _POSITION_KINDS[type(position).__name__]
+    a = b = 0.0
+    if kind == 1.0:
+        a = position.half_life
+    elif kind == 2.0:
+        a = position.alpha
+    elif kind == 4.0:
+        a, b = position.start, position.end
+    return [kind, float(a), float(b), weighting.confidence, weighting.disagreement, weighting.accumulated,
+            weighting.accumulated_eps, float(weighting.normalize)]
+
+
+def num_stats() -> int:
+    return _kernels().NUM_STATS
 
 
 @dataclass
@@ -264,11 +288,13 @@ class WeightsOutputs:
     flags: torch.Tensor  # [NUM_CHECKS] int32
 
 
-def weights_launch(valid, divergence, confidence, loss, *, weighting, reduction: str, segments: int, row_length: int,
-                   vocab: int, user_weights=None, positions=None, tokens=None, teacher_logprobs=None,
-                   rollout_logprobs=None, num_items_in_batch=None, logprob_tolerance: float = 1e-3):
+def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float], table, reduction: str,
+                   segments: int, row_length: int, vocab: int, user_weights=None, positions=None, tokens=None,
+                   teacher_logprobs=None, rollout_logprobs=None, num_items_in_batch=None,
+                   logprob_tolerance: float = 1e-3):
     """(grid, args, meta, outputs) of the weights kernel over flat [N] vectors (kernels/token_weights.py).
 
+    ``weighting``: ``encode_weighting``'s list; ``table``: a PositionTable's values on the device (fp32) or None.
     ``segments``: 0 rows of ``row_length`` tokens, 1 packed input split at each position 0, 2 one sequence."""
     N = valid.numel()
     device = valid.device
@@ -278,22 +304,10 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting, reduction:
     outputs = WeightsOutputs(out=new_buffer(N if reduction == "none" else 1, **f32), weight=new_buffer(N, **f32),
                              position=new_buffer(N, **f32), coef=new_buffer(N, **f32),
                              flags=new_buffer(8, dtype=torch.int32, device=device))
-    position_schedule = None if weighting is None else weighting.position
-    kind = 0 if position_schedule is None else _POSITION_KINDS[type(position_schedule).__name__]
-    pos_a = pos_b = 0.0
-    table = scratch  # a placeholder the kernel does not read
-    table_len = 1
-    if kind == 1:
-        pos_a = position_schedule.half_life
-    elif kind == 2:
-        pos_a = position_schedule.alpha
-    elif kind == 3:
-        from .weighting import _device_table
-
-        table = _device_table(position_schedule.values, device, torch.float32)
-        table_len = len(position_schedule.values)
-    elif kind == 4:
-        pos_a, pos_b = position_schedule.start, position_schedule.end
+    kind, pos_a, pos_b, confidence_exp, disagreement_exp, gamma, eps, normalize = weighting
+    kind = int(kind)
+    table_len = 1 if table is None else table.numel()
+    table = scratch if table is None else table  # a placeholder the kernel does not read
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_mode, num_items_value, num_items_tensor = 2, 0.0, num_items_in_batch.reshape(1)
     elif num_items_in_batch is not None:
@@ -311,18 +325,14 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting, reduction:
         outputs.out, outputs.weight, outputs.position, outputs.coef, outputs.flags,
         segment, scratch[0], scratch[1], scratch[2],
         N, max(row_length, 1), vocab, table_len,
-        float(pos_a), float(pos_b),
-        0.0 if weighting is None else weighting.confidence, 0.0 if weighting is None else weighting.disagreement,
-        0.0 if weighting is None else weighting.accumulated, 1.0 if weighting is None else weighting.accumulated_eps,
-        num_items_value, float(logprob_tolerance),
+        float(pos_a), float(pos_b), float(confidence_exp), float(disagreement_exp), float(gamma),
+        float(eps) if eps > 0 else 1.0, num_items_value, float(logprob_tolerance),
     )
     meta = dict(
         SEGMENTS=segments, POSITION=kind, POSITIONS_GIVEN=positions is not None,
         HAS_USER=user_weights is not None,
-        CONFIDENCE=weighting is not None and weighting.confidence > 0,
-        DISAGREEMENT=weighting is not None and weighting.disagreement > 0,
-        ACCUMULATED=weighting is not None and weighting.accumulated > 0,
-        NORMALIZE=weighting is not None and weighting.normalize,
+        CONFIDENCE=confidence_exp > 0, DISAGREEMENT=disagreement_exp > 0, ACCUMULATED=gamma > 0,
+        NORMALIZE=bool(normalize),
         REDUCTION=_REDUCTIONS[reduction], NUM_ITEMS=num_items_mode,
         CHECK_TOKENS=tokens is not None, CHECK_TEACHER_LOGPROBS=teacher_logprobs is not None,
         CHECK_ROLLOUT=rollout_logprobs is not None,
