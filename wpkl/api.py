@@ -50,6 +50,11 @@ def weighted_kl_loss(
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk_mode: str = "tail",
+    topk_logprob_floor: float | None = None,
+    topk_loss_max: float | None = None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -74,6 +79,15 @@ def weighted_kl_loss(
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
+        teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k tokens per position (a teacher
+            server's answer), instead of ``teacher_logits`` (pass None there): int ids [..., K] (global vocabulary
+            ids, -1 pads a shorter list) and the teacher's full-vocabulary log-probabilities of them [..., K]
+            (-inf allowed; used as given, no temperature). Divergences: forward_kl, reverse_kl, jsd.
+        topk_mode: "tail" (the K atoms plus one tail atom holding the rest of each distribution's mass: TRL's
+            convention), "renormalize" (both restricted to the K atoms and renormalized) or "raw" (the atoms as
+            given: verl's top-k forward KL). See wpkl/reference.py: topk_atom_terms.
+        topk_logprob_floor, topk_loss_max: "raw" only: clamp both sides' top-k log-probabilities from below, and
+            each token's loss from above (verl's log_prob_min_clamp and loss_max_clamp).
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
             new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
             cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
@@ -99,10 +113,17 @@ def weighted_kl_loss(
         teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs,
         backend=backend,
+        teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        topk_mode=topk_mode,
+        topk_logprob_floor=topk_logprob_floor,
+        topk_loss_max=topk_loss_max,
     )
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
+    if resolved == "triton" and problem.topk_ids is not None:
+        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
     if resolved == "triton":
         return _triton_weighted_loss(problem, return_stats, inplace_backward)
     check_values(problem)

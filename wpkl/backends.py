@@ -19,7 +19,7 @@ import torch
 
 from .fused_linear import FusedLinearTokenDivergence, LinearSpec, chunk_size_for, plan_chunks
 from .projection import project
-from .reference import TokenTerms
+from .reference import TokenTerms, TopKOptions
 from .torch_path import chunked_terms, reference_terms
 from .validation import Problem
 from .vocab_pass import KERNEL_DTYPES, PassSpec
@@ -78,11 +78,17 @@ def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficien
     reports NaN). ``coefficients``: the fused-linear form's eager schedule (wpkl/fused_linear.py), or None."""
     if problem.linear is not None:
         return linear_terms(problem, backend, stats, coefficients)
-    args = (problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
-            problem.rollout_logprobs, problem.divergence, problem.beta, problem.temperature)
+    spec = pass_spec(problem, stats)
+    args = (problem.student, problem.teacher, problem.topk_ids, problem.topk_logprobs, problem.valid, problem.tokens,
+            problem.teacher_logprobs, problem.rollout_logprobs)
     if backend == "torch":
-        return chunked_terms(*args, stats=stats)
-    return reference_terms(*args)
+        return chunked_terms(*args, spec)
+    return reference_terms(*args, spec)
+
+
+def pass_spec(problem: Problem, stats: bool = True) -> PassSpec:
+    return PassSpec(problem.divergence, problem.beta, problem.temperature, stats,
+                    TopKOptions(problem.topk_mode, problem.topk_logprob_floor, problem.topk_loss_max))
 
 
 def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> TokenTerms:
@@ -99,9 +105,9 @@ def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> T
                 teacher = project(lin.teacher_hidden, lin.teacher_weight[:problem.vocab],
                                   None if lin.teacher_bias is None else lin.teacher_bias[:problem.vocab],
                                   lin.teacher_logit_scale, lin.teacher_softcap)
-        return reference_terms(student, teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
-                               problem.rollout_logprobs, problem.divergence, problem.beta, problem.temperature)
-    spec = LinearSpec(PassSpec(problem.divergence, problem.beta, problem.temperature, stats), backend,
+        return reference_terms(student, teacher, problem.topk_ids, problem.topk_logprobs, problem.valid,
+                               problem.tokens, problem.teacher_logprobs, problem.rollout_logprobs, pass_spec(problem))
+    spec = LinearSpec(pass_spec(problem, stats), backend,
                       lin.student_logit_scale, lin.student_softcap, lin.teacher_logit_scale, lin.teacher_softcap)
     hidden = lin.student_hidden.shape[-1]
     chunk = lin.chunk_size or chunk_size_for(problem.vocab, hidden, backend)

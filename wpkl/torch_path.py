@@ -21,51 +21,55 @@ from __future__ import annotations
 
 import torch
 
-from .reference import TokenTerms, compute_dtype, token_terms
+from .reference import TokenTerms, TopK, compute_dtype, token_terms
 from .vocab_pass import PassSpec, TorchPass, _rows
 
 
 class ChunkedTokenDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence: str,
-                beta: float, temperature: float, stats: bool):
+    def forward(ctx, student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs,
+                spec: PassSpec):
         dtype = compute_dtype(*(x for x in (student, teacher) if x is not None))
         # The gradient now when it needs no memory the returned gradient does not (see the module docstring).
         eager_grad = ctx.needs_input_grad[0] and student.dtype == dtype
         row_grad = torch.zeros_like(student) if eager_grad else None
-        loss, out_stats, saved = TorchPass.forward(student, teacher, valid, tokens, teacher_logprobs,
-                                                   rollout_logprobs, PassSpec(divergence, beta, temperature, stats),
-                                                   row_grad=row_grad)
+        teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
+        loss, out_stats, saved = TorchPass.forward(student, teacher_given, valid, tokens, teacher_logprobs,
+                                                   rollout_logprobs, spec, row_grad=row_grad)
         ctx.eager_grad, ctx.saved_pass = eager_grad, saved
-        ctx.save_for_backward(*((row_grad,) if eager_grad else (student, valid, *saved.per_row)))
+        tensors = (student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs)
+        ctx.save_for_backward(*((row_grad,) if eager_grad else tensors))
         ctx.mark_non_differentiable(out_stats)
         return loss, out_stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
+        nones = (None,) * 8
         if ctx.eager_grad:
             (grad,) = ctx.saved_tensors
             # Each row's gradient times its d loss / d L_i, in place: the buffer is this function's own.
-            return grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype)), *(None,) * 9
-        student, valid, *per_row = ctx.saved_tensors
+            return grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype)), *nones
+        student, teacher, topk_ids, topk_logprobs, valid, *per_token = ctx.saved_tensors
         saved = ctx.saved_pass
-        saved.student, saved.valid, saved.per_row = student, valid, tuple(per_row)
-        return TorchPass.backward(saved, grad_loss, torch.empty_like(student)), *(None,) * 9
+        teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
+        saved.student, saved.valid, saved.per_row = student, valid, (teacher_given, *per_token)
+        return TorchPass.backward(saved, grad_loss, torch.empty_like(student)), *nones
 
 
-def chunked_terms(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence, beta,
-                  temperature, stats=True) -> TokenTerms:
-    loss, out_stats = ChunkedTokenDivergence.apply(student, teacher, valid, tokens, teacher_logprobs,
-                                                   rollout_logprobs, divergence, beta, temperature, stats)
+def chunked_terms(student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs,
+                  spec: PassSpec) -> TokenTerms:
+    loss, out_stats = ChunkedTokenDivergence.apply(student, teacher, topk_ids, topk_logprobs, valid, tokens,
+                                                   teacher_logprobs, rollout_logprobs, spec)
     return TokenTerms(loss, *out_stats.unbind(0))
 
 
-def reference_terms(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, divergence, beta,
-                    temperature, stats=True) -> TokenTerms:
+def reference_terms(student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs,
+                    spec: PassSpec) -> TokenTerms:
     """The specification as a backend: token_terms on the valid rows, all at once, plain autograd."""
     b, t = valid.nonzero(as_tuple=True)
-    terms = token_terms(student[b, t], **_rows((b, t), teacher, tokens, teacher_logprobs, rollout_logprobs),
-                        divergence=divergence, beta=beta, temperature=temperature)
+    teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
+    terms = token_terms(student[b, t], **_rows((b, t), teacher_given, tokens, teacher_logprobs, rollout_logprobs),
+                        divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
     zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
     return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import run_checks
-from .reference import DIVERGENCES
+from .reference import DIVERGENCES, TOPK_MODES
 from .weighting import Weighting
 
 REDUCTIONS = ("mean", "sum", "seq_mean", "none")
@@ -62,6 +62,11 @@ class Problem:
     vocab: int = 0
     device: torch.device | None = None
     linear: LinearInputs | None = None
+    topk_ids: torch.Tensor | None = None  # [B, T, K] int64: a top-k teacher's ids (-1 pads)
+    topk_logprobs: torch.Tensor | None = None  # [B, T, K] float: its log q of those ids
+    topk_mode: str = "tail"
+    topk_logprob_floor: float | None = None
+    topk_loss_max: float | None = None
 
 
 def _choice(name: str, value, options) -> str:
@@ -150,8 +155,10 @@ def validate(
     teacher_logprobs=None,
     rollout_logprobs=None,
     backend="auto",
+    **topk,
 ) -> Problem:
-    """The materialized form: [B, T, V] or [N, V] student and teacher logits."""
+    """The materialized form: [B, T, V] or [N, V] student and teacher logits (or a top-k teacher: ``topk`` holds
+    teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max)."""
     student = _logits("student_logits", student_logits)
     teacher = None
     if teacher_logits is not None:
@@ -160,7 +167,7 @@ def validate(
                        mask=mask, weighting=weighting, token_weights=token_weights, positions=positions,
                        tokens=tokens, divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
                        num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
-                       rollout_logprobs=rollout_logprobs, backend=backend)
+                       rollout_logprobs=rollout_logprobs, backend=backend, **topk)
 
     def contiguous_vocab(x):  # the kernels need a contiguous vocabulary dimension; other strides are free
         return x if x is None or x.stride(-1) == 1 else x.contiguous()
@@ -273,6 +280,47 @@ def _bias(name: str, bias, vocab: int, device) -> torch.Tensor | None:
     return bias
 
 
+def _topk(ids, logprobs, leading, device, teacher_name, teacher_given, *, divergence, teacher_logprobs, mode,
+          floor, loss_max):
+    """The top-k teacher's arguments: None when not given, else (ids int64, logprobs, mode, floor, loss_max)."""
+    if ids is None and logprobs is None:
+        if mode != "tail" or floor is not None or loss_max is not None:
+            raise ValueError("topk_mode, topk_logprob_floor and topk_loss_max need teacher_topk_ids and "
+                             "teacher_topk_logprobs")
+        return None
+    if ids is None or logprobs is None:
+        raise ValueError("give teacher_topk_ids and teacher_topk_logprobs together")
+    if teacher_given:
+        raise ValueError(f"give {teacher_name} or teacher_topk_ids/teacher_topk_logprobs, not both")
+    if teacher_logprobs is not None:
+        raise ValueError("teacher_logprobs is the sampled-token form; a top-k teacher gives teacher_topk_logprobs")
+    if divergence == "sampled":
+        raise ValueError('a top-k teacher takes divergence "forward_kl", "reverse_kl" or "jsd" ("sampled" takes '
+                         "teacher_logprobs, the teacher's log-prob of the sampled token)")
+    mode = _choice("topk_mode", mode, TOPK_MODES)
+    for name, x, kind in (("teacher_topk_ids", ids, "i"), ("teacher_topk_logprobs", logprobs, "f")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        is_float = x.is_floating_point()
+        if (kind == "f") != is_float or x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must be {'a floating-point' if kind == 'f' else 'an integer'} tensor, got {x.dtype}")
+        if x.dim() != len(leading) + 1 or x.shape[:-1] != leading or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape {tuple(leading)} + (K,) with K >= 1, got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
+    if ids.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs {tuple(logprobs.shape)} "
+                         "must have the same shape")
+    values = []
+    for name, x in (("topk_logprob_floor", floor), ("topk_loss_max", loss_max)):
+        if x is not None:
+            if mode != "raw":
+                raise ValueError(f'{name} applies to topk_mode="raw" (verl\'s clamps), not {mode!r}')
+            x = _real(name, x)
+        values.append(x)
+    return ids.long(), logprobs, mode, values[0], values[1]
+
+
 def _rows_view(x, packed: bool):
     """[N, ...] -> [1, N, ...] for packed input: a view, never a copy."""
     return x if x is None or not packed else x.unsqueeze(0)
@@ -280,9 +328,15 @@ def _rows_view(x, packed: bool):
 
 def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weighting, token_weights, positions,
              tokens, divergence, beta, temperature, reduction, num_items_in_batch, teacher_logprobs,
-             rollout_logprobs, backend) -> Problem:
+             rollout_logprobs, backend, teacher_topk_ids=None, teacher_topk_logprobs=None, topk_mode="tail",
+             topk_logprob_floor=None, topk_loss_max=None) -> Problem:
     """The checks both input forms share: options and per-token tensors. Their values: ``check_values``."""
     divergence = _choice("divergence", divergence, DIVERGENCES)
+    topk = _topk(teacher_topk_ids, teacher_topk_logprobs, leading, device, teacher_name, teacher_given,
+                 divergence=divergence, teacher_logprobs=teacher_logprobs, mode=topk_mode,
+                 floor=topk_logprob_floor, loss_max=topk_loss_max)
+    if topk is not None:
+        teacher_given = True
     if not teacher_given:
         if divergence != "sampled" or teacher_logprobs is None:
             raise ValueError(f'{teacher_name} may be None only with divergence="sampled" and teacher_logprobs')
@@ -345,6 +399,9 @@ def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weigh
         num_items_in_batch=num_items_in_batch,
         vocab=vocab,
         device=device,
+        **({} if topk is None else dict(
+            topk_ids=_rows_view(topk[0], packed), topk_logprobs=_rows_view(topk[1], packed), topk_mode=topk[2],
+            topk_logprob_floor=topk[3], topk_loss_max=topk[4])),
     )
 
 
@@ -369,7 +426,20 @@ CHECKS = ("token_weights", "positions", "tokens", "teacher_logprobs_finite", "te
           "rollout_logprobs_finite", "rollout_logprobs_range", "num_items_in_batch")
 
 
+# The top-k teacher's checks (torch ops on every path).
+TOPK_CHECKS = ("topk_ids_range", "topk_ids_duplicate", "topk_logprobs_finite", "topk_logprobs_range")
+
+
 def check_message(check: str, vocab: int) -> str:
+    if check == "topk_ids_range":
+        return f"teacher_topk_ids must lie in [0, V) = [0, {vocab}), or be -1 (padding), on valid tokens"
+    if check == "topk_ids_duplicate":
+        return "teacher_topk_ids must not repeat an id within a token's list (padding -1 aside)"
+    if check == "topk_logprobs_finite":
+        return "teacher_topk_logprobs must not be NaN on the given ids (-inf is a token the teacher bans)"
+    if check == "topk_logprobs_range":
+        return (f"teacher_topk_logprobs must be log-probabilities (<= 0, up to {LOGPROB_TOLERANCE} of rounding) on "
+                "the given ids; were probabilities passed?")
     if check == "token_weights":
         return "token_weights must be finite and >= 0 on valid tokens"
     if check == "positions":
@@ -401,8 +471,16 @@ def check_values(problem: Problem) -> None:
         if x is not None:
             bad[f"{name}_finite"] = valid & ~torch.isfinite(x)
             bad[f"{name}_range"] = valid & (x > LOGPROB_TOLERANCE)
+    if problem.topk_ids is not None:
+        ids, logprobs = problem.topk_ids, problem.topk_logprobs
+        atoms = valid.unsqueeze(-1) & (ids >= 0)
+        bad["topk_ids_range"] = valid.unsqueeze(-1) & ((ids < -1) | (ids >= vocab))
+        ordered = ids.sort(dim=-1).values
+        bad["topk_ids_duplicate"] = valid.unsqueeze(-1) & (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        bad["topk_logprobs_finite"] = atoms & torch.isnan(logprobs)
+        bad["topk_logprobs_range"] = atoms & (logprobs > LOGPROB_TOLERANCE)
     if problem.num_items_in_batch is not None:
         # With no valid token the loss is 0 whatever the count (an empty micro-batch); otherwise it divides.
         count = torch.as_tensor(problem.num_items_in_batch, device=valid.device)
         bad["num_items_in_batch"] = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
-    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS if name in bad])
+    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS if name in bad])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .launch import launch_config
-from .reference import compute_dtype, token_terms
+from .reference import TopK, TopKOptions, compute_dtype, token_terms
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,6 +41,7 @@ class PassSpec:
     beta: float
     temperature: float
     stats: bool = True
+    topk: TopKOptions | None = None  # a top-k teacher's options (``teacher`` is then a ``TopK``)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -189,8 +190,10 @@ def _select(x: torch.Tensor | None, rows):
 
 
 def _rows(rows, teacher, tokens, teacher_logprobs, rollout_logprobs) -> dict:
-    """The per-row inputs of token_terms for the selected rows."""
-    return dict(teacher_logits=_select(teacher, rows), tokens=_select(tokens, rows),
+    """The per-row inputs of token_terms for the selected rows (``teacher``: logits, a ``TopK`` or None)."""
+    topk = isinstance(teacher, TopK)
+    return dict(teacher_logits=None if topk else _select(teacher, rows),
+                teacher_topk=teacher[rows] if topk else None, tokens=_select(tokens, rows),
                 teacher_logprobs=_select(teacher_logprobs, rows), rollout_logprobs=_select(rollout_logprobs, rows))
 
 
@@ -207,12 +210,12 @@ class TorchPass:
     def forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec: PassSpec,
                 row_grad: torch.Tensor | None = None):
         B, T, V = student.shape
-        dtype = compute_dtype(*(x for x in (student, teacher) if x is not None))
+        dtype = compute_dtype(*(x for x in (student, teacher) if isinstance(x, torch.Tensor)))
         loss = student.new_zeros((B, T), dtype=dtype)
         stats = student.new_zeros((4, B, T), dtype=dtype)
         if not spec.stats:
             stats[1:] = float("nan")  # not computed: confidence and entropies unknown
-        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
+        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
         per_row = (teacher, tokens, teacher_logprobs, rollout_logprobs)
         for rows in row_chunks(valid, V):
             x = student[rows].detach()
@@ -233,7 +236,7 @@ class TorchPass:
     def backward(saved: TorchSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Recomputes each chunk under autograd; rows of masked tokens are zeroed."""
         spec = saved.spec
-        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
+        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
         out[~saved.valid] = 0
         for rows in row_chunks(saved.valid, saved.student.shape[-1]):
             x = saved.student[rows].detach().requires_grad_(True)
