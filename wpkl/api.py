@@ -277,6 +277,11 @@ def fused_linear_kl_loss(
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk_mode: str = "tail",
+    topk_logprob_floor: float | None = None,
+    topk_loss_max: float | None = None,
 ):
     """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
 
@@ -298,6 +303,8 @@ def fused_linear_kl_loss(
         student_logit_scale, teacher_logit_scale: multiply the logits before the softcap.
         student_softcap, teacher_softcap: ``c`` of the softcap, or None.
         chunk_size: tokens per chunk; None picks it from a 2 GiB budget (wpkl/fused_linear.py states the formula).
+        teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max: a teacher given as
+            top-k atoms (with ``teacher_hidden=None`` and ``teacher_weight=None``), as in ``weighted_kl_loss``.
 
     Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.
@@ -313,9 +320,13 @@ def fused_linear_kl_loss(
         weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
         beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
         teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs, backend=backend,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, topk_mode=topk_mode,
+        topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
     )
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
+    if resolved == "triton" and problem.topk_ids is not None:
+        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
     check_values(problem)
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,

@@ -125,5 +125,6 @@ def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> T
     loss, out_stats = FusedLinearTokenDivergence.apply(
         flat(lin.student_hidden), lin.student_weight, lin.student_bias, flat(lin.teacher_hidden), lin.teacher_weight,
         lin.teacher_bias, flat(problem.valid), flat(problem.tokens), flat(problem.teacher_logprobs),
-        flat(problem.rollout_logprobs), spec, chunks, coefficients)
+        flat(problem.rollout_logprobs), flat(problem.topk_ids), flat(problem.topk_logprobs), spec, chunks,
+        coefficients)
     return TokenTerms(loss.view(B, T), *out_stats.view(4, B, T).unbind(0))

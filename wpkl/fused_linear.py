@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from .projection import accumulate_dtype, addmm_fp32, matmul_fp32, project, projection_dtype
+from .reference import TopK
 from .vocab_pass import PassSpec, TorchSaved, TritonSaved, divergence_id, pass_for
 
 CHUNK_BYTES = 2 << 30
@@ -150,18 +151,19 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
     each token's d loss / d L_i up to one scalar; None runs the two-phase schedule."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, valid, tokens, teacher_logprobs, rollout_logprobs,
-                spec: LinearSpec, chunks, coefficients):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, valid, tokens, teacher_logprobs, rollout_logprobs, topk_ids,
+                topk_logprobs, spec: LinearSpec, chunks, coefficients):
         dtypes = (projection_dtype(h_s), None if h_t is None else projection_dtype(h_t))
         # The projections choose their precision themselves (wpkl/projection.py): autocast would round the
         # "float32" logits to its dtype in the forward and not in a backward that runs outside it.
         with torch.autocast(h_s.device.type, enabled=False):
             return FusedLinearTokenDivergence._forward(ctx, dtypes, h_s, w_s, b_s, h_t, w_t, b_t, valid, tokens,
-                                                       teacher_logprobs, rollout_logprobs, spec, chunks, coefficients)
+                                                       teacher_logprobs, rollout_logprobs, topk_ids, topk_logprobs,
+                                                       spec, chunks, coefficients)
 
     @staticmethod
     def _forward(ctx, dtypes, h_s, w_s, b_s, h_t, w_t, b_t, valid, tokens, teacher_logprobs, rollout_logprobs,
-                 spec: LinearSpec, chunks, coefficients):
+                 topk_ids, topk_logprobs, spec: LinearSpec, chunks, coefficients):
         N = h_s.shape[0]
         acc = accumulate_dtype(dtypes[0])
         projector = _Projector(spec, dtypes, h_s, w_s, b_s, h_t, w_t, b_t)
@@ -178,8 +180,8 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
             valid_c = torch.ones(1, ids.numel(), dtype=torch.bool, device=h_s.device)
             row_grad = torch.empty_like(s)[None] if eager and spec.backend == "torch" else None
             extra = {} if spec.backend == "triton" else dict(row_grad=row_grad)
-            loss_c, stats_c, saved = passes.forward(s[None], None if t is None else t[None], valid_c, *per_token,
-                                                    spec.pass_spec, **extra)
+            loss_c, stats_c, saved = passes.forward(s[None], _teacher(t, ids, topk_ids, topk_logprobs), valid_c,
+                                                    *per_token, spec.pass_spec, **extra)
             loss[ids] = loss_c[0].to(acc)
             stats[:, ids] = stats_c[:, 0].to(acc)
             if eager:
@@ -196,18 +198,20 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
             ctx.save_for_backward(coef_all)
         else:
             ctx.pass_stats = pass_stats
-            ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs)
+            ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs, topk_ids,
+                                  topk_logprobs)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
-        nones = (None,) * 10
+        nones = (None,) * 12
         if ctx.eager:
             (coef,) = ctx.saved_tensors
             return (*ctx.grads.finish(_common_scalar(grad_loss, coef)), *nones)
-        h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs = ctx.saved_tensors
+        (h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs, topk_ids,
+         topk_logprobs) = ctx.saved_tensors
         spec = ctx.spec
         grads = _Grads.new(h_s, w_s, b_s, ctx.needs_input_grad)
         grad_loss = grad_loss.to(accumulate_dtype(ctx.dtypes[0]))
@@ -224,10 +228,20 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                                         None if tokens is None else tokens[ids], ctx.pass_stats[k],
                                         divergence_id(spec.pass_spec.divergence, spec.pass_spec.beta), spec.pass_spec)
                 else:
-                    saved = TorchSaved(s[None], valid_c, (None if t is None else t[None], *per_token), spec.pass_spec)
+                    saved = TorchSaved(s[None], valid_c, (_teacher(t, ids, topk_ids, topk_logprobs), *per_token),
+                                       spec.pass_spec)
                 grads.add(_logits_grad(spec, saved, s, grad_loss[ids], None), ids, projector)
                 del s, t, saved
         return (*grads.finish(None), *nones)
+
+
+def _teacher(t, ids, topk_ids, topk_logprobs):
+    """The chunk's teacher for the vocabulary pass: its logits [1, n, V], a top-k teacher's atoms, or None."""
+    if t is not None:
+        return t[None]
+    if topk_ids is not None:
+        return TopK(topk_ids[ids][None], topk_logprobs[ids][None])
+    return None
 
 
 def _per_token(ids, *tensors):

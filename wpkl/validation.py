@@ -221,7 +221,8 @@ def validate_linear(
     t_hidden = t_weight = t_bias = None
     if teacher_hidden is None:
         if teacher_weight is not None or teacher_bias is not None:
-            raise ValueError("teacher_weight and teacher_bias need teacher_hidden (None only with teacher_logprobs)")
+            raise ValueError("teacher_weight and teacher_bias need teacher_hidden (None only with teacher_logprobs or "
+                             "a top-k teacher)")
     else:
         t_hidden = _float_tensor("teacher_hidden", teacher_hidden)
         if t_hidden.shape[:-1] != hidden.shape[:-1] or t_hidden.dim() != hidden.dim() or t_hidden.shape[-1] == 0:
