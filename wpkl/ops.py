@@ -47,7 +47,7 @@ def weighted_loss(
     B, T, V = student.shape
     loss, _, saved = TritonPass.forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs,
                                         PassSpec(divergence, beta, temperature))
-    stats = saved.stats.view(-1, B, T)
+    stats = saved.stats.view(saved.stats.shape[0], B, T)
     if B * T == 0:
         zeros = student.new_zeros((B, T), dtype=torch.float32)
         out = zeros.clone() if reduction == "none" else student.new_zeros((), dtype=torch.float32)
@@ -83,7 +83,7 @@ def weighted_loss_backward(out: torch.Tensor, student: torch.Tensor, teacher: to
                            divergence: str, beta: float, temperature: float) -> None:
     B, T, _ = student.shape
     saved = TritonSaved(student, teacher, valid.reshape(B * T).to(torch.int8),
-                        None if tokens is None else tokens.reshape(B * T), stats.reshape(-1, B * T),
+                        None if tokens is None else tokens.reshape(B * T), stats.reshape(stats.shape[0], B * T),
                         divergence_id(divergence, beta), PassSpec(divergence, beta, temperature))
     TritonPass.backward(saved, coef, out)
 
