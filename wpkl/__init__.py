@@ -6,7 +6,7 @@
 
 from .api import WeightedKLLoss, weighted_kl_loss
 from .stats import TokenStats
-from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, Weighting
+from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, PrefixConfidence, Weighting
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "PositionTable",
     "PositionWindow",
     "PowerDecay",
+    "PrefixConfidence",
     "TokenStats",
     "Weighting",
     "WeightedKLLoss",

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .backends import compute_terms, resolve_backend
+from .torch_path import chunked_teacher_token_logprobs
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
@@ -37,6 +38,7 @@ def weighted_kl_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
@@ -62,6 +64,10 @@ def weighted_kl_loss(
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
+        teacher_token_logprobs: leading shape: log q(y) of the sampled tokens, for weightings that need it
+            (``Weighting(prefix_confidence=...)``). Without it they use ``teacher_logprobs`` ("sampled"), or
+            compute it from ``teacher_logits`` and ``tokens`` on the torch and reference backends (the Triton
+            kernels do not report it).
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
             new [N, V] buffer. Only when nothing else reads those logits after this loss.
 
@@ -84,11 +90,14 @@ def weighted_kl_loss(
         num_items_in_batch=num_items_in_batch,
         teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs,
+        teacher_token_logprobs=teacher_token_logprobs,
         backend=backend,
     )
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    terms = compute_terms(problem, resolve_backend(backend, problem), inplace_backward=inplace_backward)
+    resolved = resolve_backend(backend, problem)
+    token_logprobs = _teacher_token_logprobs(problem, resolved)
+    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward)
 
     layout = SequenceLayout(problem.packed, problem.positions)
     valid = layout.rows(problem.valid)
@@ -101,6 +110,7 @@ def weighted_kl_loss(
         confidence=layout.rows(terms.confidence),
         user_weights=None if problem.user_weights is None else layout.rows(problem.user_weights),
         positions=pos,
+        teacher_token_logprobs=None if token_logprobs is None else layout.rows(token_logprobs),
     )
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)
     if problem.reduction == "none":
@@ -126,6 +136,21 @@ def weighted_kl_loss(
         mask=leading(problem.valid),
     )
     return loss, stats
+
+
+def _teacher_token_logprobs(problem, backend: str) -> torch.Tensor | None:
+    """log q(y) of the sampled tokens when the weighting needs it: given, or computed on the torch backends."""
+    if problem.weighting is None or not problem.weighting.needs_teacher_token_logprobs:
+        return None
+    if problem.teacher_token_logprobs is not None:
+        return problem.teacher_token_logprobs
+    if problem.teacher_logprobs is not None:
+        return problem.teacher_logprobs
+    if backend == "triton":
+        raise ValueError("Weighting(prefix_confidence=...) on the Triton backend needs teacher_token_logprobs "
+                         "(log q(y) of the sampled tokens): the kernels do not report it")
+    return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
+                                          problem.student.shape[-1])
 
 
 class WeightedKLLoss(nn.Module):
@@ -154,7 +179,7 @@ class WeightedKLLoss(nn.Module):
                       weighting=weighting, backend=backend)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
-                return_stats=False, num_items_in_batch=None):
+                return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None):
         return weighted_kl_loss(
             student_logits,
             teacher_logits,
@@ -170,6 +195,7 @@ class WeightedKLLoss(nn.Module):
             return_stats=return_stats,
             backend=self.backend,
             num_items_in_batch=num_items_in_batch,
+            teacher_token_logprobs=teacher_token_logprobs,
             inplace_backward=self.inplace_backward,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import TokenTerms, compute_dtype, token_terms
+from .reference import TokenTerms, compute_dtype, teacher_token_logprob, token_terms
 
 # Rows per chunk = CHUNK_ELEMENTS // V: with 2**22 elements a float32 [chunk, V] buffer is 16 MiB.
 CHUNK_ELEMENTS = 1 << 22
@@ -83,3 +83,15 @@ def reference_terms(student, teacher, valid, tokens, teacher_logprobs, rollout_l
                         divergence=divergence, beta=beta, temperature=temperature)
     zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
     return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))
+
+
+@torch.no_grad()
+def chunked_teacher_token_logprobs(teacher, valid, tokens, temperature, vocab) -> torch.Tensor:
+    """[B, T] log q(y) of the sampled tokens from the teacher logits, chunk by chunk (0 where invalid).
+
+    A second read of the teacher's valid rows: weights that need log q(y) cost this on the torch path only.
+    """
+    out = torch.zeros(valid.shape, dtype=compute_dtype(teacher), device=valid.device)
+    for b, t in _chunks(valid, vocab):
+        out[b, t] = teacher_token_logprob(teacher[b, t], tokens[b, t], vocab, temperature)
+    return out

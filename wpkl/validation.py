@@ -31,6 +31,7 @@ class Problem:
     tokens: torch.Tensor | None  # [B, T] int64
     teacher_logprobs: torch.Tensor | None  # [B, T] float: log q(y), instead of teacher logits
     rollout_logprobs: torch.Tensor | None  # [B, T] float: log p(y) under the policy that sampled y
+    teacher_token_logprobs: torch.Tensor | None  # [B, T] float: log q(y), for weights that need it
     user_weights: torch.Tensor | None  # [B, T] float
     positions: torch.Tensor | None  # [B, T] int64
     leading_shape: torch.Size  # the caller's leading shape: (B, T) or (N,)
@@ -120,6 +121,7 @@ def validate(
     num_items_in_batch=None,
     teacher_logprobs=None,
     rollout_logprobs=None,
+    teacher_token_logprobs=None,
     backend="auto",
 ) -> Problem:
     student = _logits("student_logits", student_logits)
@@ -148,6 +150,14 @@ def validate(
     tokens = _per_token("tokens", tokens, leading, device, "i", "an integer")
     teacher_logprobs = _per_token("teacher_logprobs", teacher_logprobs, leading, device, "f", "a floating-point")
     rollout_logprobs = _per_token("rollout_logprobs", rollout_logprobs, leading, device, "f", "a floating-point")
+    teacher_token_logprobs = _per_token("teacher_token_logprobs", teacher_token_logprobs, leading, device, "f",
+                                        "a floating-point")
+    if teacher_token_logprobs is not None and teacher_logprobs is not None:
+        raise ValueError("give teacher_logprobs or teacher_token_logprobs, not both: they are the same log q(y)")
+    if weighting is not None and weighting.needs_teacher_token_logprobs and teacher_token_logprobs is None \
+            and teacher_logprobs is None and tokens is None:
+        raise ValueError("Weighting(prefix_confidence=...) needs log q(y) of the sampled tokens: pass "
+                         "teacher_token_logprobs, or tokens (then computed from teacher_logits on the torch backends)")
     if divergence == "sampled" and tokens is None:
         raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
 
@@ -159,6 +169,9 @@ def validate(
             raise ValueError("position weighting on [N, V] input needs positions (or pass [B, T, V] logits)")
         if weighting is not None and weighting.accumulated > 0:
             raise ValueError("Weighting(accumulated=...) needs [B, T, V] input: it sums over each sequence's prefix")
+        if positions is None and weighting is not None and weighting.prefix_confidence is not None:
+            raise ValueError("Weighting(prefix_confidence=...) on [N, V] input needs positions (or pass [B, T, V] "
+                             "logits): its window looks back within each sequence")
 
     if num_items_in_batch is not None:
         if reduction != "mean":
@@ -173,7 +186,8 @@ def validate(
 
     valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
     _check_values(valid, vocab, token_weights=token_weights, positions=positions, tokens=tokens,
-                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs},
+                  logprobs={"teacher_logprobs": teacher_logprobs, "rollout_logprobs": rollout_logprobs,
+                            "teacher_token_logprobs": teacher_token_logprobs},
                   num_items_in_batch=num_items_in_batch)
 
     def per_token(x):  # [N] -> [1, N] for packed input: a view, never a copy
@@ -189,6 +203,7 @@ def validate(
         tokens=per_token(None if tokens is None else tokens.long()),
         teacher_logprobs=per_token(teacher_logprobs),
         rollout_logprobs=per_token(rollout_logprobs),
+        teacher_token_logprobs=per_token(teacher_token_logprobs),
         user_weights=per_token(token_weights),
         positions=per_token(None if positions is None else positions.long()),
         leading_shape=leading,
