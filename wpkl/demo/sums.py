@@ -93,7 +93,7 @@ def analyse(seq: torch.Tensor, k: int) -> Analysis:
 def smoothed_logits(target: torch.Tensor, probability: float = TARGET_PROBABILITY) -> torch.Tensor:
     """[..., 10] log-probabilities with ``probability`` on ``target`` and the rest spread evenly."""
     other = math.log((1 - probability) / (DIGITS - 1))
-    logits = torch.full((*target.shape, DIGITS), other)
+    logits = torch.full((*target.shape, DIGITS), other, device=target.device)
     return logits.scatter(-1, target.unsqueeze(-1), math.log(probability))
 
 
@@ -134,7 +134,7 @@ class TeacherWrapper:
             target = torch.where(wrong, facts.truth, predicted)
         else:
             target = predicted
-        logits = smoothed_logits(target).to(seq.device)
+        logits = smoothed_logits(target)
         if self.mode == "conf":
             logits = torch.where(wrong.unsqueeze(-1), torch.full_like(logits, -math.log(DIGITS)), logits)
             target = torch.where(wrong, torch.full_like(target, -1), target)
