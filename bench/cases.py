@@ -52,7 +52,7 @@ DEFAULT_SHAPES = [Shape(n, v) for n in (4096, 16384) for v in (32000, 128256, 15
 ]
 QUICK_SHAPES = {
     "cuda": [Shape(4096, 32000), Shape(4096, 128256)],
-    "cpu": [Shape(256, 8192, "float32"), Shape(1024, 32000, "float32")],
+    "cpu": [Shape(256, 8192, "float32"), Shape(2048, 32000, "float32")],
 }
 SMOKE_SHAPE = Shape(24, 300, "float32")  # the Triton interpreter's correctness smoke on CPU
 

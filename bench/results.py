@@ -40,6 +40,17 @@ class Results:
         data = json.loads(Path(path).read_text())
         return cls(data["meta"], [Row(**r) for r in data["rows"]])
 
+    def torch_path_ratios(self) -> list[tuple[str, float]]:
+        """(case and shape, wpkl-torch ms / eager ms) for every fwd+bwd pair measured in this run."""
+        timed = {(r.provider, r.case, r.tokens, r.vocab, r.dtype): r.ms for r in self.rows
+                 if r.mode == "fwd+bwd" and r.status == "ok" and r.ms}
+        out = []
+        for (provider, case, n, v, dtype), ms in timed.items():
+            eager = timed.get(("eager", case, n, v, dtype))
+            if provider == "wpkl-torch" and eager:
+                out.append((f"{case} N={n} V={v} {dtype}", ms / eager))
+        return out
+
     def markdown(self) -> str:
         m = self.meta
         lines = [
@@ -54,6 +65,10 @@ class Results:
         ]
         if m.get("notice"):
             lines += [f"**{m['notice']}**", ""]
+        ratios = self.torch_path_ratios()
+        if ratios:
+            lines += ["wpkl's torch path against eager torch (fwd+bwd time ratio, below 1 is faster):", ""]
+            lines += [f"- {label}: {ratio:.2f}" for label, ratio in ratios] + [""]
         for case, description in m["cases"].items():
             rows = [r for r in self.rows if r.case == case]
             if not rows:

@@ -51,6 +51,8 @@ def test_table_matches_hand_computation():
     assert sum(r["share_weighted"] for r in rows.values()) == pytest.approx(1.0)
     table = monitor.format_table()
     assert "[0, 1)" in table and "[4, inf)" in table and "14.3%" in table
+    # Bucket widths: 1, 1, 2, then the last bucket [4, inf) up to the largest position seen, 5: two positions.
+    assert [rows[b]["width"] for b in range(4)] == [1.0, 1.0, 2.0, 2.0]
     steps, heat = monitor.heatmap()
     assert steps == [0, 1] and heat.shape == (2, 4)
     assert heat[0, 2].item() == pytest.approx(3.0) and math.isnan(heat[1, 1].item())
@@ -117,3 +119,35 @@ def test_cli_rejects_a_file_that_is_not_an_audit(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"wpkl audit: error: {bad} is not a saved PositionBiasMonitor (PositionBiasMonitor.save writes one): "
         "UnpicklingError"], result.stderr
+
+
+def test_micro_batches_of_one_step_make_one_column():
+    """update(stats, step) once per micro-batch: one heatmap column per step, summed over its micro-batches."""
+    monitor = PositionBiasMonitor(num_buckets=4)
+    monitor.update(_stats([0, 1], [1.0, 2.0], [1.0, 1.0], [0.5, 0.5]), step=7)
+    monitor.update(_stats([0, 1], [3.0, 6.0], [1.0, 1.0], [0.5, 0.5]), step=7)
+    monitor.update(_stats([0], [5.0], [1.0], [0.5]), step=8)
+    monitor.update(_stats([0], [1.0], [1.0], [0.5]))  # no step: the next one
+    steps, heat = monitor.heatmap()
+    assert steps == [7, 8, 9]
+    assert heat[0, 0].item() == pytest.approx(2.0) and heat[0, 1].item() == pytest.approx(4.0)
+    assert heat[1, 0].item() == pytest.approx(5.0) and heat[2, 0].item() == pytest.approx(1.0)
+
+
+def test_loss_share_plot_is_per_position(tmp_path, monkeypatch):
+    """The plotted bars are bucket share / bucket width: a uniform loss gives equal bars at every position."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    bars = []
+    original = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: bars.append(list(h)) or
+                        original(self, x, h, *a, **k))
+    monitor = PositionBiasMonitor(num_buckets=5)
+    positions = list(range(12))
+    monitor.update(_stats(positions, [1.0] * 12, [1.0] * 12, [0.5] * 12))
+    from wpkl.audit import plot
+
+    plot(monitor, tmp_path)
+    uniform, weighted = bars
+    assert uniform == pytest.approx([100 / 12] * 5) and weighted == pytest.approx([100 / 12] * 5)

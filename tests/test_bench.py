@@ -45,7 +45,12 @@ def test_rows_and_metadata(results):
     for case in ("uniform", "combined", "iw_opd"):
         losses = {r["note"] for r in timed if r["case"] == case and r["mode"] == "fwd"}
         assert len(losses) == 1, losses
-    assert path.with_suffix(".md").read_text().count("| N=48 V=384 float32 |") >= 12
+    markdown = path.with_suffix(".md").read_text()
+    assert markdown.count("| N=48 V=384 float32 |") >= 12
+    # The torch path's time against eager torch, per case (issue: it must be at least as fast at N=2048 V=32000).
+    assert "wpkl's torch path against eager torch" in markdown
+    for case in ("uniform", "combined", "iw_opd"):
+        assert f"- {case} N=48 V=384 float32: " in markdown
 
 
 def test_plot(results, tmp_path):

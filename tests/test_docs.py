@@ -62,6 +62,21 @@ def test_documented_attribute_access_works_after_a_bare_import():
     assert result.returncode == 0 and "PositionBiasMonitor" in result.stdout, result.stdout + result.stderr
 
 
+def test_license_ships_with_the_package():
+    """pyproject declares Apache-2.0; the LICENSE file holds its text and the installed metadata names it."""
+    import importlib.metadata
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    meta = importlib.metadata.metadata("wpkl")
+    assert "LICENSE" in (meta.get_all("License-File") or []), meta.get_all("License-File")
+
+
 def test_lint():
     """pyflakes and bugbear checks (ruff, configured in pyproject.toml): unused names, undefined names, traps."""
     import shutil

@@ -72,8 +72,10 @@ def test_gradcheck_weighted_loss(reduction):
     assert torch.autograd.gradcheck(frozen_loss, (student,))
 
 
-def test_torch_path_holds_only_chunks(monkeypatch):
-    """The torch path never hands more than CHUNK_ELEMENTS // V rows to the [rows, V] math at once."""
+@pytest.mark.parametrize("dtype,passes", [(torch.float32, 1), (torch.bfloat16, 2)], ids=str)
+def test_torch_path_holds_only_chunks(monkeypatch, dtype, passes):
+    """The torch path never hands more than CHUNK_ELEMENTS // V rows to the [rows, V] math at once. float32 logits
+    get their gradient in the forward pass (one pass over the rows); half-precision ones recompute in backward."""
     monkeypatch.setattr(wpkl.torch_path, "CHUNK_ELEMENTS", 64 * 4)
     seen = []
     original = wpkl.torch_path.token_terms
@@ -83,10 +85,27 @@ def test_torch_path_holds_only_chunks(monkeypatch):
         return original(student, **kwargs)
 
     monkeypatch.setattr(wpkl.torch_path, "token_terms", spy)
-    student = torch.randn(3, 10, 64, requires_grad=True)
-    teacher = torch.randn(3, 10, 64)
-    loss = wpkl.weighted_kl_loss(student, teacher, backend="torch")
+    student = torch.randn(3, 10, 64).to(dtype).requires_grad_(True)
+    teacher = torch.randn(3, 10, 64).to(dtype)
+    mask = torch.rand(3, 10) < 0.7
+    mask[0, 2:9] = True  # a run of consecutive rows: read as a view
+    loss = wpkl.weighted_kl_loss(student, teacher, mask=mask, backend="torch", return_stats=True)[0]
     loss.backward()
-    assert seen and max(seen) <= 4 and sum(seen) == 2 * 30  # forward + backward recompute
-    expected = torch.autograd.grad(wpkl.weighted_kl_loss(student, teacher, backend="reference"), student)[0]
+    n_valid = int(mask.sum())
+    assert seen and max(seen) <= 4 and sum(seen) == passes * n_valid
+    leaf = student.detach().requires_grad_(True)
+    expected = torch.autograd.grad(wpkl.weighted_kl_loss(leaf, teacher, mask=mask, backend="reference"), leaf)[0]
     torch.testing.assert_close(student.grad, expected)
+    assert torch.count_nonzero(student.grad[~mask]) == 0
+
+
+def test_torch_path_skips_stats_it_is_not_asked_for(monkeypatch):
+    """Without return_stats (or a confidence weighting) the torch path computes no entropies; with them, it does."""
+    calls = []
+    original = wpkl.torch_path.token_terms
+    monkeypatch.setattr(wpkl.torch_path, "token_terms", lambda *a, **k: calls.append(k["stats"]) or original(*a, **k))
+    student, teacher = torch.randn(2, 5, 30, requires_grad=True), torch.randn(2, 5, 30)
+    wpkl.weighted_kl_loss(student, teacher, backend="torch")
+    wpkl.weighted_kl_loss(student, teacher, backend="torch", weighting=wpkl.Weighting(confidence=1.0))
+    _, stats = wpkl.weighted_kl_loss(student, teacher, backend="torch", return_stats=True)
+    assert calls == [False, True, True] and torch.isfinite(stats.student_entropy).all()

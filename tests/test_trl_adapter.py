@@ -139,3 +139,14 @@ def test_distillation_divergence_matches_trl(dtype, weight_dtype, beta):
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, **tol)
+
+
+def test_use_wpkl_without_trl_says_how_to_install(monkeypatch):
+    """Without TRL: an ImportError that names the extra to install, not a bare ModuleNotFoundError."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "trl" or m.startswith("trl.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "trl", None)
+    with pytest.raises(ImportError, match=r'pip install "wpkl\[trl\]"'):
+        adapter.use_wpkl(object())

@@ -83,6 +83,9 @@ def no_kernel_launch(monkeypatch):
     (dict(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch replaces"),
     (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch must be a scalar"),
     (dict(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    (dict(inplace_backward=1), TypeError, "inplace_backward must be a bool"),
+    (dict(inplace_backward=True, backend="torch"), ValueError, "inplace_backward=True needs the Triton backend"),
+    (dict(inplace_backward=True, backend="reference"), ValueError, "inplace_backward=True needs the Triton"),
     (dict(teacher_logits=None), ValueError, "teacher_logits may be None only"),
     (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long)), ValueError,
      "teacher_logits may be None only"),
@@ -212,3 +215,13 @@ def test_num_items_with_no_valid_token_gives_zero(monkeypatch, count):
     loss = call(student_logits=student, mask=torch.zeros(2, 3, dtype=torch.bool), num_items_in_batch=count)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(student.grad) == 0
+
+
+def test_inplace_backward_is_ignored_when_auto_picks_the_torch_path(monkeypatch):
+    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    student = S.clone().requires_grad_(True)
+    call(student_logits=student, inplace_backward=True).backward()
+    expected = S.clone().requires_grad_(True)
+    call(student_logits=expected).backward()
+    torch.testing.assert_close(student.grad, expected.grad)
+    assert torch.equal(student.detach(), S)  # the logits were not overwritten

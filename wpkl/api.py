@@ -16,7 +16,7 @@ from .torch_path import chunked_teacher_token_logprobs
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
-from .validation import check_options, validate
+from .validation import check_inplace_backward, check_options, validate
 from .weighting import Weighting, compute_weights, sequence_positions
 
 
@@ -69,7 +69,9 @@ def weighted_kl_loss(
             compute it from ``teacher_logits`` and ``tokens`` on the torch and reference backends (the Triton
             kernels do not report it).
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
-            new [N, V] buffer. Only when nothing else reads those logits after this loss.
+            new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
+            cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
+            torch path (CPU tensors) it is ignored, so one configuration runs everywhere.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
@@ -96,8 +98,11 @@ def weighted_kl_loss(
     if not isinstance(return_stats, bool):
         raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
     resolved = resolve_backend(backend, problem)
+    check_inplace_backward(inplace_backward, backend, resolved)
     token_logprobs = _teacher_token_logprobs(problem, resolved)
-    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward)
+    needs_stats = return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
+    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton",
+                          stats=needs_stats)
 
     layout = SequenceLayout(problem.packed, problem.positions)
     valid = layout.rows(problem.valid)
@@ -177,6 +182,7 @@ class WeightedKLLoss(nn.Module):
         # Fail at construction, not at the first training step.
         check_options(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
                       weighting=weighting, backend=backend)
+        check_inplace_backward(inplace_backward, backend, None)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None):

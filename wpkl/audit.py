@@ -9,9 +9,11 @@
 Positions are bucketed on a log scale: [0, 1), [1, 2), [2, 4), [4, 8), ... The last bucket also takes every
 position beyond it. Per bucket it accumulates token counts and sums of the divergence D, the weight w, the
 teacher confidence, both entropies, and of D and w * D, so that each bucket's share of the loss can be read
-under uniform weighting (sum D) and under the active weighting (sum w D). Per step it keeps each bucket's
-divergence sum and count for a position x step heatmap. Tokens whose teacher statistics are unknown (NaN,
-e.g. "sampled" with teacher_logprobs) count in every column but those.
+under uniform weighting (sum D) and under the active weighting (sum w D). Buckets widen along the response,
+so the plots show that share per position (share / the bucket's width; the last bucket ends at the largest
+position seen). Per step it keeps each bucket's divergence sum and count for a position x step heatmap; updates
+with the same ``step`` (micro-batches of one optimizer step) add up into one column. Tokens whose teacher
+statistics are unknown (NaN, e.g. "sampled" with teacher_logprobs) count in every column but those.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ class PositionBiasMonitor:
         self.num_buckets = num_buckets
         self.keep_steps = keep_steps
         self.totals: torch.Tensor | None = None  # [num_buckets, len(COLUMNS)] float64
+        self.max_position: torch.Tensor | None = None  # the largest valid position seen (a device scalar)
         self.steps: list[int] = []
         self.step_sums: list[torch.Tensor] = []  # per step: [2, num_buckets] (divergence sum, token count)
 
     def update(self, stats: TokenStats, step: int | None = None) -> None:
-        """Accumulate one step's TokenStats. Runs on the stats' device without a host sync."""
+        """Accumulate one batch's TokenStats. Runs on the stats' device without a host sync.
+
+        ``step``: the training step the batch belongs to (default: one more than the last update's). Several
+        updates with the same step (gradient-accumulation micro-batches) add up into that step's column.
+        """
         valid = stats.mask.reshape(-1)
         div = stats.divergence.reshape(-1).double()
         weight = stats.weight.reshape(-1).double()
@@ -72,9 +79,18 @@ class PositionBiasMonitor:
                                               self.num_buckets).double()
         sums = one_hot.T @ columns
         self.totals = sums if self.totals is None else self.totals + sums
+        largest = torch.where(valid, stats.position.reshape(-1).double(), -1.0).amax() if valid.numel() else None
+        if largest is not None:
+            self.max_position = largest if self.max_position is None else torch.maximum(self.max_position, largest)
         if self.keep_steps:
-            self.steps.append(len(self.steps) if step is None else int(step))
-            self.step_sums.append(torch.stack([sums[:, 1], sums[:, 0]]))
+            step = (self.steps[-1] + 1 if self.steps else 0) if step is None else int(step)
+            column = torch.stack([sums[:, 1], sums[:, 0]])
+            if step in self.steps:
+                index = self.steps.index(step)
+                self.step_sums[index] = self.step_sums[index] + column
+            else:
+                self.steps.append(step)
+                self.step_sums.append(column)
 
     def summary(self) -> list[dict]:
         """One dict per bucket that saw tokens: position range, token count, means and loss shares."""
@@ -84,6 +100,7 @@ class PositionBiasMonitor:
         edges = bucket_edges(self.num_buckets)
         col = {name: totals[:, i] for i, name in enumerate(COLUMNS)}
         all_div, all_weighted = col["divergence"].sum().item(), col["weighted_divergence"].sum().item()
+        last = None if self.max_position is None else self.max_position.item()
         rows = []
         for b in range(self.num_buckets):
             n = col["tokens"][b].item()
@@ -91,8 +108,10 @@ class PositionBiasMonitor:
                 continue
             known = col["confidence_tokens"][b].item()
             upper = edges[b + 1] if b + 1 < self.num_buckets else math.inf
+            # Positions the bucket spans: the last one up to the largest position seen.
+            width = upper - edges[b] if math.isfinite(upper) else max((last or edges[b]) + 1 - edges[b], 1.0)
             rows.append(dict(
-                bucket=b, start=edges[b], end=upper, tokens=int(n),
+                bucket=b, start=edges[b], end=upper, width=width, tokens=int(n),
                 mean_divergence=col["divergence"][b].item() / n,
                 mean_weight=col["weight"][b].item() / n,
                 teacher_confidence=col["teacher_confidence"][b].item() / known if known else math.nan,
@@ -127,6 +146,7 @@ class PositionBiasMonitor:
     def state_dict(self) -> dict:
         return dict(num_buckets=self.num_buckets, keep_steps=self.keep_steps,
                     totals=None if self.totals is None else self.totals.cpu(), steps=list(self.steps),
+                    max_position=None if self.max_position is None else self.max_position.cpu(),
                     step_sums=torch.stack(self.step_sums).cpu() if self.step_sums else None)
 
     def save(self, path) -> Path:
@@ -140,6 +160,7 @@ class PositionBiasMonitor:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
         monitor = cls(state["num_buckets"], state["keep_steps"])
         monitor.totals = state["totals"]
+        monitor.max_position = state.get("max_position")
         monitor.steps = list(state["steps"])
         monitor.step_sums = list(state["step_sums"].unbind(0)) if state["step_sums"] is not None else []
         return monitor
@@ -152,6 +173,7 @@ def plot(monitor: PositionBiasMonitor, out_dir, title: str = "") -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,21 +191,23 @@ def plot(monitor: PositionBiasMonitor, out_dir, title: str = "") -> list[Path]:
     ax2.plot(x, [r["teacher_confidence"] for r in rows], "s--", color="tab:orange", label="teacher confidence")
     ax2.set_ylabel("teacher confidence max q")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
+    # Outside the axes: inside, a marker can always sit under it.
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=2, fontsize=8)
     ax.set_title(f"{title} divergence and teacher confidence by position".strip())
     written.append(out_dir / "divergence_by_position.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    width = 0.4
-    ax.bar([i - width / 2 for i in x], [100 * r["share_uniform"] for r in rows], width, label="uniform")
-    ax.bar([i + width / 2 for i in x], [100 * r["share_weighted"] for r in rows], width, label="weighted")
+    # Per position, not per bucket: log-spaced buckets widen, and a wide bucket's share grows with its width alone.
+    bar = 0.4
+    ax.bar([i - bar / 2 for i in x], [100 * r["share_uniform"] / r["width"] for r in rows], bar, label="uniform")
+    ax.bar([i + bar / 2 for i in x], [100 * r["share_weighted"] / r["width"] for r in rows], bar, label="weighted")
     ax.set_xticks(x, labels)
     ax.set_xlabel("position bucket (lower edge)")
-    ax.set_ylabel("share of the loss (%)")
+    ax.set_ylabel("share of the loss per position (%)")
     ax.legend()
-    ax.set_title(f"{title} loss share per position bucket".strip())
+    ax.set_title(f"{title} loss share per position (bucket share / bucket width)".strip())
     written.append(out_dir / "loss_share_by_position.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
@@ -195,6 +219,7 @@ def plot(monitor: PositionBiasMonitor, out_dir, title: str = "") -> list[Path]:
         image = ax.imshow(heat[:, used].T.numpy(), aspect="auto", origin="lower", interpolation="nearest",
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(used) - 0.5))
         ax.set_yticks(range(len(used)), [f"{bucket_edges(monitor.num_buckets)[b]:.0f}" for b in used])
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel("position bucket")
         fig.colorbar(image, ax=ax, label="mean divergence")

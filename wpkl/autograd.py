@@ -31,6 +31,19 @@ def _kernels():
     return kernels
 
 
+def launch(kernel, grid, args, meta) -> None:
+    """Launch a kernel. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) numpy evaluates masked-off
+    lanes too (-inf - -inf, exp overflow) and would warn about values the kernel then discards: those warnings
+    are silenced here, for wpkl's own launches only."""
+    if type(kernel).__name__ == "InterpretedFunction":
+        import numpy as np
+
+        with np.errstate(all="ignore"):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
 def divergence_id(divergence: str, beta: float) -> int:
     """jsd with beta 0 or 1 is exactly forward or reverse KL: run that (cheaper) specialization."""
     if divergence == "jsd" and beta in (0.0, 1.0):
@@ -99,7 +112,7 @@ class TritonTokenDivergence(torch.autograd.Function):
         if N > 0:
             grid, args, meta = forward_launch(student, teacher, valid_bytes, tokens, *per_token, loss, stats, div_id,
                                               beta, temperature)
-            kernels.token_divergence_fwd_kernel[grid](*args, **meta)
+            launch(kernels.token_divergence_fwd_kernel, grid, args, meta)
         ctx.save_for_backward(student, teacher, valid_bytes, tokens, stats)
         ctx.div_id, ctx.beta, ctx.temperature, ctx.inplace_backward = div_id, float(beta), temperature, inplace_backward
         public = stats[: kernels.NUM_PUBLIC_STATS].clone().view(kernels.NUM_PUBLIC_STATS, B, T)
@@ -116,5 +129,5 @@ class TritonTokenDivergence(torch.autograd.Function):
             grad_loss = grad_loss.reshape(B * T).to(torch.float32).contiguous()
             grid, args, meta = backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad,
                                                ctx.div_id, ctx.beta, ctx.temperature)
-            _kernels().token_divergence_bwd_kernel[grid](*args, **meta)
+            launch(_kernels().token_divergence_bwd_kernel, grid, args, meta)
         return grad, None, None, None, None, None, None, None, None, None

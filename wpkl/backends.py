@@ -51,13 +51,16 @@ def resolve_backend(backend: str, problem: Problem) -> str:
     return "triton"
 
 
-def compute_terms(problem: Problem, backend: str, inplace_backward: bool = False) -> TokenTerms:
-    """Per-token terms ([B, T] each; loss differentiable) from the resolved backend."""
+def compute_terms(problem: Problem, backend: str, inplace_backward: bool = False, stats: bool = True) -> TokenTerms:
+    """Per-token terms ([B, T] each; loss differentiable) from the resolved backend.
+
+    ``stats=False``: the teacher confidence and the entropies are not needed (the torch path then skips them and
+    reports NaN; the kernels compute them at no cost anyway)."""
     args = (problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
             problem.rollout_logprobs, problem.divergence, problem.beta, problem.temperature)
     if backend == "triton":
-        loss, stats = TritonTokenDivergence.apply(*args, inplace_backward)
-        return TokenTerms(loss, *stats.unbind(0))
+        loss, out_stats = TritonTokenDivergence.apply(*args, inplace_backward)
+        return TokenTerms(loss, *out_stats.unbind(0))
     if backend == "torch":
-        return chunked_terms(*args)
+        return chunked_terms(*args, stats=stats)
     return reference_terms(*args)

@@ -105,6 +105,14 @@ def check_options(*, divergence, beta, temperature, reduction, weighting, backen
     return reduction, beta, temperature
 
 
+def check_inplace_backward(inplace_backward, backend: str, resolved: str) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and backend in ("torch", "reference"):
+        raise ValueError(f'inplace_backward=True needs the Triton backend; backend={backend!r} always allocates the '
+                         'gradient (with backend="auto" it is ignored off the Triton path)')
+
+
 def validate(
     student_logits,
     teacher_logits,
