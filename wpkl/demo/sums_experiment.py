@@ -152,6 +152,24 @@ def warm_start(cfg: SumsConfig, seed: int, progress=None) -> tuple[RelativeLM, d
                          accuracy=facts.correct.float().mean().item())
 
 
+@torch.no_grad()
+def teacher_agreement(trained, student, prompts: torch.Tensor, cfg: SumsConfig, seed: int) -> dict:
+    """How the trained teacher behaves on the warm-started student's own samples: the share of tokens after a
+    wrong prefix where its most likely digit is the consistent one (what ``cons`` assumes) or the true one (what
+    ``rec`` imposes), and the share of tokens after a right prefix where it is the true digit."""
+    seq = _rollouts(student, prompts, cfg, torch.Generator().manual_seed(60_000 + seed))
+    predicted = sums.TeacherWrapper(trained, "trained", cfg.k).trained_logits(seq).argmax(-1).cpu()
+    facts = sums.analyse(seq.cpu(), cfg.k)
+    wrong = facts.wrong_prefix
+
+    def share(hit, where):
+        return (hit & where).sum().item() / max(where.sum().item(), 1)
+
+    return dict(wrong_prefix_tokens=int(wrong.sum()), consistent_after_wrong=share(predicted == facts.consistent, wrong),
+                true_after_wrong=share(predicted == facts.truth, wrong),
+                true_after_right=share(predicted == facts.truth, ~wrong))
+
+
 def _loss_inputs(name: str, weighting, facts: sums.Analysis) -> dict:
     if name == ORACLE:
         return dict(weighting=weighting, token_weights=facts.oracle_mask.float())
@@ -273,6 +291,7 @@ def run(cfg: SumsConfig, progress_factory=None) -> dict:
             student, results["warm_start"][seed] = warm_start(cfg, seed, p)
         eval_prompts = sums.sample_prompts(cfg.eval_prompts, cfg.k,
                                            torch.Generator().manual_seed(99_000 + seed)).to(cfg.device)
+        results["warm_start"][seed]["teacher"] = teacher_agreement(trained, student, eval_prompts, cfg, seed)
         for mode in cfg.teachers:
             teacher = sums.TeacherWrapper(trained, mode, cfg.k)
             for name in cfg.weightings:
