@@ -210,3 +210,20 @@ def test_comparisons_pair_by_seed_and_holm_correct():
             assert rows[name][key] == pytest.approx(ref[key]), (name, key)
     assert [rows["a"]["p_holm"], rows["b"]["p_holm"]] == pytest.approx(holm([a["p"], b["p"]]))
     assert rows["a"]["positive"] == 3 and rows["b"]["negative"] == 2
+
+
+def test_merge_per_seed_results():
+    from wpkl.demo.sums_report import merge
+
+    def part(seed, **config):
+        cfg = dict(teachers=["rec"], weightings=["uniform"], seeds=[seed], steps=10, device="cpu", **config)
+        return dict(config=cfg, teacher=dict(steps=5), warm_start={seed: dict(step_error=0.1)},
+                    runs=[dict(teacher="rec", name="uniform", seed=seed)], seconds=2.0)
+
+    merged = merge([part(3), part(1)])
+    assert merged["config"]["seeds"] == [1, 3] and len(merged["runs"]) == 2 and merged["seconds"] == 4.0
+    assert set(merged["warm_start"]) == {"1", "3"}
+    with pytest.raises(ValueError, match="different configurations: \\['steps'\\]"):
+        merge([part(0), part(1, )] + [dict(part(2), config=dict(part(2)["config"], steps=20))])
+    with pytest.raises(ValueError, match="a seed appears twice"):
+        merge([part(0), part(0)])

@@ -125,8 +125,10 @@ def summary_markdown(results: dict, elapsed: float) -> str:
         f"the consistent one for {_span(warm, 'consistent_after_wrong')} of tokens and the true one for "
         f"{_span(warm, 'true_after_wrong')}; after a right prefix it is the true digit for "
         f"{_span(warm, 'true_after_right')}.",
-        "- Teachers, by construction (a wrapper over the trained teacher that knows the truth; 0.99 on its target "
-        "digit, identical on correct prefixes): " + "; ".join(f"`{m}` {TEACHER_TEXT[m]}" for m in cfg["teachers"]) + ".",
+        "- Teachers: " + "; ".join(f"`{m}` {TEACHER_TEXT[m]}" for m in cfg["teachers"]) + ". "
+        + ("`cons`, `conf` and `rec` are built by construction: a wrapper over the trained teacher that knows the "
+           "truth, with 0.99 on its target digit and identical on correct prefixes (the trained teacher's "
+           "prediction there)." if set(cfg["teachers"]) - {"trained"} else ""),
         "",
         f"Accuracy of the final answer s_K on {cfg['eval_prompts']} held-out prompts, evaluated every "
         f"{cfg['eval_every']} updates: sampled (mean over {cfg['eval_samples']} samples per prompt) and greedy. "
