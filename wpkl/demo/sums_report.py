@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from .sums_experiment import METRICS, ORACLE, POSITION_METRICS, comparisons, run_metric
+from .sums_experiment import METRICS, ORACLE, POSITION_METRICS, comparisons, run_metric, updates_to
 
 TEACHER_TEXT = {
     "cons": "continues consistently from the student's wrong digit (what a trained teacher does: the null control)",
@@ -55,14 +55,16 @@ def table_rows(results: dict) -> list[dict]:
             runs = _runs(results, mode, name)
             if not runs:
                 continue
-            reached = [r["updates_to_threshold"] for r in runs if r["updates_to_threshold"] is not None]
+            threshold = cfg["threshold"]
+            reached = {key: [u for u in (updates_to(r["curve"], key, threshold) for r in runs) if u is not None]
+                       for key in ("greedy", "sampled")}
             rows.append(dict(
                 teacher=mode, weighting=name, seeds=len(runs),
                 final_sampled=_mean_sd([run_metric(r, "final_sampled") for r in runs]),
                 final_greedy=_mean_sd([run_metric(r, "final_greedy") for r in runs]),
                 auc_sampled=_mean_sd([r["auc_sampled"] for r in runs]),
                 auc_greedy=_mean_sd([r["auc_greedy"] for r in runs]),
-                updates=_mean_sd(reached), reached=len(reached),
+                updates={key: (_mean_sd(values), len(values)) for key, values in reached.items()},
                 final_kl=_mean_sd([r["curve"][-1]["kl"] for r in runs]),
                 vs_uniform={key: compared.get((mode, name, key)) for key, _ in METRICS},
             ))
@@ -132,15 +134,16 @@ def summary_markdown(results: dict, elapsed: float) -> str:
         "",
         f"Accuracy of the final answer s_K on {cfg['eval_prompts']} held-out prompts, evaluated every "
         f"{cfg['eval_every']} updates: sampled (mean over {cfg['eval_samples']} samples per prompt) and greedy. "
-        "AUC = mean accuracy over training (area under the curve / updates). Mean ± sd over seeds. Δ = paired "
+        "AUC = mean accuracy over training (area under the curve / updates); updates to reach the threshold: mean "
+        "over the seeds that reach it (0: already at the start). Mean ± sd over seeds. Δ = paired "
         "difference to uniform (same seed: same teacher, student start, prompts and sampling noise) with a 95% "
         "t-interval; 'better' counts seeds where the arm beats uniform; p: paired t-test, Holm-corrected across "
         "the arms of each teacher.",
         "",
         f"| teacher | weighting | sampled acc, final | greedy acc, final | AUC sampled | Δ AUC sampled vs uniform "
-        f"[95% CI] | better | p (Holm) | Δ AUC greedy [95% CI] | updates to {threshold:.0%} greedy | KL to teacher, "
-        "final (secondary) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"[95% CI] | better | p (Holm) | Δ AUC greedy [95% CI] | updates to {threshold:.0%}, greedy | updates to "
+        f"{threshold:.0%}, sampled | KL to teacher, final (secondary) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table_rows(results):
         primary, greedy = row["vs_uniform"]["auc_sampled"], row["vs_uniform"]["auc_greedy"]
@@ -150,12 +153,12 @@ def summary_markdown(results: dict, elapsed: float) -> str:
             diff, greedy_diff = _fmt_diff(primary), _fmt_diff(greedy)
             better = f"{primary['positive']}/{primary['n']}"
             p = "–" if math.isnan(primary["p_holm"]) else f"{primary['p_holm']:.2g}"
-        updates = "not reached" if row["reached"] == 0 else (
-            f"{_fmt(row['updates'], 0, row['reached'])} ({row['reached']}/{row['seeds']})")
+        updates = {key: "not reached" if n == 0 else f"{_fmt(ms, 0, n)} ({n}/{row['seeds']})"
+                   for key, (ms, n) in row["updates"].items()}
         lines.append(
             f"| {row['teacher']} | {row['weighting']} | {_fmt(row['final_sampled'], 3, seeds)} | "
             f"{_fmt(row['final_greedy'], 3, seeds)} | {_fmt(row['auc_sampled'], 3, seeds)} | {diff} | {better} | {p} | "
-            f"{greedy_diff} | {updates} | {_fmt(row['final_kl'], 3, seeds)} |")
+            f"{greedy_diff} | {updates['greedy']} | {updates['sampled']} | {_fmt(row['final_kl'], 3, seeds)} |")
 
     lines += ["", "Per position along the response (quarters of the K positions), on held-out student samples, before "
               "training and after it, mean over seeds:", "",
@@ -183,13 +186,16 @@ def compact(results: dict, elapsed: float) -> dict:
     """What docs/experiments keeps: the config, the teacher and warm starts, per run its curve (without
     per-position data) and summary numbers, per teacher and weighting the per-position means, and the paired
     comparisons."""
+    cfg = results["config"]
     runs = []
     for r in results["runs"]:
-        curve = [{k: v for k, v in point.items() if k != "positions"} for point in r["curve"]]
+        curve = [{k: round(v, 5) if isinstance(v, float) else v for k, v in point.items() if k != "positions"}
+                 for point in r["curve"]]
         runs.append(dict(teacher=r["teacher"], weighting=r["name"], seed=r["seed"], curve=curve,
-                         auc_sampled=r["auc_sampled"], auc_greedy=r["auc_greedy"],
-                         updates_to_threshold=r["updates_to_threshold"], seconds=round(r["seconds"], 1)))
-    cfg = results["config"]
+                         auc_sampled=round(r["auc_sampled"], 5), auc_greedy=round(r["auc_greedy"], 5),
+                         updates_to_threshold={key: updates_to(r["curve"], key, cfg["threshold"])
+                                               for key in ("greedy", "sampled")},
+                         seconds=round(r["seconds"], 1)))
     positions = {}
     for mode in cfg["teachers"]:
         for name in cfg["weightings"]:
@@ -197,8 +203,9 @@ def compact(results: dict, elapsed: float) -> dict:
             positions[f"{mode}/{name}"] = {when: {m: [round(v, 4) for v in vs] for m, vs in
                                                    _position_means(group, when).items()}
                                             for when in ("initial", "final", "training")}
+    compared = [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in comparisons(results)]
     return dict(task="sums", config=cfg, teacher=results["teacher"], warm_start=results["warm_start"], runs=runs,
-                positions=positions, comparisons=comparisons(results), seconds=round(elapsed))
+                positions=positions, comparisons=compared, seconds=round(elapsed))
 
 
 def write_report(results: dict, out: Path, elapsed: float) -> bool:
@@ -212,7 +219,7 @@ def write_report(results: dict, out: Path, elapsed: float) -> bool:
     return plots(results, out)
 
 
-def plots(results: dict, out: Path, audit: bool = True) -> bool:
+def plots(results: dict, out: Path, audit: bool = True, dpi: int = 110) -> bool:
     try:
         import matplotlib
 
@@ -244,7 +251,7 @@ def plots(results: dict, out: Path, audit: bool = True) -> bool:
     axes[1, 0].set_ylabel("accuracy, greedy")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"final-answer accuracy on held-out prompts (mean over {len(cfg['seeds'])} seeds)")
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(out / "curves.png", dpi=dpi)
     plt.close(fig)
 
     rows = [c for c in comparisons(results) if c["metric"] == "auc_sampled"]
@@ -263,7 +270,7 @@ def plots(results: dict, out: Path, audit: bool = True) -> bool:
         ax.set_title(f"teacher {mode}")
         ax.set_xlabel("Δ AUC sampled accuracy vs uniform (95% CI)")
         ax.grid(alpha=0.3, axis="x")
-    fig.savefig(out / "differences.png", dpi=110)
+    fig.savefig(out / "differences.png", dpi=dpi)
     plt.close(fig)
 
     metrics = POSITION_METRICS
@@ -293,7 +300,7 @@ def plots(results: dict, out: Path, audit: bool = True) -> bool:
         axes[-1, col].set_xlabel("response position k")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("per position: held-out samples after training (dashed: before); weight: mean over training")
-    fig.savefig(out / "positions.png", dpi=110)
+    fig.savefig(out / "positions.png", dpi=dpi)
     plt.close(fig)
 
     if audit:
@@ -339,16 +346,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.prefix}summary.md").write_text(summary_markdown(results, results["seconds"]))
-    (out / f"{args.prefix}summary.json").write_text(json.dumps(compact(results, results["seconds"]), indent=1))
+    # One line per run: small, and still readable line by line.
+    data = compact(results, results["seconds"])
+    text = json.dumps({k: v for k, v in data.items() if k != "runs"}, separators=(",", ":"))
+    runs = ",\n".join(json.dumps(r, separators=(",", ":")) for r in data["runs"])
+    (out / f"{args.prefix}summary.json").write_text(text[:-1] + ',"runs":[\n' + runs + "\n]}\n")
     if args.prefix:
         tmp = out / f".{args.prefix}plots"
         tmp.mkdir(exist_ok=True)
-        plots(results, tmp, audit=False)
+        plots(results, tmp, audit=False, dpi=80)
         for png in tmp.glob("*.png"):
             png.replace(out / f"{args.prefix}{png.name}")
         tmp.rmdir()
     else:
-        plots(results, out, audit=False)
+        plots(results, out, audit=False, dpi=80)
     print((out / f"{args.prefix}summary.md").read_text())
     return 0
 
