@@ -23,6 +23,10 @@ from .measure import (
     slug,
     time_ms,
 )
+from .linear import LINEAR_CASES
+from .linear import PROVIDERS as LINEAR_PROVIDERS
+from .linear import SHAPES as LINEAR_SHAPES
+from .linear import parse_linear_shape, rows_for
 from .providers import PROVIDERS, build, unavailable
 from .results import Results, Row
 
@@ -114,6 +118,11 @@ def parse_args(argv):
     parser.add_argument("--plot", type=Path, metavar="RESULTS.json", help="only plot a results file, then exit")
     parser.add_argument("--plot-dir", type=Path, default=ROOT / "docs" / "figures", help="where --plot writes PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--suite", choices=("all", "logits", "linear"), default="all",
+                        help="logits: materialized [N, V] logits; linear: from hidden states and lm_head weights")
+    parser.add_argument("--linear-shapes", nargs="+", type=parse_linear_shape, metavar="NxHxV[:dtype]",
+                        help="fused-linear shapes, e.g. 4096x4096x128256 (default: the suite's, per device)")
+    parser.add_argument("--linear-providers", nargs="+", choices=LINEAR_PROVIDERS, default=list(LINEAR_PROVIDERS))
     return parser.parse_args(argv)
 
 
@@ -143,7 +152,9 @@ def main(argv=None) -> int:
     else:
         shapes = DEFAULT_SHAPES
 
-    cases = [CASES[name] for name in args.cases]
+    cases = [CASES[name] for name in args.cases] if args.suite != "linear" else []
+    if args.suite == "linear":
+        shapes = []
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     date = datetime.date.today().isoformat()
     copy_gbps = copy_bandwidth_gbps(device)
@@ -154,6 +165,11 @@ def main(argv=None) -> int:
         memory_method=CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD,
         copy_gbps=copy_gbps, notice=notice, cases={c.name: c.description for c in cases}, providers=args.providers,
     ))
+    linear_shapes = [] if args.suite == "logits" else (args.linear_shapes or LINEAR_SHAPES[device])
+    if linear_shapes:
+        results.meta["cases"].update({f"linear-{name}": "from hidden states and lm_head weights: "
+                                      + CASES[name].description for name in LINEAR_CASES})
+        results.meta["linear_providers"] = args.linear_providers
 
     jobs = [(shape, case, provider, mode) for shape in shapes for case in cases for provider in args.providers
             for mode in args.modes]
@@ -195,9 +211,24 @@ def main(argv=None) -> int:
                     if progress:
                         progress.update(1)
         del inputs
+    def budget_left():
+        if args.budget is not None and time.monotonic() - start > args.budget:
+            return f"time budget of {args.budget:.0f} s spent"
+        return None
+
+    def measure_linear(fn, grads):
+        ms, p20, p80 = time_ms(fn, device, grad_to_none=grads)
+        for t in grads:
+            t.grad = None
+        return ms, p20, p80, peak_extra_bytes(fn, device)
+
+    for shape in linear_shapes:
+        if progress:
+            progress.set_postfix_str(f"linear {shape.label}")
+        results.rows += rows_for(shape, device, args.linear_providers, budget_left, measure_linear)
     if progress:
         progress.close()
-    if device == "cpu" and "wpkl" in args.providers:
+    if device == "cpu" and "wpkl" in args.providers and cases:
         results.rows += [interpreter_smoke(case) for case in cases]
 
     target = args.out / f"{slug(results.meta['device'])}-{date}.json"

@@ -1,29 +1,70 @@
 #!/usr/bin/env bash
-# One command for a person with one GPU for ten minutes: the GPU test suite, the kernel resource report,
-# and the default benchmark, everything under one output folder.
-#   bash bench/gpu.sh [OUT_DIR]
+# One command for one GPU and ten minutes: install wpkl into the machine's Python, then the GPU test suite, the
+# kernel resource report, the benchmark (materialized logits, then the fused-linear suite) and the plots, all
+# under one folder. Made for the borrowed H100/H200 machines: no network, a preinstalled torch and triton,
+# trl and liger-kernel only from wheels carried in .whl/ (bash ../shared/gpu-wheels.sh fetches them).
+#
+#   bash bench/gpu.sh [--dry-run] [OUT_DIR]
+#
+# --dry-run rehearses every step on a CPU machine at tiny sizes, without installing anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 out="${1:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$out"
+budget=${WPKL_GPU_BUDGET:-560}  # seconds for everything: the device tool stops a command at 600
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+say() { echo "$*" | tee -a "$out/summary.txt"; }
 unset TRITON_INTERPRET
-export TRITON_DEFAULT_FP_FUSION=1
+export TRITON_DEFAULT_FP_FUSION=1 TRL_EXPERIMENTAL_SILENCE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+: > "$out/summary.txt"
 
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-python -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())" \
-  | tee "$out/versions.txt"
+say "== install ($([ $dry = 1 ] && echo 'dry run: nothing installed' || echo 'pip install --no-deps --no-build-isolation -e .'))"
+if [ $dry = 0 ]; then
+  $py -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+fi
+if ls .whl/*.whl > /dev/null 2>&1 && [ $dry = 0 ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/wpkl-site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH="/tmp/wpkl-site${PYTHONPATH:+:$PYTHONPATH}"
+  say "trl / liger-kernel: installed from .whl/"
+else
+  say "trl / liger-kernel: not installed (no wheels in .whl/): their providers are reported as skipped"
+fi
+$py -c "import torch, triton, wpkl; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, '| wpkl', wpkl.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee "$out/versions.txt" | tee -a "$out/summary.txt"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || echo "nvidia-smi: not available" > "$out/nvidia-smi.txt"
 
-echo "== GPU test suite" | tee "$out/summary.txt"
-timeout 240 python -m pytest -m gpu -q -rs --junitxml="$out/gpu-tests.xml" 2>&1 | tee "$out/gpu-tests.txt" | tail -3
-echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
+say "== GPU test suite ($(left) s left)"
+timeout $(( $(left) < 150 ? $(left) : 150 )) $py -m pytest -m gpu -q -rs -p no:cacheprovider \
+  --junitxml="$out/gpu-tests.xml" > "$out/gpu-tests.txt" 2>&1
+say "gpu tests exit $? ($(tail -1 "$out/gpu-tests.txt"))"
 
-echo "== kernel resource report" | tee -a "$out/summary.txt"
-python -m wpkl.kernels.report --json "$out/kernel-report.json" > "$out/kernel-report.md" 2>/dev/null
-tail -1 "$out/kernel-report.md" | tee -a "$out/summary.txt"
+say "== kernel resource report ($(left) s left)"
+report_args=$([ $dry = 1 ] && echo "--quick" || echo "")
+timeout $(( $(left) < 120 ? $(left) : 120 )) $py -m wpkl.kernels.report $report_args --json "$out/kernel-report.json" \
+  --sass-dir "$out/sass" > "$out/kernel-report.md" 2> "$out/kernel-report.err"
+say "report exit $? ($(tail -1 "$out/kernel-report.md"))"
 
-echo "== default benchmark" | tee -a "$out/summary.txt"
-python -m bench --out "$out/bench" --budget 330 2>&1 | tee "$out/bench.txt" | tail -3
-for results in "$out"/bench/*.json; do
-  python -m bench --plot "$results" --plot-dir "$out/figures" 2>&1 | tail -5
+if [ $dry = 1 ]; then
+  logits_args="--device cpu --shapes 64x512:float32 --modes fwd+bwd --providers eager wpkl-torch"
+  linear_args="--device cpu --linear-shapes 64x32x512:float32 --linear-providers wpkl eager gemms"
+else
+  logits_args=""
+  linear_args=""
+fi
+say "== benchmark: materialized logits ($(left) s left)"
+$py -m bench --suite logits --out "$out/bench" --no-progress --budget $(( $(left) * 6 / 10 )) $logits_args \
+  > "$out/bench-logits.txt" 2>&1
+say "bench (logits) exit $?"
+say "== benchmark: fused-linear ($(left) s left)"
+$py -m bench --suite linear --out "$out/bench-linear" --no-progress --budget $(( $(left) - 40 )) $linear_args \
+  > "$out/bench-linear.txt" 2>&1
+say "bench (fused-linear) exit $?"
+
+say "== plots ($(left) s left)"
+for results in "$out"/bench/*.json "$out"/bench-linear/*.json; do
+  [ -f "$results" ] && $py -m bench --plot "$results" --plot-dir "$out/figures" 2>&1 | tail -3
 done
-echo "everything is under $out" | tee -a "$out/summary.txt"
+say "done in $(( $(date +%s) - start )) s; everything is under $out"

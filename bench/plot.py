@@ -26,12 +26,17 @@ def plot(path: Path, out_dir: Path) -> list[Path]:
         if not rows:
             continue
         shapes = sorted({(r.tokens, r.vocab, r.dtype) for r in rows})
-        providers = [p for p in results.meta["providers"] if any(r.provider == p for r in rows)]
+        known = list(results.meta["providers"]) + list(results.meta.get("linear_providers", []))
+        providers = [p for p in dict.fromkeys(known) if any(r.provider == p for r in rows)]
         labels = [f"N={n}\nV={v}\n{d}" for n, v, d in shapes]
-        fig, axes = plt.subplots(3, 1, figsize=(max(8, 1.4 * len(shapes) + 3), 11), constrained_layout=True)
-        for ax, (mode, metric, ylabel) in zip(axes, [("fwd", "ms", "forward: median ms"),
-                                                      ("fwd+bwd", "ms", "forward + backward: median ms"),
-                                                      ("fwd+bwd", "peak_extra_mib", "fwd + bwd: peak extra MiB")], strict=True):
+        panels = [(mode, metric, ylabel) for mode, metric, ylabel in [
+            ("fwd", "ms", "forward: median ms"), ("fwd+bwd", "ms", "forward + backward: median ms"),
+            ("fwd+bwd", "peak_extra_mib", "fwd + bwd: peak extra MiB")]
+            if any(r.mode == mode and getattr(r, metric) for r in rows)]  # the fused-linear suite times fwd+bwd only
+        fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.4 * len(shapes) + 3), 3.7 * len(panels)),
+                                 constrained_layout=True, squeeze=False)
+        axes = axes[:, 0]
+        for ax, (mode, metric, ylabel) in zip(axes, panels, strict=True):
             width = 0.8 / max(1, len(providers))
             for k, provider in enumerate(providers):
                 values = []

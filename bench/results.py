@@ -23,6 +23,8 @@ class Row:
     copy_fraction: float | None = None  # gbps / the device's copy bandwidth measured in the same run
     peak_extra_mib: float | None = None
     note: str = ""
+    hidden: int | None = None  # the fused-linear suite's H
+    tflops: float | None = None  # the fused-linear suite: the four GEMMs' work (8 N V H flops) / median time
 
 
 @dataclass
@@ -39,6 +41,21 @@ class Results:
     def load(cls, path: Path) -> "Results":
         data = json.loads(Path(path).read_text())
         return cls(data["meta"], [Row(**r) for r in data["rows"]])
+
+    def _linear_table(self, case: str, description: str, rows: list[Row]) -> list[str]:
+        lines = [f"## {case}: {description}", "",
+                 "Time relative to the bare GEMMs (column `x GEMMs`): the fused path's target is 1.15x or less.", "",
+                 "| shape | provider | median ms | GEMM-work TFLOP/s | peak extra MiB | x GEMMs | note |",
+                 "|---|---|---|---|---|---|---|"]
+        gemms = {(r.tokens, r.hidden, r.vocab, r.dtype): r.ms for r in self.rows if r.provider == "gemms" and r.ms}
+        for r in rows:
+            base = gemms.get((r.tokens, r.hidden, r.vocab, r.dtype))
+            ratio = f"{r.ms / base:.2f}x" if base and r.ms else ""
+            fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
+            note = r.note if r.status == "ok" else f"{r.status}: {r.note}".rstrip(": ")
+            lines.append(f"| N={r.tokens} H={r.hidden} V={r.vocab} {r.dtype} | {r.provider} | {fmt(r.ms, '.3f')} | "
+                         f"{fmt(r.tflops, '.3g')} | {fmt(r.peak_extra_mib, '.1f')} | {ratio} | {note} |")
+        return lines + [""]
 
     def torch_path_ratios(self) -> list[tuple[str, float]]:
         """(case and shape, wpkl-torch ms / eager ms) for every fwd+bwd pair measured in this run."""
@@ -72,6 +89,9 @@ class Results:
         for case, description in m["cases"].items():
             rows = [r for r in self.rows if r.case == case]
             if not rows:
+                continue
+            if case.startswith("linear-"):
+                lines += self._linear_table(case, description, rows)
                 continue
             lines += [f"## {case}: {description}", "",
                       "| shape | mode | provider | median ms | GB/s | % of copy BW | peak extra MiB | vs eager | note |",

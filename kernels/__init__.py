@@ -7,6 +7,7 @@ specified by ``wpkl/reference.py``.
 from .common import DIVERGENCE_IDS, NUM_PUBLIC_STATS, NUM_STATS
 from .token_divergence_bwd import token_divergence_bwd_kernel
 from .token_divergence_fwd import token_divergence_fwd_kernel
+from .token_weights import NUM_CHECKS, token_weights_kernel
 
 __all__ = [
     "DIVERGENCE_IDS",
@@ -14,4 +15,6 @@ __all__ = [
     "NUM_STATS",
     "token_divergence_bwd_kernel",
     "token_divergence_fwd_kernel",
+    "token_weights_kernel",
+    "NUM_CHECKS",
 ]

@@ -34,13 +34,15 @@ def device() -> str:
 def poisoned_outputs(monkeypatch):
     """Every buffer the Triton backend allocates for its outputs starts as NaN: an element a kernel fails to
     write shows up as NaN against the reference, never as a lucky zero."""
-    import wpkl.autograd
+    import wpkl.vocab_pass
 
     def full_nan(*shape, dtype=None, device=None):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # Integer buffers (the weights kernel's flags and sequence ids) get -1: an unwritten flag reads as a failure.
+        poison = float("nan") if dtype is None or dtype.is_floating_point else -1
+        return torch.full(shape, poison, dtype=dtype, device=device)
 
-    monkeypatch.setattr(wpkl.autograd, "new_buffer", full_nan)
-    monkeypatch.setattr(wpkl.autograd, "new_buffer_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer", full_nan)
+    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer_like", lambda t: torch.full_like(t, float("nan")))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ def _bench(*args, timeout=600):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     run = _bench("--shapes", "48x384:float32", "--providers", "eager", "wpkl-torch", "trl", "wpkl", "--out", str(out),
-                 "--no-progress", "--device", "cpu")
+                 "--no-progress", "--device", "cpu", "--linear-shapes", "40x16x384:float32")
     assert run.returncode == 0, run.stderr[-3000:]
     files = list(out.glob("*.json"))
     assert len(files) == 1
@@ -33,6 +33,7 @@ def test_rows_and_metadata(results):
     meta, rows = data["meta"], data["rows"]
     assert "GPU numbers need a GPU" in run.stderr
     assert meta["device_kind"] == "cpu" and meta["copy_gbps"] > 0 and "torch" in meta["versions"]
+    rows = [r for r in rows if not r["case"].startswith("linear-")]
     timed = [r for r in rows if r["status"] == "ok"]
     assert {r["provider"] for r in timed} == {"eager", "wpkl-torch", "trl"}
     for r in timed:
@@ -59,7 +60,7 @@ def test_plot(results, tmp_path):
     run = _bench("--plot", str(path), "--plot-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-2000:]
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 3 and all(p.stat().st_size > 10_000 for p in pngs)
+    assert len(pngs) == 5 and all(p.stat().st_size > 10_000 for p in pngs)  # 3 logits cases, 2 fused-linear
 
 
 def test_help_lists_options():
@@ -67,3 +68,22 @@ def test_help_lists_options():
     assert run.returncode == 0
     for option in ("--quick", "--shapes", "--providers", "--plot", "--budget"):
         assert option in run.stdout
+
+
+def test_fused_linear_suite(results):
+    """wpkl's fused-linear loss against TRL's chunked divergence, materialized eager torch and the bare GEMMs: the
+    same loss, timed, with peak memory; Liger needs CUDA."""
+    path, data, _ = results
+    linear = [r for r in data["rows"] if r["case"].startswith("linear-")]
+    timed = {(r["case"], r["provider"]): r for r in linear if r["status"] == "ok"}
+    assert set(timed) == {("linear-uniform", p) for p in ("wpkl", "trl", "eager", "gemms")} | {
+        ("linear-combined", p) for p in ("wpkl", "eager")}
+    for r in timed.values():
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["peak_extra_mib"] is not None and r["hidden"] == 16
+    for case in ("linear-uniform", "linear-combined"):
+        losses = {r["note"] for (c, p), r in timed.items() if c == case and p != "gemms"}
+        assert len(losses) == 1, losses
+    liger = [r for r in linear if r["provider"] == "liger"]
+    assert liger and all(r["status"] == "skipped" for r in liger)
+    markdown = path.with_suffix(".md").read_text()
+    assert "| N=40 H=16 V=384 float32 | gemms |" in markdown and "x GEMMs" in markdown

@@ -18,7 +18,7 @@ from utils import (
 )
 
 # The interpreter's numpy evaluates masked-off lanes (-inf - -inf): wpkl's launches silence those warnings
-# (wpkl/autograd.py: launch), so any RuntimeWarning here is a real one.
+# (wpkl/vocab_pass.py: launch), so any RuntimeWarning here is a real one.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 BACKENDS = ("triton", "torch")

@@ -63,8 +63,11 @@ def test_readme_snippets(in_tmp):
     import tiny_trl
 
     input_ids, prompt_len, completion_mask = _batch()
+    B, T = completion_mask.shape
     namespace = dict(model=TinyLM(V), teacher=TinyLM(V_TEACHER, seed=1), input_ids=input_ids, prompt_len=prompt_len,
-                     completion_mask=completion_mask, trainer=tiny_trl.build_gkd(in_tmp), step=0)
+                     completion_mask=completion_mask, trainer=tiny_trl.build_gkd(in_tmp), step=0,
+                     student_hidden=torch.randn(B, T, 8, requires_grad=True), student_lm_head=torch.nn.Linear(8, V),
+                     teacher_hidden=torch.randn(B, T, 12), teacher_lm_head=torch.nn.Linear(12, V_TEACHER))
     blocks = python_blocks(ROOT / "README.md")
     assert len(blocks) >= 3
     for i, code in enumerate(blocks):
@@ -72,6 +75,7 @@ def test_readme_snippets(in_tmp):
     assert namespace["trainer"].wpkl_weighting == namespace["wpkl"].Weighting(accumulated=0.5)
     assert (in_tmp / "run" / "position_bias.pt").exists()
     assert namespace["student_logits"].grad_fn is not None and torch.isfinite(namespace["loss"])
+    assert namespace["student_hidden"].grad is not None and namespace["student_lm_head"].weight.grad is not None
 
 
 @pytest.mark.slow

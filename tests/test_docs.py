@@ -26,10 +26,10 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_signature_matches_the_code():
     readme = " ".join((ROOT / "README.md").read_text().split())
-    signature = inspect.signature(wpkl.weighted_kl_loss)
-    for name, param in signature.parameters.items():
-        default = "" if param.default is inspect.Parameter.empty else f"={param.default!r}"
-        assert f"{name}{default}".replace("'", '"') in readme, f"README lacks {name}{default}"
+    for function in (wpkl.weighted_kl_loss, wpkl.fused_linear_kl_loss, wpkl.FusedLinearWeightedKLLoss):
+        for name, param in inspect.signature(function).parameters.items():
+            default = "" if param.default is inspect.Parameter.empty else f"={param.default!r}"
+            assert f"{name}{default}".replace("'", '"') in readme, f"README lacks {name}{default} ({function})"
     for name in ("ExpDecay(half_life)", "PowerDecay(alpha)", "PositionTable(values)", "PositionWindow(start, end)"):
         assert name in readme
 

@@ -1,5 +1,6 @@
 """wpkl.integrations.trl: the drop-in functions return TRL's values and gradients for the same inputs."""
 
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -150,3 +151,33 @@ def test_use_wpkl_without_trl_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(ImportError, match=r'pip install "wpkl\[trl\]"'):
         adapter.use_wpkl(object())
+
+
+@pytest.mark.parametrize("weighting", [None, wpkl.Weighting(accumulated=0.5, position=wpkl.ExpDecay(2.0))])
+def test_distillation_route_never_materializes_logits(weighting, monkeypatch):
+    """use_wpkl's DistillationTrainer route computes from hidden states: no [B, K, V] tensor exists."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(x, torch.Tensor):
+                    self.seen.append(tuple(x.shape))
+            return out
+
+    import wpkl.fused_linear
+
+    hs, ht, ws, wt, bs, bt, mask = _hidden_batch(torch.float32, torch.float32, B=4, K=8, V=37)
+    mask = torch.ones_like(mask)  # every token valid: 32 of them, in chunks of 4
+    monkeypatch.setattr(wpkl.fused_linear, "CHUNK_BYTES", wpkl.fused_linear.chunk_bytes(4, 37, 16, "torch"))
+    fn = adapter._distillation_divergence(weighting, "torch")
+    leaf = hs.clone().requires_grad_(True)
+    with Shapes() as shapes:
+        loss, _, _ = fn(leaf, ht, ws, wt, mask, 0.5, student_lm_head_bias=bs, teacher_lm_head_bias=bt)
+        loss.backward()
+    assert not [s for s in shapes.seen if 37 in s and math.prod(s) >= 4 * 8 * 37], "materialized [B, K, V]"

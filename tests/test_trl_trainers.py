@@ -57,13 +57,14 @@ def _unweighted(trainer, name):
 def wpkl_calls(monkeypatch):
     """The weighting of each call the adapter makes to wpkl's fused loss (to see that a loss went through wpkl)."""
     calls = []
-    fused = adapter.weighted_kl_loss
+    for name in ("weighted_kl_loss", "fused_linear_kl_loss"):
+        fused = getattr(adapter, name)
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("weighting"))
-        return fused(*args, **kwargs)
+        def counting(*args, _fused=fused, **kwargs):
+            calls.append(kwargs.get("weighting"))
+            return _fused(*args, **kwargs)
 
-    monkeypatch.setattr(adapter, "weighted_kl_loss", counting)
+        monkeypatch.setattr(adapter, name, counting)
     return calls
 
 

@@ -190,12 +190,20 @@ def test_bad_configuration(make, error, words):
     assert words in str(info.value), str(info.value)
 
 
-def test_prefix_confidence_on_triton_needs_teacher_token_logprobs(monkeypatch):
-    """The kernels do not report log q(y): refused before any kernel runs, naming the argument to pass."""
+@pytest.mark.parametrize("weighting", [wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
+                                       wpkl.Weighting(accumulated=2.0, w_max=1.5)])
+def test_torch_only_weightings_on_triton(monkeypatch, weighting):
+    """w_max and prefix_confidence are not in the Triton weights kernel: backend="triton" is refused before any
+    kernel runs; backend="auto" (Triton picked) runs the torch path instead."""
     monkeypatch.setattr(wpkl.api, "resolve_backend", lambda backend, problem: "triton")
-    weighting = wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence())
-    with pytest.raises(ValueError, match="on the Triton backend needs teacher_token_logprobs"):
-        call(weighting=weighting, tokens=torch.zeros(2, 3, dtype=torch.long))
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="not in the Triton weights kernel yet"):
+        call(weighting=weighting, tokens=tokens, backend="triton")
+    ran = []
+    monkeypatch.setattr(wpkl.api, "compute_terms", lambda problem, backend, **kw: ran.append(backend) or
+                        real_compute_terms(problem, backend, **kw))
+    loss = call(weighting=weighting, tokens=tokens)
+    assert ran == ["torch"] and torch.isfinite(loss)
 
 
 def test_logprobs_allow_rounding_above_zero(monkeypatch):

@@ -4,7 +4,8 @@
                                  weighting=wpkl.Weighting(accumulated=0.5))
 """
 
-from .api import WeightedKLLoss, weighted_kl_loss
+from .checks import DeferredCheckError, check_errors
+from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
 from .stats import TokenStats
 from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, PrefixConfidence, Weighting
 
@@ -23,7 +24,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "DeferredCheckError",
     "ExpDecay",
+    "FusedLinearWeightedKLLoss",
     "PositionTable",
     "PositionWindow",
     "PowerDecay",
@@ -31,5 +34,7 @@ __all__ = [
     "TokenStats",
     "Weighting",
     "WeightedKLLoss",
+    "check_errors",
+    "fused_linear_kl_loss",
     "weighted_kl_loss",
 ]

@@ -8,6 +8,9 @@ after validation touch [N, V] data; weighting and reduction work on [B, T] per-t
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import nn
 
@@ -16,8 +19,17 @@ from .torch_path import chunked_teacher_token_logprobs
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
-from .validation import check_inplace_backward, check_options, validate
-from .weighting import Weighting, compute_weights, sequence_positions
+from .reference import TokenTerms
+from .validation import (
+    Problem,
+    check_inplace_backward,
+    check_linear_options,
+    check_options,
+    check_values,
+    validate,
+    validate_linear,
+)
+from .weighting import PositionTable, Weighting, _device_table, compute_weights, sequence_positions
 
 
 def weighted_kl_loss(
@@ -40,6 +52,11 @@ def weighted_kl_loss(
     rollout_logprobs: torch.Tensor | None = None,
     teacher_token_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk_mode: str = "tail",
+    topk_logprob_floor: float | None = None,
+    topk_loss_max: float | None = None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -66,8 +83,16 @@ def weighted_kl_loss(
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
         teacher_token_logprobs: leading shape: log q(y) of the sampled tokens, for weightings that need it
             (``Weighting(prefix_confidence=...)``). Without it they use ``teacher_logprobs`` ("sampled"), or
-            compute it from ``teacher_logits`` and ``tokens`` on the torch and reference backends (the Triton
-            kernels do not report it).
+            compute it from ``teacher_logits`` and ``tokens`` (a second read of the teacher's valid rows).
+        teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k tokens per position (a teacher
+            server's answer), instead of ``teacher_logits`` (pass None there): int ids [..., K] (global vocabulary
+            ids, -1 pads a shorter list) and the teacher's full-vocabulary log-probabilities of them [..., K]
+            (-inf allowed; used as given, no temperature). Divergences: forward_kl, reverse_kl, jsd.
+        topk_mode: "tail" (the K atoms plus one tail atom holding the rest of each distribution's mass: TRL's
+            convention), "renormalize" (both restricted to the K atoms and renormalized) or "raw" (the atoms as
+            given: verl's top-k forward KL). See wpkl/reference.py: topk_atom_terms.
+        topk_logprob_floor, topk_loss_max: "raw" only: clamp both sides' top-k log-probabilities from below, and
+            each token's loss from above (verl's log_prob_min_clamp and loss_max_clamp).
         inplace_backward: (Triton backend) write the gradient into the student logits' storage instead of a
             new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
             cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
@@ -94,29 +119,118 @@ def weighted_kl_loss(
         rollout_logprobs=rollout_logprobs,
         teacher_token_logprobs=teacher_token_logprobs,
         backend=backend,
+        teacher_topk_ids=teacher_topk_ids,
+        teacher_topk_logprobs=teacher_topk_logprobs,
+        topk_mode=topk_mode,
+        topk_logprob_floor=topk_logprob_floor,
+        topk_loss_max=topk_loss_max,
     )
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    token_logprobs = _teacher_token_logprobs(problem, resolved)
-    needs_stats = return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
-    terms = compute_terms(problem, resolved, inplace_backward=inplace_backward and resolved == "triton",
-                          stats=needs_stats)
+    if resolved == "triton" and problem.topk_ids is not None:
+        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
+    resolved = _torch_weights_only(problem, backend, resolved)
+    if resolved == "triton":
+        return _triton_weighted_loss(problem, return_stats, inplace_backward)
+    check_values(problem)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
 
-    layout = SequenceLayout(problem.packed, problem.positions)
-    valid = layout.rows(problem.valid)
-    given = None if problem.positions is None else layout.rows(problem.positions)
-    pos = sequence_positions(valid) if given is None else given
-    weights = compute_weights(
-        problem.weighting,
-        valid=valid,
-        divergence=layout.rows(terms.divergence),
-        confidence=layout.rows(terms.confidence),
-        user_weights=None if problem.user_weights is None else layout.rows(problem.user_weights),
-        positions=pos,
-        teacher_token_logprobs=None if token_logprobs is None else layout.rows(token_logprobs),
-    )
+
+def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
+    """``w_max`` and ``prefix_confidence`` exist in the torch weights (wpkl/weighting.py) only, not yet in the
+    Triton weights kernel (kernels/token_weights.py): ``backend="auto"`` then runs the torch path, an explicit
+    ``backend="triton"`` is refused."""
+    weighting = problem.weighting
+    if resolved != "triton" or weighting is None or (weighting.w_max is None and weighting.prefix_confidence is None):
+        return resolved
+    if backend == "triton":
+        raise ValueError('Weighting(w_max=...) and Weighting(prefix_confidence=...) are not in the Triton weights '
+                         'kernel yet: use backend="torch" (backend="auto" picks it for these weightings)')
+    return "torch"
+
+
+def _teacher_token_logprobs(problem: Problem) -> torch.Tensor | None:
+    """log q(y) of the sampled tokens when the weighting needs it: given, or computed from the teacher logits."""
+    if problem.weighting is None or not problem.weighting.needs_teacher_token_logprobs:
+        return None
+    if problem.teacher_token_logprobs is not None:
+        return problem.teacher_token_logprobs
+    if problem.teacher_logprobs is not None:
+        return problem.teacher_logprobs
+    # validation guarantees teacher logits and tokens here
+    return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
+                                          problem.vocab)
+
+
+def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
+    """The Triton path: the vocabulary pass and the weights kernel make the loss, the weights and the value checks
+    in two kernels (backward: one), with no host sync, as a torch custom op (wpkl/ops.py) that torch.compile
+    traces without graph breaks."""
+    from . import ops
+    from .vocab_pass import encode_weighting
+
+    count = problem.num_items_in_batch
+    tensor_count = None
+    if isinstance(count, torch.Tensor):
+        tensor_count, count = count.to(problem.device, non_blocking=True).reshape(()), None
+    weighting = problem.weighting
+    table = None
+    if weighting is not None and isinstance(weighting.position, PositionTable):
+        table = _device_table(weighting.position.values, problem.device, torch.float32)
+    segments = 0 if not problem.packed else (1 if problem.positions is not None else 2)
+    loss, stats, weight, position, _ = ops.weighted_loss(
+        problem.student, problem.teacher, problem.valid, problem.tokens, problem.teacher_logprobs,
+        problem.rollout_logprobs, problem.user_weights, problem.positions, tensor_count, table, problem.divergence,
+        problem.beta, problem.temperature, encode_weighting(weighting), problem.reduction, segments,
+        math.nan if count is None else float(count), inplace_backward)
+    if problem.reduction == "none":
+        loss = loss.reshape(problem.leading_shape)
+    if not return_stats:
+        return loss
+    shape = problem.leading_shape
+    stats = TokenStats(divergence=stats[0].reshape(shape), weight=weight.reshape(shape),
+                       teacher_confidence=stats[1].reshape(shape), teacher_entropy=stats[3].reshape(shape),
+                       student_entropy=stats[2].reshape(shape), position=position.reshape(shape),
+                       mask=problem.valid.reshape(shape))
+    return loss, stats
+
+
+def _check_return_stats(return_stats) -> None:
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+
+
+def _needs_stats(problem: Problem, return_stats: bool) -> bool:
+    """Whether the teacher confidence and the entropies are needed (the torch path skips them otherwise)."""
+    return return_stats or (problem.weighting is not None and problem.weighting.confidence > 0)
+
+
+class _Sequences:
+    """The [B, T] per-token vectors laid out one sequence per row (wpkl/layout.py), with their positions."""
+
+    def __init__(self, problem: Problem, teacher_token_logprobs: torch.Tensor | None = None):
+        self.layout = SequenceLayout(problem.packed, problem.positions)
+        self.valid = self.layout.rows(problem.valid)
+        given = None if problem.positions is None else self.layout.rows(problem.positions)
+        self.positions = sequence_positions(self.valid) if given is None else given
+        self.user_weights = None if problem.user_weights is None else self.layout.rows(problem.user_weights)
+        self.token_logprobs = None if teacher_token_logprobs is None else self.layout.rows(teacher_token_logprobs)
+
+    def weights(self, weighting: Weighting | None, divergence: torch.Tensor, confidence: torch.Tensor):
+        return compute_weights(weighting, valid=self.valid, divergence=self.layout.rows(divergence),
+                               confidence=self.layout.rows(confidence), user_weights=self.user_weights,
+                               positions=self.positions, teacher_token_logprobs=self.token_logprobs)
+
+
+def _weigh_and_reduce(problem: Problem, terms: TokenTerms, return_stats: bool, seq: _Sequences | None = None):
+    """Weights (wpkl/weighting.py) and reduction (wpkl/reduction.py) on the [B, T] per-token terms: shared by
+    every input form (``seq``: the sequence layout, when the caller already built it)."""
+    seq = _Sequences(problem) if seq is None else seq
+    layout, valid = seq.layout, seq.valid
+    weights = seq.weights(problem.weighting, terms.divergence, terms.confidence)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)
     if problem.reduction == "none":
         loss = layout.tokens(weighted).reshape(problem.leading_shape)
@@ -137,25 +251,134 @@ def weighted_kl_loss(
         teacher_confidence=per_token(terms.confidence),
         teacher_entropy=per_token(terms.teacher_entropy),
         student_entropy=per_token(terms.student_entropy),
-        position=per_token(layout.tokens(pos)),
+        position=per_token(layout.tokens(seq.positions)),
         mask=leading(problem.valid),
     )
     return loss, stats
 
 
-def _teacher_token_logprobs(problem, backend: str) -> torch.Tensor | None:
-    """log q(y) of the sampled tokens when the weighting needs it: given, or computed on the torch backends."""
-    if problem.weighting is None or not problem.weighting.needs_teacher_token_logprobs:
-        return None
-    if problem.teacher_token_logprobs is not None:
-        return problem.teacher_token_logprobs
-    if problem.teacher_logprobs is not None:
-        return problem.teacher_logprobs
-    if backend == "triton":
-        raise ValueError("Weighting(prefix_confidence=...) on the Triton backend needs teacher_token_logprobs "
-                         "(log q(y) of the sampled tokens): the kernels do not report it")
-    return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
-                                          problem.student.shape[-1])
+class _EagerCoefficients:
+    """The fused-linear form's eager schedule (wpkl/fused_linear.py): each token's d loss / d L_i up to one scalar
+    for the whole batch, from the same weight and reduction code, as soon as the token's chunk is done.
+
+    d loss / d L_i = w_i * r_i with r_i = d reduce(x) / d x_i (constant: the reduction is linear) and w_i the
+    weight without normalization; normalization and the upstream gradient make the one remaining scalar.
+    Token i's weight needs only its own divergence and confidence, the mask and positions, except for
+    ``accumulated``, which needs the whole sequence: then chunks hold whole sequences (``whole_rows``).
+    """
+
+    def __init__(self, problem: Problem, seq: _Sequences):
+        self.seq = seq
+        self.shape = problem.valid.shape
+        weighting = problem.weighting
+        self.weighting = None if weighting is None else dataclasses.replace(weighting, normalize=False)
+        self.whole_rows = weighting is not None and weighting.accumulated > 0
+        x = torch.zeros(self.seq.valid.shape, dtype=torch.float64, device=problem.device, requires_grad=True)
+        with torch.enable_grad():
+            reduced = reduce_loss(x, self.seq.valid, problem.reduction, problem.num_items_in_batch)
+            (self.reduction_coef,) = torch.autograd.grad(reduced, x)
+
+    def __call__(self, ids: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        divergence, confidence = (x.reshape(self.shape) for x in stats[:2])
+        weights = self.seq.weights(self.weighting, divergence, confidence)
+        coef = self.seq.layout.tokens(weights.double() * self.reduction_coef)
+        return coef.reshape(-1)[ids]
+
+
+def fused_linear_kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    weighting: Weighting | None = None,
+    token_weights: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    divergence: str = "reverse_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    backend: str = "auto",
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    teacher_topk_ids: torch.Tensor | None = None,
+    teacher_topk_logprobs: torch.Tensor | None = None,
+    topk_mode: str = "tail",
+    topk_logprob_floor: float | None = None,
+    topk_loss_max: float | None = None,
+):
+    """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
+
+    The result (loss, stats, and the gradients of ``student_hidden``, ``student_weight`` and ``student_bias``)
+    equals ``weighted_kl_loss`` on the logits ``softcap(scale * (hidden @ weight.T + bias))``, with
+    ``softcap(x) = c * tanh(x / c)`` (TRL's order: scale, then softcap), for every option of
+    ``weighted_kl_loss``. Precision follows TRL's ``DistillationTrainer`` (its reference here): the weight is cast to
+    the hidden states' dtype (the autocast dtype under autocast), products accumulate and are returned in
+    float32, the bias is added in float32; the logits-gradient is cast to that dtype for the two gradient GEMMs,
+    which accumulate in float32. So bf16 hidden states with an fp32 weight and bias work as in TRL.
+
+    Args (beyond ``weighted_kl_loss``'s, which keep their meaning; the logits' leading shape is the hidden
+    states'):
+        student_hidden: [B, T, H] or [N, H] (requires grad).
+        student_weight: the student's lm_head weight [V, H] (may require grad; an FSDP2 DTensor is gathered once).
+        teacher_hidden: [B, T, H_t] or [N, H_t], no gradient; None with ``teacher_logprobs`` ("sampled").
+        teacher_weight: [V_t >= V, H_t]; only the first V rows are used. None with ``teacher_hidden=None``.
+        student_bias, teacher_bias: [V] / [V_t] or None.
+        student_logit_scale, teacher_logit_scale: multiply the logits before the softcap.
+        student_softcap, teacher_softcap: ``c`` of the softcap, or None.
+        chunk_size: tokens per chunk; None picks it from a 2 GiB budget (wpkl/fused_linear.py states the formula).
+        teacher_token_logprobs: log q(y) of the sampled tokens, as in ``weighted_kl_loss``; here it is never
+            computed from the teacher (that would need another projection): weightings that need it take it given
+            (or ``teacher_logprobs``).
+        teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max: a teacher given as
+            top-k atoms (with ``teacher_hidden=None`` and ``teacher_weight=None``), as in ``weighted_kl_loss``.
+
+    Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
+    first, which costs one host sync.
+    """
+    from .projection import gather_full, projection_dtype
+
+    student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
+    teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
+    problem = validate_linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+        teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size, mask=mask,
+        weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
+        beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs, backend=backend,
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, topk_mode=topk_mode,
+        topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
+        teacher_token_logprobs=teacher_token_logprobs,
+    )
+    _check_return_stats(return_stats)
+    resolved = resolve_backend(backend, problem)
+    if resolved == "triton" and problem.topk_ids is not None:
+        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
+    check_values(problem)
+    lin = problem.linear
+    trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
+                                                                lin.student_bias))
+    # The eager schedule (wpkl/fused_linear.py) needs a scalar upstream and a compute dtype whose range holds the
+    # unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase.
+    eager = (problem.reduction != "none" and trainable and torch.is_grad_enabled() and resolved != "reference"
+             and projection_dtype(lin.student_hidden) != torch.float16)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
+                          coefficients=_EagerCoefficients(problem, seq) if eager else None)
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
 
 
 class WeightedKLLoss(nn.Module):
@@ -208,3 +431,59 @@ class WeightedKLLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
                 f"reduction={self.reduction!r}, weighting={self.weighting}")
+
+
+class FusedLinearWeightedKLLoss(nn.Module):
+    """``fused_linear_kl_loss`` with its configuration held by a module (the same split as ``WeightedKLLoss``)."""
+
+    def __init__(
+        self,
+        weighting: Weighting | None = None,
+        divergence: str = "reverse_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        backend: str = "auto",
+        *,
+        student_logit_scale: float = 1.0,
+        teacher_logit_scale: float = 1.0,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.weighting = weighting
+        self.divergence = divergence
+        self.beta = beta
+        self.temperature = temperature
+        self.reduction = reduction
+        self.backend = backend
+        self.student_logit_scale = student_logit_scale
+        self.teacher_logit_scale = teacher_logit_scale
+        self.student_softcap = student_softcap
+        self.teacher_softcap = teacher_softcap
+        self.chunk_size = chunk_size
+        # Fail at construction, not at the first training step.
+        check_options(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                      weighting=weighting, backend=backend)
+        check_linear_options(student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                             student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size)
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
+                positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,
+                num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None, teacher_token_logprobs=None):
+        return fused_linear_kl_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask, weighting=self.weighting,
+            token_weights=token_weights, positions=positions, tokens=tokens, divergence=self.divergence,
+            beta=self.beta, temperature=self.temperature, reduction=self.reduction, return_stats=return_stats,
+            backend=self.backend, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
+            student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
+            num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
+            rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, weighting={self.weighting}, chunk_size={self.chunk_size}")

@@ -11,13 +11,15 @@ multiply in fp32.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 # torch.mm(..., out_dtype=torch.float32) from bf16/fp16 inputs: CUDA, torch >= 2.8.
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 
-def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+def projection_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the product runs in: autocast's when it is on for the hidden states' device, else theirs."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -27,16 +29,31 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 def gather_full(weight: torch.Tensor | None) -> torch.Tensor | None:
     """An FSDP2 DTensor lm_head weight or bias, gathered once (as TRL does); other tensors unchanged."""
-    if weight is not None and isinstance(weight, torch.distributed.tensor.DTensor):
+    dtensor = sys.modules.get("torch.distributed.tensor")  # loaded by whoever made a DTensor
+    if weight is not None and dtensor is not None and isinstance(weight, dtensor.DTensor):
         return weight.full_tensor()
     return weight
 
 
-def matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b accumulated and returned in float32, without rounding the product to the inputs' dtype."""
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Products accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32 (float64 for float64 inputs), never rounded to a half dtype."""
     if _MM_OUT_DTYPE and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    return torch.mm(a.float(), b.float(), out=out)
+        return torch.mm(a, b, out_dtype=torch.float32)
+    acc = accumulate_dtype(a.dtype)
+    return torch.mm(a.to(acc), b.to(acc))
+
+
+def addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 (or float64) accumulator, without rounding a @ b to the inputs' dtype first."""
+    if _MM_OUT_DTYPE and acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def project(
@@ -47,12 +64,13 @@ def project(
     softcap: float | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """float32 logits ``softcap(scale * (hidden @ weight.T + bias))`` for hidden [..., H] and weight [V, H]."""
-    dtype = compute_dtype(hidden) if dtype is None else dtype
+    """float32 logits ``softcap(scale * (hidden @ weight.T + bias))`` for hidden [..., H] and weight [V, H]
+    (float64 when the compute dtype is float64)."""
+    dtype = projection_dtype(hidden) if dtype is None else dtype
     flat = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     logits = matmul_fp32(flat, weight.to(dtype).t())
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(logits.dtype)
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if softcap is not None:

@@ -34,6 +34,24 @@ import torch
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled")
 
 
+class TopK(NamedTuple):
+    """A teacher given as top-k atoms per token: ids [..., K] (-1 pads) and their log-probabilities [..., K]."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+    def __getitem__(self, rows):  # the same rows of both
+        if isinstance(rows, int):  # NamedTuple field access stays positional
+            return tuple.__getitem__(self, rows)
+        return TopK(self.ids[rows], self.logprobs[rows])
+
+
+class TopKOptions(NamedTuple):
+    mode: str = "tail"
+    logprob_floor: float | None = None
+    loss_max: float | None = None
+
+
 class TokenTerms(NamedTuple):
     """Per-token results of the vocabulary pass, each of the rows' leading shape.
 
@@ -67,6 +85,19 @@ def entropy(prob: torch.Tensor, log_prob: torch.Tensor) -> torch.Tensor:
     return -(prob * torch.where(prob != 0, log_prob, 0.0)).sum(dim=-1)
 
 
+def divergence_between(divergence: str, beta: float, p, log_p, q, log_q) -> torch.Tensor:
+    """The divergence of two distributions given over the last dimension (a vocabulary, or top-k atoms)."""
+    if divergence == "reverse_kl":
+        return kl(p, log_p, log_q)
+    if divergence == "forward_kl":
+        return kl(q, log_q, log_p)
+    if divergence == "jsd":
+        m = (1 - beta) * p + beta * q
+        log_m = torch.where(m > 0, m, 1.0).log()
+        return beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
+    raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+
+
 def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(logits[..., :V] / T) in the compute dtype."""
     x = logits[..., :vocab].to(dtype)
@@ -90,14 +121,22 @@ def token_terms(
     tokens: torch.Tensor | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    teacher_topk: TopK | None = None,
+    topk: TopKOptions | None = None,
     stats: bool = True,
 ) -> TokenTerms:
     """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
     ``teacher_logits`` may be None for "sampled" when ``teacher_logprobs`` holds log q(y); the teacher
-    confidence and entropy are then unknown (NaN). ``stats=False`` skips the confidence and entropies
-    (returned as None) when only the loss is needed.
+    confidence and entropy are then unknown (NaN). With ``teacher_topk`` (and no teacher logits) the teacher is
+    top-k atoms (``topk_terms``). ``stats=False`` skips the confidence and entropies (returned as None) when only
+    the loss is needed.
     """
+    if teacher_topk is not None:
+        topk = topk or TopKOptions()
+        return topk_terms(student_logits, teacher_topk.ids, teacher_topk.logprobs, mode=topk.mode,
+                          divergence=divergence, beta=beta, temperature=temperature,
+                          logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats)
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     vocab = student_logits.shape[-1]
@@ -114,16 +153,8 @@ def token_terms(
         behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
         div = behaviour - log_q_y  # = -a, a constant
         loss = div * log_p_y  # -a * log p(y)
-    elif divergence == "reverse_kl":
-        div = loss = kl(p, log_p, log_q)
-    elif divergence == "forward_kl":
-        div = loss = kl(q, log_q, log_p)
-    elif divergence == "jsd":
-        m = (1 - beta) * p + beta * q
-        log_m = torch.where(m > 0, m, 1.0).log()
-        div = loss = beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
     else:
-        raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
+        div = loss = divergence_between(divergence, beta, p, log_p, q, log_q)
 
     if not stats:
         return TokenTerms(loss, div.detach(), None, None, None)
@@ -136,3 +167,92 @@ def token_terms(
             student_entropy=entropy(p, log_p),
             teacher_entropy=unknown if log_q is None else entropy(q, log_q),
         )
+
+
+# ---------------------------------------------------------------------------------------------- top-k teachers
+
+TOPK_MODES = ("tail", "renormalize", "raw")
+# TRL's _add_tail_bucket (trl/experimental/iw_opd/iw_opd_trainer.py): the atoms' log-mass is clamped at -1e-7, so the
+# tail atom's log-probability is at least log(1 - exp(-1e-7)) ~ -16.1 and never -inf.
+TAIL_LOG_MASS_MAX = -1e-7
+
+
+def tail_log_prob(log_atoms: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_j exp(log_atoms_j)) over the last dimension, stably (log1p of -expm1), TRL's clamp included."""
+    log_mass = torch.logsumexp(log_atoms, dim=-1, keepdim=True).clamp(max=TAIL_LOG_MASS_MAX)
+    return torch.log(-torch.expm1(log_mass))
+
+
+def topk_atom_terms(x, lse, atoms, teacher_logprobs, *, mode, divergence, beta, logprob_floor=None, loss_max=None,
+                    stats=True):
+    """The divergence over top-k atoms, from the student's scaled logits x = s_j at the K ids (s = logits / T) and
+    its log-normalizer lse over the full vocabulary: log p_j = x_j - lse.
+
+    ``atoms``: bool [..., K], False at padding (id -1). ``teacher_logprobs``: the teacher's full-vocabulary log q_j
+    of the same ids, used as given (no temperature). Modes (wpkl/api.py documents them):
+
+        tail         atoms S plus one tail atom with log(1 - sum_S p_j), the same for q (TRL's convention)
+        renormalize  both restricted to S and renormalized
+        raw          the atoms as given: forward KL is sum_S q_j (log q_j - log p_j), verl's top-k forward KL;
+                     ``logprob_floor`` clamps both sides' log-probabilities from below (verl's log_prob_min_clamp)
+
+    Returns (L, D, confidence, teacher entropy): L = min(D, loss_max) when ``loss_max`` is given (verl's
+    loss_max_clamp; zero gradient where it clamps), else D. Confidence is max_j q_j over the given atoms; the
+    teacher entropy is over the mode's atoms (a support estimate). Rows with no atom give D = 0. Differentiable
+    in x and lse (the kernels use autograd of this function for their gradient's per-row coefficients).
+    """
+    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    log_p = torch.where(atoms, x - lse.unsqueeze(-1), neg_inf)
+    log_q = torch.where(atoms, teacher_logprobs.to(x.dtype), neg_inf)
+    if mode == "raw" and logprob_floor is not None:
+        log_p = torch.where(atoms, log_p.clamp_min(logprob_floor), neg_inf)
+        log_q = torch.where(atoms, log_q.clamp_min(logprob_floor), neg_inf)
+    if mode == "tail":
+        log_p = torch.cat([log_p, tail_log_prob(log_p)], dim=-1)
+        log_q = torch.cat([log_q, tail_log_prob(log_q)], dim=-1)
+    elif mode == "renormalize":
+        any_atom = atoms.any(dim=-1, keepdim=True)
+        log_p = torch.where(atoms, log_p - torch.where(any_atom, torch.logsumexp(log_p, -1, keepdim=True), 0.0), neg_inf)
+        log_q = torch.where(atoms, log_q - torch.where(any_atom, torch.logsumexp(log_q, -1, keepdim=True), 0.0), neg_inf)
+    elif mode != "raw":
+        raise ValueError(f"unknown topk_mode {mode!r}; expected one of {TOPK_MODES}")
+    p, q = log_p.exp(), log_q.exp()
+    div = divergence_between(divergence, beta, p, log_p, q, log_q)
+    loss = div if loss_max is None else div.clamp(max=loss_max)
+    if not stats:
+        return loss, div.detach(), None, None
+    with torch.no_grad():
+        confidence = torch.where(atoms, teacher_logprobs.to(x.dtype), neg_inf).amax(dim=-1).exp()
+        return loss, div.detach(), confidence, entropy(q, log_q)
+
+
+def topk_terms(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    mode: str = "tail",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    logprob_floor: float | None = None,
+    loss_max: float | None = None,
+    stats: bool = True,
+) -> TokenTerms:
+    """Per-row terms against a teacher given as top-k atoms (ids [..., K], -1 pads; log q of those ids)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    dtype = compute_dtype(student_logits)
+    s = student_logits.to(dtype)
+    s = s / temperature if temperature != 1.0 else s
+    lse = torch.logsumexp(s, dim=-1)
+    atoms = topk_ids >= 0
+    x = s.gather(-1, topk_ids.clamp_min(0).long())
+    loss, div, confidence, teacher_entropy = topk_atom_terms(
+        x, lse, atoms, topk_logprobs, mode=mode, divergence=divergence, beta=beta, logprob_floor=logprob_floor,
+        loss_max=loss_max, stats=stats)
+    if not stats:
+        return TokenTerms(loss, div, None, None, None)
+    with torch.no_grad():
+        log_p = s - lse.unsqueeze(-1)
+        return TokenTerms(loss, div, confidence, entropy(log_p.exp(), log_p), teacher_entropy)

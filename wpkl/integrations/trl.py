@@ -20,8 +20,8 @@ from functools import partial
 
 import torch
 
-from ..api import weighted_kl_loss
-from ..projection import gather_full, project
+from ..api import fused_linear_kl_loss, weighted_kl_loss
+from ..fused_linear import gathered_weights
 from ..weighting import Weighting
 
 IGNORE_INDEX = -100
@@ -159,17 +159,15 @@ def _iw_opd_method(weighting, backend):
     return _compute_iw_opd_loss
 
 
-def _project(hidden, weight, bias, scale, softcap):
-    """The lm_head projection exactly as TRL's DistillationTrainer applies it (wpkl/projection.py): an FSDP2
-    weight gathered once, cast to the compute dtype, fp32 output, fp32 bias, then scale, then softcap."""
-    return project(hidden, gather_full(weight), gather_full(bias), scale, softcap)
-
-
 def _distillation_divergence(weighting, backend):
-    """A replacement for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (same signature/returns).
+    """A replacement for ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (same signature and returns:
+    the loss, the sum of the student's per-token entropy, the valid count), through ``fused_linear_kl_loss``: the
+    logits are projected chunk by chunk and never materialized, as in TRL, and the tokens can be weighted.
 
-    It materializes the [B, K, V] logits of both models (TRL's own path projects them tile by tile and never
-    does), then runs wpkl: the price of weighting, which needs each sequence's tokens together.
+    Precision is TRL's (wpkl/projection.py). Under DeepSpeed ZeRO-3 the lm_head parameters are gathered with
+    TRL's own ``maybe_gather_lm_head_ctx`` for the call, and again when the two-phase schedule recomputes the
+    projections in backward (the eager schedule computes its gradients inside the forward's gather, as Liger's
+    fused losses do).
     """
 
     def _chunked_divergence_loss(student_hidden_states, teacher_hidden_states, student_lm_head_weight,
@@ -177,15 +175,24 @@ def _distillation_divergence(weighting, backend):
                                  student_lm_head_bias=None, teacher_lm_head_bias=None, student_logit_scale=1.0,
                                  teacher_logit_scale=1.0, student_final_logit_softcapping=None,
                                  teacher_final_logit_softcapping=None, temperature=1.0):
-        student = _project(student_hidden_states, student_lm_head_weight, student_lm_head_bias, student_logit_scale,
-                           student_final_logit_softcapping)
-        with torch.no_grad():
-            teacher = _project(teacher_hidden_states, teacher_lm_head_weight, teacher_lm_head_bias,
-                               teacher_logit_scale, teacher_final_logit_softcapping)
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        @contextlib.contextmanager
+        def gathered():  # re-entered by the two-phase schedule's backward (wpkl/fused_linear.py)
+            with maybe_gather_lm_head_ctx(student_lm_head_weight, student_lm_head_bias), \
+                    maybe_gather_lm_head_ctx(teacher_lm_head_weight, teacher_lm_head_bias):
+                yield
+
         mask = completion_mask != 0
-        total, stats = weighted_kl_loss(student, teacher, mask=mask, weighting=weighting, divergence="jsd", beta=beta,
-                                        temperature=temperature, reduction="sum", return_stats=True,
-                                        backend=backend)
+        with gathered_weights(gathered):
+            total, stats = fused_linear_kl_loss(
+                student_hidden_states, student_lm_head_weight, teacher_hidden_states.detach(),
+                teacher_lm_head_weight.detach(), mask=mask, weighting=weighting, divergence="jsd", beta=beta,
+                temperature=temperature, reduction="sum", return_stats=True, backend=backend,
+                student_bias=student_lm_head_bias,
+                teacher_bias=None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(),
+                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping)
         n_valid = mask.sum()
         loss = total / n_valid.clamp(min=1) if num_items_in_batch is None else _divide(total, num_items_in_batch)
         return loss, stats.student_entropy.sum(), n_valid
@@ -209,7 +216,8 @@ def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto")
     - ``GKDTrainer``: ``generalized_jsd_loss`` (the full-vocabulary JSD / KL).
     - ``IWOPDTrainer``: ``generalized_jsd_loss`` and the sampled-token IW-OPD loss; ``weighting`` (if given)
       replaces TRL's IW-OPD weights in the latter.
-    - ``DistillationTrainer``: its fused-linear divergence, through materialized logits.
+    - ``DistillationTrainer``: its fused-linear divergence (``_chunked_divergence_loss``), through
+      ``fused_linear_kl_loss``: never materialized logits, as in TRL.
     Paths listed in this module's docstring stay TRL's.
     """
     if weighting is not None and not isinstance(weighting, Weighting):

@@ -1,0 +1,174 @@
+"""The Triton path makes no host synchronization and dispatches few device kernels, whatever the arguments.
+
+A host sync (``.item()``, ``.tolist()``, ``bool(tensor)``, ``nonzero``, ...) stalls the training loop until the GPU
+catches up and forbids CUDA graphs. These tests record every such call made from wpkl's own code during a
+forward and backward on the Triton path (the interpreter here; the CUDA code path is the same Python), with the
+value checks' CUDA branch (deferred flags) forced on, and count the torch ops wpkl dispatches.
+"""
+
+import itertools
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import wpkl
+import wpkl.checks
+import wpkl.kernels
+
+PACKAGE_DIRS = (os.path.dirname(wpkl.__file__), os.path.dirname(wpkl.kernels.__file__))
+SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+def _from_wpkl(depth: int) -> bool:
+    """Whether the torch call being made comes from wpkl's code (not the Triton interpreter, not torch itself)."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/triton/" in name or name.endswith("test_host_sync.py"):
+            return False
+        if name.startswith(PACKAGE_DIRS):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _FakeEvent:
+    def record(self):
+        pass
+
+    def query(self):
+        return True
+
+    def synchronize(self):
+        pass
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """Every host-syncing tensor method called from wpkl, with the CUDA branch of the value checks forced on."""
+    calls = []
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if _from_wpkl(2):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    original_nonzero = torch.nonzero
+    monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (calls.append("torch.nonzero") if _from_wpkl(2) else None)
+                        or original_nonzero(*a, **k))
+    monkeypatch.setattr(wpkl.checks, "_deferred", lambda flags: True)
+    monkeypatch.setattr(wpkl.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    wpkl.checks._pending.clear()
+    yield calls
+    wpkl.checks._pending.clear()
+
+
+def _inputs(packed=False, B=2, T=5, V=40):
+    student = torch.randn(B, T, V, requires_grad=True)
+    teacher = torch.randn(B, T, V + 3)
+    mask = torch.rand(B, T) < 0.8
+    if packed:
+        return student.reshape(B * T, V).detach().requires_grad_(True), teacher.reshape(B * T, V + 3), mask.reshape(-1)
+    return student, teacher, mask
+
+
+OPTIONS = {
+    "weighting": [None, wpkl.Weighting(position=wpkl.PositionTable([1.0, 0.5, 0.25]), confidence=1.0,
+                                       disagreement=0.5, accumulated=0.5),
+                  wpkl.Weighting(position=wpkl.PositionWindow(0.0, 0.5), normalize=False)],
+    "reduction": ["mean", "sum", "seq_mean", "none"],
+    "extras": ["none", "all"],
+}
+
+
+@pytest.mark.parametrize("weighting,reduction,extras", list(itertools.product(*OPTIONS.values())))
+def test_no_host_sync_on_the_triton_path(syncs, weighting, reduction, extras):
+    student, teacher, mask = _inputs()
+    kwargs = dict(mask=mask, weighting=weighting, reduction=reduction, backend="triton", return_stats=True)
+    if extras == "all":
+        kwargs.update(token_weights=torch.rand(2, 5), positions=torch.arange(5).repeat(2, 1),
+                      tokens=torch.randint(0, 40, (2, 5)), divergence="sampled")
+        if reduction == "mean":
+            kwargs["num_items_in_batch"] = torch.tensor(9)
+    loss, stats = wpkl.weighted_kl_loss(student, teacher, **kwargs)
+    (loss * torch.ones_like(loss)).sum().backward()
+    assert syncs == [], Counter(syncs)
+
+
+@pytest.mark.parametrize("divergence", ["sampled", "reverse_kl"])
+def test_no_host_sync_with_packed_input_and_logprobs(syncs, divergence):
+    student, teacher, mask = _inputs(packed=True)
+    positions = torch.cat([torch.arange(4), torch.arange(6)])
+    kwargs = dict(teacher_logprobs=-torch.rand(10), rollout_logprobs=-torch.rand(10)) if divergence == "sampled" else {}
+    loss = wpkl.weighted_kl_loss(student, None if kwargs else teacher, mask=mask, positions=positions,
+                                 tokens=torch.randint(0, 40, (10,)), divergence=divergence, reduction="seq_mean",
+                                 weighting=wpkl.Weighting(position=wpkl.ExpDecay(2.0)), backend="triton", **kwargs)
+    loss.backward()
+    assert syncs == [], Counter(syncs)
+
+
+def test_bad_values_surface_later_on_the_gpu_path(syncs):
+    """On CUDA the value checks do not stall: a bad input is raised by the next wpkl call (or check_errors)."""
+    student, teacher, mask = _inputs()
+    tokens = torch.randint(0, 40, (2, 5))
+    tokens[0, 0] = 40  # out of range
+    mask[0, 0] = True
+    loss = wpkl.weighted_kl_loss(student, teacher, mask=mask, tokens=tokens, divergence="sampled", backend="triton")
+    assert syncs == []
+    assert torch.isnan(loss) or torch.isfinite(loss)  # no out-of-bounds read; the value is not meaningful
+    with pytest.raises(wpkl.DeferredCheckError, match=r"tokens must lie in \[0, V\)"):
+        wpkl.weighted_kl_loss(student, teacher, mask=mask, backend="triton")
+    # And with check_errors() at a point of the caller's choosing:
+    wpkl.weighted_kl_loss(student, teacher, mask=mask, token_weights=-torch.ones(2, 5), backend="triton")
+    with pytest.raises(wpkl.DeferredCheckError, match="token_weights must be finite and >= 0"):
+        wpkl.check_errors()
+    wpkl.check_errors()  # nothing pending any more
+
+
+@pytest.fixture
+def unpoisoned(monkeypatch):
+    """The real allocators (conftest fills output buffers with NaN, a test-only kernel per buffer)."""
+    import wpkl.vocab_pass
+
+    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer", torch.empty)
+    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer_like", torch.empty_like)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _from_wpkl(3):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that launch no device kernel: views, metadata, allocations.
+NO_KERNEL = ("view", "reshape", "select", "slice", "detach", "alias", "as_strided", "expand", "unsqueeze", "squeeze",
+             "t.default", "permute", "empty", "lift_fresh", "_unsafe_view")
+
+
+@pytest.mark.parametrize("weighting,reduction,extras", list(itertools.product(*OPTIONS.values())))
+def test_few_device_kernels(weighting, reduction, extras, unpoisoned):
+    """At most 8 device kernels besides the Triton kernels (vocabulary pass forward and backward, weights), for any
+    weighting and argument."""
+    student, teacher, mask = _inputs()
+    kwargs = dict(mask=mask, weighting=weighting, reduction=reduction, backend="triton", return_stats=True)
+    if extras == "all":
+        kwargs.update(token_weights=torch.rand(2, 5), positions=torch.arange(5).repeat(2, 1),
+                      tokens=torch.randint(0, 40, (2, 5)), divergence="sampled")
+    with _Ops() as seen:
+        loss, _ = wpkl.weighted_kl_loss(student, teacher, **kwargs)
+        (loss * 2).sum().backward() if loss.dim() else loss.backward()
+    kernels = [op for op in seen.ops if not any(word in op for word in NO_KERNEL)]
+    assert len(kernels) <= 8, Counter(kernels)

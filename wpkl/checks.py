@@ -1,0 +1,99 @@
+"""Value checks that need the data (a token out of range, a negative weight, a probability given as a log-prob)
+without a host synchronization on the GPU.
+
+On the CPU a check is a plain comparison: it raises at once. On a CUDA device, reading a flag back would stall
+the host until the GPU catches up (and forbid CUDA graphs), so the flags are copied to pinned host memory
+asynchronously; a later wpkl call raises the error as soon as the copy has landed (``torch.cuda.Event.query``,
+no waiting), and ``wpkl.check_errors()`` waits for every pending check and raises. The kernels never read out of
+bounds on bad input meanwhile: an out-of-range token gives a NaN loss for its row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_pending: list[tuple[torch.cuda.Event, torch.Tensor, list[str]]] = []
+
+
+class DeferredCheckError(ValueError):
+    """A ValueError found by a check that ran on the GPU without a host sync, raised by a later wpkl call or by
+    ``wpkl.check_errors()``."""
+
+
+def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
+    """``checks``: (message, a bool tensor that is True where the input is bad). Raises now on the CPU; on CUDA
+    queues the flags and raises the first failure of an earlier call whose flags have arrived."""
+    raise_arrived()
+    if not checks:
+        return
+    flags = torch.stack([bad.any() for _, bad in checks])
+    messages = [message for message, _ in checks]
+    if not _deferred(flags):
+        for message, failed in zip(messages, flags.tolist(), strict=True):
+            if failed:
+                raise ValueError(message)
+        return
+    _queue(flags, messages)
+
+
+def run_flags(flags: torch.Tensor, messages: list[str]) -> None:
+    """Flags a kernel wrote (nonzero = that check failed): raised now on the CPU, deferred on CUDA."""
+    raise_arrived()
+    if not _deferred(flags):
+        for message, failed in zip(messages, flags.tolist(), strict=True):
+            if failed:
+                raise ValueError(message)
+        return
+    _queue(flags, messages)
+
+
+def _deferred(flags: torch.Tensor) -> bool:
+    """Whether reading these flags would stall the host (a CUDA device): then they are read later."""
+    return flags.device.type == "cuda"
+
+
+def _queue(flags: torch.Tensor, messages: list[str]) -> None:
+    host = _pinned(flags.shape, flags.dtype)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((event, host, messages))
+
+
+_free_pinned: list[torch.Tensor] = []
+
+
+def _pinned(shape, dtype) -> torch.Tensor:
+    """A pinned host buffer, reused once its check has been read (pinning memory is slow: not per call)."""
+    for i, buffer in enumerate(_free_pinned):
+        if buffer.shape == shape and buffer.dtype == dtype:
+            return _free_pinned.pop(i)
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
+def _raise_from(entries) -> None:
+    for _, host, messages in entries:
+        values = host.tolist()
+        _free_pinned.append(host)
+        for message, failed in zip(messages, values, strict=True):
+            if failed:
+                raise DeferredCheckError(
+                    f"{message} (found by a check on the GPU that does not stall the host: raised by a later wpkl "
+                    "call or by wpkl.check_errors(); the loss of the call that received this input is not valid)")
+
+
+def raise_arrived() -> None:
+    """Raise the first failure among pending checks whose flags have arrived; never waits."""
+    arrived = []
+    while _pending and _pending[0][0].query():
+        arrived.append(_pending.pop(0))
+    _raise_from(arrived)
+
+
+def check_errors() -> None:
+    """Wait for every pending value check of earlier wpkl calls and raise the first failure, if any."""
+    entries = list(_pending)
+    _pending.clear()
+    for event, _, _ in entries:
+        event.synchronize()
+    _raise_from(entries)
