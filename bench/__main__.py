@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import CASES, DEFAULT_SHAPES, QUICK_SHAPES, SMOKE_SHAPE, make_inputs, minimal_bytes, parse_shape
+from .cases import CASES, DEFAULT_SHAPES, QUICK_SHAPES, SMOKE_SHAPE, make_inputs, minimal_bytes_for, parse_shape
 from .measure import (
     CPU_MEMORY_METHOD,
     CUDA_MEMORY_METHOD,
@@ -80,7 +80,7 @@ def measure(provider, case, inputs, shape, mode, device, copy_gbps) -> Row:
         if device == "cuda":
             torch.cuda.empty_cache()
     if row.ms:
-        row.gbps = minimal_bytes(shape, backward) / (row.ms * 1e-3) / 1e9
+        row.gbps = minimal_bytes_for(case, shape, backward) / (row.ms * 1e-3) / 1e9
         row.copy_fraction = row.gbps / copy_gbps
     return row
 
@@ -93,8 +93,10 @@ def interpreter_smoke(case) -> Row:
     out = {}
     for backend in ("triton", "reference"):
         leaf = inputs.student.detach().clone().requires_grad_(True)
-        loss = wpkl.weighted_kl_loss(leaf, inputs.teacher, mask=inputs.mask, tokens=inputs.tokens,
-                                     weighting=case.weighting, divergence=case.divergence, backend=backend)
+        teacher = dict(teacher_topk_ids=inputs.topk_ids, teacher_topk_logprobs=inputs.topk_logprobs) if (
+            case.name == "topk") else dict(tokens=inputs.tokens)
+        loss = wpkl.weighted_kl_loss(leaf, None if case.name == "topk" else inputs.teacher, mask=inputs.mask,
+                                     weighting=case.weighting, divergence=case.divergence, backend=backend, **teacher)
         loss.backward()
         out[backend] = (loss.detach(), leaf.grad)
     ok = torch.allclose(*[v[0] for v in out.values()], rtol=1e-4, atol=1e-5) and torch.allclose(

@@ -10,6 +10,7 @@ import wpkl
 
 HALF_LIFE = 256.0
 GAMMA = 0.5
+TOPK = 64
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ CASES = {
                      "reverse KL weighted by position x teacher confidence x disagreement, normalized"),
     "iw_opd": Case("iw_opd", "sampled", wpkl.Weighting(accumulated=GAMMA, normalize=False),
                    "sampled-token IW-OPD (TRL IWOPDTrainer's objective), gamma = 0.5"),
+    "topk": Case("topk", "forward_kl", None,
+                 f"forward KL against a teacher server's top-{TOPK} log-probs with the tail atom (no teacher logits)"),
 }
 
 # The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.
@@ -70,6 +73,8 @@ class Inputs:
     teacher: torch.Tensor  # [B, T, V]
     mask: torch.Tensor  # [B, T] bool, all True: bandwidth figures count every token
     tokens: torch.Tensor  # [B, T] sampled tokens
+    topk_ids: torch.Tensor  # [B, T, TOPK]: the teacher's top-k, as a teacher server returns them
+    topk_logprobs: torch.Tensor  # [B, T, TOPK] float32
 
     @property
     def labels(self) -> torch.Tensor:
@@ -85,7 +90,12 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> Inputs:
     teacher = torch.randn(B, T, shape.vocab, generator=gen, device=device, dtype=dtype).mul_(2)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     tokens = torch.randint(0, shape.vocab, (B, T), generator=gen, device=device)
-    return Inputs(student, teacher, mask, tokens)
+    k = min(TOPK, shape.vocab)
+    top = torch.empty(B, T, k, dtype=torch.float32, device=device), torch.empty(B, T, k, dtype=torch.long, device=device)
+    for b in range(B):  # row by row: never a [B, T, V] float32 copy of the teacher
+        log_q = torch.log_softmax(teacher[b].float(), dim=-1)
+        top[0][b], top[1][b] = log_q.topk(k, dim=-1)
+    return Inputs(student, teacher, mask, tokens, top[1], top[0])
 
 
 def minimal_bytes(shape: Shape, backward: bool) -> int:
@@ -94,3 +104,11 @@ def minimal_bytes(shape: Shape, backward: bool) -> int:
     size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
     arrays = 3 if backward else 2
     return arrays * shape.tokens * shape.vocab * size
+
+
+def minimal_bytes_for(case: Case, shape: Shape, backward: bool) -> int:
+    """``minimal_bytes``, minus the teacher logits a top-k teacher does not have (its atoms are O(K) per token)."""
+    if case.name != "topk":
+        return minimal_bytes(shape, backward)
+    size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
+    return (2 if backward else 1) * shape.tokens * shape.vocab * size + shape.tokens * TOPK * 12

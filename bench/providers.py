@@ -27,6 +27,22 @@ from .cases import GAMMA, HALF_LIFE, Case, Inputs
 PROVIDERS = ("wpkl", "wpkl-torch", "eager", "compiled", "trl", "liger")
 
 
+def eager_topk_loss(student, topk_ids, topk_logprobs, mask):
+    """What a trainer writes for a teacher server's top-k answer (TRL's IW-OPD sparse loss): the student's
+    log_softmax gathered at the teacher's ids, a tail atom on both sides, forward KL over the atoms, masked mean."""
+    log_p = torch.log_softmax(student.float(), dim=-1).gather(-1, topk_ids)
+    log_q = topk_logprobs
+
+    def with_tail(x):
+        mass = torch.logsumexp(x, dim=-1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([x, torch.log(-torch.expm1(mass))], dim=-1)
+
+    log_p, log_q = with_tail(log_p), with_tail(log_q)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    valid = mask.float()
+    return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
 def eager_loss(student, teacher, mask, tokens, case_name: str):
     """What a trainer writes without wpkl, weighted the same way as the case."""
     log_p = torch.log_softmax(student.float(), dim=-1)
@@ -67,6 +83,16 @@ def _compiled_loss(backward: bool):
     return _compiled[backward]
 
 
+_compiled_topk_fns = {}
+
+
+def _compiled_topk(backward: bool):
+    if backward not in _compiled_topk_fns:
+        _compiled_loss(backward)  # the recompile limits
+        _compiled_topk_fns[backward] = torch.compile(eager_topk_loss, dynamic=True)
+    return _compiled_topk_fns[backward]
+
+
 def _trl_iw_opd(student, teacher, labels, tokens):
     from trl.experimental.iw_opd.iw_opd_trainer import IWOPDTrainer
 
@@ -87,19 +113,32 @@ def unavailable(provider: str, case: Case, device: str) -> str | None:
             return "trl is not installed"
         if case.name == "combined":
             return "TRL has no position x confidence x disagreement weighting"
+        if case.name == "topk":
+            return "TRL's server top-k loss is a method of a trainer with a teacher client; eager restates it"
     if provider == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
         if device != "cuda":
             return "Liger-Kernel needs a CUDA GPU"
         if case.name != "uniform":
-            return "Liger-Kernel has no weighted or sampled-token loss"
+            return "Liger-Kernel has no weighted, sampled-token or top-k loss"
     return None
 
 
 def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable[[], torch.Tensor]:
     """A zero-argument function computing the case's loss with this provider."""
     s, t, mask, tokens = inputs.student, inputs.teacher, inputs.mask, inputs.tokens
+    if case.name == "topk":
+        ids, logprobs = inputs.topk_ids, inputs.topk_logprobs
+        if provider in ("wpkl", "wpkl-torch"):
+            backend = "triton" if provider == "wpkl" else "torch"
+            return lambda: wpkl.weighted_kl_loss(s, None, mask=mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                                                 topk_mode="tail", divergence="forward_kl", backend=backend)
+        if provider == "eager":
+            return lambda: eager_topk_loss(s, ids, logprobs, mask)
+        if provider == "compiled":
+            fn = _compiled_topk(backward)
+            return lambda: fn(s, ids, logprobs, mask)
     if provider in ("wpkl", "wpkl-torch"):
         backend = "triton" if provider == "wpkl" else "torch"
         return lambda: wpkl.weighted_kl_loss(s, t, mask=mask, tokens=tokens, weighting=case.weighting,

@@ -67,7 +67,9 @@ def test_readme_snippets(in_tmp):
     namespace = dict(model=TinyLM(V), teacher=TinyLM(V_TEACHER, seed=1), input_ids=input_ids, prompt_len=prompt_len,
                      completion_mask=completion_mask, trainer=tiny_trl.build_gkd(in_tmp), step=0,
                      student_hidden=torch.randn(B, T, 8, requires_grad=True), student_lm_head=torch.nn.Linear(8, V),
-                     teacher_hidden=torch.randn(B, T, 12), teacher_lm_head=torch.nn.Linear(12, V_TEACHER))
+                     teacher_hidden=torch.randn(B, T, 12), teacher_lm_head=torch.nn.Linear(12, V_TEACHER),
+                     ids=torch.argsort(torch.rand(B, T, V), dim=-1)[..., :5],
+                     logprobs=-torch.rand(B, T, 5) * 4)
     blocks = python_blocks(ROOT / "README.md")
     assert len(blocks) >= 3
     for i, code in enumerate(blocks):
