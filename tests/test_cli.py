@@ -25,8 +25,12 @@ def test_help_shows_defaults(command, capsys):
     assert info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     if command == ["demo"]:
-        for default in ("200", "wpkl-demo", "auto", "reverse_kl", "2", "400"):
+        for default in ("sums", "wpkl-demo", "auto", "reverse_kl", "cons,rec", "16", "high", "4000"):
             assert f"(default: {default})" in out, default
+        # Task-dependent defaults are spelled out for both tasks.
+        for words in ("(default: 150; hmm: 200)", "(default: 3; hmm: 2)", "hmm: 400",
+                      "(default: uniform,first30,iw_opd_0.5,oracle; hmm: all)"):
+            assert words in out, words
     elif command == ["audit"]:
         assert "--out OUT" in out and "(default: None)" not in out
     else:
@@ -41,6 +45,12 @@ def test_help_shows_defaults(command, capsys):
     (["--weighting", "foo"], "unknown weighting 'foo'; choose from uniform"),
     (["--weighting", "uniform,bar"], "unknown weighting 'bar'"),
     (["--weighting", ","], "unknown weighting"),
+    (["--task", "hmm", "--weighting", "oracle"], "unknown weighting 'oracle'; choose from uniform"),
+    (["--teacher", "cons,nice"], "unknown teacher 'nice'; choose from cons, conf, rec, trained"),
+    (["--k", "1"], "--k must be in [2, 64], got 1"),
+    (["--warmup-steps", "0"], "--warmup-steps must be >= 1"),
+    (["--eval-prompts", "0"], "--eval-prompts must be >= 1"),
+    (["--target-kl", "0.1"], "--target-kl applies to --task hmm only"),
 ])
 def test_demo_bad_arguments_are_one_line_errors(args, words, capsys, tmp_path):
     assert cli.main(["demo", *args, "--out", str(tmp_path / "x")]) == 2
@@ -61,8 +71,9 @@ def test_demo_cuda_without_cuda(capsys, monkeypatch, tmp_path):
 def test_demo_without_matplotlib_claims_no_plots(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "demo"
-    code = cli.main(["demo", "--steps", "1", "--teacher-steps", "2", "--seeds", "1", "--weighting", "uniform",
-                     "--device", "cpu", "--no-progress", "--out", str(out)])
+    code = cli.main(["demo", "--steps", "1", "--teacher-steps", "2", "--warmup-steps", "2", "--eval-prompts", "8",
+                     "--seeds", "1", "--teacher", "rec", "--weighting", "uniform", "--device", "cpu", "--no-progress",
+                     "--out", str(out)])
     assert code == 0
     captured = capsys.readouterr()
     assert "matplotlib is not installed" in captured.err

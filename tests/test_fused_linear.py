@@ -166,6 +166,22 @@ def test_every_weighting_and_reduction(backend, weighting, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_iw_opd_authors_variants(backend, reduction):
+    """PrefixConfidence (log q(y) given: the fused form never computes it) and w_max, in both schedules."""
+    inputs = make(bias=False)
+    mask = _mask(3, 6)
+    token_logprobs = -torch.rand(3, 6, generator=torch.Generator().manual_seed(6)) * 5
+    upstream = torch.randn(3, 6) if reduction == "none" else torch.tensor(0.9)
+    weighting = wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence(window=3, worst=0.5), accumulated=2.0,
+                               w_max=1.5)
+    check(inputs, backend, upstream=upstream, mask=mask, weighting=weighting, reduction=reduction,
+          teacher_token_logprobs=token_logprobs, chunk_size=4)
+    with pytest.raises(ValueError, match="needs log q\\(y\\) of the sampled tokens"):
+        fused(inputs, backend, mask=mask, weighting=weighting, tokens=torch.zeros(3, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
                          ids=["fp32", "bf16", "fp16", "bf16-hidden-fp32-weight"])

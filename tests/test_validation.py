@@ -101,6 +101,19 @@ def no_kernel_launch(monkeypatch):
           rollout_logprobs=torch.full((2, 3), math.nan)), ValueError, "rollout_logprobs must be finite"),
     (dict(divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long), rollout_logprobs=torch.zeros(2)),
      ValueError, "rollout_logprobs must have the logits' leading shape"),
+    (dict(weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence())), ValueError, "needs log q(y) of the sampled tokens"),
+    (dict(weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()), teacher_token_logprobs=torch.zeros(2, 3, dtype=torch.long)), TypeError,
+     "teacher_token_logprobs must be a floating-point"),
+    (dict(weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()), teacher_token_logprobs=torch.zeros(3, 2)), ValueError,
+     "teacher_token_logprobs must have the logits' leading shape"),
+    (dict(weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()), teacher_token_logprobs=torch.full((2, 3), 0.5)), ValueError,
+     "teacher_token_logprobs must be log-probabilities"),
+    (dict(weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()), teacher_token_logprobs=torch.full((2, 3), -math.inf)), ValueError,
+     "teacher_token_logprobs must be finite"),
+    (dict(teacher_logits=None, divergence="sampled", tokens=torch.zeros(2, 3, dtype=torch.long),
+          teacher_logprobs=torch.zeros(2, 3), teacher_token_logprobs=torch.zeros(2, 3)), ValueError, "not both"),
+    (dict(student_logits=S[0], teacher_logits=T[0], weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()), tokens=torch.zeros(3, dtype=torch.long)),
+     ValueError, "prefix_confidence=...) on [N, V] input needs positions"),
 ])
 def test_bad_input(overrides, error, words):
     with pytest.raises(error, match=None) as info:
@@ -154,6 +167,19 @@ def test_triton_backend_with_float64_is_refused(monkeypatch):
     (lambda: wpkl.Weighting(accumulated=math.nan), ValueError, "accumulated must be finite"),
     (lambda: wpkl.Weighting(position=2.0), TypeError, "Weighting.position must be one of"),
     (lambda: wpkl.Weighting(normalize=1), TypeError, "normalize must be a bool"),
+    (lambda: wpkl.Weighting(w_max=0.0), ValueError, "Weighting.w_max must be > 0"),
+    (lambda: wpkl.Weighting(w_max=math.inf), ValueError, "Weighting.w_max must be finite"),
+    (lambda: wpkl.Weighting(w_max="1.5"), TypeError, "Weighting.w_max must be a real number"),
+    (lambda: wpkl.Weighting(prefix_confidence=0.5), TypeError, "Weighting.prefix_confidence must be a PrefixConfidence"),
+    (lambda: wpkl.PrefixConfidence(alpha=-1.0), ValueError, "PrefixConfidence.alpha must be >= 0"),
+    (lambda: wpkl.PrefixConfidence(window=0), ValueError, "PrefixConfidence.window must be >= 1"),
+    (lambda: wpkl.PrefixConfidence(window=8.0), TypeError, "PrefixConfidence.window must be an int"),
+    (lambda: wpkl.PrefixConfidence(window=True), TypeError, "PrefixConfidence.window must be an int"),
+    (lambda: wpkl.PrefixConfidence(worst=0.0), ValueError, "PrefixConfidence.worst must be > 0"),
+    (lambda: wpkl.PrefixConfidence(worst=1.5), ValueError, "PrefixConfidence.worst must be in (0, 1]"),
+    (lambda: wpkl.PrefixConfidence(floor=-0.1), ValueError, "PrefixConfidence.floor must be >= 0"),
+    (lambda: wpkl.PrefixConfidence(floor=2.0), ValueError, "PrefixConfidence.floor must be in [0, 1]"),
+    (lambda: wpkl.PrefixConfidence(alpha=math.nan), ValueError, "PrefixConfidence.alpha must be finite"),
     (lambda: wpkl.WeightedKLLoss(divergence="tv"), ValueError, "divergence must be one of"),
     (lambda: wpkl.WeightedKLLoss(temperature=0), ValueError, "temperature must be > 0"),
     (lambda: wpkl.WeightedKLLoss(backend="cuda"), ValueError, "backend must be one of"),
@@ -162,6 +188,22 @@ def test_bad_configuration(make, error, words):
     with pytest.raises(error) as info:
         make()
     assert words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("weighting", [wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
+                                       wpkl.Weighting(accumulated=2.0, w_max=1.5)])
+def test_torch_only_weightings_on_triton(monkeypatch, weighting):
+    """w_max and prefix_confidence are not in the Triton weights kernel: backend="triton" is refused before any
+    kernel runs; backend="auto" (Triton picked) runs the torch path instead."""
+    monkeypatch.setattr(wpkl.api, "resolve_backend", lambda backend, problem: "triton")
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="not in the Triton weights kernel yet"):
+        call(weighting=weighting, tokens=tokens, backend="triton")
+    ran = []
+    monkeypatch.setattr(wpkl.api, "compute_terms", lambda problem, backend, **kw: ran.append(backend) or
+                        real_compute_terms(problem, backend, **kw))
+    loss = call(weighting=weighting, tokens=tokens)
+    assert ran == ["torch"] and torch.isfinite(loss)
 
 
 def test_logprobs_allow_rounding_above_zero(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .backends import compute_terms, resolve_backend
+from .torch_path import chunked_teacher_token_logprobs
 from .layout import SequenceLayout
 from .reduction import reduce_loss
 from .stats import TokenStats
@@ -49,6 +50,7 @@ def weighted_kl_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
@@ -79,6 +81,9 @@ def weighted_kl_loss(
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
+        teacher_token_logprobs: leading shape: log q(y) of the sampled tokens, for weightings that need it
+            (``Weighting(prefix_confidence=...)``). Without it they use ``teacher_logprobs`` ("sampled"), or
+            compute it from ``teacher_logits`` and ``tokens`` (a second read of the teacher's valid rows).
         teacher_topk_ids, teacher_topk_logprobs: a teacher given as its top-k tokens per position (a teacher
             server's answer), instead of ``teacher_logits`` (pass None there): int ids [..., K] (global vocabulary
             ids, -1 pads a shorter list) and the teacher's full-vocabulary log-probabilities of them [..., K]
@@ -112,6 +117,7 @@ def weighted_kl_loss(
         num_items_in_batch=num_items_in_batch,
         teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs,
+        teacher_token_logprobs=teacher_token_logprobs,
         backend=backend,
         teacher_topk_ids=teacher_topk_ids,
         teacher_topk_logprobs=teacher_topk_logprobs,
@@ -124,11 +130,39 @@ def weighted_kl_loss(
     check_inplace_backward(inplace_backward, backend, resolved)
     if resolved == "triton" and problem.topk_ids is not None:
         resolved = "torch"  # the top-k kernels: issue 9 (in progress)
+    resolved = _torch_weights_only(problem, backend, resolved)
     if resolved == "triton":
         return _triton_weighted_loss(problem, return_stats, inplace_backward)
     check_values(problem)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
     terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
-    return _weigh_and_reduce(problem, terms, return_stats)
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
+
+
+def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
+    """``w_max`` and ``prefix_confidence`` exist in the torch weights (wpkl/weighting.py) only, not yet in the
+    Triton weights kernel (kernels/token_weights.py): ``backend="auto"`` then runs the torch path, an explicit
+    ``backend="triton"`` is refused."""
+    weighting = problem.weighting
+    if resolved != "triton" or weighting is None or (weighting.w_max is None and weighting.prefix_confidence is None):
+        return resolved
+    if backend == "triton":
+        raise ValueError('Weighting(w_max=...) and Weighting(prefix_confidence=...) are not in the Triton weights '
+                         'kernel yet: use backend="torch" (backend="auto" picks it for these weightings)')
+    return "torch"
+
+
+def _teacher_token_logprobs(problem: Problem) -> torch.Tensor | None:
+    """log q(y) of the sampled tokens when the weighting needs it: given, or computed from the teacher logits."""
+    if problem.weighting is None or not problem.weighting.needs_teacher_token_logprobs:
+        return None
+    if problem.teacher_token_logprobs is not None:
+        return problem.teacher_token_logprobs
+    if problem.teacher_logprobs is not None:
+        return problem.teacher_logprobs
+    # validation guarantees teacher logits and tokens here
+    return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
+                                          problem.vocab)
 
 
 def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
@@ -177,17 +211,18 @@ def _needs_stats(problem: Problem, return_stats: bool) -> bool:
 class _Sequences:
     """The [B, T] per-token vectors laid out one sequence per row (wpkl/layout.py), with their positions."""
 
-    def __init__(self, problem: Problem):
+    def __init__(self, problem: Problem, teacher_token_logprobs: torch.Tensor | None = None):
         self.layout = SequenceLayout(problem.packed, problem.positions)
         self.valid = self.layout.rows(problem.valid)
         given = None if problem.positions is None else self.layout.rows(problem.positions)
         self.positions = sequence_positions(self.valid) if given is None else given
         self.user_weights = None if problem.user_weights is None else self.layout.rows(problem.user_weights)
+        self.token_logprobs = None if teacher_token_logprobs is None else self.layout.rows(teacher_token_logprobs)
 
     def weights(self, weighting: Weighting | None, divergence: torch.Tensor, confidence: torch.Tensor):
         return compute_weights(weighting, valid=self.valid, divergence=self.layout.rows(divergence),
                                confidence=self.layout.rows(confidence), user_weights=self.user_weights,
-                               positions=self.positions)
+                               positions=self.positions, teacher_token_logprobs=self.token_logprobs)
 
 
 def _weigh_and_reduce(problem: Problem, terms: TokenTerms, return_stats: bool, seq: _Sequences | None = None):
@@ -276,6 +311,7 @@ def fused_linear_kl_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
     chunk_size: int | None = None,
     teacher_topk_ids: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
@@ -303,6 +339,9 @@ def fused_linear_kl_loss(
         student_logit_scale, teacher_logit_scale: multiply the logits before the softcap.
         student_softcap, teacher_softcap: ``c`` of the softcap, or None.
         chunk_size: tokens per chunk; None picks it from a 2 GiB budget (wpkl/fused_linear.py states the formula).
+        teacher_token_logprobs: log q(y) of the sampled tokens, as in ``weighted_kl_loss``; here it is never
+            computed from the teacher (that would need another projection): weightings that need it take it given
+            (or ``teacher_logprobs``).
         teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max: a teacher given as
             top-k atoms (with ``teacher_hidden=None`` and ``teacher_weight=None``), as in ``weighted_kl_loss``.
 
@@ -322,6 +361,7 @@ def fused_linear_kl_loss(
         teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs, backend=backend,
         teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, topk_mode=topk_mode,
         topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
+        teacher_token_logprobs=teacher_token_logprobs,
     )
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
@@ -335,7 +375,7 @@ def fused_linear_kl_loss(
     # unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase.
     eager = (problem.reduction != "none" and trainable and torch.is_grad_enabled() and resolved != "reference"
              and projection_dtype(lin.student_hidden) != torch.float16)
-    seq = _Sequences(problem)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
     terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
                           coefficients=_EagerCoefficients(problem, seq) if eager else None)
     return _weigh_and_reduce(problem, terms, return_stats, seq)
@@ -368,7 +408,7 @@ class WeightedKLLoss(nn.Module):
         check_inplace_backward(inplace_backward, backend, None)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
-                return_stats=False, num_items_in_batch=None):
+                return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None):
         return weighted_kl_loss(
             student_logits,
             teacher_logits,
@@ -384,6 +424,7 @@ class WeightedKLLoss(nn.Module):
             return_stats=return_stats,
             backend=self.backend,
             num_items_in_batch=num_items_in_batch,
+            teacher_token_logprobs=teacher_token_logprobs,
             inplace_backward=self.inplace_backward,
         )
 
@@ -430,7 +471,7 @@ class FusedLinearWeightedKLLoss(nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
                 positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,
-                num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None):
+                num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None, teacher_token_logprobs=None):
         return fused_linear_kl_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, mask=mask, weighting=self.weighting,
             token_weights=token_weights, positions=positions, tokens=tokens, divergence=self.divergence,
@@ -439,7 +480,8 @@ class FusedLinearWeightedKLLoss(nn.Module):
             student_logit_scale=self.student_logit_scale, teacher_logit_scale=self.teacher_logit_scale,
             student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
             num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
-            rollout_logprobs=rollout_logprobs, chunk_size=self.chunk_size,
+            rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
+            chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:

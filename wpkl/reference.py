@@ -104,6 +104,13 @@ def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature:
     return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
 
 
+def teacher_token_logprob(teacher_logits: torch.Tensor, tokens: torch.Tensor, vocab: int,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """log q(y) = log_softmax(teacher[..., :V] / T)[y] of the sampled tokens y (for weights that need it)."""
+    log_q = log_probs(teacher_logits.detach(), vocab, compute_dtype(teacher_logits), temperature)
+    return log_q.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
 def token_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,

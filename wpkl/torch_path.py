@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import TokenTerms, TopK, compute_dtype, token_terms
-from .vocab_pass import PassSpec, TorchPass, _rows
+from .reference import TokenTerms, TopK, compute_dtype, teacher_token_logprob, token_terms
+from .vocab_pass import PassSpec, TorchPass, _rows, row_chunks
 
 
 class ChunkedTokenDivergence(torch.autograd.Function):
@@ -73,3 +73,15 @@ def reference_terms(student, teacher, topk_ids, topk_logprobs, valid, tokens, te
                         divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
     zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
     return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))
+
+
+@torch.no_grad()
+def chunked_teacher_token_logprobs(teacher, valid, tokens, temperature, vocab) -> torch.Tensor:
+    """[B, T] log q(y) of the sampled tokens from the teacher logits, chunk by chunk (0 where invalid).
+
+    A second read of the teacher's valid rows, for the weightings that need log q(y) when it is not given.
+    """
+    out = torch.zeros(valid.shape, dtype=compute_dtype(teacher), device=valid.device)
+    for rows in row_chunks(valid, vocab):
+        out[rows] = teacher_token_logprob(teacher[rows], tokens[rows], vocab, temperature)
+    return out

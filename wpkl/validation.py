@@ -67,6 +67,7 @@ class Problem:
     topk_mode: str = "tail"
     topk_logprob_floor: float | None = None
     topk_loss_max: float | None = None
+    teacher_token_logprobs: torch.Tensor | None = None  # [B, T] float: log q(y), for weights that need it
 
 
 def _choice(name: str, value, options) -> str:
@@ -330,7 +331,7 @@ def _rows_view(x, packed: bool):
 def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weighting, token_weights, positions,
              tokens, divergence, beta, temperature, reduction, num_items_in_batch, teacher_logprobs,
              rollout_logprobs, backend, teacher_topk_ids=None, teacher_topk_logprobs=None, topk_mode="tail",
-             topk_logprob_floor=None, topk_loss_max=None) -> Problem:
+             topk_logprob_floor=None, topk_loss_max=None, teacher_token_logprobs=None) -> Problem:
     """The checks both input forms share: options and per-token tensors. Their values: ``check_values``."""
     divergence = _choice("divergence", divergence, DIVERGENCES)
     topk = _topk(teacher_topk_ids, teacher_topk_logprobs, leading, device, teacher_name, teacher_given,
@@ -356,6 +357,15 @@ def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weigh
     tokens = _per_token("tokens", tokens, leading, device, "i", "an integer")
     teacher_logprobs = _per_token("teacher_logprobs", teacher_logprobs, leading, device, "f", "a floating-point")
     rollout_logprobs = _per_token("rollout_logprobs", rollout_logprobs, leading, device, "f", "a floating-point")
+    teacher_token_logprobs = _per_token("teacher_token_logprobs", teacher_token_logprobs, leading, device, "f",
+                                        "a floating-point")
+    if teacher_token_logprobs is not None and teacher_logprobs is not None:
+        raise ValueError("give teacher_logprobs or teacher_token_logprobs, not both: they are the same log q(y)")
+    if weighting is not None and weighting.needs_teacher_token_logprobs and teacher_token_logprobs is None \
+            and teacher_logprobs is None and (tokens is None or teacher_name != "teacher_logits" or topk is not None):
+        raise ValueError("Weighting(prefix_confidence=...) needs log q(y) of the sampled tokens: pass "
+                         "teacher_token_logprobs (or, with teacher_logits, tokens: then it is computed from them on "
+                         "the torch backends)")
     if divergence == "sampled" and tokens is None:
         raise ValueError('divergence="sampled" needs tokens: the token sampled at each position')
 
@@ -367,6 +377,9 @@ def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weigh
             raise ValueError("position weighting on [N, V] input needs positions (or pass [B, T, V] logits)")
         if weighting is not None and weighting.accumulated > 0:
             raise ValueError("Weighting(accumulated=...) needs [B, T, V] input: it sums over each sequence's prefix")
+        if positions is None and weighting is not None and weighting.prefix_confidence is not None:
+            raise ValueError("Weighting(prefix_confidence=...) on [N, V] input needs positions (or pass [B, T, V] "
+                             "logits): its window looks back within each sequence")
 
     if num_items_in_batch is not None:
         if reduction != "mean":
@@ -388,6 +401,7 @@ def _problem(leading, device, vocab, teacher_name, teacher_given, *, mask, weigh
         tokens=_rows_view(None if tokens is None else tokens.long(), packed),
         teacher_logprobs=_rows_view(teacher_logprobs, packed),
         rollout_logprobs=_rows_view(rollout_logprobs, packed),
+        teacher_token_logprobs=_rows_view(teacher_token_logprobs, packed),
         user_weights=_rows_view(token_weights, packed),
         positions=_rows_view(None if positions is None else positions.long(), packed),
         leading_shape=leading,
@@ -426,6 +440,9 @@ def _checked_teacher(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
 CHECKS = ("token_weights", "positions", "tokens", "teacher_logprobs_finite", "teacher_logprobs_range",
           "rollout_logprobs_finite", "rollout_logprobs_range", "num_items_in_batch")
 
+
+# Checks of inputs only the torch weights read (the Triton path does not take them).
+TORCH_CHECKS = ("teacher_token_logprobs_finite", "teacher_token_logprobs_range")
 
 # The top-k teacher's checks (torch ops on every path).
 TOPK_CHECKS = ("topk_ids_range", "topk_ids_duplicate", "topk_logprobs_finite", "topk_logprobs_range")
@@ -468,7 +485,8 @@ def check_values(problem: Problem) -> None:
         bad["positions"] = valid & (problem.positions < 0)
     if problem.tokens is not None:
         bad["tokens"] = valid & ((problem.tokens < 0) | (problem.tokens >= vocab))
-    for name, x in (("teacher_logprobs", problem.teacher_logprobs), ("rollout_logprobs", problem.rollout_logprobs)):
+    for name, x in (("teacher_logprobs", problem.teacher_logprobs), ("rollout_logprobs", problem.rollout_logprobs),
+                    ("teacher_token_logprobs", problem.teacher_token_logprobs)):
         if x is not None:
             bad[f"{name}_finite"] = valid & ~torch.isfinite(x)
             bad[f"{name}_range"] = valid & (x > LOGPROB_TOLERANCE)
@@ -484,4 +502,4 @@ def check_values(problem: Problem) -> None:
         # With no valid token the loss is 0 whatever the count (an empty micro-batch); otherwise it divides.
         count = torch.as_tensor(problem.num_items_in_batch, device=valid.device)
         bad["num_items_in_batch"] = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
-    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS if name in bad])
+    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS + TORCH_CHECKS if name in bad])
