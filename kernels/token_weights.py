@@ -11,6 +11,7 @@ from the vocabulary pass:
     pos_i  given, or the number of valid tokens before i in its sequence
     n_b    valid tokens of the sequence;  A_i, S_b  the exclusive prefix / total of |D| over its valid tokens
     w_i  = valid_i * user_i * f(pos_i, n_b) * c_i^a * |D_i|^d * (1 + gamma (1 - A_i / max(S_b, eps)))
+    w_i  = min(w_i, w_max)               (when given)
     normalize: w_i *= n_valid / sum(w)   (all 0 when sum(w) = 0)
     loss = sum_i w_i L_i / max(n_valid, 1)  (mean; / num_items_in_batch, 1 when nothing is valid)
          | sum_i w_i L_i (sum) | sum_i w_i L_i / n_b(i) / max(#sequences with a valid token, 1) (seq_mean)
@@ -98,6 +99,7 @@ def token_weights_kernel(
     eps,
     num_items_value,  # NUM_ITEMS == 1
     logprob_tolerance,
+    w_max,  # W_MAX
     # meta
     SEGMENTS: tl.constexpr,
     POSITION: tl.constexpr,
@@ -106,6 +108,7 @@ def token_weights_kernel(
     CONFIDENCE: tl.constexpr,
     DISAGREEMENT: tl.constexpr,
     ACCUMULATED: tl.constexpr,
+    W_MAX: tl.constexpr,
     NORMALIZE: tl.constexpr,
     REDUCTION: tl.constexpr,
     NUM_ITEMS: tl.constexpr,  # 0 none, 1 a number, 2 a tensor
@@ -211,6 +214,8 @@ def token_weights_kernel(
             prefix = tl.load(prefix_ptr + offs, mask=inside, other=0.0)
             total = tl.load(abs_total_ptr + segment, mask=inside, other=1.0)
             w = w * (1.0 + gamma * (1.0 - prefix / tl.maximum(total, eps)))
+        if W_MAX:
+            w = tl.where(w > w_max, w_max, w)  # NaN stays NaN, as torch's clamp_max
         w = tl.where(valid, w, 0.0)
         tl.store(weight_ptr + offs, w, mask=inside)
         loss = tl.load(loss_ptr + offs, mask=inside, other=0.0)

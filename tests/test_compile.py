@@ -80,7 +80,7 @@ def test_custom_op_passes_opcheck():
     student, teacher, mask = _inputs()
     student.requires_grad_(True)
     args = (student, teacher, mask, None, None, None, torch.rand(2, 5), None, torch.tensor(7.0), None, "jsd", 0.3,
-            0.9, [1.0, 3.0, 0.0, 0.0, 1.0, 0.0, 1e-8, 1.0], "mean", 0, float("nan"), False)
+            0.9, [1.0, 3.0, 0.0, 0.0, 1.0, 0.0, 1e-8, 1.0, 2.5], "mean", 0, float("nan"), False)
     torch.library.opcheck(ops.weighted_loss, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -190,14 +190,13 @@ def test_bad_configuration(make, error, words):
     assert words in str(info.value), str(info.value)
 
 
-@pytest.mark.parametrize("weighting", [wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
-                                       wpkl.Weighting(accumulated=2.0, w_max=1.5)])
+@pytest.mark.parametrize("weighting", [wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence())])
 def test_torch_only_weightings_on_triton(monkeypatch, weighting):
-    """w_max and prefix_confidence are not in the Triton weights kernel: backend="triton" is refused before any
-    kernel runs; backend="auto" (Triton picked) runs the torch path instead."""
+    """prefix_confidence is not in the Triton weights kernel: backend="triton" is refused before any kernel runs;
+    backend="auto" (Triton picked) runs the torch path instead."""
     monkeypatch.setattr(wpkl.api, "resolve_backend", lambda backend, problem: "triton")
     tokens = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="not in the Triton weights kernel yet"):
+    with pytest.raises(ValueError, match="not in the Triton weights kernel"):
         call(weighting=weighting, tokens=tokens, backend="triton")
     ran = []
     monkeypatch.setattr(wpkl.api, "compute_terms", lambda problem, backend, **kw: ran.append(backend) or

@@ -71,6 +71,20 @@ def test_weights_kernel_matches_the_specification(layout, schedule, conf, dis, a
     torch.testing.assert_close(got[2].double(), expected[2], rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_w_max_in_the_kernel(normalize):
+    """The cap on the raw weight, before normalization (the IW-OPD authors' bound), as the specification."""
+    student, teacher = torch.randn(3, 7, 24) * 2, torch.randn(3, 7, 24) * 2
+    kwargs = dict(weighting=wpkl.Weighting(accumulated=2.0, disagreement=1.0, w_max=1.5, normalize=normalize),
+                  mask=torch.rand(3, 7) < 0.8)
+    got = _run("triton", student, teacher, **kwargs)
+    expected = _run("reference", student.double(), teacher.double(), **kwargs)
+    assert (got[1].weight.max() <= 1.5 + 1e-6) or normalize
+    torch.testing.assert_close(got[0].double(), expected[0], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got[1].weight.double(), expected[1].weight.double(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(got[2].double(), expected[2], rtol=2e-4, atol=1e-6)
+
+
 def test_all_masked_and_zero_weights():
     student, teacher = torch.randn(2, 4, 10), torch.randn(2, 4, 10)
     for mask, weighting in [(torch.zeros(2, 4, dtype=torch.bool), wpkl.Weighting(accumulated=0.5)),

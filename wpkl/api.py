@@ -140,15 +140,15 @@ def weighted_kl_loss(
 
 
 def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
-    """``w_max`` and ``prefix_confidence`` exist in the torch weights (wpkl/weighting.py) only, not yet in the
-    Triton weights kernel (kernels/token_weights.py): ``backend="auto"`` then runs the torch path, an explicit
-    ``backend="triton"`` is refused."""
+    """``prefix_confidence`` (a windowed order statistic of the teacher's NLL) exists in the torch weights
+    (wpkl/weighting.py) only, not in the Triton weights kernel (kernels/token_weights.py): ``backend="auto"`` then
+    runs the torch path, an explicit ``backend="triton"`` is refused."""
     weighting = problem.weighting
-    if resolved != "triton" or weighting is None or (weighting.w_max is None and weighting.prefix_confidence is None):
+    if resolved != "triton" or weighting is None or weighting.prefix_confidence is None:
         return resolved
     if backend == "triton":
-        raise ValueError('Weighting(w_max=...) and Weighting(prefix_confidence=...) are not in the Triton weights '
-                         'kernel yet: use backend="torch" (backend="auto" picks it for these weightings)')
+        raise ValueError('Weighting(prefix_confidence=...) is not in the Triton weights kernel: use backend="torch" '
+                         '(backend="auto" picks it for this weighting)')
     return "torch"
 
 

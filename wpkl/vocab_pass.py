@@ -21,6 +21,7 @@ torch pass skip the teacher confidence and the entropies (NaN then); the kernels
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -260,11 +261,11 @@ _POSITION_KINDS = {"ExpDecay": 1.0, "PowerDecay": 2.0, "PositionTable": 3.0, "Po
 
 def encode_weighting(weighting) -> list[float]:
     """A Weighting as plain numbers (what the weights kernel and the custom op's schema take):
-    [position kind, a, b, confidence, disagreement, accumulated, eps, normalize]; kind 0 none, 1 ExpDecay
+    [position kind, a, b, confidence, disagreement, accumulated, eps, normalize, w_max (inf: none)]; kind 0 none, 1 ExpDecay
     (a = half_life), 2 PowerDecay (a = alpha), 3 PositionTable (the values travel as a tensor), 4 PositionWindow
     (a = start, b = end). ``None`` (uniform) encodes as all zeros."""
     if weighting is None:
-        return [0.0] * 8
+        return [0.0] * 8 + [math.inf]
     position = weighting.position
     kind = 0.0 if position is None else _POSITION_KINDS[type(position).__name__]
     a = b = 0.0
@@ -274,8 +275,9 @@ def encode_weighting(weighting) -> list[float]:
         a = position.alpha
     elif kind == 4.0:
         a, b = position.start, position.end
+    w_max = getattr(weighting, "w_max", None)
     return [kind, float(a), float(b), weighting.confidence, weighting.disagreement, weighting.accumulated,
-            weighting.accumulated_eps, float(weighting.normalize)]
+            weighting.accumulated_eps, float(weighting.normalize), math.inf if w_max is None else float(w_max)]
 
 
 def num_stats() -> int:
@@ -307,7 +309,7 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float
     outputs = WeightsOutputs(out=new_buffer(N if reduction == "none" else 1, **f32), weight=new_buffer(N, **f32),
                              position=new_buffer(N, **f32), coef=new_buffer(N, **f32),
                              flags=new_buffer(8, dtype=torch.int32, device=device))
-    kind, pos_a, pos_b, confidence_exp, disagreement_exp, gamma, eps, normalize = weighting
+    kind, pos_a, pos_b, confidence_exp, disagreement_exp, gamma, eps, normalize, w_max = weighting
     kind = int(kind)
     table_len = 1 if table is None else table.numel()
     table = scratch if table is None else table  # a placeholder the kernel does not read
@@ -330,11 +332,13 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float
         N, max(row_length, 1), vocab, table_len,
         float(pos_a), float(pos_b), float(confidence_exp), float(disagreement_exp), float(gamma),
         float(eps) if eps > 0 else 1.0, num_items_value, float(logprob_tolerance),
+        float(w_max) if math.isfinite(w_max) else 0.0,
     )
     meta = dict(
         SEGMENTS=segments, POSITION=kind, POSITIONS_GIVEN=positions is not None,
         HAS_USER=user_weights is not None,
         CONFIDENCE=confidence_exp > 0, DISAGREEMENT=disagreement_exp > 0, ACCUMULATED=gamma > 0,
+        W_MAX=math.isfinite(w_max),
         NORMALIZE=bool(normalize),
         REDUCTION=_REDUCTIONS[reduction], NUM_ITEMS=num_items_mode,
         CHECK_TOKENS=tokens is not None, CHECK_TEACHER_LOGPROBS=teacher_logprobs is not None,
