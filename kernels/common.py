@@ -60,6 +60,9 @@ def _interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INTERPRETING = _interpreting()
+
+
 # The vocabulary loops use the GPU's approximate base-2 units: one MUFU instruction each, where tl.exp is five
 # and tl.log a 25-instruction polynomial. ex2.approx.ftz.f32 has at most 2 ulp relative error and flushes
 # results below 2^-126 to 0; lg2.approx.ftz.f32 at most 2^-22 absolute error; both are exact at the
@@ -67,41 +70,68 @@ def _interpreting() -> bool:
 # run PTX, so there they are emulated at their documented worst case (an error of that size elsewhere, its
 # sign taken from the argument's lowest mantissa bit, and the flush), so that the CPU tests hold the kernels
 # to their tolerances with the error the GPU makes.
-APPROX_EXP2_REL_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
-APPROX_LOG2_ABS_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
-INTERPRETING = _interpreting()
+
+
+def device_function(fn):
+    """``@triton.jit`` for the kernels' helpers; under the interpreter the plain function, which runs the same
+    code (triton.language is patched while a kernel runs): the interpreter would patch it again on every call
+    of a jit'd helper, about 2 ms each, which made up most of the CPU tests' time."""
+    return fn if INTERPRETING else triton.jit(fn)
+
 
 if INTERPRETING:
+    # tl.sum and tl.max are jit'd functions (a re-patch per call); tl.reduce with their combine functions is
+    # what they run, and the interpreter maps it straight to numpy (nanmax ignores NaN, as the GPU's max does).
+    def reduce_sum(x, axis):
+        return tl.reduce(x, axis, tl.standard._sum_combine)
+
+    def reduce_max(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+else:
 
     @triton.jit
+    def reduce_sum(x, axis: tl.constexpr):
+        return tl.sum(x, axis=axis)
+
+    @triton.jit
+    def reduce_max(x, axis: tl.constexpr):
+        return tl.max(x, axis=axis)
+
+
+APPROX_EXP2_REL_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
+APPROX_LOG2_ABS_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
+if INTERPRETING:
+
+    @device_function
     def _error_sign(x):
         return tl.where((x.to(tl.float32).to(tl.int32, bitcast=True) & 1) == 0, 1.0, -1.0)
 
-    @triton.jit
+    @device_function
     def exp2_approx(x):
         exact = tl.math.exp2(x)
         y = tl.where(x == tl.floor(x), exact, exact * (1.0 + _error_sign(x) * APPROX_EXP2_REL_ERROR))
         return tl.where(x < -126.0, 0.0, y)
 
-    @triton.jit
+    @device_function
     def log2_approx(x):
         exact = tl.math.log2(x)
         return tl.where(exact == tl.floor(exact), exact, exact + _error_sign(x) * APPROX_LOG2_ABS_ERROR)
 
 else:
 
-    @triton.jit
+    @device_function
     def exp2_approx(x):
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
 
-    @triton.jit
+    @device_function
     def log2_approx(x):
         return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
 
 
-@triton.jit
+@device_function
 def row_offset(row, T, stride_b, stride_t):
     """Element offset of token ``row`` of a [B, T, V] tensor, in int64 so that N * V may pass 2**31.
 
@@ -112,7 +142,7 @@ def row_offset(row, T, stride_b, stride_t):
     return b * stride_b + (row - b * T) * stride_t
 
 
-@triton.jit
+@device_function
 def aligned_split(offset, V, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
     """How a row of V elements at element ``offset`` (from a 16-byte aligned base) splits into pieces.
 
@@ -129,7 +159,7 @@ def aligned_split(offset, V, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
     return peel, num_full, tail_start, tail_len
 
 
-@triton.jit
+@device_function
 def edge_columns(peel, end_start, V, VEC: tl.constexpr):
     """([1, 2 VEC] columns, mask) of a row's edges: the peel [0, peel) and the partial chunk [end_start, V)."""
     index = tl.arange(0, 2 * VEC)[None, :]
@@ -137,20 +167,20 @@ def edge_columns(peel, end_start, V, VEC: tl.constexpr):
     return col, tl.where(index < VEC, index < peel, col < V)
 
 
-@triton.jit
+@device_function
 def into_lane0(x, LANES: tl.constexpr, init):
     """A [LANES] vector holding the scalar x in lane 0 and ``init`` elsewhere: the edges' partials start the
     lanes' running partials, so that the row merge (merge_lanes) takes them in with the rest."""
     return tl.where(tl.arange(0, LANES) == 0, x, init)
 
 
-@triton.jit
+@device_function
 def xlogy_term(prob, value):
     """prob * value, or 0 where prob == 0 (0 * log 0 = 0, and no NaN from 0 * inf); NaN prob propagates."""
     return tl.where(prob != 0, prob * value, 0.0)
 
 
-@triton.jit
+@device_function
 def lane_softmax_step(x, scale, m, z, h):
     """Fold a [LANES, VEC] block of raw logits into per-lane partials (m, z, h), each [LANES].
 
@@ -159,19 +189,19 @@ def lane_softmax_step(x, scale, m, z, h):
     the loop needs no barrier and no shuffle. While a lane has seen only -inf its shift is 0, since
     2^(-inf - -inf) would be NaN; a NaN logit makes z NaN (maxima ignore NaN, sums do not).
     """
-    new_m = tl.maximum(m, tl.max(x, axis=1))
+    new_m = tl.maximum(m, reduce_max(x, 1))
     shift = tl.where(new_m == NEG_INF, 0.0, new_m)
     delta = m - shift  # <= 0; -inf while the lane had seen only -inf (then z = h = 0)
     alpha = exp2_approx(delta * scale)
     d = x - shift[:, None]
     e = exp2_approx(d * scale)
     # h rescales as sum e' (x - m') = alpha (h + (m - m') z); the clamps keep 0 * -inf out of both products.
-    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + tl.sum(e * tl.maximum(d, FLT_LOWEST), axis=1)
-    z = alpha * z + tl.sum(e, axis=1)
+    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + reduce_sum(e * tl.maximum(d, FLT_LOWEST), 1)
+    z = alpha * z + reduce_sum(e, 1)
     return new_m, z, h, alpha, e
 
 
-@triton.jit
+@device_function
 def rescale_partials(m, z, h, new_max, scale):
     """Partials (m, z, h) rescaled to a common maximum ``new_max`` >= m: returns (z', h', factor).
 
@@ -185,15 +215,15 @@ def rescale_partials(m, z, h, new_max, scale):
     return factor * z, factor * (h + delta * z), factor
 
 
-@triton.jit
+@device_function
 def merge_lanes(m, z, h, scale):
     """Merge per-lane partials ([LANES] each) into the row's (scalars); also returns the lanes' factors."""
-    row_max = tl.max(m, axis=0)
+    row_max = reduce_max(m, 0)
     z, h, factor = rescale_partials(m, z, h, row_max, scale)
-    return row_max, tl.sum(z, axis=0), tl.sum(h, axis=0), factor
+    return row_max, reduce_sum(z, 0), reduce_sum(h, 0), factor
 
 
-@triton.jit
+@device_function
 def finalize_token(scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, s_y, u_y, log_q_y,
                    log_p_behaviour, DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
                    HAS_ROLLOUT: tl.constexpr):
@@ -244,7 +274,7 @@ def finalize_token(scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, 
     return loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux
 
 
-@triton.jit
+@device_function
 def mixture_log2_ratios(r, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
     """(log2(m / p), log2(m / q)) for m = (1 - beta) p + beta q, from r = log2(q / p).
 
@@ -266,23 +296,23 @@ def mixture_log2_ratios(r, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
     return tl.maximum(a, b) + tail, tl.maximum(log2_beta, a - r) + tail
 
 
-@triton.jit
+@device_function
 def mixture_r(s, u, scale, lse_gap):
     """r = log2(q / p) from raw logits: ((u - s) + lse_gap) c, the logits subtracted first."""
     return ((u - s) + lse_gap) * scale
 
 
-@triton.jit
+@device_function
 def lane_jsd_step(s, u, scale, lse_s, lse_u, lse_gap, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
     """jsd's second pass over a [LANES, VEC] block: per-lane sums of p log2(m/p), q log2(m/q), p and q."""
     log2_m_p, log2_m_q = mixture_log2_ratios(mixture_r(s, u, scale, lse_gap), log2_1m_beta, log2_beta, PRECISE_LOG2)
     p = exp2_approx((s - lse_s) * scale)
     q = exp2_approx((u - lse_u) * scale)
-    return (tl.sum(xlogy_term(p, log2_m_p), axis=1), tl.sum(xlogy_term(q, log2_m_q), axis=1),
-            tl.sum(p, axis=1), tl.sum(q, axis=1))
+    return (reduce_sum(xlogy_term(p, log2_m_p), 1), reduce_sum(xlogy_term(q, log2_m_q), 1),
+            reduce_sum(p, 1), reduce_sum(q, 1))
 
 
-@triton.jit
+@device_function
 def finalize_jsd(beta, m_p_sum, m_q_sum, mass_p, mass_q):
     """jsd from its second pass's merged partials (sum p log2(m/p), sum q log2(m/q), sum p, sum q).
 

@@ -39,6 +39,7 @@ from .common import (
     STAT_STUDENT_LSE,
     STAT_TEACHER_LSE,
     aligned_split,
+    device_function,
     edge_columns,
     exp2_approx,
     mixture_log2_ratios,
@@ -48,7 +49,7 @@ from .common import (
 )
 
 
-@triton.jit
+@device_function
 def _grad_block(s, u, col, token, scale, lse_s, lse_u, lse_gap, aux, coef, log2_1m_beta, log2_beta,
                 DIVERGENCE: tl.constexpr, PRECISE_LOG2: tl.constexpr):
     """d loss / d s_raw of one block of raw logits, with coef = g_i / T times the divergence's constant."""
@@ -188,7 +189,7 @@ def token_divergence_bwd_kernel(
             tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
     else:
         # A masked token: zeros, and nothing read.
-        zeros = tl.zeros([BLOCK_V], out_dtype)
+        zeros = tl.full([BLOCK_V], 0, out_dtype)
         for block in range(split, num_full, num_splits):
             grad_start = grad_row + peel + block * BLOCK_V
             if GRAD_ALIGNED:
@@ -199,4 +200,4 @@ def token_divergence_bwd_kernel(
             if GRAD_ALIGNED:
                 grad_start = tl.multiple_of(grad_start, VEC)
             tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
-            tl.store(grad_ptr + grad_row + edge_col, tl.zeros([1, 2 * VEC], out_dtype), mask=edge_mask)
+            tl.store(grad_ptr + grad_row + edge_col, tl.full([1, 2 * VEC], 0, out_dtype), mask=edge_mask)

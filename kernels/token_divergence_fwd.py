@@ -52,6 +52,7 @@ from .common import (
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
     aligned_split,
+    device_function,
     edge_columns,
     finalize_jsd,
     finalize_token,
@@ -59,12 +60,14 @@ from .common import (
     lane_softmax_step,
     into_lane0,
     merge_lanes,
+    reduce_max,
+    reduce_sum,
     row_offset,
     xlogy_term,
 )
 
 
-@triton.jit
+@device_function
 def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
                     DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
     """Fold one [LANES, VEC] block of student and teacher logits into the per-lane partials."""
@@ -78,9 +81,9 @@ def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
     if TEACHER_LOGITS:
         m_u, z_u, h_u, alpha_u, e_u = lane_softmax_step(u_raw, scale, m_u, z_u, h_u)
         if DIVERGENCE == REVERSE_KL:
-            cross = alpha_s * cross + tl.sum(xlogy_term(e_s, diff), axis=1)
+            cross = alpha_s * cross + reduce_sum(xlogy_term(e_s, diff), 1)
         if DIVERGENCE == FORWARD_KL:
-            cross = alpha_u * cross + tl.sum(xlogy_term(e_u, diff), axis=1)
+            cross = alpha_u * cross + reduce_sum(xlogy_term(e_u, diff), 1)
     return m_s, z_s, h_s, m_u, z_u, h_u, cross
 
 
@@ -138,16 +141,16 @@ def token_divergence_fwd_kernel(
     else:
         u_edge = s_edge  # unused
     init = tl.full([1], NEG_INF, tl.float32)
-    zero = tl.zeros([1], tl.float32)
+    zero = tl.full([1], 0, tl.float32)
     m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_edge, u_edge, scale, init, zero, zero, init, zero, zero,
                                                           zero, DIVERGENCE, TEACHER_LOGITS)
-    m_s = into_lane0(tl.max(m_s, axis=0), LANES, NEG_INF)
-    m_u = into_lane0(tl.max(m_u, axis=0), LANES, NEG_INF)
-    z_s = into_lane0(tl.sum(z_s, axis=0), LANES, 0.0)
-    z_u = into_lane0(tl.sum(z_u, axis=0), LANES, 0.0)
-    h_s = into_lane0(tl.sum(h_s, axis=0), LANES, 0.0)
-    h_u = into_lane0(tl.sum(h_u, axis=0), LANES, 0.0)
-    cross = into_lane0(tl.sum(cross, axis=0), LANES, 0.0)
+    m_s = into_lane0(reduce_max(m_s, 0), LANES, NEG_INF)
+    m_u = into_lane0(reduce_max(m_u, 0), LANES, NEG_INF)
+    z_s = into_lane0(reduce_sum(z_s, 0), LANES, 0.0)
+    z_u = into_lane0(reduce_sum(z_u, 0), LANES, 0.0)
+    h_s = into_lane0(reduce_sum(h_s, 0), LANES, 0.0)
+    h_u = into_lane0(reduce_sum(h_u, 0), LANES, 0.0)
+    cross = into_lane0(reduce_sum(cross, 0), LANES, 0.0)
     # The vocabulary loop: aligned, unmasked blocks.
     for block in range(0, num_full):
         start = peel + block * BLOCK_V
@@ -181,9 +184,9 @@ def token_divergence_fwd_kernel(
     if TEACHER_LOGITS:
         m_u, z_u, h_u, factor_u = merge_lanes(m_u, z_u, h_u, scale)
     if DIVERGENCE == REVERSE_KL:
-        cross = tl.sum(factor_s * cross, axis=0)
+        cross = reduce_sum(factor_s * cross, 0)
     if DIVERGENCE == FORWARD_KL:
-        cross = tl.sum(factor_u * cross, axis=0)
+        cross = reduce_sum(factor_u * cross, 0)
     s_y = 0.0
     u_y = 0.0
     log_q_y = 0.0
@@ -209,10 +212,10 @@ def token_divergence_fwd_kernel(
         u_edge = tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
         m_p_sum, m_q_sum, mass_p, mass_q = lane_jsd_step(s_edge, u_edge, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                          log2_beta, PRECISE_LOG2)
-        m_p_sum = into_lane0(tl.sum(m_p_sum, axis=0), LANES, 0.0)  # sum p log2(m / p)
-        m_q_sum = into_lane0(tl.sum(m_q_sum, axis=0), LANES, 0.0)  # sum q log2(m / q)
-        mass_p = into_lane0(tl.sum(mass_p, axis=0), LANES, 0.0)
-        mass_q = into_lane0(tl.sum(mass_q, axis=0), LANES, 0.0)
+        m_p_sum = into_lane0(reduce_sum(m_p_sum, 0), LANES, 0.0)  # sum p log2(m / p)
+        m_q_sum = into_lane0(reduce_sum(m_q_sum, 0), LANES, 0.0)  # sum q log2(m / q)
+        mass_p = into_lane0(reduce_sum(mass_p, 0), LANES, 0.0)
+        mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
         for block in range(0, num_full):
             start = peel + block * BLOCK_V
             s_raw = tl.load(student_ptr + tl.multiple_of(student_row + start, VEC) + cols).to(tl.float32)
@@ -240,8 +243,8 @@ def token_divergence_fwd_kernel(
             m_q_sum += d_mq
             mass_p += d_p
             mass_q += d_q
-        divergence, aux = finalize_jsd(beta, tl.sum(m_p_sum, axis=0), tl.sum(m_q_sum, axis=0),
-                                       tl.sum(mass_p, axis=0), tl.sum(mass_q, axis=0))
+        divergence, aux = finalize_jsd(beta, reduce_sum(m_p_sum, 0), reduce_sum(m_q_sum, 0),
+                                       reduce_sum(mass_p, 0), reduce_sum(mass_q, 0))
         loss = divergence
 
     tl.store(loss_ptr + row, tl.where(is_valid, loss, 0.0))
