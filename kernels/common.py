@@ -99,6 +99,23 @@ else:
         return tl.max(x, axis=axis)
 
 
+if INTERPRETING:
+
+    def assume_multiple(offset, VEC):
+        """tl.multiple_of, checked: the interpreter ignores the hint, and a wrong one would make the GPU's
+        16-byte accesses misaligned, so here every offset given as a multiple of VEC must be one."""
+        data = getattr(getattr(offset, "handle", None), "data", None)
+        vec = int(getattr(VEC, "value", VEC))
+        assert data is None or (data % vec == 0).all(), f"offset {data} hinted as a multiple of {vec}"
+        return offset
+
+else:
+
+    @triton.jit
+    def assume_multiple(offset, VEC: tl.constexpr):
+        return tl.multiple_of(offset, VEC)
+
+
 APPROX_EXP2_REL_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
 APPROX_LOG2_ABS_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
 if INTERPRETING:
@@ -155,7 +172,7 @@ def aligned_split(offset, V, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
     peel = tl.minimum(((VEC - offset % VEC) % VEC).to(tl.int32), V)
     num_full = (V - peel) // BLOCK_V
     tail_start = peel + num_full * BLOCK_V
-    tail_len = tl.multiple_of(((V - tail_start) // VEC) * VEC, VEC)
+    tail_len = assume_multiple(((V - tail_start) // VEC) * VEC, VEC)
     return peel, num_full, tail_start, tail_len
 
 

@@ -39,6 +39,7 @@ from .common import (
     STAT_STUDENT_LSE,
     STAT_TEACHER_LSE,
     aligned_split,
+    assume_multiple,
     device_function,
     edge_columns,
     exp2_approx,
@@ -145,11 +146,11 @@ def token_divergence_bwd_kernel(
         # The vocabulary loop: aligned, unmasked blocks.
         for block in range(split, num_full, num_splits):
             start = peel + block * BLOCK_V
-            s_raw = tl.load(student_ptr + tl.multiple_of(student_row + start, VEC) + cols).to(tl.float32)
+            s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
             if DIVERGENCE != SAMPLED:
                 teacher_start = teacher_row + start
                 if TEACHER_ALIGNED:
-                    teacher_start = tl.multiple_of(teacher_start, VEC)
+                    teacher_start = assume_multiple(teacher_start, VEC)
                 u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
             else:
                 u_raw = s_raw  # unused: "sampled" never reads the teacher
@@ -157,18 +158,18 @@ def token_divergence_bwd_kernel(
                                log2_1m_beta, log2_beta, DIVERGENCE, PRECISE_LOG2)
             grad_start = grad_row + start
             if GRAD_ALIGNED:
-                grad_start = tl.multiple_of(grad_start, VEC)
+                grad_start = assume_multiple(grad_start, VEC)
             tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype))
         if takes_tail:
             # The tail block: aligned too, masked per 16-byte chunk.
             if tail_len > 0:
                 in_tail = cols < tail_len
-                s_raw = tl.load(student_ptr + tl.multiple_of(student_row + tail_start, VEC) + cols, mask=in_tail,
+                s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
                                 other=NEG_INF).to(tl.float32)
                 if DIVERGENCE != SAMPLED:
                     teacher_start = teacher_row + tail_start
                     if TEACHER_ALIGNED:
-                        teacher_start = tl.multiple_of(teacher_start, VEC)
+                        teacher_start = assume_multiple(teacher_start, VEC)
                     u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
                 else:
                     u_raw = s_raw
@@ -176,7 +177,7 @@ def token_divergence_bwd_kernel(
                                    log2_1m_beta, log2_beta, DIVERGENCE, PRECISE_LOG2)
                 grad_start = grad_row + tail_start
                 if GRAD_ALIGNED:
-                    grad_start = tl.multiple_of(grad_start, VEC)
+                    grad_start = assume_multiple(grad_start, VEC)
                 tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype), mask=in_tail)
             # The edges: scalar accesses.
             s_raw = tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
@@ -193,11 +194,12 @@ def token_divergence_bwd_kernel(
         for block in range(split, num_full, num_splits):
             grad_start = grad_row + peel + block * BLOCK_V
             if GRAD_ALIGNED:
-                grad_start = tl.multiple_of(grad_start, VEC)
+                grad_start = assume_multiple(grad_start, VEC)
             tl.store(grad_ptr + grad_start + cols, zeros)
         if takes_tail:
-            grad_start = grad_row + tail_start
-            if GRAD_ALIGNED:
-                grad_start = tl.multiple_of(grad_start, VEC)
-            tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
+            if tail_len > 0:
+                grad_start = grad_row + tail_start
+                if GRAD_ALIGNED:
+                    grad_start = assume_multiple(grad_start, VEC)
+                tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
             tl.store(grad_ptr + grad_row + edge_col, tl.full([1, 2 * VEC], 0, out_dtype), mask=edge_mask)

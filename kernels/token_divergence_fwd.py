@@ -52,6 +52,7 @@ from .common import (
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
     aligned_split,
+    assume_multiple,
     device_function,
     edge_columns,
     finalize_jsd,
@@ -154,11 +155,11 @@ def token_divergence_fwd_kernel(
     # The vocabulary loop: aligned, unmasked blocks.
     for block in range(0, num_full):
         start = peel + block * BLOCK_V
-        s_raw = tl.load(student_ptr + tl.multiple_of(student_row + start, VEC) + cols).to(tl.float32)
+        s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
         if TEACHER_LOGITS:
             teacher_start = teacher_row + start
             if ALIGNED:
-                teacher_start = tl.multiple_of(teacher_start, VEC)
+                teacher_start = assume_multiple(teacher_start, VEC)
             u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
         else:
             u_raw = s_raw  # unused
@@ -167,12 +168,12 @@ def token_divergence_fwd_kernel(
     # The tail block: aligned too, masked per 16-byte chunk.
     if tail_len > 0:
         in_tail = cols < tail_len
-        s_raw = tl.load(student_ptr + tl.multiple_of(student_row + tail_start, VEC) + cols, mask=in_tail,
+        s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
                         other=NEG_INF).to(tl.float32)
         if TEACHER_LOGITS:
             teacher_start = teacher_row + tail_start
             if ALIGNED:
-                teacher_start = tl.multiple_of(teacher_start, VEC)
+                teacher_start = assume_multiple(teacher_start, VEC)
             u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
         else:
             u_raw = s_raw  # unused
@@ -218,10 +219,10 @@ def token_divergence_fwd_kernel(
         mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
         for block in range(0, num_full):
             start = peel + block * BLOCK_V
-            s_raw = tl.load(student_ptr + tl.multiple_of(student_row + start, VEC) + cols).to(tl.float32)
+            s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
             teacher_start = teacher_row + start
             if ALIGNED:
-                teacher_start = tl.multiple_of(teacher_start, VEC)
+                teacher_start = assume_multiple(teacher_start, VEC)
             u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
@@ -231,11 +232,11 @@ def token_divergence_fwd_kernel(
             mass_q += d_q
         if tail_len > 0:
             in_tail = cols < tail_len
-            s_raw = tl.load(student_ptr + tl.multiple_of(student_row + tail_start, VEC) + cols, mask=in_tail,
+            s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
                             other=NEG_INF).to(tl.float32)
             teacher_start = teacher_row + tail_start
             if ALIGNED:
-                teacher_start = tl.multiple_of(teacher_start, VEC)
+                teacher_start = assume_multiple(teacher_start, VEC)
             u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
