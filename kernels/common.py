@@ -110,10 +110,8 @@ if INTERPRETING:
         return offset
 
 else:
-
-    @triton.jit
-    def assume_multiple(offset, VEC: tl.constexpr):
-        return tl.multiple_of(offset, VEC)
+    # The builtin itself: a hint set inside a jit'd helper would land on the helper's argument and be lost.
+    assume_multiple = tl.multiple_of
 
 
 APPROX_EXP2_REL_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
@@ -178,8 +176,8 @@ def aligned_split(offset, V, VEC: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @device_function
 def edge_columns(peel, end_start, V, VEC: tl.constexpr):
-    """([1, 2 VEC] columns, mask) of a row's edges: the peel [0, peel) and the partial chunk [end_start, V)."""
-    index = tl.arange(0, 2 * VEC)[None, :]
+    """([2 VEC, 1] columns, mask) of a row's edges: the peel [0, peel) and the partial chunk [end_start, V)."""
+    index = tl.arange(0, 2 * VEC)[:, None]
     col = tl.where(index < VEC, index, end_start + (index - VEC))
     return col, tl.where(index < VEC, index < peel, col < V)
 
@@ -192,6 +190,15 @@ def into_lane0(x, LANES: tl.constexpr, init):
 
 
 @device_function
+def to_float(x):
+    """Logits to fp32. bf16 is the top half of an fp32, so it is widened with integer moves: a shift, or a mask
+    for the upper element of a packed pair (LLVM's own conversion extracts that one first, 2 instructions)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+
+
+@device_function
 def xlogy_term(prob, value):
     """prob * value, or 0 where prob == 0 (0 * log 0 = 0, and no NaN from 0 * inf); NaN prob propagates."""
     return tl.where(prob != 0, prob * value, 0.0)
@@ -199,22 +206,22 @@ def xlogy_term(prob, value):
 
 @device_function
 def lane_softmax_step(x, scale, m, z, h):
-    """Fold a [LANES, VEC] block of raw logits into per-lane partials (m, z, h), each [LANES].
+    """Fold a [VEC, LANES] block of raw logits into per-lane partials (m, z, h), each [LANES].
 
     Returns the new (m, z, h), the factor that rescaled the old sums, and 2^((x - m) c) of the block (for the
     cross sums). The block maximum is an in-thread reduction (a lane's VEC logits live in one thread), so
     the loop needs no barrier and no shuffle. While a lane has seen only -inf its shift is 0, since
     2^(-inf - -inf) would be NaN; a NaN logit makes z NaN (maxima ignore NaN, sums do not).
     """
-    new_m = tl.maximum(m, reduce_max(x, 1))
+    new_m = tl.maximum(m, reduce_max(x, 0))
     shift = tl.where(new_m == NEG_INF, 0.0, new_m)
     delta = m - shift  # <= 0; -inf while the lane had seen only -inf (then z = h = 0)
     alpha = exp2_approx(delta * scale)
-    d = x - shift[:, None]
+    d = x - shift[None, :]
     e = exp2_approx(d * scale)
     # h rescales as sum e' (x - m') = alpha (h + (m - m') z); the clamps keep 0 * -inf out of both products.
-    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + reduce_sum(e * tl.maximum(d, FLT_LOWEST), 1)
-    z = alpha * z + reduce_sum(e, 1)
+    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + reduce_sum(e * tl.maximum(d, FLT_LOWEST), 0)
+    z = alpha * z + reduce_sum(e, 0)
     return new_m, z, h, alpha, e
 
 
@@ -321,12 +328,12 @@ def mixture_r(s, u, scale, lse_gap):
 
 @device_function
 def lane_jsd_step(s, u, scale, lse_s, lse_u, lse_gap, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
-    """jsd's second pass over a [LANES, VEC] block: per-lane sums of p log2(m/p), q log2(m/q), p and q."""
+    """jsd's second pass over a [VEC, LANES] block: per-lane sums of p log2(m/p), q log2(m/q), p and q."""
     log2_m_p, log2_m_q = mixture_log2_ratios(mixture_r(s, u, scale, lse_gap), log2_1m_beta, log2_beta, PRECISE_LOG2)
     p = exp2_approx((s - lse_s) * scale)
     q = exp2_approx((u - lse_u) * scale)
-    return (reduce_sum(xlogy_term(p, log2_m_p), 1), reduce_sum(xlogy_term(q, log2_m_q), 1),
-            reduce_sum(p, 1), reduce_sum(q, 1))
+    return (reduce_sum(xlogy_term(p, log2_m_p), 0), reduce_sum(xlogy_term(q, log2_m_q), 0),
+            reduce_sum(p, 0), reduce_sum(q, 0))
 
 
 @device_function

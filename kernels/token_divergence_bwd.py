@@ -46,6 +46,7 @@ from .common import (
     mixture_log2_ratios,
     mixture_r,
     row_offset,
+    to_float,
     xlogy_term,
 )
 
@@ -146,12 +147,12 @@ def token_divergence_bwd_kernel(
         # The vocabulary loop: aligned, unmasked blocks.
         for block in range(split, num_full, num_splits):
             start = peel + block * BLOCK_V
-            s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
+            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
             if DIVERGENCE != SAMPLED:
                 teacher_start = teacher_row + start
                 if TEACHER_ALIGNED:
                     teacher_start = assume_multiple(teacher_start, VEC)
-                u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
+                u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
             else:
                 u_raw = s_raw  # unused: "sampled" never reads the teacher
             grad = _grad_block(s_raw, u_raw, start + cols, token, scale, lse_s, lse_u, lse_gap, aux, coef,
@@ -164,13 +165,13 @@ def token_divergence_bwd_kernel(
             # The tail block: aligned too, masked per 16-byte chunk.
             if tail_len > 0:
                 in_tail = cols < tail_len
-                s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
-                                other=NEG_INF).to(tl.float32)
+                s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
+                                other=NEG_INF))
                 if DIVERGENCE != SAMPLED:
                     teacher_start = teacher_row + tail_start
                     if TEACHER_ALIGNED:
                         teacher_start = assume_multiple(teacher_start, VEC)
-                    u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
+                    u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
                 else:
                     u_raw = s_raw
                 grad = _grad_block(s_raw, u_raw, tail_start + cols, token, scale, lse_s, lse_u, lse_gap, aux, coef,
@@ -180,9 +181,9 @@ def token_divergence_bwd_kernel(
                     grad_start = assume_multiple(grad_start, VEC)
                 tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype), mask=in_tail)
             # The edges: scalar accesses.
-            s_raw = tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
+            s_raw = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
             if DIVERGENCE != SAMPLED:
-                u_raw = tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
+                u_raw = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
             else:
                 u_raw = s_raw
             grad = _grad_block(s_raw, u_raw, edge_col, token, scale, lse_s, lse_u, lse_gap, aux, coef,
@@ -202,4 +203,4 @@ def token_divergence_bwd_kernel(
                 if GRAD_ALIGNED:
                     grad_start = assume_multiple(grad_start, VEC)
                 tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
-            tl.store(grad_ptr + grad_row + edge_col, tl.full([1, 2 * VEC], 0, out_dtype), mask=edge_mask)
+            tl.store(grad_ptr + grad_row + edge_col, tl.full([2 * VEC, 1], 0, out_dtype), mask=edge_mask)

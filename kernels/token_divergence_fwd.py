@@ -64,6 +64,7 @@ from .common import (
     reduce_max,
     reduce_sum,
     row_offset,
+    to_float,
     xlogy_term,
 )
 
@@ -71,7 +72,7 @@ from .common import (
 @device_function
 def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
                     DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
-    """Fold one [LANES, VEC] block of student and teacher logits into the per-lane partials."""
+    """Fold one [VEC, LANES] block of student and teacher logits into the per-lane partials."""
     if TEACHER_LOGITS:
         # The logit differences are taken before any scaling: exact when the logits are close.
         if DIVERGENCE == REVERSE_KL:
@@ -82,9 +83,9 @@ def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
     if TEACHER_LOGITS:
         m_u, z_u, h_u, alpha_u, e_u = lane_softmax_step(u_raw, scale, m_u, z_u, h_u)
         if DIVERGENCE == REVERSE_KL:
-            cross = alpha_s * cross + reduce_sum(xlogy_term(e_s, diff), 1)
+            cross = alpha_s * cross + reduce_sum(xlogy_term(e_s, diff), 0)
         if DIVERGENCE == FORWARD_KL:
-            cross = alpha_u * cross + reduce_sum(xlogy_term(e_u, diff), 1)
+            cross = alpha_u * cross + reduce_sum(xlogy_term(e_u, diff), 0)
     return m_s, z_s, h_s, m_u, z_u, h_u, cross
 
 
@@ -132,13 +133,13 @@ def token_divergence_fwd_kernel(
     row_v = tl.where(is_valid, V, 0)
     peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
     LANES: tl.constexpr = BLOCK_V // VEC
-    cols = tl.arange(0, LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [LANES, VEC]: a lane per row
+    cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC  # [VEC, LANES]: a lane per column
 
     # The edges (the peel and the last partial 16-byte chunk, scalar loads) start lane 0's partials.
     edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, row_v, VEC)
-    s_edge = tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
+    s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
     if TEACHER_LOGITS:
-        u_edge = tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
+        u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
     else:
         u_edge = s_edge  # unused
     init = tl.full([1], NEG_INF, tl.float32)
@@ -155,12 +156,12 @@ def token_divergence_fwd_kernel(
     # The vocabulary loop: aligned, unmasked blocks.
     for block in range(0, num_full):
         start = peel + block * BLOCK_V
-        s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
+        s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
         if TEACHER_LOGITS:
             teacher_start = teacher_row + start
             if ALIGNED:
                 teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
+            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
         else:
             u_raw = s_raw  # unused
         m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
@@ -168,13 +169,13 @@ def token_divergence_fwd_kernel(
     # The tail block: aligned too, masked per 16-byte chunk.
     if tail_len > 0:
         in_tail = cols < tail_len
-        s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
-                        other=NEG_INF).to(tl.float32)
+        s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
+                        other=NEG_INF))
         if TEACHER_LOGITS:
             teacher_start = teacher_row + tail_start
             if ALIGNED:
                 teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
+            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
         else:
             u_raw = s_raw  # unused
         m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
@@ -194,9 +195,9 @@ def token_divergence_fwd_kernel(
     behaviour = 0.0
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
-        s_y = tl.load(student_ptr + student_row + token, mask=is_valid, other=0.0).to(tl.float32)
+        s_y = to_float(tl.load(student_ptr + student_row + token, mask=is_valid, other=0.0))
         if TEACHER_LOGITS:
-            u_y = tl.load(teacher_ptr + teacher_row + token, mask=is_valid, other=0.0).to(tl.float32)
+            u_y = to_float(tl.load(teacher_ptr + teacher_row + token, mask=is_valid, other=0.0))
         else:
             log_q_y = tl.load(teacher_logprobs_ptr + row, mask=is_valid, other=0.0)
         if HAS_ROLLOUT:
@@ -209,8 +210,8 @@ def token_divergence_fwd_kernel(
         # Second pass: log m needs both finished normalizers. Sums need no rescaling: the edges' simply add.
         log2_1m_beta = tl.math.log2(1.0 - beta)
         log2_beta = tl.math.log2(beta)
-        s_edge = tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
-        u_edge = tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF).to(tl.float32)
+        s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+        u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
         m_p_sum, m_q_sum, mass_p, mass_q = lane_jsd_step(s_edge, u_edge, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                          log2_beta, PRECISE_LOG2)
         m_p_sum = into_lane0(reduce_sum(m_p_sum, 0), LANES, 0.0)  # sum p log2(m / p)
@@ -219,11 +220,11 @@ def token_divergence_fwd_kernel(
         mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
         for block in range(0, num_full):
             start = peel + block * BLOCK_V
-            s_raw = tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols).to(tl.float32)
+            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
             teacher_start = teacher_row + start
             if ALIGNED:
                 teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = tl.load(teacher_ptr + teacher_start + cols).to(tl.float32)
+            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
             m_p_sum += d_mp
@@ -232,12 +233,12 @@ def token_divergence_fwd_kernel(
             mass_q += d_q
         if tail_len > 0:
             in_tail = cols < tail_len
-            s_raw = tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
-                            other=NEG_INF).to(tl.float32)
+            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
+                            other=NEG_INF))
             teacher_start = teacher_row + tail_start
             if ALIGNED:
                 teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF).to(tl.float32)
+            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
             m_p_sum += d_mp

@@ -30,11 +30,13 @@ class LaunchConfig:
 
 
 def launch_config(vocab: int, element_size: int = 2) -> LaunchConfig:
-    """BLOCK_V: the vocabulary rounded up to a power of two, capped; num_warps grows with it (1 to 8)."""
+    """BLOCK_V: the vocabulary rounded up to a power of two, at least 16 bytes per thread of one warp (so that
+    every thread owns whole 16-byte vectors), capped; num_warps grows with it (1 to 8)."""
+    vec = 16 // element_size
     cap = min(MAX_BLOCK_V, MAX_BLOCK_BYTES // element_size)
-    block_v = max(16, min(1 << (max(vocab, 1) - 1).bit_length(), cap))
+    block_v = min(cap, max(1 << (max(vocab, 1) - 1).bit_length(), 32 * vec))
     num_warps = max(1, min(8, block_v // ELEMENTS_PER_WARP))
-    return LaunchConfig(block_v=block_v, num_warps=num_warps, vec=16 // element_size)
+    return LaunchConfig(block_v=block_v, num_warps=num_warps, vec=vec)
 
 
 def backward_splits(tokens: int, vocab: int, block_v: int) -> int:
