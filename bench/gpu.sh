@@ -18,7 +18,7 @@ timeout 240 python -m pytest -m gpu -q -rs --junitxml="$out/gpu-tests.xml" 2>&1 
 echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$out/summary.txt"
 
 echo "== kernel resource report" | tee -a "$out/summary.txt"
-python -m wpkl.kernels.report --json "$out/kernel-report.json" > "$out/kernel-report.md" 2>/dev/null
+python -m wpkl.kernels.report --json "$out/kernel-report.json" --sass-dir "$out/sass" > "$out/kernel-report.md" 2>/dev/null
 tail -1 "$out/kernel-report.md" | tee -a "$out/summary.txt"
 
 echo "== default benchmark" | tee -a "$out/summary.txt"
