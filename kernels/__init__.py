@@ -1,4 +1,5 @@
-"""wpkl's Triton kernels (installed as ``wpkl.kernels``): ``@triton.jit`` code only.
+"""wpkl's Triton kernels (installed as ``wpkl.kernels``): ``@triton.jit`` code only (under the interpreter the
+helpers in common.py are plain functions, and exp2/log2 emulate the GPU's approximations; see there).
 
 Launch logic and the autograd Function live in ``wpkl/autograd.py``; the math they implement is
 specified by ``wpkl/reference.py``.

@@ -63,15 +63,6 @@ def _interpreting() -> bool:
 INTERPRETING = _interpreting()
 
 
-# The vocabulary loops use the GPU's approximate base-2 units: one MUFU instruction each, where tl.exp is five
-# and tl.log a 25-instruction polynomial. ex2.approx.ftz.f32 has at most 2 ulp relative error and flushes
-# results below 2^-126 to 0; lg2.approx.ftz.f32 at most 2^-22 absolute error; both are exact at the
-# arguments where the result is a power of two or an integer (2^0 = 1, log2(1) = 0). The interpreter cannot
-# run PTX, so there they are emulated at their documented worst case (an error of that size elsewhere, its
-# sign taken from the argument's lowest mantissa bit, and the flush), so that the CPU tests hold the kernels
-# to their tolerances with the error the GPU makes.
-
-
 def device_function(fn):
     """``@triton.jit`` for the kernels' helpers; under the interpreter the plain function, which runs the same
     code (triton.language is patched while a kernel runs): the interpreter would patch it again on every call
@@ -114,6 +105,13 @@ else:
     assume_multiple = tl.multiple_of
 
 
+# The vocabulary loops use the GPU's approximate base-2 units: one MUFU instruction each, where tl.exp is five
+# and tl.log a 25-instruction polynomial. ex2.approx.ftz.f32 has at most 2 ulp relative error and flushes
+# results below 2^-126 to 0; lg2.approx.ftz.f32 at most 2^-22 absolute error; both are taken to be exact
+# where the result is an integer (2^0 = 1, log2(2) = 1; not verifiable without a GPU). The interpreter cannot
+# run PTX, so there they are emulated at their documented worst case (an error of that size elsewhere, its
+# sign taken from the argument's lowest mantissa bit, and the flush), so that the CPU tests hold the kernels
+# to their tolerances with the error the GPU makes.
 APPROX_EXP2_REL_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
 APPROX_LOG2_ABS_ERROR: tl.constexpr = tl.constexpr(2.0**-22)
 if INTERPRETING:

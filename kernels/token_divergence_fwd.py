@@ -169,8 +169,8 @@ def token_divergence_fwd_kernel(
     # The tail block: aligned too, masked per 16-byte chunk.
     if tail_len > 0:
         in_tail = cols < tail_len
-        s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
-                        other=NEG_INF))
+        student_start = assume_multiple(student_row + tail_start, VEC)
+        s_raw = to_float(tl.load(student_ptr + student_start + cols, mask=in_tail, other=NEG_INF))
         if TEACHER_LOGITS:
             teacher_start = teacher_row + tail_start
             if ALIGNED:
@@ -233,8 +233,8 @@ def token_divergence_fwd_kernel(
             mass_q += d_q
         if tail_len > 0:
             in_tail = cols < tail_len
-            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
-                            other=NEG_INF))
+            student_start = assume_multiple(student_row + tail_start, VEC)
+            s_raw = to_float(tl.load(student_ptr + student_start + cols, mask=in_tail, other=NEG_INF))
             teacher_start = teacher_row + tail_start
             if ALIGNED:
                 teacher_start = assume_multiple(teacher_start, VEC)
