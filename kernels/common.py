@@ -197,6 +197,29 @@ def to_float(x):
 
 
 @device_function
+def load_logits(student_ptr, teacher_ptr, student_row, teacher_row, start, cols, in_block, VEC: tl.constexpr,
+                TEACHER_LOGITS: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The block of student and teacher logits at columns ``start + cols`` (16-byte aligned for the
+    student, and for the teacher when ALIGNED), as fp32; masked per 16-byte chunk by ``in_block`` if MASKED.
+    Without TEACHER_LOGITS the teacher is not read and the student block is returned in its place."""
+    student_start = assume_multiple(student_row + start, VEC)
+    teacher_start = teacher_row + start
+    if ALIGNED:
+        teacher_start = assume_multiple(teacher_start, VEC)
+    if MASKED:
+        s = to_float(tl.load(student_ptr + student_start + cols, mask=in_block, other=NEG_INF))
+    else:
+        s = to_float(tl.load(student_ptr + student_start + cols))
+    u = s
+    if TEACHER_LOGITS:
+        if MASKED:
+            u = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_block, other=NEG_INF))
+        else:
+            u = to_float(tl.load(teacher_ptr + teacher_start + cols))
+    return s, u
+
+
+@device_function
 def xlogy_term(prob, value):
     """prob * value, or 0 where prob == 0 (0 * log 0 = 0, and no NaN from 0 * inf); NaN prob propagates."""
     return tl.where(prob != 0, prob * value, 0.0)

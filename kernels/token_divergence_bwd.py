@@ -42,6 +42,7 @@ from .common import (
     assume_multiple,
     device_function,
     edge_columns,
+    load_logits,
     exp2_approx,
     mixture_log2_ratios,
     mixture_r,
@@ -147,14 +148,8 @@ def token_divergence_bwd_kernel(
         # The vocabulary loop: aligned, unmasked blocks.
         for block in range(split, num_full, num_splits):
             start = peel + block * BLOCK_V
-            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-            if DIVERGENCE != SAMPLED:
-                teacher_start = teacher_row + start
-                if TEACHER_ALIGNED:
-                    teacher_start = assume_multiple(teacher_start, VEC)
-                u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
-            else:
-                u_raw = s_raw  # unused: "sampled" never reads the teacher
+            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, start, cols, None, VEC,
+                                       DIVERGENCE != SAMPLED, TEACHER_ALIGNED, False)  # "sampled": no teacher
             grad = _grad_block(s_raw, u_raw, start + cols, token, scale, lse_s, lse_u, lse_gap, aux, coef,
                                log2_1m_beta, log2_beta, DIVERGENCE, PRECISE_LOG2)
             grad_start = grad_row + start
@@ -165,15 +160,8 @@ def token_divergence_bwd_kernel(
             # The tail block: aligned too, masked per 16-byte chunk.
             if tail_len > 0:
                 in_tail = cols < tail_len
-                student_start = assume_multiple(student_row + tail_start, VEC)
-                s_raw = to_float(tl.load(student_ptr + student_start + cols, mask=in_tail, other=NEG_INF))
-                if DIVERGENCE != SAMPLED:
-                    teacher_start = teacher_row + tail_start
-                    if TEACHER_ALIGNED:
-                        teacher_start = assume_multiple(teacher_start, VEC)
-                    u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
-                else:
-                    u_raw = s_raw
+                s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                           in_tail, VEC, DIVERGENCE != SAMPLED, TEACHER_ALIGNED, True)
                 grad = _grad_block(s_raw, u_raw, tail_start + cols, token, scale, lse_s, lse_u, lse_gap, aux, coef,
                                    log2_1m_beta, log2_beta, DIVERGENCE, PRECISE_LOG2)
                 grad_start = grad_row + tail_start

@@ -52,13 +52,13 @@ from .common import (
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
     aligned_split,
-    assume_multiple,
     device_function,
     edge_columns,
     finalize_jsd,
     finalize_token,
     lane_jsd_step,
     lane_softmax_step,
+    load_logits,
     into_lane0,
     merge_lanes,
     reduce_max,
@@ -155,29 +155,14 @@ def token_divergence_fwd_kernel(
     cross = into_lane0(reduce_sum(cross, 0), LANES, 0.0)
     # The vocabulary loop: aligned, unmasked blocks.
     for block in range(0, num_full):
-        start = peel + block * BLOCK_V
-        s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-        if TEACHER_LOGITS:
-            teacher_start = teacher_row + start
-            if ALIGNED:
-                teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
-        else:
-            u_raw = s_raw  # unused
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V, cols,
+                                   None, VEC, TEACHER_LOGITS, ALIGNED, False)
         m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
                                                               cross, DIVERGENCE, TEACHER_LOGITS)
     # The tail block: aligned too, masked per 16-byte chunk.
     if tail_len > 0:
-        in_tail = cols < tail_len
-        student_start = assume_multiple(student_row + tail_start, VEC)
-        s_raw = to_float(tl.load(student_ptr + student_start + cols, mask=in_tail, other=NEG_INF))
-        if TEACHER_LOGITS:
-            teacher_start = teacher_row + tail_start
-            if ALIGNED:
-                teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
-        else:
-            u_raw = s_raw  # unused
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                   cols < tail_len, VEC, TEACHER_LOGITS, ALIGNED, True)
         m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
                                                               cross, DIVERGENCE, TEACHER_LOGITS)
 
@@ -219,12 +204,8 @@ def token_divergence_fwd_kernel(
         mass_p = into_lane0(reduce_sum(mass_p, 0), LANES, 0.0)
         mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
         for block in range(0, num_full):
-            start = peel + block * BLOCK_V
-            s_raw = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-            teacher_start = teacher_row + start
-            if ALIGNED:
-                teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols))
+            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V,
+                                       cols, None, VEC, True, ALIGNED, False)
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
             m_p_sum += d_mp
@@ -232,13 +213,8 @@ def token_divergence_fwd_kernel(
             mass_p += d_p
             mass_q += d_q
         if tail_len > 0:
-            in_tail = cols < tail_len
-            student_start = assume_multiple(student_row + tail_start, VEC)
-            s_raw = to_float(tl.load(student_ptr + student_start + cols, mask=in_tail, other=NEG_INF))
-            teacher_start = teacher_row + tail_start
-            if ALIGNED:
-                teacher_start = assume_multiple(teacher_start, VEC)
-            u_raw = to_float(tl.load(teacher_ptr + teacher_start + cols, mask=in_tail, other=NEG_INF))
+            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                       cols < tail_len, VEC, True, ALIGNED, True)
             d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
                                                  log2_beta, PRECISE_LOG2)
             m_p_sum += d_mp
