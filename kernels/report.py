@@ -15,12 +15,14 @@ What it measures, per specialization and architecture:
   only if no inner loop holds such a load.
 - Instructions per element: the loop body's SASS instructions divided by the vocabulary columns one thread
   handles per iteration, BLOCK_V / (32 num_warps). In the forward kernel a column is a student/teacher
-  pair. This is issue work: a warp retires at most one instruction per clock on each of an SM's 4
-  schedulers, so at a given bandwidth it bounds the bytes an SM must move per instruction (docs/design.md).
+  pair. This is issue work: each of an SM's 4 schedulers issues at most one warp instruction per clock, so
+  at a given bandwidth it bounds the instructions a column may take (docs/design.md turns it into an
+  expected fraction of the copy bandwidth).
 - BAR (barriers) and SHFL (warp shuffles) inside those loops: none, by design (reductions across threads
   happen once per row); MUFU (exp2/log2) for information.
-- 16-byte loads: every global load in the vocabulary loops is LDG.E.128.
-- Registers, shared memory and spill bytes (cuobjdump), and resident CTAs per SM from them: registers are
+- 16-byte accesses: every global load in the vocabulary loops is LDG.E.128 (and every store, the backward's
+  gradient, STG.E.128).
+- Registers, shared memory and spill bytes (cuobjdump: LOCAL + STACK), and resident CTAs per SM: registers are
   allocated per warp in units of 256 from each of the 4 sub-partitions' 16384, at most 64 warps and 32 CTAs
   per SM, and shared memory per CTA (plus 1 KiB the system reserves) from 228 KiB (sm_90) or 164 KiB (sm_80).
 
