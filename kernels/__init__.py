@@ -1,7 +1,8 @@
-"""wpkl's Triton kernels (installed as ``wpkl.kernels``): ``@triton.jit`` code only.
+"""wpkl's Triton kernels (installed as ``wpkl.kernels``): ``@triton.jit`` code only (under the interpreter the
+helpers in common.py are plain functions, and exp2/log2 emulate the GPU's approximations; see there).
 
-Launch logic and the autograd Function live in ``wpkl/autograd.py``; the math they implement is
-specified by ``wpkl/reference.py``.
+Launch logic lives in ``wpkl/vocab_pass.py``, the autograd in ``wpkl/ops.py`` and ``wpkl/fused_linear.py``; the
+math they implement is specified by ``wpkl/reference.py``.
 """
 
 from .common import DIVERGENCE_IDS, NUM_PUBLIC_STATS, NUM_STATS

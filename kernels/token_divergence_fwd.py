@@ -1,4 +1,4 @@
-"""Forward kernel: one token per program, online log-sum-exp over the vocabulary.
+"""Forward kernel: one token per program, online log-sum-exp over the vocabulary in per-lane partials.
 
 Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl/reference.py is the spec):
     reverse_kl  D = E_p[s - u] - lse(s) + lse(u)
@@ -7,14 +7,29 @@ Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl
     sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant);
                 log q(y) may come from teacher_logprobs instead of teacher logits (TEACHER_LOGITS=False: the
                 teacher row is never read) and log p(y) in D from rollout_logprobs (HAS_ROLLOUT)
-For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / Z_u
-(Z_u the teacher's sum of exp(u - max u)), the entropies lse - E[.] of p and q, both log-normalizers
-their exact difference and, for jsd, KL(p || m) for the backward pass.
+For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / z_u,
+the entropies of p and q (nats), and for the backward pass both log-normalizers, their exact difference and
+the divergence's auxiliary mean (raw logit units, kernels/common.py lists the statistics).
 
-Passes over [N, V]: one, reading each student and teacher logit once with running max and rescaled sums
-for both distributions (for "sampled", two extra scalar loads of the logits at token y). jsd makes a
-second pass, because log m needs both finished normalizers and is not linear in the logits
-(3 exp + 2 log per element there, computed from log q - log p so that close distributions lose nothing).
+Partials (kernels/common.py defines them: exponentials in base 2 with c = log2(e) / T folded into one
+multiply, logits in raw units): the vocabulary loop keeps, per lane (VEC consecutive logits of one thread,
+16 bytes), the student's and teacher's running maximum m and the sums z = sum 2^((x - m) c) and
+h = sum 2^((x - m) c) (x - m) rescaled to it, plus the cross sum of reverse or forward KL. No barrier or
+shuffle runs inside the loop: the lanes are merged once per row (merge_lanes), and finalize_token turns the
+row's partials into the outputs. jsd's second pass keeps per-lane sums of p log2(m / p), q log2(m / q), p
+and q the same way (lane_jsd_step, finalize_jsd).
+
+Addressing (kernels/common.py: aligned_split): a row is split at its first 16-byte boundary. Up to VEC - 1
+peeled elements come first, then unmasked, aligned BLOCK_V blocks, then one aligned tail block masked per
+16-byte chunk: every block loads 16 bytes per access whatever V and the row stride are. The edges (the peel
+and the last partial chunk, < 2 VEC elements) are read with scalar loads before the loop and start lane 0's
+partials. The teacher's blocks are aligned too when its rows share the student's misalignment (ALIGNED,
+decided on the host; otherwise only the student's loads are 16 bytes wide).
+
+Passes over [N, V]: one, reading each student and teacher logit once (for "sampled", two extra scalar loads
+of the logits at token y). jsd makes a second pass, because log m needs both finished normalizers and is not
+linear in the logits (per element 3 exp2 and 1 log2 there: p, q and one shared exp2/log2 for the mixture,
+computed from log q - log p so that close distributions lose nothing).
 Memory per valid token: reads V * (bytes(student) + bytes(teacher)) (twice for jsd; V * bytes(student)
 for "sampled" with teacher_logprobs), writes 4 * (1 + 8) bytes. Masked tokens read nothing and write zeros.
 """
@@ -23,28 +38,60 @@ import triton
 import triton.language as tl
 
 from .common import (
-    JSD,
     FORWARD_KL,
+    JSD,
+    NEG_INF,
     REVERSE_KL,
     SAMPLED,
     STAT_CONFIDENCE,
     STAT_DIVERGENCE,
+    STAT_AUX,
     STAT_LSE_GAP,
-    STAT_MIXTURE_KL,
     STAT_STUDENT_ENTROPY,
     STAT_STUDENT_LSE,
     STAT_TEACHER_ENTROPY,
     STAT_TEACHER_LSE,
-    mixture_log_ratios,
-    online_softmax_step,
+    aligned_split,
+    device_function,
+    edge_columns,
+    finalize_jsd,
+    finalize_token,
+    lane_jsd_step,
+    lane_softmax_step,
+    load_logits,
+    into_lane0,
+    merge_lanes,
+    reduce_max,
+    reduce_sum,
     row_offset,
+    to_float,
     xlogy_term,
 )
 
 
+@device_function
+def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
+                    DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr):
+    """Fold one [VEC, LANES] block of student and teacher logits into the per-lane partials."""
+    if TEACHER_LOGITS:
+        # The logit differences are taken before any scaling: exact when the logits are close.
+        if DIVERGENCE == REVERSE_KL:
+            diff = s_raw - u_raw
+        if DIVERGENCE == FORWARD_KL:
+            diff = u_raw - s_raw
+    m_s, z_s, h_s, alpha_s, e_s = lane_softmax_step(s_raw, scale, m_s, z_s, h_s)
+    if TEACHER_LOGITS:
+        m_u, z_u, h_u, alpha_u, e_u = lane_softmax_step(u_raw, scale, m_u, z_u, h_u)
+        if DIVERGENCE == REVERSE_KL:
+            cross = alpha_s * cross + reduce_sum(xlogy_term(e_s, diff), 0)
+        if DIVERGENCE == FORWARD_KL:
+            cross = alpha_u * cross + reduce_sum(xlogy_term(e_u, diff), 0)
+    return m_s, z_s, h_s, m_u, z_u, h_u, cross
+
+
 @triton.jit
 def token_divergence_fwd_kernel(
-    # pointers
+    # pointers (16-byte aligned: the host passes the aligned base and the element shift below)
     student_ptr,  # [B, T, V] logits, last dim contiguous
     teacher_ptr,  # [B, T, V_t >= V] logits, last dim contiguous (unread unless TEACHER_LOGITS)
     valid_ptr,  # [N] int8: 0 = token ignored
@@ -53,6 +100,9 @@ def token_divergence_fwd_kernel(
     rollout_ptr,  # [N] fp32 log p(y) under the sampling policy (HAS_ROLLOUT only)
     loss_ptr,  # [N] fp32 out: per-token loss L
     stats_ptr,  # [NUM_STATS, N] fp32 out
+    # element offsets of the tensors' first elements from their pointers (< VEC)
+    student_shift,
+    teacher_shift,
     # strides
     stride_student_b,
     stride_student_t,
@@ -63,118 +113,120 @@ def token_divergence_fwd_kernel(
     V,
     N,
     # meta
+    scale,  # log2(e) / T
     inv_temperature,
     beta,
     DIVERGENCE: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,  # False: "sampled" with log q(y) given, the teacher row is never read
     HAS_ROLLOUT: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes of the wider logits dtype
+    ALIGNED: tl.constexpr,  # the teacher's rows share the student's misalignment: its blocks are aligned too
+    PRECISE_LOG2: tl.constexpr,  # fp32 student: jsd's mixture log2 is the precise one (kernels/common.py)
 ):
+    beta = tl.cast(beta, tl.float32)  # as on the GPU (the interpreter would keep a Python float's precision)
     row = tl.program_id(0)
-    student_row = student_ptr + row_offset(row, T, stride_student_b, stride_student_t)
-    teacher_row = teacher_ptr + row_offset(row, T, stride_teacher_b, stride_teacher_t)
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    teacher_row = teacher_shift + row_offset(row, T, stride_teacher_b, stride_teacher_t)
     is_valid = tl.load(valid_ptr + row) != 0
-    # A masked token runs zero iterations: nothing is read, and its outputs are zeroed below.
-    num_blocks = tl.where(is_valid, tl.cdiv(V, BLOCK_V), 0)
-    cols = tl.arange(0, BLOCK_V)
+    # A masked token has no columns: the loops run zero times, nothing is read, and its outputs are zeroed.
+    row_v = tl.where(is_valid, V, 0)
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC  # [VEC, LANES]: a lane per column
 
-    # Running maxima and sums rescaled to them, for student (s) and teacher (u).
-    max_s = -float("inf")
-    max_u = -float("inf")
-    sum_s = 0.0  # sum exp(s - max_s)
-    sum_u = 0.0  # sum exp(u - max_u)
-    sum_s_s = 0.0  # sum exp(s - max_s) * s  -> E_p[s]
-    sum_u_u = 0.0  # sum exp(u - max_u) * u  -> E_q[u]
-    sum_cross = 0.0  # reverse: sum exp(s - max_s) (s - u);  forward: sum exp(u - max_u) (u - s)
-    for block in range(0, num_blocks):
-        offs = block * BLOCK_V + cols
-        in_vocab = offs < V
-        # Both loads first, so that they are in flight together.
-        s_raw = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
-        if TEACHER_LOGITS:
-            u_raw = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
-            # Differences of logits are taken before scaling by 1 / T: exact when the logits are close.
-            if DIVERGENCE == REVERSE_KL:
-                cross = (s_raw - u_raw) * inv_temperature
-            if DIVERGENCE == FORWARD_KL:
-                cross = (u_raw - s_raw) * inv_temperature
-        s = s_raw * inv_temperature
-        max_s, rescale_s, exp_s, sum_s, sum_s_s = online_softmax_step(s, max_s, sum_s, sum_s_s)
-        if TEACHER_LOGITS:
-            u = u_raw * inv_temperature
-            max_u, rescale_u, exp_u, sum_u, sum_u_u = online_softmax_step(u, max_u, sum_u, sum_u_u)
-            if DIVERGENCE == REVERSE_KL:
-                sum_cross = sum_cross * rescale_s + tl.sum(xlogy_term(exp_s, cross), axis=0)
-            if DIVERGENCE == FORWARD_KL:
-                sum_cross = sum_cross * rescale_u + tl.sum(xlogy_term(exp_u, cross), axis=0)
-
-    # Combine the shifted pieces before adding large magnitudes: with lse_gap = (max_s - max_u) +
-    # (log sum_s - log sum_u), D = E_p[s - u] - lse_gap is exact when p == q, where lse_s - lse_u is not.
-    log_sum_s = tl.log(sum_s)
-    lse_s = max_s + log_sum_s
-    student_entropy = log_sum_s - (sum_s_s / sum_s - max_s)
+    # The edges (the peel and the last partial 16-byte chunk, scalar loads) start lane 0's partials.
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, row_v, VEC)
+    s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
     if TEACHER_LOGITS:
-        log_sum_u = tl.log(sum_u)
-        lse_u = max_u + log_sum_u
-        lse_gap = (max_s - max_u) + (log_sum_s - log_sum_u)
-        teacher_entropy = log_sum_u - (sum_u_u / sum_u - max_u)
-        confidence = 1.0 / sum_u
+        u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
     else:
-        lse_u = 0.0
-        lse_gap = 0.0
-        teacher_entropy = float("nan")  # unknown without the teacher's logits
-        confidence = float("nan")
-    mixture_kl = 0.0
-    loss = 0.0
+        u_edge = s_edge  # unused
+    init = tl.full([1], NEG_INF, tl.float32)
+    zero = tl.full([1], 0, tl.float32)
+    m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_edge, u_edge, scale, init, zero, zero, init, zero, zero,
+                                                          zero, DIVERGENCE, TEACHER_LOGITS)
+    m_s = into_lane0(reduce_max(m_s, 0), LANES, NEG_INF)
+    m_u = into_lane0(reduce_max(m_u, 0), LANES, NEG_INF)
+    z_s = into_lane0(reduce_sum(z_s, 0), LANES, 0.0)
+    z_u = into_lane0(reduce_sum(z_u, 0), LANES, 0.0)
+    h_s = into_lane0(reduce_sum(h_s, 0), LANES, 0.0)
+    h_u = into_lane0(reduce_sum(h_u, 0), LANES, 0.0)
+    cross = into_lane0(reduce_sum(cross, 0), LANES, 0.0)
+    # The vocabulary loop: aligned, unmasked blocks.
+    for block in range(0, num_full):
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V, cols,
+                                   None, VEC, TEACHER_LOGITS, ALIGNED, False)
+        m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
+                                                              cross, DIVERGENCE, TEACHER_LOGITS)
+    # The tail block: aligned too, masked per 16-byte chunk.
+    if tail_len > 0:
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                   cols < tail_len, VEC, TEACHER_LOGITS, ALIGNED, True)
+        m_s, z_s, h_s, m_u, z_u, h_u, cross = _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u,
+                                                              cross, DIVERGENCE, TEACHER_LOGITS)
+
+    # Once per row: merge the lanes (the only cross-thread reductions), then finalize.
+    m_s, z_s, h_s, factor_s = merge_lanes(m_s, z_s, h_s, scale)
+    if TEACHER_LOGITS:
+        m_u, z_u, h_u, factor_u = merge_lanes(m_u, z_u, h_u, scale)
     if DIVERGENCE == REVERSE_KL:
-        divergence = sum_cross / sum_s - lse_gap
+        cross = reduce_sum(factor_s * cross, 0)
     if DIVERGENCE == FORWARD_KL:
-        divergence = sum_cross / sum_u + lse_gap
+        cross = reduce_sum(factor_u * cross, 0)
+    s_y = 0.0
+    u_y = 0.0
+    log_q_y = 0.0
+    behaviour = 0.0
     if DIVERGENCE == SAMPLED:
         token = tl.load(tokens_ptr + row, mask=is_valid, other=0)
-        s_y = tl.load(student_row + token, mask=is_valid, other=0.0).to(tl.float32)
-        log_p_y = (s_y * inv_temperature - max_s) - log_sum_s
+        # An out-of-range token (the value checks report it; on CUDA they run deferred) reads nothing: its
+        # row's loss is NaN, never a number read from another row or past the end of the buffer.
+        in_range = (token >= 0) & (token < V)
+        s_y = to_float(tl.load(student_ptr + student_row + token, mask=is_valid & in_range, other=0.0))
+        s_y = tl.where(in_range, s_y, float("nan"))  # a masked row loads token 0: in range
         if TEACHER_LOGITS:
-            u_y = tl.load(teacher_row + token, mask=is_valid, other=0.0).to(tl.float32)
-            log_q_y = (u_y * inv_temperature - max_u) - log_sum_u
+            u_y = to_float(tl.load(teacher_ptr + teacher_row + token, mask=is_valid & in_range, other=0.0))
         else:
             log_q_y = tl.load(teacher_logprobs_ptr + row, mask=is_valid, other=0.0)
         if HAS_ROLLOUT:
-            divergence = tl.load(rollout_ptr + row, mask=is_valid, other=0.0) - log_q_y
-        elif TEACHER_LOGITS:
-            divergence = (s_y - u_y) * inv_temperature - lse_gap  # log p(y) - log q(y), the logits subtracted first
-        else:
-            divergence = log_p_y - log_q_y
-        # divergence = -a, held constant
-        loss = divergence * log_p_y  # -a log p(y)
+            behaviour = tl.load(rollout_ptr + row, mask=is_valid, other=0.0)
+    loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux = finalize_token(
+        scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, s_y, u_y, log_q_y, behaviour, DIVERGENCE,
+        TEACHER_LOGITS, HAS_ROLLOUT)
+
     if DIVERGENCE == JSD:
-        # Second pass: log m needs both finished normalizers.
-        log_1m_beta = tl.log(1.0 - beta)
-        log_beta = tl.log(beta)
-        # Normalizing by the mass sums of the same p and q cancels the rounding of lse_s and lse_u that all
-        # terms share: with a saturated jsd the backward's log p/m - KL(p || m) cancels down to that size.
-        kl_qm = 0.0
-        kl_pm = 0.0
-        mass_q = 0.0
-        mass_p = 0.0
-        for block in range(0, num_blocks):
-            offs = block * BLOCK_V + cols
-            in_vocab = offs < V
-            s_raw = tl.load(student_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
-            u_raw = tl.load(teacher_row + offs, mask=in_vocab, other=-float("inf")).to(tl.float32)
-            log_ratio = (u_raw - s_raw) * inv_temperature + lse_gap  # log q - log p
-            log_p_m, log_q_m = mixture_log_ratios(log_ratio, log_1m_beta, log_beta)
-            p = tl.exp(s_raw * inv_temperature - lse_s)
-            q = tl.exp(u_raw * inv_temperature - lse_u)
-            kl_qm += tl.sum(xlogy_term(q, log_q_m), axis=0)
-            kl_pm += tl.sum(xlogy_term(p, log_p_m), axis=0)
-            mass_q += tl.sum(q, axis=0)
-            mass_p += tl.sum(p, axis=0)
-        kl_qm = kl_qm / mass_q
-        kl_pm = kl_pm / mass_p
-        divergence = beta * kl_qm + (1.0 - beta) * kl_pm
-        mixture_kl = kl_pm
-    if DIVERGENCE != SAMPLED:
+        # Second pass: log m needs both finished normalizers. Sums need no rescaling: the edges' simply add.
+        log2_1m_beta = tl.math.log2(1.0 - beta)
+        log2_beta = tl.math.log2(beta)
+        s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+        u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
+        m_p_sum, m_q_sum, mass_p, mass_q = lane_jsd_step(s_edge, u_edge, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                                         log2_beta, PRECISE_LOG2)
+        m_p_sum = into_lane0(reduce_sum(m_p_sum, 0), LANES, 0.0)  # sum p log2(m / p)
+        m_q_sum = into_lane0(reduce_sum(m_q_sum, 0), LANES, 0.0)  # sum q log2(m / q)
+        mass_p = into_lane0(reduce_sum(mass_p, 0), LANES, 0.0)
+        mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
+        for block in range(0, num_full):
+            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V,
+                                       cols, None, VEC, True, ALIGNED, False)
+            d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                                 log2_beta, PRECISE_LOG2)
+            m_p_sum += d_mp
+            m_q_sum += d_mq
+            mass_p += d_p
+            mass_q += d_q
+        if tail_len > 0:
+            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                       cols < tail_len, VEC, True, ALIGNED, True)
+            d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                                 log2_beta, PRECISE_LOG2)
+            m_p_sum += d_mp
+            m_q_sum += d_mq
+            mass_p += d_p
+            mass_q += d_q
+        divergence, aux = finalize_jsd(beta, reduce_sum(m_p_sum, 0), reduce_sum(m_q_sum, 0),
+                                       reduce_sum(mass_p, 0), reduce_sum(mass_q, 0))
         loss = divergence
 
     tl.store(loss_ptr + row, tl.where(is_valid, loss, 0.0))
@@ -185,5 +237,5 @@ def token_divergence_fwd_kernel(
     tl.store(stats_row + STAT_TEACHER_ENTROPY * N, tl.where(is_valid, teacher_entropy, 0.0))
     tl.store(stats_row + STAT_STUDENT_LSE * N, tl.where(is_valid, lse_s, 0.0))
     tl.store(stats_row + STAT_TEACHER_LSE * N, tl.where(is_valid, lse_u, 0.0))
-    tl.store(stats_row + STAT_MIXTURE_KL * N, tl.where(is_valid, mixture_kl, 0.0))
+    tl.store(stats_row + STAT_AUX * N, tl.where(is_valid, aux, 0.0))
     tl.store(stats_row + STAT_LSE_GAP * N, tl.where(is_valid, lse_gap, 0.0))

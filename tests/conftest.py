@@ -47,10 +47,12 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Force BLOCK_V = 64 so small vocabularies take several blocks (online rescaling, ragged tails)."""
+    """Force BLOCK_V = 64 so small vocabularies take several blocks (online rescaling, ragged tails), and few
+    backward programs per row so that each loops over several blocks."""
     import wpkl.launch
 
     monkeypatch.setattr(wpkl.launch, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(wpkl.launch, "BACKWARD_PROGRAMS", 40)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,14 +8,13 @@ import torch
 import wpkl
 from utils import (
     DTYPES,
-    assert_grad_close,
-    assert_stats_close,
     assert_values_close,
     logits_pair,
     random_mask,
     reference,
     run,
 )
+from utils import check_backend as _check
 
 # The interpreter's numpy evaluates masked-off lanes (-inf - -inf): wpkl's launches silence those warnings
 # (wpkl/vocab_pass.py: launch), so any RuntimeWarning here is a real one.
@@ -30,19 +29,6 @@ VOCABS = (1, 97, 300, 1000)
 def _sampled_tokens(leading, vocab, mask):
     tokens = torch.randint(0, vocab, leading)
     return tokens.masked_fill(~mask, -100)  # TRL's ignore index on masked tokens must not matter
-
-
-def _check(backend, student, teacher, dtype, device, **kwargs):
-    upstream = kwargs.pop("upstream", None)
-    to_dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    loss, stats, grad = run(student.to(device), teacher.to(device), backend=backend,
-                            upstream=None if upstream is None else upstream.to(device), **to_dev)
-    ref_loss, ref_stats, ref_grad = reference(student, teacher, upstream=upstream, **kwargs)
-    torch_grad = run(student, teacher, backend="reference", upstream=upstream, **kwargs)[2]
-    assert_values_close(loss, ref_loss)
-    assert_stats_close(stats, ref_stats)
-    assert_grad_close(grad, ref_grad, torch_grad, dtype)
-    return loss, stats, grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

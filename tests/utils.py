@@ -80,3 +80,18 @@ def assert_stats_close(actual, expected):
     for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy", "position"):
         assert_values_close(getattr(actual, name), getattr(expected, name))
     assert torch.equal(actual.mask.cpu(), expected.mask.cpu())
+
+
+def check_backend(backend, student, teacher, dtype, device, **kwargs):
+    """Loss, stats and gradient of one backend (inputs moved to ``device``) against the float64 reference,
+    the gradient judged against plain torch's error in the same dtype. Returns the backend's results."""
+    upstream = kwargs.pop("upstream", None)
+    to_dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    loss, stats, grad = run(student.to(device), teacher.to(device), backend=backend,
+                            upstream=None if upstream is None else upstream.to(device), **to_dev)
+    ref_loss, ref_stats, ref_grad = reference(student, teacher, upstream=upstream, **kwargs)
+    torch_grad = run(student, teacher, backend="reference", upstream=upstream, **kwargs)[2]
+    assert_values_close(loss, ref_loss)
+    assert_stats_close(stats, ref_stats)
+    assert_grad_close(grad, ref_grad, torch_grad, dtype)
+    return loss, stats, grad

@@ -1,7 +1,7 @@
 """Public API: ``weighted_kl_loss`` and ``WeightedKLLoss``.
 
 The flow: validate the inputs (wpkl/validation.py) -> pick a backend (wpkl/backends.py) -> compute the
-per-token terms with one fused pass over the vocabulary (wpkl/autograd.py launching kernels/, or the torch
+per-token terms with one fused pass over the vocabulary (wpkl/vocab_pass.py launching kernels/, or the torch
 paths) -> weight the tokens (wpkl/weighting.py) -> reduce (wpkl/reduction.py). Only the first two steps
 after validation touch [N, V] data; weighting and reduction work on [B, T] per-token vectors.
 """

@@ -2,7 +2,7 @@
 ``weighted_kl_loss`` without graph breaks: Dynamo does not look inside the ops, and their fake implementations
 give the output shapes.
 
-    wpkl::weighted_loss            forward: the vocabulary pass, then the weights kernel (wpkl/autograd.py's
+    wpkl::weighted_loss            forward: the vocabulary pass, then the weights kernel (wpkl/vocab_pass.py's
                                    kernels and launch code); returns the loss, the kernel statistics, the
                                    weights, positions and the per-token coefficients d loss / d L_i
     wpkl::weighted_loss_backward   writes d loss / d student into ``out`` (the logits' own storage with

@@ -1,5 +1,5 @@
 """One pass over the vocabulary for a block of tokens: the per-token terms, and later the gradient for given
-per-token coefficients. Every input form runs through here: materialized logits (wpkl/autograd.py,
+per-token coefficients. Every input form runs through here: materialized logits (wpkl/ops.py,
 wpkl/torch_path.py) and each chunk of the fused-linear path (wpkl/fused_linear.py).
 
 Two implementations of the same contract:
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import launch_config
+from .launch import backward_splits, launch_config
 from .reference import TopK, TopKOptions, compute_dtype, token_terms
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,12 +60,20 @@ def launch(kernel, grid, args, meta) -> None:
     lanes too (-inf - -inf, exp overflow) and would warn about values the kernel then discards: those warnings
     are silenced here, for wpkl's own launches only."""
     if type(kernel).__name__ == "InterpretedFunction":
+        import warnings
+
         import numpy as np
 
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "All-NaN slice" in masked-off reductions
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
+
+
+LOG2E = 1.4426950408889634  # the kernels work in base 2: t = x * log2(e) / T
+
+DIVERGENCE_JSD = 2  # kernels.DIVERGENCE_IDS["jsd"], without importing Triton
 
 
 def divergence_id(divergence: str, beta: float) -> int:
@@ -80,6 +88,30 @@ def _config(student, teacher):
     return launch_config(student.shape[-1], max(sizes))
 
 
+def aligned_base(x):
+    """(a view of x's storage that starts at the 16-byte boundary at or before x's first element, the shift
+    from there to x's first element in elements). The kernels address rows from this base, so that they can
+    find every row's first 16-byte boundary; where the storage itself is not 16-byte aligned, (x, 0)."""
+    if x.device.type == "meta":
+        return x, 0
+    misalignment = x.data_ptr() % 16
+    shift = misalignment // x.element_size()
+    if misalignment == 0 or misalignment % x.element_size() or x.storage_offset() < shift:
+        return x, 0
+    return x.as_strided((1,), (1,), x.storage_offset() - shift), shift
+
+
+def co_aligned(row_offsets, other_offsets, leading, vec) -> bool:
+    """Whether every row of two [B, T, .] tensors starts at the same offset modulo vec (their element
+    shift, then the two leading strides where that dimension has more than one row): then the student's
+    16-byte boundaries are the other tensor's too."""
+    return all((a - b) % vec == 0 for a, b, n in zip(row_offsets, other_offsets, (2, *leading), strict=True) if n > 1)
+
+
+def _row_layout(x, shift):
+    return (shift, x.stride(0), x.stride(1))
+
+
 def forward_launch(student, teacher, valid_bytes, tokens, teacher_logprobs, rollout_logprobs, loss, stats, div_id,
                    beta, temperature):
     """(grid, positional args, meta) of the forward kernel: one program per token.
@@ -89,34 +121,50 @@ def forward_launch(student, teacher, valid_bytes, tokens, teacher_logprobs, roll
     """
     B, T, V = student.shape
     config = _config(student, teacher)
+    student_base, student_shift = aligned_base(student)
+    teacher_base, teacher_shift = (student_base, 0) if teacher is None else aligned_base(teacher)
+    teacher_rows = (0, 0, 0) if teacher is None else _row_layout(teacher, teacher_shift)
     args = (
-        student, student if teacher is None else teacher, valid_bytes, valid_bytes if tokens is None else tokens,
+        student_base, teacher_base, valid_bytes, valid_bytes if tokens is None else tokens,
         loss if teacher_logprobs is None else teacher_logprobs, loss if rollout_logprobs is None else rollout_logprobs,
         loss, stats,
-        student.stride(0), student.stride(1),
-        0 if teacher is None else teacher.stride(0), 0 if teacher is None else teacher.stride(1),
+        student_shift, teacher_rows[0],
+        student.stride(0), student.stride(1), teacher_rows[1], teacher_rows[2],
         T, V, B * T,
-        1.0 / temperature, float(beta),
+        LOG2E / temperature, 1.0 / temperature, float(beta),
     )
+    aligned = teacher is not None and co_aligned(_row_layout(student, student_shift), teacher_rows, (B, T), config.vec)
     meta = dict(DIVERGENCE=div_id, TEACHER_LOGITS=teacher is not None, HAS_ROLLOUT=rollout_logprobs is not None,
-                BLOCK_V=config.block_v, num_warps=config.num_warps)
+                BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
+                PRECISE_LOG2=div_id == DIVERGENCE_JSD and student.dtype == torch.float32, num_warps=config.num_warps)
     return (B * T,), args, meta
 
 
 def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, grad, div_id, beta, temperature):
-    """(grid, positional args, meta) of the backward kernel: one program per (token, vocabulary block)."""
+    """(grid, positional args, meta) of the backward kernel: one program per (token, split of the vocabulary)."""
     B, T, V = student.shape
     config = _config(student, teacher)
-    teacher_strides = (0, 0) if teacher is None else (teacher.stride(0), teacher.stride(1))
+    student_base, student_shift = aligned_base(student)
+    teacher_base, teacher_shift = (student_base, 0) if teacher is None else aligned_base(teacher)
+    grad_base, grad_shift = aligned_base(grad)
+    student_rows = _row_layout(student, student_shift)
+    teacher_rows = (0, 0, 0) if teacher is None else _row_layout(teacher, teacher_shift)
+    grad_rows = _row_layout(grad, grad_shift)
     args = (
-        student, student if teacher is None else teacher, valid_bytes, valid_bytes if tokens is None else tokens,
-        grad_loss, stats, grad,
-        student.stride(0), student.stride(1), *teacher_strides, grad.stride(0), grad.stride(1),
+        student_base, teacher_base, valid_bytes, valid_bytes if tokens is None else tokens,
+        grad_loss, stats, grad_base,
+        student_shift, teacher_rows[0], grad_rows[0],
+        *student_rows[1:], *teacher_rows[1:], *grad_rows[1:],
         T, V, B * T,
-        1.0 / temperature, float(beta),
+        LOG2E / temperature, 1.0 / temperature, float(beta),
     )
-    grid = (B * T, -(-V // config.block_v))
-    return grid, args, dict(DIVERGENCE=div_id, BLOCK_V=config.block_v, num_warps=config.num_warps)
+    grid = (B * T, backward_splits(B * T, V, config.block_v))
+    meta = dict(DIVERGENCE=div_id, BLOCK_V=config.block_v, VEC=config.vec,
+                TEACHER_ALIGNED=teacher is not None and co_aligned(student_rows, teacher_rows, (B, T), config.vec),
+                GRAD_ALIGNED=co_aligned(student_rows, grad_rows, (B, T), config.vec),
+                PRECISE_LOG2=div_id == DIVERGENCE_JSD and student.dtype == torch.float32, num_warps=config.num_warps)
+    return grid, args, meta
+
 
 
 @dataclass
@@ -254,7 +302,7 @@ def pass_for(backend: str):
 
 # ------------------------------------------------------------------------------------- weights kernel
 
-WEIGHTS_BLOCK = 1024
+WEIGHTS_BLOCK = 512
 _REDUCTIONS = {"mean": 0, "sum": 1, "seq_mean": 2, "none": 3}
 _POSITION_KINDS = {"ExpDecay": 1.0, "PowerDecay": 2.0, "PositionTable": 3.0, "PositionWindow": 4.0}
 
