@@ -8,6 +8,7 @@ math they implement is specified by ``wpkl/reference.py``.
 from .common import DIVERGENCE_IDS, NUM_PUBLIC_STATS, NUM_STATS
 from .token_divergence_bwd import token_divergence_bwd_kernel
 from .token_divergence_fwd import token_divergence_fwd_kernel
+from .token_topk import topk_atoms_bwd_kernel
 from .token_weights import NUM_CHECKS, token_weights_kernel
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "token_divergence_bwd_kernel",
     "token_divergence_fwd_kernel",
     "token_weights_kernel",
+    "topk_atoms_bwd_kernel",
     "NUM_CHECKS",
 ]

@@ -50,6 +50,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled")
 SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logprobs", "teacher logprobs + rollout")
 WEIGHTS_REDUCTIONS = ("mean", "sum", "seq_mean", "none")
+TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 # Per-SM limits for the occupancy estimate.
@@ -77,7 +78,7 @@ LOADS_16B_VOCABS = (32000, 128256, 151665, 151936, 262144)
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd", "bwd" or "weights"
+    kernel: str  # "fwd", "bwd", "weights" or "topk"
     divergence: str  # the weights kernel: its reduction
     dtype: str
     vocabs: tuple[int, ...]  # representative V values sharing this specialization; the first is compiled
@@ -171,6 +172,14 @@ def _launch(job: Job):
             positions=f32(N, dt=torch.int64), tokens=f32(N, dt=torch.int64), teacher_logprobs=f32(N),
             rollout_logprobs=f32(N), num_items_in_batch=f32(1) if job.divergence == "mean" else None)
         return kernels.token_weights_kernel, args, meta
+    if job.kernel == "topk":  # the top-k teacher's atom fix-up (kernels/token_topk.py): K in ``variant``
+        K = int(job.variant.removeprefix("K="))
+        N = B * T
+        f32 = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
+        grad = meta_tensor(B, T, job.vocabs[0])
+        args = (f32(N, K, dt=torch.int64), f32(N, K), f32(N, K), stats, f32(N), valid, grad, N, K, T, job.vocabs[0],
+                grad.stride(0), grad.stride(1), 1.0)
+        return kernels.topk_atoms_bwd_kernel, args, autograd.topk_atoms_meta(K)
     div_id = autograd.divergence_id(job.divergence, 0.5)
     if job.kernel == "fwd":
         _, args, meta = autograd.forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
@@ -284,13 +293,13 @@ def compile_job(job: Job) -> Row:
     usage = _resources(cubin)
     sass = _cuobjdump(cubin, "-sass")
     registers, shared = usage.get("REG", -1), usage.get("SHARED", -1)
-    block_v = constexprs.get("BLOCK_V", constexprs.get("BLOCK"))
+    block_v = constexprs.get("BLOCK_V", constexprs.get("BLOCK", constexprs.get("BLOCK_K")))
     return Row(
         kernel=job.kernel, divergence=job.divergence, variant=job.variant, dtype=job.dtype, block_v=block_v,
         num_warps=num_warps, arch=job.arch, vocabs=" ".join(map(str, job.vocabs)), registers=registers,
         shared_bytes=shared, local_bytes=usage.get("LOCAL", -1), stack_bytes=usage.get("STACK", -1),
         ctas_per_sm=ctas_per_sm(registers, num_warps, shared, job.arch),
-        loops=[] if job.kernel == "weights" else vocabulary_loops(sass, max(1, block_v // (32 * num_warps))),
+        loops=[] if job.kernel in ("weights", "topk") else vocabulary_loops(sass, max(1, block_v // (32 * num_warps))),
         sass=sass,
     )
 
@@ -315,6 +324,9 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
         if dtype == "float32":  # the weights kernel works on float32 [N] vectors whatever the logits' dtype
             out += [Job("weights", reduction, dtype, (32000,), arch, variant) for reduction in WEIGHTS_REDUCTIONS
                     for variant in ("window", "packed table") for arch in archs]
+        # A top-k teacher: the forward and dense backward are the "sampled" specializations below (no teacher
+        # logits, token -1); the atoms' fix-up writes the gradient's dtype at K ids.
+        out += [Job("topk", "atoms", dtype, (151936,), arch, f"K={K}") for K in TOPK_SIZES for arch in archs]
         for vocabs in sorted(by_key.values(), key=max):
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
@@ -349,7 +361,7 @@ def gate_failures(rows: list[Row]) -> list[str]:
         where = f"{r.kernel} {r.name} {r.dtype} V={r.vocabs} sm_{r.arch}"
         if r.spills:
             failures.append(f"{where}: spills {r.spills} bytes")
-        if r.kernel == "weights":  # [N] vectors, not a vocabulary loop: compiled without spills is its gate
+        if r.kernel in ("weights", "topk"):  # [N] or [N, K] vectors, no vocabulary loop: no spills is the gate
             continue
         vocabs = {int(v) for v in r.vocabs.split()}
         if not r.loops and min(vocabs) >= r.block_v:  # (V = 1 is a constant: its compiled loop runs 0 times)

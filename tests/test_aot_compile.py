@@ -59,7 +59,9 @@ def test_everything_compiles_for_sm80_and_sm90(report):
     vocabulary = [r for r in rows if r["kernel"] in ("fwd", "bwd")]
     assert {r["divergence"] for r in vocabulary} == {"reverse_kl", "forward_kl", "jsd", "sampled"}
     assert {r["dtype"] for r in vocabulary} == {"float32", "bfloat16", "float16"}
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk"}
+    # The top-k teacher's atom fix-up (kernels/token_topk.py), in every gradient dtype.
+    assert {r["dtype"] for r in rows if r["kernel"] == "topk"} == {"float32", "bfloat16", "float16"}
     # The weights kernel (kernels/token_weights.py): every reduction, every option on, [B, T] and packed layouts.
     assert {r["divergence"] for r in rows if r["kernel"] == "weights"} == {"mean", "sum", "seq_mean", "none"}
     assert all(r["registers"] > 0 for r in rows)

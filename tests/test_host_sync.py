@@ -174,3 +174,19 @@ def test_few_device_kernels(weighting, reduction, extras, unpoisoned):
         (loss * 2).sum().backward() if loss.dim() else loss.backward()
     kernels = [op for op in seen.ops if not any(word in op for word in NO_KERNEL)]
     assert len(kernels) <= 8, Counter(kernels)
+
+
+@pytest.mark.parametrize("weighting,reduction", [(None, "mean"), (OPTIONS["weighting"][1], "seq_mean"),
+                                                 (OPTIONS["weighting"][2], "none")])
+def test_no_host_sync_with_a_top_k_teacher(syncs, weighting, reduction):
+    """A top-k teacher on the Triton path: the kernels, the atom math and the torch weights, with the value checks
+    (ids in range, no duplicates, log-probs) deferred as on CUDA."""
+    student, _, mask = _inputs()
+    ids = torch.stack([torch.randperm(40)[:4] for _ in range(10)]).view(2, 5, 4)
+    ids[0, 1, 3] = -1
+    logprobs = -torch.rand(2, 5, 4) * 3
+    loss = wpkl.weighted_kl_loss(student, None, mask=mask, weighting=weighting, reduction=reduction,
+                                 teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, divergence="forward_kl",
+                                 backend="triton")
+    loss.sum().backward()
+    assert syncs == [], Counter(syncs)

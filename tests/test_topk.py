@@ -252,3 +252,23 @@ def test_bad_values_on_masked_tokens_are_ignored():
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[0, 2] = False
     assert torch.isfinite(_call(teacher_topk_ids=ids, mask=mask))
+
+
+def test_inplace_backward_on_the_triton_path():
+    """inplace_backward with a top-k teacher: the gradient reuses the logits' storage and equals the new-buffer
+    one bit for bit (the atoms' fix-up reads saved [N, K] values, never the overwritten logits)."""
+    pytest.importorskip("triton")
+    student = (torch.randn(2, 4, 53) * 2).to(torch.bfloat16)
+    ids, logprobs = topk_teacher(torch.randn(2, 4, 53), 5)
+    kwargs = dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, divergence="forward_kl", backend="triton",
+                  weighting=wpkl.Weighting(confidence=1.0))
+    expected = run(student, ids, logprobs, "triton", **{k: v for k, v in kwargs.items()
+                                                        if k not in ("teacher_topk_ids", "teacher_topk_logprobs",
+                                                                     "backend")})[2]
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1.0
+    seen = {}
+    logits.register_hook(lambda grad: seen.update(ptr=grad.data_ptr()))
+    wpkl.weighted_kl_loss(logits, None, inplace_backward=True, **kwargs).backward()
+    assert seen["ptr"] == logits.data_ptr(), "the gradient must reuse the logits' storage"
+    assert torch.equal(leaf.grad, expected)

@@ -128,14 +128,15 @@ def weighted_kl_loss(
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    if resolved == "triton" and problem.topk_ids is not None:
-        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
     resolved = _torch_weights_only(problem, backend, resolved)
-    if resolved == "triton":
+    if resolved == "triton" and problem.topk_ids is None:
         return _triton_weighted_loss(problem, return_stats, inplace_backward)
+    # The torch paths, and a top-k teacher on the Triton path: its vocabulary pass on the kernels (one read of the
+    # student rows forward, one read and write backward), its weights and reduction in torch.
     check_values(problem)
     seq = _Sequences(problem, _teacher_token_logprobs(problem))
-    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
+                          inplace_backward=inplace_backward and resolved == "triton")
     return _weigh_and_reduce(problem, terms, return_stats, seq)
 
 
@@ -365,8 +366,6 @@ def fused_linear_kl_loss(
     )
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
-    if resolved == "triton" and problem.topk_ids is not None:
-        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
     check_values(problem)
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,

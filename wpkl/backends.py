@@ -22,7 +22,7 @@ from .projection import project
 from .reference import TokenTerms, TopKOptions
 from .torch_path import chunked_terms, reference_terms
 from .validation import Problem
-from .vocab_pass import KERNEL_DTYPES, PassSpec
+from .vocab_pass import KERNEL_DTYPES, PassSpec, TritonPass
 
 
 def triton_installed() -> bool:
@@ -69,10 +69,12 @@ def resolve_backend(backend: str, problem: Problem) -> str:
     return "triton"
 
 
-def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficients=None) -> TokenTerms:
+def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficients=None,
+                  inplace_backward: bool = False) -> TokenTerms:
     """Per-token terms ([B, T] each; loss differentiable) from the resolved backend, for the weighting and
-    reduction in torch (wpkl/api.py). Materialized logits on the Triton backend do not come here: their weights
-    and reduction run in a kernel too (wpkl/ops.py).
+    reduction in torch (wpkl/api.py). Materialized logits on the Triton backend do not come here (their weights
+    and reduction run in a kernel too, wpkl/ops.py), except with a top-k teacher: its vocabulary pass runs on the
+    kernels (wpkl/vocab_pass.py ``_topk_forward``), its weights and reduction in torch.
 
     ``stats=False``: the teacher confidence and the entropies are not needed (the torch path then skips them and
     reports NaN). ``coefficients``: the fused-linear form's eager schedule (wpkl/fused_linear.py), or None."""
@@ -83,6 +85,8 @@ def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficien
             problem.teacher_logprobs, problem.rollout_logprobs)
     if backend == "torch":
         return chunked_terms(*args, spec)
+    if backend == "triton":  # only a top-k teacher: see the docstring
+        return chunked_terms(*args, spec, passes=TritonPass, inplace_backward=inplace_backward)
     return reference_terms(*args, spec)
 
 

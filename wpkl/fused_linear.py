@@ -189,7 +189,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                 coef_all[ids] = coef
                 grads.add(_logits_grad(spec, saved, s, coef, row_grad), ids, projector)
             elif spec.backend == "triton":
-                pass_stats.append(saved.stats)
+                pass_stats.append((saved.stats, saved.topk))
             del s, t, saved
         ctx.spec, ctx.chunks, ctx.eager, ctx.dtypes = spec, chunks, eager, dtypes
         ctx.weights_context = _weights_context.get()
@@ -224,9 +224,12 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                 per_token = _per_token(ids, tokens, teacher_logprobs, rollout_logprobs)
                 valid_c = torch.ones(1, ids.numel(), dtype=torch.bool, device=h_s.device)
                 if spec.backend == "triton":
+                    stats_k, topk_k = ctx.pass_stats[k]
+                    div_id = divergence_id("sampled" if topk_k is not None else spec.pass_spec.divergence,
+                                           spec.pass_spec.beta)
                     saved = TritonSaved(s[None], None if t is None else t[None], valid_c.reshape(-1).to(torch.int8),
-                                        None if tokens is None else tokens[ids], ctx.pass_stats[k],
-                                        divergence_id(spec.pass_spec.divergence, spec.pass_spec.beta), spec.pass_spec)
+                                        None if tokens is None else tokens[ids], stats_k, div_id, spec.pass_spec,
+                                        topk_k)
                 else:
                     saved = TorchSaved(s[None], valid_c, (_teacher(t, ids, topk_ids, topk_logprobs), *per_token),
                                        spec.pass_spec)

@@ -28,12 +28,19 @@ from .vocab_pass import PassSpec, TorchPass, _rows, row_chunks
 class ChunkedTokenDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs,
-                spec: PassSpec):
+                spec: PassSpec, passes=TorchPass, inplace_backward=False):
+        teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
+        if passes is not TorchPass:  # the kernels (a top-k teacher's Triton path): backward reads the saved stats
+            loss, out_stats, saved = passes.forward(student, teacher_given, valid, tokens, teacher_logprobs,
+                                                    rollout_logprobs, spec)
+            ctx.eager_grad, ctx.saved_pass, ctx.passes, ctx.inplace = False, saved, passes, inplace_backward
+            ctx.mark_non_differentiable(out_stats)
+            return loss, out_stats
         dtype = compute_dtype(*(x for x in (student, teacher) if x is not None))
         # The gradient now when it needs no memory the returned gradient does not (see the module docstring).
         eager_grad = ctx.needs_input_grad[0] and student.dtype == dtype
         row_grad = torch.zeros_like(student) if eager_grad else None
-        teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
+        ctx.passes = TorchPass
         loss, out_stats, saved = TorchPass.forward(student, teacher_given, valid, tokens, teacher_logprobs,
                                                    rollout_logprobs, spec, row_grad=row_grad)
         ctx.eager_grad, ctx.saved_pass = eager_grad, saved
@@ -45,7 +52,11 @@ class ChunkedTokenDivergence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_stats):
-        nones = (None,) * 8
+        nones = (None,) * 10
+        if ctx.passes is not TorchPass:
+            saved = ctx.saved_pass
+            out = saved.student if ctx.inplace else torch.empty_like(saved.student)
+            return ctx.passes.backward(saved, grad_loss, out), *nones
         if ctx.eager_grad:
             (grad,) = ctx.saved_tensors
             # Each row's gradient times its d loss / d L_i, in place: the buffer is this function's own.
@@ -58,9 +69,12 @@ class ChunkedTokenDivergence(torch.autograd.Function):
 
 
 def chunked_terms(student, teacher, topk_ids, topk_logprobs, valid, tokens, teacher_logprobs, rollout_logprobs,
-                  spec: PassSpec) -> TokenTerms:
+                  spec: PassSpec, passes=TorchPass, inplace_backward=False) -> TokenTerms:
+    """Per-token terms through ``ChunkedTokenDivergence``: the torch pass, or ``passes=TritonPass`` (a top-k
+    teacher on the kernels, whose weights and reduction then run in torch)."""
     loss, out_stats = ChunkedTokenDivergence.apply(student, teacher, topk_ids, topk_logprobs, valid, tokens,
-                                                   teacher_logprobs, rollout_logprobs, spec)
+                                                   teacher_logprobs, rollout_logprobs, spec, passes,
+                                                   inplace_backward)
     return TokenTerms(loss, *out_stats.unbind(0))
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .launch import backward_splits, launch_config
-from .reference import TopK, TopKOptions, compute_dtype, token_terms
+from .reference import TopK, TopKOptions, compute_dtype, token_terms, topk_atom_terms
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -168,6 +168,15 @@ def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, gra
 
 
 @dataclass
+class TopKSaved:
+    """A top-k teacher's backward inputs, [N, K] each (the row terms are in the stats: see ``_topk_forward``)."""
+
+    ids: torch.Tensor  # int64, -1 pads
+    x: torch.Tensor  # fp32 s_j / T at the ids
+    atom_grad: torch.Tensor  # fp32 A = dF/dx
+
+
+@dataclass
 class TritonSaved:
     student: torch.Tensor
     teacher: torch.Tensor | None
@@ -176,12 +185,15 @@ class TritonSaved:
     stats: torch.Tensor  # [NUM_STATS, N] fp32: everything the backward kernel needs
     div_id: int
     spec: PassSpec
+    topk: TopKSaved | None = None
 
 
 class TritonPass:
     @staticmethod
     def forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec: PassSpec):
         kernels = _kernels()
+        if isinstance(teacher, TopK):
+            return _topk_forward(student, teacher, valid, spec)
         B, T, _ = student.shape
         N = B * T
         loss = new_buffer(N, dtype=torch.float32, device=student.device)
@@ -201,14 +213,86 @@ class TritonPass:
 
     @staticmethod
     def backward(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, T, _ = saved.student.shape
-        if B * T > 0:
-            coef = coef.reshape(B * T).to(torch.float32).contiguous()
-            grid, args, meta = backward_launch(saved.student, saved.teacher, saved.valid_bytes, saved.tokens, coef,
+        B, T, V = saved.student.shape
+        N = B * T
+        if N > 0:
+            coef = coef.reshape(N).to(torch.float32).contiguous()
+            tokens = saved.tokens
+            if saved.topk is not None:  # the dense part p_v Lambda / T: "sampled" with no sampled token
+                tokens = torch.full((N,), -1, dtype=torch.int64, device=coef.device)
+            grid, args, meta = backward_launch(saved.student, saved.teacher, saved.valid_bytes, tokens, coef,
                                                saved.stats, out, saved.div_id, saved.spec.beta,
                                                saved.spec.temperature)
             launch(_kernels().token_divergence_bwd_kernel, grid, args, meta)
+            if saved.topk is not None:
+                _topk_atoms_backward(saved, coef, out)
         return out
+
+
+def _topk_forward(student, teacher: TopK, valid, spec: PassSpec):
+    """A top-k teacher on the kernels: one pass over each student row (the forward kernel as "sampled" without
+    teacher logits gives the student's log-normalizer and entropy), then the atom math of the specification
+    (wpkl/reference.py ``topk_atom_terms``) on [N, K] tensors under autograd, for the loss, the divergence, the
+    statistics and the per-row backward inputs A = dF/dx and Lambda = dF/dlse. No [N, V] tensor is made.
+
+    The stats buffer then holds what the backward kernels read: the student's T lse (STAT_STUDENT_LSE) and
+    -Lambda in the divergence slot, so that the "sampled" backward kernel with no sampled token writes the dense
+    part of the gradient, p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms)."""
+    kernels = _kernels()
+    B, T, V = student.shape
+    N, K = B * T, teacher.ids.shape[-1]
+    loss = new_buffer(N, dtype=torch.float32, device=student.device)
+    stats = new_buffer(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
+    valid_bytes = valid.reshape(N).to(torch.int8)
+    ids = teacher.ids.reshape(N, K).to(torch.int64)
+    if N > 0:
+        # The kernel's sampled-token slot: any in-range column (its loss is discarded; it reads the unused
+        # log q(y) slot from ``loss``, which is overwritten below).
+        slot = ids[:, 0].clamp(0, max(V - 1, 0)).contiguous() if K > 0 else torch.zeros_like(valid_bytes, dtype=torch.int64)
+        grid, args, meta = forward_launch(student, None, valid_bytes, slot, loss, None, loss, stats,
+                                          divergence_id("sampled", spec.beta), spec.beta, spec.temperature)
+        launch(kernels.token_divergence_fwd_kernel, grid, args, meta)
+    valid_flat = valid.reshape(N, 1)
+    in_range = (ids >= -1) & (ids < V)
+    gathered = student.gather(-1, ids.clamp(0, max(V - 1, 0)).view(B, T, K)).reshape(N, K).to(torch.float32)
+    # A bad id (the value checks report it) gives its row a NaN loss, never a number from another column.
+    x = torch.where(in_range | ~valid_flat, gathered / spec.temperature, float("nan"))
+    lse = stats[4] / spec.temperature  # STAT_STUDENT_LSE holds T lse(s / T)
+    atoms = valid_flat & (ids >= 0)
+    options = spec.topk or TopKOptions()
+    divergence, beta = spec.divergence, spec.beta
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    with torch.enable_grad():
+        x_leaf, lse_leaf = x.detach().requires_grad_(True), lse.detach().requires_grad_(True)
+        terms = topk_atom_terms(x_leaf, lse_leaf, atoms, teacher.logprobs.reshape(N, K), mode=options.mode,
+                                divergence=divergence, beta=beta, logprob_floor=options.logprob_floor,
+                                loss_max=options.loss_max, stats=True)
+        atom_grad, lam = torch.autograd.grad(terms[0].sum(), (x_leaf, lse_leaf))
+    row_valid = valid.reshape(N)
+    public = torch.stack([terms[1], terms[2], stats[2], terms[3]])
+    public = torch.where(row_valid, public, 0.0).to(torch.float32).view(4, B, T)
+    loss = torch.where(row_valid, terms[0].detach(), 0.0).to(torch.float32)
+    stats[0] = torch.where(row_valid, -lam, 0.0)  # the backward kernel's divergence slot (see above)
+    saved = TritonSaved(student, None, valid_bytes, None, stats, divergence_id("sampled", spec.beta), spec,
+                        TopKSaved(ids, x, atom_grad))
+    return loss.view(B, T), public, saved
+
+
+def _topk_atoms_backward(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -> None:
+    B, T, V = saved.student.shape
+    N, K = saved.topk.ids.shape
+    if K == 0:
+        return
+    grid = (N,)
+    args = (saved.topk.ids, saved.topk.atom_grad, saved.topk.x, saved.stats, coef, saved.valid_bytes, out,
+            N, K, T, V, out.stride(0), out.stride(1), 1.0 / saved.spec.temperature)
+    launch(_kernels().topk_atoms_bwd_kernel, grid, args, topk_atoms_meta(K))
+
+
+def topk_atoms_meta(K: int) -> dict:
+    """The atoms' fix-up kernel's meta: one block of K (a power of two) per token, one warp."""
+    return dict(BLOCK_K=1 << max(0, (K - 1).bit_length()), num_warps=1)
 
 
 # ------------------------------------------------------------------------------------------------ torch
