@@ -272,3 +272,41 @@ def test_inplace_backward_on_the_triton_path():
     wpkl.weighted_kl_loss(logits, None, inplace_backward=True, **kwargs).backward()
     assert seen["ptr"] == logits.data_ptr(), "the gradient must reuse the logits' storage"
     assert torch.equal(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_triton_path_allocates_no_n_by_v_tensor_but_the_gradient(inplace):
+    """Forward and backward with a top-k teacher on the kernels: every tensor of N * V elements or more that an aten
+    op returns is the gradient (one buffer, none with inplace_backward), the rest [N, K] atoms and [N] rows."""
+    pytest.importorskip("triton")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else (out,):
+                # (a new storage only: the interpreter's launches view and copy the kernels' arguments)
+                if isinstance(x, torch.Tensor) and x.numel() >= N * V and x.untyped_storage().data_ptr() not in seen_ptrs:
+                    seen_ptrs.add(x.untyped_storage().data_ptr())
+                    self.big.append((str(func), tuple(x.shape)))
+            return out
+
+    B, T, V, K = 2, 4, 61, 5
+    N = B * T
+    student = torch.randn(B, T, V) * 2
+    ids, logprobs = topk_teacher(torch.randn(B, T, V), K)
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1.0  # (allocated before recording: the lm_head's output)
+    seen_ptrs = {logits.untyped_storage().data_ptr()}
+    with Allocations() as mode:
+        loss = wpkl.weighted_kl_loss(logits, None, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
+                                     weighting=wpkl.Weighting(confidence=1.0, accumulated=0.5), backend="triton",
+                                     inplace_backward=inplace)
+        torch.autograd.grad(loss, logits)
+    grads = [op for op, _ in mode.big]
+    assert len(grads) == (0 if inplace else 1), mode.big
+    assert all("empty" in op for op in grads), mode.big
