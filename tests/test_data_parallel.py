@@ -2,8 +2,9 @@
 
 A tiny linear model makes the student logits of a global batch of sequences; each rank takes a contiguous
 (uneven) share of the sequences, optionally in micro-batches (no_sync on all but the last), and the gradient
-DDP leaves on the parameters is compared with the single-process full-batch gradient. One process group per
-world size runs every case (spawning is what costs time); the parametrized tests then check each case.
+DDP leaves on the parameters is compared with the single-process full-batch gradient. One spawn of three
+processes runs every case (R = 2 on a subgroup: starting processes and DDP's first use are what cost time); the
+parametrized tests then check each case's results.
 """
 
 from __future__ import annotations
@@ -100,21 +101,21 @@ def _reference(weighting, divergence, mode, calls=None):
     return loss.detach(), _grads(model)
 
 
-def _run_case(rank, world, weighting, divergence, micro, mode):
+def _run_case(rank, world, group, weighting, divergence, micro, mode):
     model, x, teacher, mask, tokens = _data()
-    ddp = DDP(copy.deepcopy(model))
+    ddp = DDP(copy.deepcopy(model), process_group=group)
     share = _shares(B, world)[rank]
     rows = [slice(share.start + s.start, share.start + s.stop) for s in _shares(share.stop - share.start, micro)]
     local_mask = mask[share]
     local_weighting = weighting
     if mode == "weights":
         local_weighting = dataclasses.replace(weighting, normalize=False)
-    num_items = wpkl.distributed.global_count(local_mask)  # one all-reduce for the whole step
+    num_items = wpkl.distributed.global_count(local_mask, group)  # one all-reduce for the whole step
     if mode == "count_div":
         num_items = num_items / world
     if mode == "seq_mean":
         local_sequences = local_mask.any(-1).sum()
-        global_sequences = wpkl.distributed.global_count(local_sequences)
+        global_sequences = wpkl.distributed.global_count(local_sequences, group)
     local_loss, local_weight = torch.zeros(()), torch.zeros(())
     for i, r in enumerate(rows):
         with ddp.no_sync() if i < len(rows) - 1 else nullcontext():
@@ -129,7 +130,7 @@ def _run_case(rank, world, weighting, divergence, micro, mode):
                 local_loss += loss.detach()
                 local_weight += stats.weight.sum()
                 if len(rows) == 1:  # the whole share in one call: divide before backward
-                    loss = loss / wpkl.distributed.global_weight_sum(stats.weight)
+                    loss = loss / wpkl.distributed.global_weight_sum(stats.weight, group)
                 (loss * world).backward()
             else:  # seq_mean
                 loss = _loss(ddp, x, teacher, mask, tokens, r, local_weighting, divergence, reduction="seq_mean")
@@ -137,30 +138,35 @@ def _run_case(rank, world, weighting, divergence, micro, mode):
                 local_loss += loss.detach()
                 (loss * world).backward()
     if mode == "weights":
-        total = wpkl.distributed.global_weight_sum(local_weight)
+        total = wpkl.distributed.global_weight_sum(local_weight, group)
         if len(rows) > 1:  # micro-batches: the weights of later ones were unknown; the gradient is linear in 1/W
             for p in ddp.parameters():
                 p.grad.div_(total)
         local_loss = local_loss / total
-    global_loss = wpkl.distributed.global_sum(local_loss)  # what a trainer logs: the global batch's loss
+    global_loss = wpkl.distributed.global_sum(local_loss, group)  # what a trainer logs: the global batch's loss
     return global_loss, _grads(ddp.module)
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, port, out):
+    """Three ranks; the R = 2 cases run on a subgroup of ranks 0 and 1 (one spawn: DDP's first use costs seconds
+    of imports per process)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
     try:
+        pair = dist.new_group([0, 1])  # collective: every rank calls it
         results = {}
-        for name, (weighting, divergence, micro, mode) in CASES.items():
-            loss, grad = _run_case(rank, world, weighting, divergence, micro, mode)
-            results[name] = (loss, grad)
-        # Every rank holds the same gradient (DDP's all-reduce): compare with rank 0's.
-        flat = torch.cat([g for _, g in results.values()])
-        reference = flat.clone()
-        dist.broadcast(reference, 0)
-        results["_ranks_agree"] = bool(torch.equal(reference, flat))
+        for world, group in ((2, pair), (3, None)):
+            if rank >= world:
+                continue
+            results[world] = {name: _run_case(rank, world, group, *case) for name, case in CASES.items()}
+            # Every rank holds the same gradient (DDP's all-reduce): compare with rank 0's.
+            flat = torch.cat([grad for _, grad in results[world].values()])
+            reference = flat.clone()
+            dist.broadcast(reference, 0, group=group)
+            results[world]["_ranks_agree"] = bool(torch.equal(reference, flat))
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # nothing in flight when the ranks tear down gloo (rank 0 hosts the store: it leaves last)
     finally:
         dist.destroy_process_group()
 
@@ -171,14 +177,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda r: f"R{r}")
-def ddp_results(request, tmp_path_factory):
-    world = request.param
-    out = tmp_path_factory.mktemp(f"ddp{world}") / "results.pt"
-    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-    results = torch.load(out)
-    results["_world"] = world
-    return results
+@pytest.fixture(scope="module")
+def all_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "results.pt"
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=3, join=True)
+    return torch.load(out)
+
+
+@pytest.fixture(params=[2, 3], ids=lambda r: f"R{r}")
+def ddp_results(request, all_results):
+    return dict(all_results[request.param], _world=request.param)
 
 
 def test_ranks_hold_the_same_gradient(ddp_results):
@@ -239,7 +247,9 @@ def test_torchrun_example():
     """examples/ddp_distill.py under torchrun with 2 CPU ranks (gloo)."""
     if shutil.which("torchrun") is None and not _has_module("torch.distributed.run"):
         pytest.skip("torchrun is not available")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # This checkout's wpkl, whatever the venv's editable install points at (the script's own folder is examples/).
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(ROOT / "examples" / "ddp_distill.py"), "--steps", "2"],
                             capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
