@@ -46,7 +46,8 @@ def main(argv=None):
         prompts = [lang.sample(args.micro_batch_size, args.prompt_length).to(device) for _ in range(args.micro_batches)]
         rollouts = [student.generate(p, args.new_tokens) for p in prompts]
         masks = [torch.ones(r.shape[0], args.new_tokens, dtype=torch.bool, device=device) for r in rollouts]
-        # 2. The step's valid-token count. Under DDP: torch.distributed.all_reduce(num_items) here.
+        # 2. The step's valid-token count. Under DDP: num_items = wpkl.distributed.global_count(num_items) and
+        #    backward loss * world_size (DDP averages gradients); examples/ddp_distill.py is that loop.
         num_items = sum(m.sum() for m in masks)
 
         optimizer.zero_grad(set_to_none=True)

@@ -58,7 +58,7 @@ def single_process_group():
     dist.destroy_process_group()
 
 
-def test_readme_snippets(in_tmp):
+def test_readme_snippets(in_tmp, single_process_group):
     pytest.importorskip("trl", reason="trl is not installed")
     import tiny_trl
 
@@ -96,7 +96,7 @@ def test_recipes_snippets(in_tmp, single_process_group):
 
     trainer = tiny_trl.build_iw_opd(in_tmp)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    namespace = dict(trainer=trainer, response_mask=response_mask, micro_batches=micro_batches,
+    namespace = dict(trainer=trainer, model=TinyLM(V), response_mask=response_mask, micro_batches=micro_batches,
                      weighting=wpkl.Weighting(accumulated=0.5, normalize=False), monitor=wpkl.audit.PositionBiasMonitor(),
                      step=0, student_logits=student_logits, teacher_logits=torch.randn(B, T, V_TEACHER),
                      responses=responses, teacher_token_logprobs=-torch.rand(B, T) * 3,

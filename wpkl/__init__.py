@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # Submodules reachable as attributes (wpkl.audit.PositionBiasMonitor after a bare `import wpkl`) without
 # importing them, or what they need, until first use.
-_LAZY_SUBMODULES = ("audit", "integrations")
+_LAZY_SUBMODULES = ("audit", "distributed", "integrations")
 
 
 def __getattr__(name: str):

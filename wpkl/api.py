@@ -76,7 +76,8 @@ def weighted_kl_loss(
         return_stats: also return a ``wpkl.TokenStats``.
         backend: "auto", "triton", "torch" or "reference" (see ``wpkl.backends``).
         num_items_in_batch: for "mean", divide by this count (e.g. the valid tokens of all micro-batches and
-            ranks, for gradient accumulation) instead of the local valid-token count.
+            ranks, for gradient accumulation) instead of the local valid-token count. Under DDP, which averages
+            the ranks' gradients, multiply the loss by the world size (``wpkl.distributed``).
         teacher_logprobs: "sampled" only, leading shape: log q(y) of the sampled tokens, given instead of
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),

@@ -185,7 +185,8 @@ class Weighting:
     confidence:   exponent on the teacher confidence c_i = max_j q_ij (0 = off)
     disagreement: exponent on the detached per-token divergence |D_i| (0 = off)
     accumulated:  IW-OPD gamma: 1 + gamma * (1 - prefix share of the sequence's accumulated |D|) (0 = off)
-    normalize:    rescale the weights to mean 1 over the valid tokens of the batch
+    normalize:    rescale the weights to mean 1 over the valid tokens of the batch (of this call: one micro-batch
+                  of one rank; ``wpkl.distributed.global_weight_sum`` gives the global version)
     accumulated_eps: floor on a sequence's total |D| before dividing by it (TRL's ``iw_opd_epsilon``)
     prefix_confidence: a ``PrefixConfidence`` (the IW-OPD authors' windowed teacher-confidence weight) or None;
                   it needs the teacher's log-probability of each sampled token (see ``weighted_kl_loss``)
