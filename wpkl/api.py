@@ -57,6 +57,7 @@ def weighted_kl_loss(
     topk_mode: str = "tail",
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
+    process_group=None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -97,46 +98,84 @@ def weighted_kl_loss(
             new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
             cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
             torch path (CPU tensors) it is ignored, so one configuration runs everywhere.
+        process_group: a ``torch.distributed.ProcessGroup`` over which the vocabulary is split (Megatron's
+            tensor-parallel lm_head), or None (one device). Rank r passes its slice
+            ``[r * V_local, (r + 1) * V_local)`` of the student and the teacher logits (equal slices; ``tokens`` and
+            ``teacher_topk_ids`` stay global ids; everything else is the same on every rank). Every rank returns
+            the same loss and stats; the gradient is the rank's slice of the full-vocabulary gradient. Runs the
+            torch path (``backend="triton"`` falls back to it, ``inplace_backward`` is ignored): see
+            wpkl/tensor_parallel.py and docs/design.md for its collectives. Every rank must make the call.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
         ``return_stats=True`` a ``(loss, TokenStats)`` pair.
     """
-    problem = validate(
-        student_logits,
-        teacher_logits,
-        mask=mask,
-        weighting=weighting,
-        token_weights=token_weights,
-        positions=positions,
-        tokens=tokens,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        teacher_logprobs=teacher_logprobs,
-        rollout_logprobs=rollout_logprobs,
-        teacher_token_logprobs=teacher_token_logprobs,
-        backend=backend,
-        teacher_topk_ids=teacher_topk_ids,
-        teacher_topk_logprobs=teacher_topk_logprobs,
-        topk_mode=topk_mode,
-        topk_logprob_floor=topk_logprob_floor,
-        topk_loss_max=topk_loss_max,
-    )
+    def prepare():
+        return _prepared(validate(
+            student_logits,
+            teacher_logits,
+            mask=mask,
+            weighting=weighting,
+            token_weights=token_weights,
+            positions=positions,
+            tokens=tokens,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            teacher_logprobs=teacher_logprobs,
+            rollout_logprobs=rollout_logprobs,
+            teacher_token_logprobs=teacher_token_logprobs,
+            backend=backend,
+            teacher_topk_ids=teacher_topk_ids,
+            teacher_topk_logprobs=teacher_topk_logprobs,
+            topk_mode=topk_mode,
+            topk_logprob_floor=topk_logprob_floor,
+            topk_loss_max=topk_loss_max,
+        ), return_stats, backend, inplace_backward, process_group)
+
+    if process_group is None:
+        problem, resolved = prepare()
+        if resolved == "triton":
+            return _triton_weighted_loss(problem, return_stats, inplace_backward)
+        check_values(problem)
+    else:
+        problem, resolved = _agreed(process_group, prepare, return_stats)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
+
+
+def _prepared(problem: Problem, return_stats, backend: str, inplace_backward, process_group=None,
+              weights_kernel: bool = True):
+    """The checks after ``validate`` and the backend that runs: (problem, resolved backend). ``weights_kernel``:
+    the Triton backend would weigh in a kernel (materialized logits; the fused-linear form weighs in torch)."""
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
     if resolved == "triton" and problem.topk_ids is not None:
         resolved = "torch"  # the top-k kernels: issue 9 (in progress)
-    resolved = _torch_weights_only(problem, backend, resolved)
-    if resolved == "triton":
-        return _triton_weighted_loss(problem, return_stats, inplace_backward)
-    check_values(problem)
-    seq = _Sequences(problem, _teacher_token_logprobs(problem))
-    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats))
-    return _weigh_and_reduce(problem, terms, return_stats, seq)
+    if resolved == "triton" and process_group is not None:
+        resolved = "torch"  # vocabulary-parallel: the torch path (wpkl/tensor_parallel.py); no kernel route yet
+    return problem, _torch_weights_only(problem, backend, resolved) if weights_kernel else resolved
+
+
+def _agreed(process_group, prepare, return_stats: bool):
+    """A vocabulary-parallel call's validation: local, then one all-gather so that every rank raises or none
+    does (wpkl/tensor_parallel.py: ``agree``). Returns (problem with its ``shard``, resolved backend)."""
+    from .tensor_parallel import agree
+
+    def prepare_with_options():
+        problem, resolved = prepare()
+        # What decides the number and order of the collectives: every rank must agree on it.
+        options = [problem.divergence, problem.beta, problem.temperature, problem.reduction, return_stats,
+                   _needs_stats(problem, return_stats), repr(problem.weighting), problem.topk_mode,
+                   *(x is None for x in (problem.tokens, problem.teacher_logprobs, problem.rollout_logprobs,
+                                         problem.teacher_token_logprobs, problem.user_weights, problem.positions))]
+        return problem, resolved, options
+
+    return agree(process_group, prepare_with_options, check_values)
 
 
 def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
@@ -162,7 +201,7 @@ def _teacher_token_logprobs(problem: Problem) -> torch.Tensor | None:
         return problem.teacher_logprobs
     # validation guarantees teacher logits and tokens here
     return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
-                                          problem.vocab)
+                                          problem.vocab, problem.shard)
 
 
 def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
@@ -318,6 +357,7 @@ def fused_linear_kl_loss(
     topk_mode: str = "tail",
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
+    process_group=None,
 ):
     """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
 
@@ -344,17 +384,25 @@ def fused_linear_kl_loss(
             (or ``teacher_logprobs``).
         teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max: a teacher given as
             top-k atoms (with ``teacher_hidden=None`` and ``teacher_weight=None``), as in ``weighted_kl_loss``.
+        process_group: as in ``weighted_kl_loss``: the lm_head weights (and biases) are the rank's rows
+            ``[r * V_local, (r + 1) * V_local)`` of the student's and the teacher's (Megatron's column-parallel
+            output layer; plain tensors, the local shard); the hidden states are the same on every rank. The
+            weight and bias gradients are the rank's rows; the hidden states' gradient is the full one: wpkl
+            all-reduces it over the group (the all-reduce Megatron's column-parallel layer makes in its backward),
+            so do not pass hidden states through ``copy_to_tensor_model_parallel_region`` (or all-reduce their
+            gradient) again.
 
     Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.
     """
     from .projection import gather_full, projection_dtype
 
-    student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
-    teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
-    problem = validate_linear(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-        teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+    if process_group is None:  # with one, the weights are this rank's shard as given
+        student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
+        teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
+    linear_args = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    linear_kwargs = dict(
+        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size, mask=mask,
         weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
         beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
@@ -363,11 +411,14 @@ def fused_linear_kl_loss(
         topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
         teacher_token_logprobs=teacher_token_logprobs,
     )
-    _check_return_stats(return_stats)
-    resolved = resolve_backend(backend, problem)
-    if resolved == "triton" and problem.topk_ids is not None:
-        resolved = "torch"  # the top-k kernels: issue 9 (in progress)
-    check_values(problem)
+    if process_group is None:
+        problem, resolved = _prepared(validate_linear(*linear_args, **linear_kwargs), return_stats, backend, False,
+                                      weights_kernel=False)
+        check_values(problem)
+    else:
+        problem, resolved = _agreed(process_group, lambda: _prepared(
+            validate_linear(*linear_args, **linear_kwargs), return_stats, backend, False, process_group,
+            weights_kernel=False), return_stats)
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
                                                                 lin.student_bias))
@@ -393,8 +444,10 @@ class WeightedKLLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         inplace_backward: bool = False,
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group  # vocabulary-parallel (see weighted_kl_loss); None: one device
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta
@@ -426,6 +479,7 @@ class WeightedKLLoss(nn.Module):
             num_items_in_batch=num_items_in_batch,
             teacher_token_logprobs=teacher_token_logprobs,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -450,8 +504,10 @@ class FusedLinearWeightedKLLoss(nn.Module):
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
         chunk_size: int | None = None,
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group  # vocabulary-parallel (see fused_linear_kl_loss); None: one device
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta
@@ -481,7 +537,7 @@ class FusedLinearWeightedKLLoss(nn.Module):
             student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
             num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
             rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -88,7 +88,7 @@ def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficien
 
 def pass_spec(problem: Problem, stats: bool = True) -> PassSpec:
     return PassSpec(problem.divergence, problem.beta, problem.temperature, stats,
-                    TopKOptions(problem.topk_mode, problem.topk_logprob_floor, problem.topk_loss_max))
+                    TopKOptions(problem.topk_mode, problem.topk_logprob_floor, problem.topk_loss_max), problem.shard)
 
 
 def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> TokenTerms:

@@ -209,7 +209,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
         nones = (None,) * 12
         if ctx.eager:
             (coef,) = ctx.saved_tensors
-            return (*ctx.grads.finish(_common_scalar(grad_loss, coef)), *nones)
+            return (*ctx.grads.finish(_common_scalar(grad_loss, coef), ctx.spec.pass_spec.shard), *nones)
         (h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs, topk_ids,
          topk_logprobs) = ctx.saved_tensors
         spec = ctx.spec
@@ -232,7 +232,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                                        spec.pass_spec)
                 grads.add(_logits_grad(spec, saved, s, grad_loss[ids], None), ids, projector)
                 del s, t, saved
-        return (*grads.finish(None), *nones)
+        return (*grads.finish(None, spec.pass_spec.shard), *nones)
 
 
 def _teacher(t, ids, topk_ids, topk_logprobs):
@@ -312,15 +312,20 @@ class _Grads:
         if self.weight is not None:
             addmm_fp32(self.weight, g_c.t(), projector.h_s[ids].to(projector.dtype_s))
 
-    def finish(self, scalar):
+    def finish(self, scalar, shard=None):
         """The gradients in the parameters' dtypes, times ``scalar`` (eager schedule). Out of place: a second
-        backward (retain_graph=True) scales the same accumulators again."""
+        backward (retain_graph=True) scales the same accumulators again.
+
+        ``shard`` (vocabulary-parallel, wpkl/tensor_parallel.py): the weight and bias gradients are this rank's
+        rows; the hidden states' is this rank's part of a sum over the group, all-reduced here (in float32, one
+        [N, H] all-reduce per backward: Megatron's column-parallel output layer makes the same one)."""
         out = []
         for acc, like in ((self.hidden, self.h_s), (self.weight, self.w_s), (self.bias, self.b_s)):
             if acc is None:
                 out.append(None)
-            elif scalar is None:
-                out.append(acc.to(like.dtype))
-            else:
-                out.append((acc * scalar.to(acc.dtype)).to(like.dtype))
+                continue
+            grad = acc if scalar is None else acc * scalar.to(acc.dtype)  # two-phase: fresh accumulators
+            if shard is not None and acc is self.hidden:
+                shard.sum_(grad)
+            out.append(grad.to(like.dtype))
         return out

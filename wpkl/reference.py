@@ -98,17 +98,75 @@ def divergence_between(divergence: str, beta: float, p, log_p, q, log_q) -> torc
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
-def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits[..., :V] / T) in the compute dtype."""
+# ------------------------------------------------------------------------------- vocabulary shards
+#
+# Every vocabulary sum above is additive over slices of the vocabulary once the log-normalizers are global, and
+# the confidence is a max. So the same functions run on one rank's slice of a vocabulary-parallel (tensor-
+# parallel) model when (1) the log-normalizer is the global one and (2) each per-row sum or max over the slice is
+# combined over the ranks. ``shard`` below is that combination (wpkl/tensor_parallel.py: ``VocabShard``), or
+# None on one device, where every helper is the plain operation. A shard provides Megatron's pair of
+# conjugate operators, so that autograd gives each rank its slice's gradient:
+#
+#     offset          the global id of the slice's first column
+#     sum(x)          x summed over the ranks; backward: the identity. Turns per-rank parts into a value every
+#                     rank holds (and computes the same loss from)
+#     copy(x)         the identity; backward: the gradient summed over the ranks. Where a value every rank holds
+#                     (the log-normalizer) enters per-rank work (log p of the slice), each rank's part of its
+#                     gradient is added up
+#     max(x)          x's maximum over the ranks (no gradient)
+
+
+def vocab_sum(x: torch.Tensor, shard=None) -> torch.Tensor:
+    """A per-row sum over the vocabulary, given this slice's part: the whole vocabulary's."""
+    return x if shard is None else shard.sum(x)
+
+
+def vocab_max(x: torch.Tensor, shard=None) -> torch.Tensor:
+    return x if shard is None else shard.max(x)
+
+
+def vocab_logsumexp(x: torch.Tensor, shard=None) -> torch.Tensor:
+    """logsumexp over the last dimension (the whole vocabulary's with a shard: the maxima, then the sums)."""
+    if shard is None:
+        return torch.logsumexp(x, dim=-1)
+    m = vocab_max(x.detach().amax(dim=-1), shard)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    return m + vocab_sum((x - m.unsqueeze(-1)).exp().sum(dim=-1), shard).log()
+
+
+def gather_ids(x: torch.Tensor, ids: torch.Tensor, shard=None) -> torch.Tensor:
+    """x[..., ids] for global vocabulary ids [..., K] (ids < 0, padding, read column 0: mask them). With a shard,
+    the rank that owns an id supplies its value and the others 0."""
+    ids = ids.long()
+    if shard is None:
+        return x.gather(-1, ids.clamp_min(0))
+    local = ids - shard.offset
+    owned = (local >= 0) & (local < x.shape[-1]) & (ids >= 0)
+    value = x.gather(-1, local.clamp(0, x.shape[-1] - 1))
+    return vocab_sum(torch.where(owned, value, 0.0), shard)
+
+
+def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0,
+              shard=None) -> torch.Tensor:
+    """log_softmax(logits[..., :V] / T) in the compute dtype (with a shard: the slice's, normalized globally)."""
     x = logits[..., :vocab].to(dtype)
-    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+    x = x / temperature if temperature != 1.0 else x
+    if shard is None:
+        return torch.log_softmax(x, dim=-1)
+    return x - shard.copy(vocab_logsumexp(x, shard)).unsqueeze(-1)
+
+
+def token_logprob(log_p: torch.Tensor, tokens: torch.Tensor, shard=None) -> torch.Tensor:
+    """log p(y) of the sampled tokens y (global ids) from log-probabilities [..., V]."""
+    index = tokens.long().unsqueeze(-1)
+    return (log_p.gather(-1, index) if shard is None else gather_ids(log_p, index, shard)).squeeze(-1)
 
 
 def teacher_token_logprob(teacher_logits: torch.Tensor, tokens: torch.Tensor, vocab: int,
-                          temperature: float = 1.0) -> torch.Tensor:
+                          temperature: float = 1.0, shard=None) -> torch.Tensor:
     """log q(y) = log_softmax(teacher[..., :V] / T)[y] of the sampled tokens y (for weights that need it)."""
-    log_q = log_probs(teacher_logits.detach(), vocab, compute_dtype(teacher_logits), temperature)
-    return log_q.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    log_q = log_probs(teacher_logits.detach(), vocab, compute_dtype(teacher_logits), temperature, shard)
+    return token_logprob(log_q, tokens, shard)
 
 
 def token_terms(
@@ -124,6 +182,7 @@ def token_terms(
     teacher_topk: TopK | None = None,
     topk: TopKOptions | None = None,
     stats: bool = True,
+    shard=None,
 ) -> TokenTerms:
     """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
@@ -131,30 +190,33 @@ def token_terms(
     confidence and entropy are then unknown (NaN). With ``teacher_topk`` (and no teacher logits) the teacher is
     top-k atoms (``topk_terms``). ``stats=False`` skips the confidence and entropies (returned as None) when only
     the loss is needed.
+
+    ``shard``: the logits are one rank's slice of a vocabulary split over ranks (the section above; then
+    ``tokens`` and top-k ids are global ids, and a teacher's slice is the student's): the terms are the whole
+    vocabulary's, the same on every rank, and the loss's gradient is the slice's.
     """
     if teacher_topk is not None:
         topk = topk or TopKOptions()
         return topk_terms(student_logits, teacher_topk.ids, teacher_topk.logprobs, mode=topk.mode,
                           divergence=divergence, beta=beta, temperature=temperature,
-                          logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats)
+                          logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats, shard=shard)
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     vocab = student_logits.shape[-1]
     dtype = compute_dtype(*(t for t in (student_logits, teacher_logits) if t is not None))
-    log_p = log_probs(student_logits, vocab, dtype, temperature)
-    log_q = None if teacher_logits is None else log_probs(teacher_logits.detach(), vocab, dtype, temperature)
+    log_p = log_probs(student_logits, vocab, dtype, temperature, shard)
+    log_q = None if teacher_logits is None else log_probs(teacher_logits.detach(), vocab, dtype, temperature, shard)
     p = log_p.exp()
     q = log_q.exp() if log_q is not None and (stats or divergence in ("forward_kl", "jsd")) else None
 
     if divergence == "sampled":
-        index = tokens.long().unsqueeze(-1)
-        log_p_y = log_p.gather(-1, index).squeeze(-1)
-        log_q_y = log_q.gather(-1, index).squeeze(-1) if teacher_logprobs is None else teacher_logprobs.to(dtype)
+        log_p_y = token_logprob(log_p, tokens, shard)
+        log_q_y = token_logprob(log_q, tokens, shard) if teacher_logprobs is None else teacher_logprobs.to(dtype)
         behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
         div = behaviour - log_q_y  # = -a, a constant
         loss = div * log_p_y  # -a * log p(y)
     else:
-        div = loss = divergence_between(divergence, beta, p, log_p, q, log_q)
+        div = loss = vocab_sum(divergence_between(divergence, beta, p, log_p, q, log_q), shard)
 
     if not stats:
         return TokenTerms(loss, div.detach(), None, None, None)
@@ -163,9 +225,9 @@ def token_terms(
         return TokenTerms(
             loss=loss,
             divergence=div.detach(),
-            confidence=unknown if log_q is None else log_q.amax(dim=-1).exp(),
-            student_entropy=entropy(p, log_p),
-            teacher_entropy=unknown if log_q is None else entropy(q, log_q),
+            confidence=unknown if log_q is None else vocab_max(log_q.amax(dim=-1), shard).exp(),
+            student_entropy=vocab_sum(entropy(p, log_p), shard),
+            teacher_entropy=unknown if log_q is None else vocab_sum(entropy(q, log_q), shard),
         )
 
 
@@ -238,16 +300,20 @@ def topk_terms(
     logprob_floor: float | None = None,
     loss_max: float | None = None,
     stats: bool = True,
+    shard=None,
 ) -> TokenTerms:
-    """Per-row terms against a teacher given as top-k atoms (ids [..., K], -1 pads; log q of those ids)."""
+    """Per-row terms against a teacher given as top-k atoms (ids [..., K], -1 pads; log q of those ids).
+
+    ``shard``: as in ``token_terms`` (the ids are global; each rank supplies the student logits of the ids it
+    holds)."""
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
     s = s / temperature if temperature != 1.0 else s
-    lse = torch.logsumexp(s, dim=-1)
+    lse = vocab_logsumexp(s, shard)
     atoms = topk_ids >= 0
-    x = s.gather(-1, topk_ids.clamp_min(0).long())
+    x = gather_ids(s, topk_ids, shard)
     loss, div, confidence, teacher_entropy = topk_atom_terms(
         x, lse, atoms, topk_logprobs, mode=mode, divergence=divergence, beta=beta, logprob_floor=logprob_floor,
         loss_max=loss_max, stats=stats)
@@ -255,4 +321,4 @@ def topk_terms(
         return TokenTerms(loss, div, None, None, None)
     with torch.no_grad():
         log_p = s - lse.unsqueeze(-1)
-        return TokenTerms(loss, div, confidence, entropy(log_p.exp(), log_p), teacher_entropy)
+        return TokenTerms(loss, div, confidence, vocab_sum(entropy(log_p.exp(), log_p), shard), teacher_entropy)
