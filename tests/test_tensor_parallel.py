@@ -62,7 +62,7 @@ def _backward(loss, g):
 
 def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="reverse_kl", reduction="mean",
                 weighting=None, v_local=5, temperature=0.7, beta=0.3, sampled_variant=None, packed=False,
-                backend="torch", masked_row=True, token_owner=None, teacher_pad=False, use_module=False):
+                backend="torch", masked_row=True, token_owner=None, use_module=False, ref_backend=None):
     """Materialized logits: the single-process loss on the full vocabulary against this rank's shard's."""
     import wpkl
 
@@ -81,8 +81,6 @@ def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="re
         tokens = token_owner * v_local + torch.randint(0, v_local, (B, T), generator=g)
     kw = dict(mask=mask, divergence=divergence, reduction=reduction, weighting=weighting, temperature=temperature,
               beta=beta, tokens=tokens, return_stats=True, backend=backend)
-    if weighting is not None and weighting.prefix_confidence is not None and sampled_variant != "given":
-        pass  # log q(y) computed from the (sharded) teacher logits and the tokens
     teacher_full, teacher_shard = t, _slice(t, rank, world)
     if divergence == "sampled" and sampled_variant in ("teacher_logprobs", "both"):
         kw["teacher_logprobs"] = -torch.rand(B, T, generator=g) * 3
@@ -97,7 +95,7 @@ def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="re
         teacher_full = None if teacher_full is None else t
         teacher_shard = None if teacher_shard is None else _slice(t, rank, world)
     full = s.clone().requires_grad_(True)
-    ref = wpkl.weighted_kl_loss(full, teacher_full, **kw)
+    ref = wpkl.weighted_kl_loss(full, teacher_full, **{**kw, "backend": ref_backend or backend})
     _backward(ref[0], _gen(seed + 1))
     shard = _slice(s, rank, world).clone().requires_grad_(True)
     if use_module:
@@ -144,7 +142,7 @@ def topk_case(rank, world, group, *, seed, mode="tail", divergence="forward_kl",
 
 def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction="mean", weighting=None,
                 dtype=torch.float32, v_local=5, chunk_size=3, bias=True, softcap=None, teacher="logits",
-                use_module=False):
+                use_module=False, backend="torch"):
     """The fused-linear form with the lm_heads sharded by vocabulary rows: loss, stats, the full hidden-state
     gradient, this rank's rows of the weight and bias gradients."""
     import wpkl
@@ -163,7 +161,7 @@ def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction=
     mask[1, -1] = False
     tokens = torch.randint(0, V, (B, T), generator=g)
     kw = dict(mask=mask, tokens=tokens, divergence=divergence, reduction=reduction, weighting=weighting,
-              temperature=0.8, return_stats=True, backend="torch", chunk_size=chunk_size, student_softcap=softcap,
+              temperature=0.8, return_stats=True, backend=backend, chunk_size=chunk_size, student_softcap=softcap,
               student_logit_scale=1.1)
     if teacher == "topk":
         ids = torch.argsort(torch.rand(B, T, V, generator=g), dim=-1)[..., :3]
@@ -179,7 +177,7 @@ def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction=
         weight, bias_ = (x if x is None else x.clone().requires_grad_(True) for x in weights[:2])
         if use_module and process_group is not None:
             module = wpkl.FusedLinearWeightedKLLoss(
-                weighting=weighting, divergence=divergence, temperature=0.8, reduction=reduction, backend="torch",
+                weighting=weighting, divergence=divergence, temperature=0.8, reduction=reduction, backend=backend,
                 student_logit_scale=1.1, student_softcap=softcap, chunk_size=chunk_size, process_group=process_group)
             out = module(hidden, weight, h_t, weights[2], mask=mask, tokens=kw.get("tokens"), return_stats=True,
                          student_bias=bias_, teacher_bias=weights[3], teacher_logprobs=kw.get("teacher_logprobs"))
@@ -198,11 +196,10 @@ def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction=
         _close(gb_s, _slice(gb, rank, world, dim=0), "grad of the bias (this rank's rows)", dtype)
 
 
-def triton_case(rank, world, group, *, seed, divergence="reverse_kl"):
-    """backend="triton" with a process_group runs the torch vocabulary-parallel path (no kernel route yet): the
-    same result as the single-process kernels."""
-    logits_case(rank, world, group, seed=seed, divergence=divergence, backend="triton",
-                weighting=None if divergence == "sampled" else _weightings()[1])
+def triton_case(rank, world, group, *, seed, form="logits", **options):
+    """backend="triton": the kernels on each slice, merged (jsd: the torch pass), against the single-process
+    kernels on the full vocabulary (the Triton interpreter on the CPU)."""
+    (linear_case if form == "linear" else logits_case)(rank, world, group, seed=seed, backend="triton", **options)
 
 
 def collectives_case(rank, world, group, *, seed):
@@ -300,9 +297,19 @@ def good_cases():
         seed += 1
         name = "linear-" + "-".join(f"{k}={v}" for k, v in options.items() if k != "weighting") or "linear"
         cases.append((name, linear_case, dict(seed=seed, **options)))
-    for divergence in ("reverse_kl", "sampled"):
+    triton = [dict(weighting=_weightings()[1]), dict(divergence="forward_kl", dtype=torch.bfloat16, reduction="none"),
+              dict(divergence="sampled", weighting=_weightings()[2]), dict(divergence="sampled", token_owner=1),
+              dict(divergence="sampled", sampled_variant="both", reduction="sum"),
+              dict(divergence="sampled", sampled_variant="rollout_logprobs", dtype=torch.bfloat16),
+              dict(divergence="jsd", weighting=_weightings()[3]), dict(temperature=1.0, v_local=9),
+              dict(divergence="reverse_kl", weighting=_weightings()[5], ref_backend="torch"),
+              dict(form="linear"), dict(form="linear", divergence="sampled", reduction="none"),
+              dict(form="linear", divergence="forward_kl", dtype=torch.bfloat16, weighting=_weightings()[2]),
+              dict(form="linear", divergence="sampled", teacher="logprobs", chunk_size=8)]
+    for options in triton:
         seed += 1
-        cases.append((f"triton-fallback-{divergence}", triton_case, dict(seed=seed, divergence=divergence)))
+        name = "triton-" + "-".join(f"{k}={v}" for k, v in options.items() if k != "weighting")
+        cases.append((name, triton_case, dict(seed=seed, **options)))
     cases.append(("collectives", collectives_case, dict(seed=seed + 1)))
     return cases
 

@@ -156,8 +156,12 @@ def _prepared(problem: Problem, return_stats, backend: str, inplace_backward, pr
     check_inplace_backward(inplace_backward, backend, resolved)
     if resolved == "triton" and problem.topk_ids is not None:
         resolved = "torch"  # the top-k kernels: issue 9 (in progress)
-    if resolved == "triton" and process_group is not None:
-        resolved = "torch"  # vocabulary-parallel: the torch path (wpkl/tensor_parallel.py); no kernel route yet
+    if process_group is not None:
+        # Vocabulary-parallel: weights in torch on every path; jsd's second pass needs the global normalizers
+        # inside the kernel, so jsd runs the torch pass (wpkl/tensor_parallel.py).
+        if resolved == "triton" and problem.divergence == "jsd" and problem.beta not in (0.0, 1.0):
+            resolved = "torch"
+        return problem, resolved
     return problem, _torch_weights_only(problem, backend, resolved) if weights_kernel else resolved
 
 

@@ -83,6 +83,12 @@ def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficien
             problem.teacher_logprobs, problem.rollout_logprobs)
     if backend == "torch":
         return chunked_terms(*args, spec)
+    if backend == "triton":  # vocabulary-parallel only: one device's Triton path is wpkl/ops.py
+        from .tensor_parallel import ShardedTritonTerms
+
+        loss, stats = ShardedTritonTerms.apply(problem.student, problem.teacher, problem.valid, problem.tokens,
+                                               problem.teacher_logprobs, problem.rollout_logprobs, spec)
+        return TokenTerms(loss, *stats.unbind(0))
     return reference_terms(*args, spec)
 
 

@@ -167,7 +167,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
         N = h_s.shape[0]
         acc = accumulate_dtype(dtypes[0])
         projector = _Projector(spec, dtypes, h_s, w_s, b_s, h_t, w_t, b_t)
-        passes = pass_for(spec.backend)
+        passes = pass_for(spec.backend, spec.pass_spec.shard)
         eager = coefficients is not None
         loss = h_s.new_zeros(N, dtype=acc)
         stats = h_s.new_zeros(4, N, dtype=acc)
@@ -224,8 +224,13 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                 per_token = _per_token(ids, tokens, teacher_logprobs, rollout_logprobs)
                 valid_c = torch.ones(1, ids.numel(), dtype=torch.bool, device=h_s.device)
                 if spec.backend == "triton":
+                    tokens_c = None if tokens is None else tokens[ids]
+                    if spec.pass_spec.shard is not None:  # the kernels take this slice's columns
+                        from .tensor_parallel import local_tokens
+
+                        tokens_c = local_tokens(tokens_c, spec.pass_spec.shard)
                     saved = TritonSaved(s[None], None if t is None else t[None], valid_c.reshape(-1).to(torch.int8),
-                                        None if tokens is None else tokens[ids], ctx.pass_stats[k],
+                                        tokens_c, ctx.pass_stats[k],
                                         divergence_id(spec.pass_spec.divergence, spec.pass_spec.beta), spec.pass_spec)
                 else:
                     saved = TorchSaved(s[None], valid_c, (_teacher(t, ids, topk_ids, topk_logprobs), *per_token),
@@ -274,7 +279,7 @@ def _logits_grad(spec: LinearSpec, saved, s: torch.Tensor, coef: torch.Tensor, r
         out = row_grad[0].mul_(coef.unsqueeze(-1).to(row_grad.dtype))
     else:
         out = s if spec.student_softcap is None else torch.empty_like(s)
-        pass_for(spec.backend).backward(saved, coef[None], out[None])
+        pass_for(spec.backend, spec.pass_spec.shard).backward(saved, coef[None], out[None])
     if spec.student_softcap is not None:
         # d softcap / d x = 1 - (z / c)^2, computed in place in the logits' buffer (no longer needed).
         out.mul_(s.div_(spec.student_softcap).square_().neg_().add_(1.0))

@@ -158,7 +158,7 @@ def _facts(problem, backend: str, options: list[int]) -> list[int]:
     k = -1 if problem.topk_ids is None else problem.topk_ids.shape[-1]
     return [vocab, -1 if t_vocab is None else t_vocab, len(leading), *(leading + [0, 0])[:2], k,
             _DTYPES.index(student.dtype), 0 if teacher is None else _DTYPES.index(teacher.dtype), int(grad),
-            ("torch", "reference").index(backend), zlib.crc32(repr(options).encode())]
+            ("torch", "reference", "triton").index(backend), zlib.crc32(repr(options).encode())]
 
 
 def agree(process_group, prepare, check_values):
@@ -211,3 +211,164 @@ def agree(process_group, prepare, check_values):
                              "passes the same tokens, mask and options, and its own vocabulary slice")
     raise_for(1, values_error)
     return problem, resolved
+
+
+# ------------------------------------------------------------------------------------ the Triton kernels
+
+def local_tokens(tokens: torch.Tensor | None, shard: VocabShard) -> torch.Tensor | None:
+    """Global token ids as this rank's column indices, -1 where another rank holds the token (the backward
+    kernel's one-hot then never fires, and the forward kernel reads nothing there)."""
+    if tokens is None:
+        return None
+    local = tokens - shard.offset
+    return torch.where((local >= 0) & (local < shard.size), local, -1)
+
+
+def _owned_logit(x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """[N] raw logits x[i, local_i] in float64, 0 where local_i = -1."""
+    value = x.gather(-1, local.clamp_min(0).unsqueeze(-1)).squeeze(-1).double()
+    return torch.where(local >= 0, value, 0.0)
+
+
+def _stat_rows():
+    """The rows of the kernels' statistics buffer (kernels/common.py), as plain ints."""
+    from types import SimpleNamespace
+
+    from .kernels import common
+
+    return SimpleNamespace(**{name: int(getattr(common, name).value) for name in dir(common)
+                              if name.startswith("STAT_")})
+
+
+def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str, temperature: float, shard,
+                       s_y=None, u_y=None, teacher_logprobs=None, rollout_logprobs=None) -> torch.Tensor:
+    """The whole vocabulary's per-token statistics from each rank's forward-kernel statistics of its slice.
+
+    Each rank's kernel ran on its slice as if it were the whole vocabulary: its statistics are those of the
+    slice's own softmax p_r (log-normalizer l_r, entropy H_r, mean a_r = E_{p_r}[s - u], max q_r). With
+    w_r = exp(l_r - l) the share of the slice in the global softmax (l = logsumexp_r l_r), the global ones are
+
+        E_p[f] = sum_r w_r E_{p_r}[f]          H(p) = sum_r w_r H_r - sum_r w_r log w_r
+        max q = exp(max_r (l_r + log max q_r) - l)
+
+    and D follows with kernels/common.py's finalize_token formulas:
+    reverse_kl (E_p[s - u] - (lse_s - lse_u)) / T, forward_kl (E_q[u - s] + lse_s - lse_u) / T, sampled from
+    log p(y) = s_y / T - lse_s (and log q(y) likewise, or given). Two all-reduces of [k, N] float64 (the maxima,
+    then the sums). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
+    the backward kernel reads, raw logit units) and returned; the loss [N] is returned alongside.
+    ``s_y``, ``u_y``: the raw logits at the sampled tokens on the rank that holds them, 0 elsewhere (float64).
+    """
+    k = _stat_rows()
+    T = temperature
+    teacher = divergence != "sampled" or u_y is not None
+    f64 = stats.double()
+    ls, lu = f64[k.STAT_STUDENT_LSE] / T, f64[k.STAT_TEACHER_LSE] / T  # natural units of s / T
+    has_s, has_u = ls > float("-inf"), lu > float("-inf")  # a slice of all -inf logits has no share
+    log_conf = torch.where(has_u, f64[k.STAT_CONFIDENCE].log() + lu, float("-inf"))  # max_j u_j / T of the slice
+    maxima = shard.max(torch.stack([ls, lu, log_conf]))
+    finite = torch.isfinite(maxima)
+    m_s, m_u, m_c = torch.where(finite, maxima, 0.0).unbind(0)
+    a = torch.where(has_s, (ls - m_s).exp(), 0.0)
+    b = torch.where(has_u, (lu - m_u).exp(), 0.0)
+
+    def weighted(weight, x):  # 0 where the slice has no share (its own statistics are NaN there)
+        return torch.where(weight > 0, weight * x, 0.0)
+
+    parts = [a, weighted(a, f64[k.STAT_STUDENT_ENTROPY]), weighted(a, ls - m_s)]
+    if teacher:
+        parts += [b, weighted(b, f64[k.STAT_TEACHER_ENTROPY]), weighted(b, lu - m_u)]
+    if divergence == "reverse_kl":
+        parts.append(weighted(a, f64[k.STAT_AUX]))
+    if divergence == "forward_kl":
+        parts.append(weighted(b, f64[k.STAT_AUX]))
+    if divergence == "sampled":
+        parts += [s_y] + ([u_y] if u_y is not None else [])
+    sums = shard.sum(torch.stack(parts))
+    z_s, e_s, g_s = sums[0], sums[1], sums[2]
+    lse_s = m_s + z_s.log()
+    student_entropy = (e_s - g_s) / z_s + z_s.log()
+    nan = torch.full_like(lse_s, float("nan"))
+    lse_u, teacher_entropy, confidence = torch.zeros_like(lse_s), nan, nan
+    if teacher:
+        z_u, e_u, g_u = sums[3], sums[4], sums[5]
+        lse_u = m_u + z_u.log()
+        teacher_entropy = (e_u - g_u) / z_u + z_u.log()
+        confidence = (m_c - lse_u).exp()
+    aux = torch.zeros_like(lse_s)
+    if divergence == "reverse_kl":
+        aux = sums[6] / z_s
+        loss = divergence_value = aux / T - (lse_s - lse_u)
+    elif divergence == "forward_kl":
+        aux = sums[6] / z_u
+        loss = divergence_value = aux / T + (lse_s - lse_u)
+    else:  # sampled
+        rest = sums[6:] if teacher else sums[3:]
+        log_p_y = rest[0] / T - lse_s
+        log_q_y = rest[1] / T - lse_u if teacher else teacher_logprobs.double()
+        behaviour = log_p_y if rollout_logprobs is None else rollout_logprobs.double()
+        divergence_value = behaviour - log_q_y
+        loss = divergence_value * log_p_y
+    rows = {k.STAT_DIVERGENCE: divergence_value, k.STAT_CONFIDENCE: confidence,
+            k.STAT_STUDENT_ENTROPY: student_entropy, k.STAT_TEACHER_ENTROPY: teacher_entropy,
+            k.STAT_STUDENT_LSE: lse_s * T, k.STAT_TEACHER_LSE: lse_u * T, k.STAT_AUX: aux,
+            k.STAT_LSE_GAP: (lse_s - lse_u) * T}
+    for row, value in rows.items():
+        stats[row] = torch.where(valid, value, 0.0).to(stats.dtype)
+    return torch.where(valid, loss, 0.0).float()
+
+
+class ShardedTritonPass:
+    """wpkl/vocab_pass.py's contract (forward, backward) for a vocabulary slice, with the Triton kernels: the
+    forward kernel on the slice, ``merge_kernel_stats`` (two all-reduces), and the unchanged backward kernel on
+    the slice with the merged statistics (no collective: the per-token statistics are all it needs).
+    reverse_kl, forward_kl and sampled; jsd's second pass needs the global normalizers inside the kernel (the
+    torch pass runs it)."""
+
+    @staticmethod
+    def forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec):
+        from .vocab_pass import TritonPass, divergence_id, _kernels
+
+        shard = spec.shard
+        div_id = divergence_id(spec.divergence, spec.beta)
+        divergence = {v: name for name, v in _kernels().DIVERGENCE_IDS.items()}[div_id]
+        if divergence == "jsd":
+            raise ValueError("vocabulary-parallel jsd runs on the torch path (wpkl/api.py routes it there)")
+        B, T, _ = student.shape
+        local = local_tokens(tokens, shard)
+        _, _, saved = TritonPass.forward(student, teacher, valid, local, teacher_logprobs, rollout_logprobs, spec)
+        s_y = u_y = None
+        if divergence == "sampled":
+            flat = local.reshape(-1)
+            s_y = _owned_logit(student.reshape(B * T, -1), flat)
+            u_y = None if teacher is None else _owned_logit(teacher.reshape(B * T, -1)[:, :student.shape[-1]], flat)
+        per_token = [None if x is None else x.reshape(-1) for x in (teacher_logprobs, rollout_logprobs)]
+        loss = merge_kernel_stats(saved.stats, valid.reshape(-1), divergence, spec.temperature, shard, s_y, u_y,
+                                  *per_token)
+        k = _kernels()
+        return loss.view(B, T), saved.stats[: k.NUM_PUBLIC_STATS].view(k.NUM_PUBLIC_STATS, B, T), saved
+
+    @staticmethod
+    def backward(saved, coef, out):
+        from .vocab_pass import TritonPass
+
+        return TritonPass.backward(saved, coef, out)
+
+
+class ShardedTritonTerms(torch.autograd.Function):
+    """Materialized logits on the Triton kernels, vocabulary-parallel: per-token loss [B, T] (differentiable)
+    and the public stats [4, B, T]; weighting and reduction follow in torch (wpkl/api.py)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec):
+        loss, stats, saved = ShardedTritonPass.forward(student, teacher, valid, tokens, teacher_logprobs,
+                                                       rollout_logprobs, spec)
+        ctx.saved_pass = saved
+        ctx.mark_non_differentiable(stats)
+        return loss, stats.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_stats):
+        saved = ctx.saved_pass
+        out = ShardedTritonPass.backward(saved, grad_loss, torch.empty_like(saved.student))
+        return out, *(None,) * 6

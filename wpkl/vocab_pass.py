@@ -298,8 +298,13 @@ class TorchPass:
         return out
 
 
-def pass_for(backend: str):
-    """The implementation a resolved backend ("triton" or "torch") runs."""
+def pass_for(backend: str, shard=None):
+    """The implementation a resolved backend ("triton" or "torch") runs; ``shard``: on a vocabulary slice
+    (wpkl/tensor_parallel.py; the torch pass takes it through the spec)."""
+    if backend == "triton" and shard is not None:
+        from .tensor_parallel import ShardedTritonPass
+
+        return ShardedTritonPass
     return TritonPass if backend == "triton" else TorchPass
 
 
