@@ -219,18 +219,30 @@ def collectives_case(rank, world, group, *, seed):
         g = _gen(seed)
         s, t = _randn(g, 2, 3, 5 * world).requires_grad_(True), _randn(g, 2, 3, 5 * world)
         counts = {}
-        for divergence, stats in (("reverse_kl", True), ("reverse_kl", False), ("sampled", False)):
+        for backend, divergence, stats in (("torch", "reverse_kl", True), ("torch", "reverse_kl", False),
+                                           ("torch", "sampled", False), ("triton", "reverse_kl", True),
+                                           ("triton", "sampled", False)):
             x = _slice(s.detach(), rank, world).clone().requires_grad_(True)
-            loss = wpkl.weighted_kl_loss(x, _slice(t, rank, world), divergence=divergence, backend="torch",
+            loss = wpkl.weighted_kl_loss(x, _slice(t, rank, world), divergence=divergence, backend=backend,
                                          tokens=torch.zeros(2, 3, dtype=torch.long), return_stats=stats,
                                          process_group=group)
             loss.backward() if not stats else loss[0].backward()
-            counts[f"{divergence}, stats={stats}"] = shards[-1].calls
+            counts[f"{backend}, {divergence}, stats={stats}"] = shards[-1].calls
+        h = _randn(g, 2, 3, 4).requires_grad_(True)
+        for backend in ("torch", "triton"):  # 6 tokens in 3 chunks of 2, and the hidden states' gradient
+            w = _randn(g, 5, 4).requires_grad_(True)
+            loss = wpkl.fused_linear_kl_loss(h, w, h.detach(), _randn(g, 5, 4), chunk_size=2, backend=backend,
+                                             process_group=group)
+            loss.backward()
+            counts[f"{backend}, fused-linear"] = shards[-1].calls
     finally:
         tp.VocabShard.__init__ = original
-    # the student's and the teacher's log-normalizers (max, sum each), the copy's backward, the divergence's sum;
-    # the stats: the confidence's max, two entropies; sampled: log p(y), log q(y)
-    assert counts == {"reverse_kl, stats=True": 9, "reverse_kl, stats=False": 6, "sampled, stats=False": 7}, counts
+    # torch: the student's and the teacher's log-normalizers (max, sum each), the copy's backward, the divergence's
+    # sum; the stats: the confidence's max, two entropies; sampled: log p(y), log q(y). Triton: max, then sums.
+    assert counts == {"torch, reverse_kl, stats=True": 9, "torch, reverse_kl, stats=False": 6,
+                      "torch, sampled, stats=False": 7, "triton, reverse_kl, stats=True": 2,
+                      "triton, sampled, stats=False": 2, "torch, fused-linear": 3 * 6 + 1,
+                      "triton, fused-linear": 3 * 2 + 1}, counts
 
 
 def _weightings():
@@ -246,8 +258,9 @@ def _weightings():
     ]
 
 
-def good_cases():
-    """(name, function, kwargs) of every case that must match the single-process result."""
+def good_cases(world=2):
+    """(name, function, kwargs) of every case that must match the single-process result (the Triton
+    interpreter's cases cost a second or two each: a world of 3 runs a few of them)."""
     cases = []
     seed = 100
     divergences = [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("sampled", None),
@@ -306,8 +319,10 @@ def good_cases():
               dict(form="linear"), dict(form="linear", divergence="sampled", reduction="none"),
               dict(form="linear", divergence="forward_kl", dtype=torch.bfloat16, weighting=_weightings()[2]),
               dict(form="linear", divergence="sampled", teacher="logprobs", chunk_size=8)]
-    for options in triton:
+    for i, options in enumerate(triton):
         seed += 1
+        if world > 2 and i not in (0, 1, 3, 9, 10):
+            continue
         name = "triton-" + "-".join(f"{k}={v}" for k, v in options.items() if k != "weighting")
         cases.append((name, triton_case, dict(seed=seed, **options)))
     cases.append(("collectives", collectives_case, dict(seed=seed + 1)))
@@ -427,7 +442,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))  # a subgroup, not only WORLD
     results, timings = {}, {}
-    for name, function, kwargs in good_cases():
+    for name, function, kwargs in good_cases(world):
         if "owner" in name and int(name[-1]) >= world:
             continue
         start = time.perf_counter()
@@ -450,30 +465,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, out_dir: str) -> dict:
+def _spawn(worlds: dict) -> dict:
+    """Run a process group per world size ({world: output folder}), all at once; each rank's results."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                                 start_method="spawn")
+    contexts = {world: mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+                                          start_method="spawn") for world, out_dir in worlds.items()}
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
+    try:
+        for world, context in contexts.items():
+            while not context.join(timeout=2):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the world of {world} did not finish in {SPAWN_TIMEOUT_S} s (a hang?)")
+    finally:
+        for context in contexts.values():
             for process in context.processes:
-                process.kill()
-            raise AssertionError(f"the world of {world} did not finish in {SPAWN_TIMEOUT_S} s (a hang?)")
-    per_rank = []
-    for rank in range(world):
-        with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-            per_rank.append(json.load(f))
-    return per_rank
+                if process.is_alive():
+                    process.kill()
+    out = {}
+    for world, out_dir in worlds.items():
+        out[world] = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                out[world].append(json.load(f))
+    return out
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    out = {}
-    for world in WORLD_SIZES:
-        out[world] = _spawn(world, str(tmp_path_factory.mktemp(f"tp{world}")))
-    return out
+    return _spawn({world: str(tmp_path_factory.mktemp(f"tp{world}")) for world in WORLD_SIZES})
 
 
 CASE_NAMES = [name for name, _, _ in good_cases()]
