@@ -102,9 +102,12 @@ def weighted_kl_loss(
             tensor-parallel lm_head), or None (one device). Rank r passes its slice
             ``[r * V_local, (r + 1) * V_local)`` of the student and the teacher logits (equal slices; ``tokens`` and
             ``teacher_topk_ids`` stay global ids; everything else is the same on every rank). Every rank returns
-            the same loss and stats; the gradient is the rank's slice of the full-vocabulary gradient. Runs the
-            torch path (``backend="triton"`` falls back to it, ``inplace_backward`` is ignored): see
-            wpkl/tensor_parallel.py and docs/design.md for its collectives. Every rank must make the call.
+            the same loss and stats; the gradient is the rank's slice of the full-vocabulary gradient. The Triton
+            backend runs its kernels on each slice and merges their per-token statistics (two all-reduces of
+            [k, N] per call, none in backward); jsd (0 < beta < 1) and top-k teachers run the torch path; weights
+            and reduction run in torch; ``inplace_backward`` is ignored. Collectives and bytes: docs/design.md.
+            Inputs are checked on every rank, then one all-gather of their shapes makes every rank raise (or
+            none) before any other collective. Every rank of the group must make the call (and its backward).
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
