@@ -8,14 +8,19 @@ the same weights; the gradient of the student logits (lm_head weight, bias) is t
 full-vocabulary gradient, and the hidden states' gradient (fused-linear form) is the full one, summed over the
 group here.
 
-How: the per-token math of wpkl/reference.py runs on each rank's slice with a ``VocabShard`` (below) combining
-its per-row vocabulary sums and maxima over the group: all-reduces of [rows]-sized tensors (the log-normalizers
-first: a max, then a sum; then the divergence's and the statistics' sums). Weighting and reduction then run on
-the combined per-token terms, identically on every rank. The sums' gradient is the identity (Megatron's
-``_ReduceFromModelParallelRegion``): every rank computes the same loss from the summed value, so d loss / d (a
-rank's part) = d loss / d (the sum), and autograd gives each rank the gradient of its own slice with no
-collective in backward (except where the torch pass recomputes a chunk in backward: half-precision logits, and
-the fused-linear two-phase schedule, which run the forward's collectives again, on every rank alike).
+How (docs/design.md, "Vocabulary parallelism", has the collectives and bytes per call):
+
+- the torch pass: the per-token math of wpkl/reference.py runs on each rank's slice with a ``VocabShard``
+  (below) combining its per-row vocabulary sums and maxima over the group (all-reduces of [rows]-sized
+  tensors). Gradients follow Megatron's conjugate operators: ``sum`` (forward all-reduce, backward identity:
+  every rank computes the same loss from the sum) and ``copy`` (forward identity, backward all-reduce: where
+  the summed log-normalizer enters the slice's own log-probabilities), so autograd gives each rank its slice's
+  gradient.
+- the Triton kernels (``ShardedTritonPass``): the forward kernel on the slice, its per-token statistics merged
+  over the group (``merge_kernel_stats``: two all-reduces), the unchanged backward kernel on the slice with the
+  merged statistics (no collective in backward). jsd and top-k teachers take the torch pass.
+
+Weighting and reduction then run on the combined per-token terms, in torch, identically on every rank.
 
 Before any of these, one all-gather of a few integers per rank (``agree``) checks that the ranks agree on the
 shapes and options, and that none rejected its inputs: a bad input raises on every rank, never leaving the
