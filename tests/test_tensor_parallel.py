@@ -291,6 +291,9 @@ def good_cases(world=2):
     seed += 1
     cases.append(("module", logits_case, dict(seed=seed, use_module=True, weighting=_weightings()[2])))
     seed += 1
+    cases.append(("reference-backend", logits_case, dict(seed=seed, backend="reference", divergence="jsd",
+                                                         dtype=torch.float64, weighting=_weightings()[2])))
+    seed += 1
     cases.append(("temperature-1", logits_case, dict(seed=seed, temperature=1.0, divergence="forward_kl")))
     for mode, divergence, clamps in (("tail", "forward_kl", False), ("tail", "reverse_kl", False),
                                      ("renormalize", "jsd", False), ("raw", "forward_kl", True),
@@ -515,8 +518,8 @@ def test_every_case_matches_one_device(worlds, world):
 def test_bad_inputs_raise_on_every_rank(worlds, world):
     for rank, result in enumerate(worlds[world]):
         bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
-        assert len(bad) == 13, bad
-        assert all(v is None for v in bad.values()), {k: v for k, v in bad.items() if v is not None}
+        assert len(bad) == 13, (rank, bad)
+        assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})
 
 
 def test_single_device_needs_no_group():

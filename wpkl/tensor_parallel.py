@@ -180,12 +180,12 @@ def agree(process_group, prepare, check_values):
         problem, resolved, options = prepare()
         facts = _facts(problem, resolved, options)
         problem.shard = VocabShard(process_group, facts[0])
-    except (ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
         error = e
     if error is None:
         try:
             check_values(problem)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - as above
             values_error = e
     mine = torch.tensor([int(error is None), int(values_error is None), *facts], dtype=torch.int64,
                         device=_device(process_group, None if problem is None else problem.device))
