@@ -162,7 +162,8 @@ def _facts(problem, backend: str, options: list[int]) -> list[int]:
     leading = list(problem.leading_shape)
     k = -1 if problem.topk_ids is None else problem.topk_ids.shape[-1]
     return [vocab, -1 if t_vocab is None else t_vocab, len(leading), *(leading + [0, 0])[:2], k,
-            _DTYPES.index(student.dtype), 0 if teacher is None else _DTYPES.index(teacher.dtype), int(grad),
+            _DTYPES.index(student.dtype), 0 if teacher is None else _DTYPES.index(teacher.dtype),
+            int(grad and torch.is_grad_enabled()),  # whether the torch pass runs the copy's backward in forward
             ("torch", "reference", "triton").index(backend), zlib.crc32(repr(options).encode())]
 
 
