@@ -37,12 +37,15 @@ def _slice(x, rank, world, dim=-1):
 
 
 def _close(actual, expected, what, dtype):
-    if dtype == torch.bfloat16 and actual.dtype == torch.bfloat16:
-        tol = dict(rtol=2e-2, atol=1e-4)
+    """Half-precision results (the gradient of half logits) to a unit in their last place; float32 results
+    (accumulated in float32 on both sides, in another order) closely; float64 to rounding."""
+    if actual.dtype in (torch.bfloat16, torch.float16):
+        tol = dict(rtol=2e-2, atol=1e-4) if actual.dtype == torch.bfloat16 else dict(rtol=2e-3, atol=1e-5)
     else:
         tol = dict(rtol=2e-5, atol=2e-6) if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(actual.float() if actual.dtype == torch.bfloat16 else actual,
-                               expected.float() if expected.dtype == torch.bfloat16 else expected,
+    half = (torch.bfloat16, torch.float16)
+    torch.testing.assert_close(actual.float() if actual.dtype in half else actual,
+                               expected.float() if expected.dtype in half else expected,
                                equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
 
 
@@ -62,7 +65,8 @@ def _backward(loss, g):
 
 def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="reverse_kl", reduction="mean",
                 weighting=None, v_local=5, temperature=0.7, beta=0.3, sampled_variant=None, packed=False,
-                backend="torch", masked_row=True, token_owner=None, use_module=False, ref_backend=None):
+                backend="torch", masked_row=True, token_owner=None, use_module=False, ref_backend=None,
+                banned=False, extra=None):
     """Materialized logits: the single-process loss on the full vocabulary against this rank's shard's."""
     import wpkl
 
@@ -71,6 +75,9 @@ def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="re
     V = v_local * world
     s = _randn(g, B, T, V, dtype=dtype)
     t = _randn(g, B, T, V, dtype=dtype)
+    if banned:  # -inf logits: one token's whole first slice (both models), and scattered banned tokens
+        s[0, 1, :v_local] = t[0, 1, :v_local] = float("-inf")
+        s[0, 2, 1::3] = t[0, 2, 1::3] = float("-inf")
     mask = torch.rand(B, T, generator=g) > 0.25
     mask[0, 0] = True
     if masked_row:
@@ -80,7 +87,7 @@ def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="re
     else:  # every sampled token on one rank's slice
         tokens = token_owner * v_local + torch.randint(0, v_local, (B, T), generator=g)
     kw = dict(mask=mask, divergence=divergence, reduction=reduction, weighting=weighting, temperature=temperature,
-              beta=beta, tokens=tokens, return_stats=True, backend=backend)
+              beta=beta, tokens=tokens, return_stats=True, backend=backend, **(extra or {}))
     teacher_full, teacher_shard = t, _slice(t, rank, world)
     if divergence == "sampled" and sampled_variant in ("teacher_logprobs", "both"):
         kw["teacher_logprobs"] = -torch.rand(B, T, generator=g) * 3
@@ -165,7 +172,9 @@ def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction=
               student_logit_scale=1.1)
     if teacher == "topk":
         ids = torch.argsort(torch.rand(B, T, V, generator=g), dim=-1)[..., :3]
-        kw.update(teacher_topk_ids=ids, teacher_topk_logprobs=-torch.rand(B, T, 3, generator=g) * 3)
+        # a teacher's log-probabilities (their mass below 1: a sum above 1 makes the tail ill-conditioned)
+        logprobs = torch.log_softmax(_randn(g, B, T, V), dim=-1).gather(-1, ids)
+        kw.update(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
         kw.pop("tokens")
         h_t = w_t = b_t = None
     elif teacher == "logprobs":
@@ -293,6 +302,16 @@ def good_cases(world=2):
     seed += 1
     cases.append(("reference-backend", logits_case, dict(seed=seed, backend="reference", divergence="jsd",
                                                          dtype=torch.float64, weighting=_weightings()[2])))
+    for divergence in ("reverse_kl", "forward_kl", "jsd"):
+        seed += 1
+        cases.append((f"banned-{divergence}", logits_case, dict(seed=seed, divergence=divergence, banned=True,
+                                                               v_local=4)))
+    seed += 1
+    cases.append(("token-weights-num-items", logits_case, dict(
+        seed=seed, weighting=_weightings()[1], extra=dict(token_weights=torch.rand(2, 4) + 0.1,
+                                                          num_items_in_batch=torch.tensor(9.0)))))
+    seed += 1
+    cases.append(("float16", logits_case, dict(seed=seed, dtype=torch.float16, divergence="forward_kl")))
     seed += 1
     cases.append(("temperature-1", logits_case, dict(seed=seed, temperature=1.0, divergence="forward_kl")))
     for mode, divergence, clamps in (("tail", "forward_kl", False), ("tail", "reverse_kl", False),
@@ -319,6 +338,8 @@ def good_cases(world=2):
               dict(divergence="sampled", sampled_variant="rollout_logprobs", dtype=torch.bfloat16),
               dict(divergence="jsd", weighting=_weightings()[3]), dict(temperature=1.0, v_local=9),
               dict(divergence="reverse_kl", weighting=_weightings()[5], ref_backend="torch"),
+              dict(divergence="reverse_kl", banned=True, v_local=4),
+              dict(divergence="sampled", banned=True, v_local=4, reduction="none"),
               dict(form="linear"), dict(form="linear", divergence="sampled", reduction="none"),
               dict(form="linear", divergence="forward_kl", dtype=torch.bfloat16, weighting=_weightings()[2]),
               dict(form="linear", divergence="sampled", teacher="logprobs", chunk_size=8)]
