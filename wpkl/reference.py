@@ -116,50 +116,78 @@ def divergence_between(divergence: str, beta: float, p, log_p, q, log_q) -> torc
 #     max(x)          x's maximum over the ranks (no gradient)
 
 
-def vocab_sum(x: torch.Tensor, shard=None) -> torch.Tensor:
-    """A per-row sum over the vocabulary, given this slice's part: the whole vocabulary's."""
-    return x if shard is None else shard.sum(x)
+def vocab_sum(*xs: torch.Tensor, shard=None):
+    """Per-row sums over the vocabulary, given this slice's parts: the whole vocabulary's (several tensors of one
+    shape: one collective). One tensor in, one out; several in, a tuple out."""
+    if shard is not None:
+        xs = shard.sum(torch.stack(xs)).unbind(0) if len(xs) > 1 else (shard.sum(xs[0]),)
+    return xs[0] if len(xs) == 1 else tuple(xs)
 
 
 def vocab_max(x: torch.Tensor, shard=None) -> torch.Tensor:
     return x if shard is None else shard.max(x)
 
 
-def vocab_logsumexp(x: torch.Tensor, shard=None) -> torch.Tensor:
-    """logsumexp over the last dimension (the whole vocabulary's with a shard: the maxima, then the sums)."""
+def vocab_logsumexp(*xs: torch.Tensor, shard=None):
+    """logsumexp over the last dimension (the whole vocabulary's with a shard: one collective for the maxima,
+    one for the sums, whatever the number of tensors). One tensor in, one out; several in, a tuple out."""
     if shard is None:
-        return torch.logsumexp(x, dim=-1)
-    m = vocab_max(x.detach().amax(dim=-1), shard)
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    return m + vocab_sum((x - m.unsqueeze(-1)).exp().sum(dim=-1), shard).log()
+        out = tuple(torch.logsumexp(x, dim=-1) for x in xs)
+    else:
+        m = vocab_max(torch.stack([x.detach().amax(dim=-1) for x in xs]), shard)
+        m = torch.where(torch.isfinite(m), m, 0.0).unbind(0)
+        sums = vocab_sum(*((x - m_x.unsqueeze(-1)).exp().sum(dim=-1) for x, m_x in zip(xs, m, strict=True)),
+                         shard=shard)
+        sums = sums if len(xs) > 1 else (sums,)
+        out = tuple(m_x + z.log() for m_x, z in zip(m, sums, strict=True))
+    return out[0] if len(xs) == 1 else out
+
+
+def owned_values(x: torch.Tensor, ids: torch.Tensor, shard) -> torch.Tensor:
+    """x[..., ids] for the global ids [..., K] this slice holds, 0 for the others (and for padding, ids < 0)."""
+    local = ids.long() - shard.offset
+    owned = (local >= 0) & (local < x.shape[-1]) & (ids >= 0)
+    return torch.where(owned, x.gather(-1, local.clamp(0, x.shape[-1] - 1)), 0.0)
 
 
 def gather_ids(x: torch.Tensor, ids: torch.Tensor, shard=None) -> torch.Tensor:
     """x[..., ids] for global vocabulary ids [..., K] (ids < 0, padding, read column 0: mask them). With a shard,
     the rank that owns an id supplies its value and the others 0."""
-    ids = ids.long()
     if shard is None:
-        return x.gather(-1, ids.clamp_min(0))
-    local = ids - shard.offset
-    owned = (local >= 0) & (local < x.shape[-1]) & (ids >= 0)
-    value = x.gather(-1, local.clamp(0, x.shape[-1] - 1))
-    return vocab_sum(torch.where(owned, value, 0.0), shard)
+        return x.gather(-1, ids.long().clamp_min(0))
+    return vocab_sum(owned_values(x, ids, shard), shard=shard)
 
 
-def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0,
-              shard=None) -> torch.Tensor:
-    """log_softmax(logits[..., :V] / T) in the compute dtype (with a shard: the slice's, normalized globally)."""
-    x = logits[..., :vocab].to(dtype)
-    x = x / temperature if temperature != 1.0 else x
+def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0, shard=None,
+              teacher: torch.Tensor | None = None):
+    """log_softmax(logits[..., :V] / T) in the compute dtype (with a shard: the slice's, normalized globally).
+
+    With ``teacher`` (detached; may be None), the pair (student's, teacher's), normalized together (with a
+    shard: the two normalizers share their collectives)."""
+    def scaled(z):
+        x = z[..., :vocab].to(dtype)
+        return x / temperature if temperature != 1.0 else x
+
+    xs = [scaled(logits)] + ([] if teacher is None else [scaled(teacher.detach())])
     if shard is None:
-        return torch.log_softmax(x, dim=-1)
-    return x - shard.copy(vocab_logsumexp(x, shard)).unsqueeze(-1)
+        out = [torch.log_softmax(x, dim=-1) for x in xs]
+    else:
+        lse = vocab_logsumexp(*xs, shard=shard)
+        lse = lse if len(xs) > 1 else (lse,)
+        out = [xs[0] - shard.copy(lse[0]).unsqueeze(-1)]  # the teacher's: no gradient (its sum shares the stack)
+        out += [x - n.detach().unsqueeze(-1) for x, n in zip(xs[1:], lse[1:], strict=True)]
+    return out[0] if len(out) == 1 else tuple(out)
 
 
-def token_logprob(log_p: torch.Tensor, tokens: torch.Tensor, shard=None) -> torch.Tensor:
-    """log p(y) of the sampled tokens y (global ids) from log-probabilities [..., V]."""
+def token_logprob(log_p: torch.Tensor, tokens: torch.Tensor, shard=None, log_q: torch.Tensor | None = None):
+    """log p(y) of the sampled tokens y (global ids) from log-probabilities [..., V]; with ``log_q``, the pair
+    (log p(y), log q(y)) (with a shard: one collective)."""
     index = tokens.long().unsqueeze(-1)
-    return (log_p.gather(-1, index) if shard is None else gather_ids(log_p, index, shard)).squeeze(-1)
+    tables = [log_p] + ([] if log_q is None else [log_q])
+    if shard is None:
+        out = [x.gather(-1, index).squeeze(-1) for x in tables]
+        return out[0] if len(out) == 1 else tuple(out)
+    return vocab_sum(*(owned_values(x, index, shard).squeeze(-1) for x in tables), shard=shard)
 
 
 def teacher_token_logprob(teacher_logits: torch.Tensor, tokens: torch.Tensor, vocab: int,
@@ -204,30 +232,37 @@ def token_terms(
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     vocab = student_logits.shape[-1]
     dtype = compute_dtype(*(t for t in (student_logits, teacher_logits) if t is not None))
-    log_p = log_probs(student_logits, vocab, dtype, temperature, shard)
-    log_q = None if teacher_logits is None else log_probs(teacher_logits.detach(), vocab, dtype, temperature, shard)
+    if teacher_logits is None:
+        log_p, log_q = log_probs(student_logits, vocab, dtype, temperature, shard), None
+    else:
+        log_p, log_q = log_probs(student_logits, vocab, dtype, temperature, shard, teacher=teacher_logits)
     p = log_p.exp()
     q = log_q.exp() if log_q is not None and (stats or divergence in ("forward_kl", "jsd")) else None
 
     if divergence == "sampled":
-        log_p_y = token_logprob(log_p, tokens, shard)
-        log_q_y = token_logprob(log_q, tokens, shard) if teacher_logprobs is None else teacher_logprobs.to(dtype)
+        if teacher_logprobs is None:
+            log_p_y, log_q_y = token_logprob(log_p, tokens, shard, log_q=log_q)
+        else:
+            log_p_y, log_q_y = token_logprob(log_p, tokens, shard), teacher_logprobs.to(dtype)
         behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
         div = behaviour - log_q_y  # = -a, a constant
         loss = div * log_p_y  # -a * log p(y)
     else:
-        div = loss = vocab_sum(divergence_between(divergence, beta, p, log_p, q, log_q), shard)
+        div = loss = vocab_sum(divergence_between(divergence, beta, p, log_p, q, log_q), shard=shard)
 
     if not stats:
         return TokenTerms(loss, div.detach(), None, None, None)
     with torch.no_grad():
         unknown = torch.full_like(div, float("nan"))
+        if log_q is None:
+            return TokenTerms(loss, div.detach(), unknown, vocab_sum(entropy(p, log_p), shard=shard), unknown)
+        student_entropy, teacher_entropy = vocab_sum(entropy(p, log_p), entropy(q, log_q), shard=shard)
         return TokenTerms(
             loss=loss,
             divergence=div.detach(),
-            confidence=unknown if log_q is None else vocab_max(log_q.amax(dim=-1), shard).exp(),
-            student_entropy=vocab_sum(entropy(p, log_p), shard),
-            teacher_entropy=unknown if log_q is None else vocab_sum(entropy(q, log_q), shard),
+            confidence=vocab_max(log_q.amax(dim=-1), shard).exp(),
+            student_entropy=student_entropy,
+            teacher_entropy=teacher_entropy,
         )
 
 
@@ -311,7 +346,7 @@ def topk_terms(
     dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
     s = s / temperature if temperature != 1.0 else s
-    lse = vocab_logsumexp(s, shard)
+    lse = vocab_logsumexp(s, shard=shard)
     atoms = topk_ids >= 0
     x = gather_ids(s, topk_ids, shard)
     loss, div, confidence, teacher_entropy = topk_atom_terms(
@@ -321,4 +356,5 @@ def topk_terms(
         return TokenTerms(loss, div, None, None, None)
     with torch.no_grad():
         log_p = s - lse.unsqueeze(-1)
-        return TokenTerms(loss, div, confidence, vocab_sum(entropy(log_p.exp(), log_p), shard), teacher_entropy)
+        return TokenTerms(loss, div, confidence, vocab_sum(entropy(log_p.exp(), log_p), shard=shard),
+                          teacher_entropy)
