@@ -409,7 +409,8 @@ def fused_linear_kl_loss(
         teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
     linear_args = (student_hidden, student_weight, teacher_hidden, teacher_weight)
     linear_kwargs = dict(
-        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size, mask=mask,
         weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
         beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
