@@ -555,3 +555,6 @@ def test_single_device_needs_no_group():
     s = torch.randn(2, 3, 5)
     with pytest.raises(ValueError, match="init_process_group"):
         wpkl.weighted_kl_loss(s, s.clone(), process_group=object())
+    for module in (wpkl.WeightedKLLoss, wpkl.FusedLinearWeightedKLLoss):  # fail at construction
+        with pytest.raises(TypeError, match="ProcessGroup"):
+            module(process_group="tp")

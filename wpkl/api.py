@@ -185,6 +185,13 @@ def _agreed(process_group, prepare, return_stats: bool):
     return agree(process_group, prepare_with_options, check_values)
 
 
+def _check_group_type(process_group) -> None:
+    if process_group is not None:
+        from .tensor_parallel import check_group_type
+
+        check_group_type(process_group)
+
+
 def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
     """``prefix_confidence`` (a windowed order statistic of the teacher's NLL) exists in the torch weights
     (wpkl/weighting.py) only, not in the Triton weights kernel (kernels/token_weights.py): ``backend="auto"`` then
@@ -456,6 +463,7 @@ class WeightedKLLoss(nn.Module):
     ):
         super().__init__()
         self.process_group = process_group  # vocabulary-parallel (see weighted_kl_loss); None: one device
+        _check_group_type(process_group)
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta
@@ -516,6 +524,7 @@ class FusedLinearWeightedKLLoss(nn.Module):
     ):
         super().__init__()
         self.process_group = process_group  # vocabulary-parallel (see fused_linear_kl_loss); None: one device
+        _check_group_type(process_group)
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta

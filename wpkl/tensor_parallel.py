@@ -122,13 +122,21 @@ class VocabShard:
         return f"VocabShard(rank={self.rank}, world={self.world}, size={self.size})"
 
 
+def check_group_type(process_group) -> None:
+    """A ProcessGroup or None (what the modules check at construction)."""
+    if process_group is None:
+        return
+    dist = _dist()
+    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
+
+
 def check_group(process_group) -> None:
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
-                        f"{type(process_group).__name__}")
+    check_group_type(process_group)
 
 
 def _device(group, device):
