@@ -57,6 +57,7 @@ def weighted_kl_loss(
     topk_mode: str = "tail",
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
+    process_group=None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -76,8 +77,7 @@ def weighted_kl_loss(
         return_stats: also return a ``wpkl.TokenStats``.
         backend: "auto", "triton", "torch" or "reference" (see ``wpkl.backends``).
         num_items_in_batch: for "mean", divide by this count (e.g. the valid tokens of all micro-batches and
-            ranks, for gradient accumulation) instead of the local valid-token count. Under DDP, which averages
-            the ranks' gradients, multiply the loss by the world size (``wpkl.distributed``).
+            ranks, for gradient accumulation) instead of the local valid-token count.
         teacher_logprobs: "sampled" only, leading shape: log q(y) of the sampled tokens, given instead of
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
@@ -98,47 +98,103 @@ def weighted_kl_loss(
             new [N, V] buffer. Only when nothing else reads those logits after this loss. The torch backends
             cannot: with ``backend="torch"`` or ``"reference"`` it is an error; when ``backend="auto"`` picks the
             torch path (CPU tensors) it is ignored, so one configuration runs everywhere.
+        process_group: a ``torch.distributed.ProcessGroup`` over which the vocabulary is split (Megatron's
+            tensor-parallel lm_head), or None (one device). Rank r passes its slice
+            ``[r * V_local, (r + 1) * V_local)`` of the student and the teacher logits (equal slices; ``tokens`` and
+            ``teacher_topk_ids`` stay global ids; everything else is the same on every rank). Every rank returns
+            the same loss and stats; the gradient is the rank's slice of the full-vocabulary gradient. The Triton
+            backend runs its kernels on each slice and merges their per-token statistics (two all-reduces of
+            [k, N] per call, none in backward); jsd (0 < beta < 1) and top-k teachers run the torch path; weights
+            and reduction run in torch; ``inplace_backward`` is ignored. Collectives and bytes: docs/design.md.
+            Inputs are checked on every rank, then one all-gather of their shapes makes every rank raise (or
+            none) before any other collective. Every rank of the group must make the call (and its backward).
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
         ``return_stats=True`` a ``(loss, TokenStats)`` pair.
     """
-    problem = validate(
-        student_logits,
-        teacher_logits,
-        mask=mask,
-        weighting=weighting,
-        token_weights=token_weights,
-        positions=positions,
-        tokens=tokens,
-        divergence=divergence,
-        beta=beta,
-        temperature=temperature,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        teacher_logprobs=teacher_logprobs,
-        rollout_logprobs=rollout_logprobs,
-        teacher_token_logprobs=teacher_token_logprobs,
-        backend=backend,
-        teacher_topk_ids=teacher_topk_ids,
-        teacher_topk_logprobs=teacher_topk_logprobs,
-        topk_mode=topk_mode,
-        topk_logprob_floor=topk_logprob_floor,
-        topk_loss_max=topk_loss_max,
-    )
+    def prepare():
+        return _prepared(validate(
+            student_logits,
+            teacher_logits,
+            mask=mask,
+            weighting=weighting,
+            token_weights=token_weights,
+            positions=positions,
+            tokens=tokens,
+            divergence=divergence,
+            beta=beta,
+            temperature=temperature,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            teacher_logprobs=teacher_logprobs,
+            rollout_logprobs=rollout_logprobs,
+            teacher_token_logprobs=teacher_token_logprobs,
+            backend=backend,
+            teacher_topk_ids=teacher_topk_ids,
+            teacher_topk_logprobs=teacher_topk_logprobs,
+            topk_mode=topk_mode,
+            topk_logprob_floor=topk_logprob_floor,
+            topk_loss_max=topk_loss_max,
+        ), return_stats, backend, inplace_backward, process_group)
+
+    if process_group is None:
+        problem, resolved = prepare()
+        if resolved == "triton" and problem.topk_ids is None:
+            return _triton_weighted_loss(problem, return_stats, inplace_backward)
+        # The torch paths, and a top-k teacher on the Triton path: its vocabulary pass on the kernels (one read of
+        # the student rows forward, one read and write backward), its weights and reduction in torch.
+        check_values(problem)
+    else:
+        problem, resolved = _agreed(process_group, prepare, return_stats)
+    seq = _Sequences(problem, _teacher_token_logprobs(problem))
+    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
+                          inplace_backward=inplace_backward and resolved == "triton" and process_group is None)
+    return _weigh_and_reduce(problem, terms, return_stats, seq)
+
+
+def _prepared(problem: Problem, return_stats, backend: str, inplace_backward, process_group=None,
+              weights_kernel: bool = True):
+    """The checks after ``validate`` and the backend that runs: (problem, resolved backend). ``weights_kernel``:
+    the Triton backend would weigh in a kernel (materialized logits; the fused-linear form weighs in torch)."""
     _check_return_stats(return_stats)
     resolved = resolve_backend(backend, problem)
     check_inplace_backward(inplace_backward, backend, resolved)
-    resolved = _torch_weights_only(problem, backend, resolved)
-    if resolved == "triton" and problem.topk_ids is None:
-        return _triton_weighted_loss(problem, return_stats, inplace_backward)
-    # The torch paths, and a top-k teacher on the Triton path: its vocabulary pass on the kernels (one read of the
-    # student rows forward, one read and write backward), its weights and reduction in torch.
-    check_values(problem)
-    seq = _Sequences(problem, _teacher_token_logprobs(problem))
-    terms = compute_terms(problem, resolved, stats=_needs_stats(problem, return_stats),
-                          inplace_backward=inplace_backward and resolved == "triton")
-    return _weigh_and_reduce(problem, terms, return_stats, seq)
+    if process_group is not None:
+        # Vocabulary-parallel: weights in torch on every path; jsd's second pass needs the global normalizers
+        # inside the kernel, and a top-k teacher's atoms are spread over the ranks, so both run the torch pass
+        # (wpkl/tensor_parallel.py).
+        if resolved == "triton" and (problem.topk_ids is not None or (
+                problem.divergence == "jsd" and problem.beta not in (0.0, 1.0))):
+            resolved = "torch"
+        return problem, resolved
+    # A top-k teacher on the Triton path weighs in torch (wpkl/vocab_pass.py ``_topk_forward``): every weighting.
+    weights_kernel = weights_kernel and problem.topk_ids is None
+    return problem, _torch_weights_only(problem, backend, resolved) if weights_kernel else resolved
+
+
+def _agreed(process_group, prepare, return_stats: bool):
+    """A vocabulary-parallel call's validation: local, then one all-gather so that every rank raises or none
+    does (wpkl/tensor_parallel.py: ``agree``). Returns (problem with its ``shard``, resolved backend)."""
+    from .tensor_parallel import agree
+
+    def prepare_with_options():
+        problem, resolved = prepare()
+        # What decides the number and order of the collectives: every rank must agree on it.
+        options = [problem.divergence, problem.beta, problem.temperature, problem.reduction, return_stats,
+                   _needs_stats(problem, return_stats), repr(problem.weighting), problem.topk_mode,
+                   *(x is None for x in (problem.tokens, problem.teacher_logprobs, problem.rollout_logprobs,
+                                         problem.teacher_token_logprobs, problem.user_weights, problem.positions))]
+        return problem, resolved, options
+
+    return agree(process_group, prepare_with_options, check_values)
+
+
+def _check_group_type(process_group) -> None:
+    if process_group is not None:
+        from .tensor_parallel import check_group_type
+
+        check_group_type(process_group)
 
 
 def _torch_weights_only(problem: Problem, backend: str, resolved: str) -> str:
@@ -164,7 +220,7 @@ def _teacher_token_logprobs(problem: Problem) -> torch.Tensor | None:
         return problem.teacher_logprobs
     # validation guarantees teacher logits and tokens here
     return chunked_teacher_token_logprobs(problem.teacher, problem.valid, problem.tokens, problem.temperature,
-                                          problem.vocab)
+                                          problem.vocab, problem.shard)
 
 
 def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward: bool):
@@ -320,6 +376,7 @@ def fused_linear_kl_loss(
     topk_mode: str = "tail",
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
+    process_group=None,
 ):
     """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
 
@@ -346,17 +403,26 @@ def fused_linear_kl_loss(
             (or ``teacher_logprobs``).
         teacher_topk_ids, teacher_topk_logprobs, topk_mode, topk_logprob_floor, topk_loss_max: a teacher given as
             top-k atoms (with ``teacher_hidden=None`` and ``teacher_weight=None``), as in ``weighted_kl_loss``.
+        process_group: as in ``weighted_kl_loss``: the lm_head weights (and biases) are the rank's rows
+            ``[r * V_local, (r + 1) * V_local)`` of the student's and the teacher's (Megatron's column-parallel
+            output layer; plain tensors, the local shard); the hidden states are the same on every rank. The
+            weight and bias gradients are the rank's rows; the hidden states' gradient is the full one: wpkl
+            all-reduces it over the group (the all-reduce Megatron's column-parallel layer makes in its backward),
+            so do not pass hidden states through ``copy_to_tensor_model_parallel_region`` (or all-reduce their
+            gradient) again.
 
     Memory and GEMMs: wpkl/fused_linear.py (module docstring) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.
     """
     from .projection import gather_full, projection_dtype
 
-    student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
-    teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
-    problem = validate_linear(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-        teacher_bias=teacher_bias, student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+    if process_group is None:  # with one, the weights are this rank's shard as given
+        student_weight, student_bias = gather_full(student_weight), gather_full(student_bias)
+        teacher_weight, teacher_bias = gather_full(teacher_weight), gather_full(teacher_bias)
+    linear_args = (student_hidden, student_weight, teacher_hidden, teacher_weight)
+    linear_kwargs = dict(
+        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale,
         student_softcap=student_softcap, teacher_softcap=teacher_softcap, chunk_size=chunk_size, mask=mask,
         weighting=weighting, token_weights=token_weights, positions=positions, tokens=tokens, divergence=divergence,
         beta=beta, temperature=temperature, reduction=reduction, num_items_in_batch=num_items_in_batch,
@@ -365,9 +431,14 @@ def fused_linear_kl_loss(
         topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
         teacher_token_logprobs=teacher_token_logprobs,
     )
-    _check_return_stats(return_stats)
-    resolved = resolve_backend(backend, problem)
-    check_values(problem)
+    if process_group is None:
+        problem, resolved = _prepared(validate_linear(*linear_args, **linear_kwargs), return_stats, backend, False,
+                                      weights_kernel=False)
+        check_values(problem)
+    else:
+        problem, resolved = _agreed(process_group, lambda: _prepared(
+            validate_linear(*linear_args, **linear_kwargs), return_stats, backend, False, process_group,
+            weights_kernel=False), return_stats)
     lin = problem.linear
     trainable = any(x is not None and x.requires_grad for x in (lin.student_hidden, lin.student_weight,
                                                                 lin.student_bias))
@@ -393,8 +464,11 @@ class WeightedKLLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
         inplace_backward: bool = False,
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group  # vocabulary-parallel (see weighted_kl_loss); None: one device
+        _check_group_type(process_group)
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta
@@ -426,6 +500,7 @@ class WeightedKLLoss(nn.Module):
             num_items_in_batch=num_items_in_batch,
             teacher_token_logprobs=teacher_token_logprobs,
             inplace_backward=self.inplace_backward,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -450,8 +525,11 @@ class FusedLinearWeightedKLLoss(nn.Module):
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
         chunk_size: int | None = None,
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group  # vocabulary-parallel (see fused_linear_kl_loss); None: one device
+        _check_group_type(process_group)
         self.weighting = weighting
         self.divergence = divergence
         self.beta = beta
@@ -481,7 +559,7 @@ class FusedLinearWeightedKLLoss(nn.Module):
             student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
             num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
             rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -85,14 +85,20 @@ def compute_terms(problem: Problem, backend: str, stats: bool = True, coefficien
             problem.teacher_logprobs, problem.rollout_logprobs)
     if backend == "torch":
         return chunked_terms(*args, spec)
-    if backend == "triton":  # only a top-k teacher: see the docstring
+    if backend == "triton" and spec.shard is not None:  # vocabulary-parallel: wpkl/tensor_parallel.py
+        from .tensor_parallel import ShardedTritonTerms
+
+        loss, stats = ShardedTritonTerms.apply(problem.student, problem.teacher, problem.valid, problem.tokens,
+                                               problem.teacher_logprobs, problem.rollout_logprobs, spec)
+        return TokenTerms(loss, *stats.unbind(0))
+    if backend == "triton":  # one device: only a top-k teacher comes here (see the docstring)
         return chunked_terms(*args, spec, passes=TritonPass, inplace_backward=inplace_backward)
     return reference_terms(*args, spec)
 
 
 def pass_spec(problem: Problem, stats: bool = True) -> PassSpec:
     return PassSpec(problem.divergence, problem.beta, problem.temperature, stats,
-                    TopKOptions(problem.topk_mode, problem.topk_logprob_floor, problem.topk_loss_max))
+                    TopKOptions(problem.topk_mode, problem.topk_logprob_floor, problem.topk_loss_max), problem.shard)
 
 
 def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> TokenTerms:

@@ -167,7 +167,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
         N = h_s.shape[0]
         acc = accumulate_dtype(dtypes[0])
         projector = _Projector(spec, dtypes, h_s, w_s, b_s, h_t, w_t, b_t)
-        passes = pass_for(spec.backend)
+        passes = pass_for(spec.backend, spec.pass_spec.shard)
         eager = coefficients is not None
         loss = h_s.new_zeros(N, dtype=acc)
         stats = h_s.new_zeros(4, N, dtype=acc)
@@ -209,7 +209,7 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
         nones = (None,) * 12
         if ctx.eager:
             (coef,) = ctx.saved_tensors
-            return (*ctx.grads.finish(_common_scalar(grad_loss, coef)), *nones)
+            return (*ctx.grads.finish(_common_scalar(grad_loss, coef), ctx.spec.pass_spec.shard), *nones)
         (h_s, w_s, b_s, h_t, w_t, b_t, tokens, teacher_logprobs, rollout_logprobs, topk_ids,
          topk_logprobs) = ctx.saved_tensors
         spec = ctx.spec
@@ -225,17 +225,21 @@ class FusedLinearTokenDivergence(torch.autograd.Function):
                 valid_c = torch.ones(1, ids.numel(), dtype=torch.bool, device=h_s.device)
                 if spec.backend == "triton":
                     stats_k, topk_k = ctx.pass_stats[k]
+                    tokens_c = None if tokens is None else tokens[ids]
+                    if spec.pass_spec.shard is not None:  # the kernels take this slice's columns
+                        from .tensor_parallel import local_tokens
+
+                        tokens_c = local_tokens(tokens_c, spec.pass_spec.shard)
                     div_id = divergence_id("sampled" if topk_k is not None else spec.pass_spec.divergence,
                                            spec.pass_spec.beta)
                     saved = TritonSaved(s[None], None if t is None else t[None], valid_c.reshape(-1).to(torch.int8),
-                                        None if tokens is None else tokens[ids], stats_k, div_id, spec.pass_spec,
-                                        topk_k)
+                                        tokens_c, stats_k, div_id, spec.pass_spec, topk_k)
                 else:
                     saved = TorchSaved(s[None], valid_c, (_teacher(t, ids, topk_ids, topk_logprobs), *per_token),
                                        spec.pass_spec)
                 grads.add(_logits_grad(spec, saved, s, grad_loss[ids], None), ids, projector)
                 del s, t, saved
-        return (*grads.finish(None), *nones)
+        return (*grads.finish(None, spec.pass_spec.shard), *nones)
 
 
 def _teacher(t, ids, topk_ids, topk_logprobs):
@@ -277,7 +281,7 @@ def _logits_grad(spec: LinearSpec, saved, s: torch.Tensor, coef: torch.Tensor, r
         out = row_grad[0].mul_(coef.unsqueeze(-1).to(row_grad.dtype))
     else:
         out = s if spec.student_softcap is None else torch.empty_like(s)
-        pass_for(spec.backend).backward(saved, coef[None], out[None])
+        pass_for(spec.backend, spec.pass_spec.shard).backward(saved, coef[None], out[None])
     if spec.student_softcap is not None:
         # d softcap / d x = 1 - (z / c)^2, computed in place in the logits' buffer (no longer needed).
         out.mul_(s.div_(spec.student_softcap).square_().neg_().add_(1.0))
@@ -315,15 +319,20 @@ class _Grads:
         if self.weight is not None:
             addmm_fp32(self.weight, g_c.t(), projector.h_s[ids].to(projector.dtype_s))
 
-    def finish(self, scalar):
+    def finish(self, scalar, shard=None):
         """The gradients in the parameters' dtypes, times ``scalar`` (eager schedule). Out of place: a second
-        backward (retain_graph=True) scales the same accumulators again."""
+        backward (retain_graph=True) scales the same accumulators again.
+
+        ``shard`` (vocabulary-parallel, wpkl/tensor_parallel.py): the weight and bias gradients are this rank's
+        rows; the hidden states' is this rank's part of a sum over the group, all-reduced here (in float32, one
+        [N, H] all-reduce per backward: Megatron's column-parallel output layer makes the same one)."""
         out = []
         for acc, like in ((self.hidden, self.h_s), (self.weight, self.w_s), (self.bias, self.b_s)):
             if acc is None:
                 out.append(None)
-            elif scalar is None:
-                out.append(acc.to(like.dtype))
-            else:
-                out.append((acc * scalar.to(acc.dtype)).to(like.dtype))
+                continue
+            grad = acc if scalar is None else acc * scalar.to(acc.dtype)  # two-phase: fresh accumulators
+            if shard is not None and acc is self.hidden:
+                shard.sum_(grad)
+            out.append(grad.to(like.dtype))
         return out

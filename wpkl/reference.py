@@ -98,17 +98,103 @@ def divergence_between(divergence: str, beta: float, p, log_p, q, log_q) -> torc
     raise ValueError(f"unknown divergence {divergence!r}; expected one of {DIVERGENCES}")
 
 
-def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits[..., :V] / T) in the compute dtype."""
-    x = logits[..., :vocab].to(dtype)
-    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1)
+# ------------------------------------------------------------------------------- vocabulary shards
+#
+# Every vocabulary sum above is additive over slices of the vocabulary once the log-normalizers are global, and
+# the confidence is a max. So the same functions run on one rank's slice of a vocabulary-parallel (tensor-
+# parallel) model when (1) the log-normalizer is the global one and (2) each per-row sum or max over the slice is
+# combined over the ranks. ``shard`` below is that combination (wpkl/tensor_parallel.py: ``VocabShard``), or
+# None on one device, where every helper is the plain operation. A shard provides Megatron's pair of
+# conjugate operators, so that autograd gives each rank its slice's gradient:
+#
+#     offset          the global id of the slice's first column
+#     sum(x)          x summed over the ranks; backward: the identity. Turns per-rank parts into a value every
+#                     rank holds (and computes the same loss from)
+#     copy(x)         the identity; backward: the gradient summed over the ranks. Where a value every rank holds
+#                     (the log-normalizer) enters per-rank work (log p of the slice), each rank's part of its
+#                     gradient is added up
+#     max(x)          x's maximum over the ranks (no gradient)
+
+
+def vocab_sum(*xs: torch.Tensor, shard=None):
+    """Per-row sums over the vocabulary, given this slice's parts: the whole vocabulary's (several tensors of one
+    shape: one collective). One tensor in, one out; several in, a tuple out."""
+    if shard is not None:
+        xs = shard.sum(torch.stack(xs)).unbind(0) if len(xs) > 1 else (shard.sum(xs[0]),)
+    return xs[0] if len(xs) == 1 else tuple(xs)
+
+
+def vocab_max(x: torch.Tensor, shard=None) -> torch.Tensor:
+    return x if shard is None else shard.max(x)
+
+
+def vocab_logsumexp(*xs: torch.Tensor, shard=None):
+    """logsumexp over the last dimension (the whole vocabulary's with a shard: one collective for the maxima,
+    one for the sums, whatever the number of tensors). One tensor in, one out; several in, a tuple out."""
+    if shard is None:
+        out = tuple(torch.logsumexp(x, dim=-1) for x in xs)
+    else:
+        m = vocab_max(torch.stack([x.detach().amax(dim=-1) for x in xs]), shard)
+        m = torch.where(torch.isfinite(m), m, 0.0).unbind(0)
+        sums = vocab_sum(*((x - m_x.unsqueeze(-1)).exp().sum(dim=-1) for x, m_x in zip(xs, m, strict=True)),
+                         shard=shard)
+        sums = sums if len(xs) > 1 else (sums,)
+        out = tuple(m_x + z.log() for m_x, z in zip(m, sums, strict=True))
+    return out[0] if len(xs) == 1 else out
+
+
+def owned_values(x: torch.Tensor, ids: torch.Tensor, shard) -> torch.Tensor:
+    """x[..., ids] for the global ids [..., K] this slice holds, 0 for the others (and for padding, ids < 0)."""
+    local = ids.long() - shard.offset
+    owned = (local >= 0) & (local < x.shape[-1]) & (ids >= 0)
+    return torch.where(owned, x.gather(-1, local.clamp(0, x.shape[-1] - 1)), 0.0)
+
+
+def gather_ids(x: torch.Tensor, ids: torch.Tensor, shard=None) -> torch.Tensor:
+    """x[..., ids] for global vocabulary ids [..., K] (ids < 0, padding, read column 0: mask them). With a shard,
+    the rank that owns an id supplies its value and the others 0."""
+    if shard is None:
+        return x.gather(-1, ids.long().clamp_min(0))
+    return vocab_sum(owned_values(x, ids, shard), shard=shard)
+
+
+def log_probs(logits: torch.Tensor, vocab: int, dtype: torch.dtype, temperature: float = 1.0, shard=None,
+              teacher: torch.Tensor | None = None):
+    """log_softmax(logits[..., :V] / T) in the compute dtype (with a shard: the slice's, normalized globally).
+
+    With ``teacher`` (detached; may be None), the pair (student's, teacher's), normalized together (with a
+    shard: the two normalizers share their collectives)."""
+    def scaled(z):
+        x = z[..., :vocab].to(dtype)
+        return x / temperature if temperature != 1.0 else x
+
+    xs = [scaled(logits)] + ([] if teacher is None else [scaled(teacher.detach())])
+    if shard is None:
+        out = [torch.log_softmax(x, dim=-1) for x in xs]
+    else:
+        lse = vocab_logsumexp(*xs, shard=shard)
+        lse = lse if len(xs) > 1 else (lse,)
+        out = [xs[0] - shard.copy(lse[0]).unsqueeze(-1)]  # the teacher's: no gradient (its sum shares the stack)
+        out += [x - n.detach().unsqueeze(-1) for x, n in zip(xs[1:], lse[1:], strict=True)]
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def token_logprob(log_p: torch.Tensor, tokens: torch.Tensor, shard=None, log_q: torch.Tensor | None = None):
+    """log p(y) of the sampled tokens y (global ids) from log-probabilities [..., V]; with ``log_q``, the pair
+    (log p(y), log q(y)) (with a shard: one collective)."""
+    index = tokens.long().unsqueeze(-1)
+    tables = [log_p] + ([] if log_q is None else [log_q])
+    if shard is None:
+        out = [x.gather(-1, index).squeeze(-1) for x in tables]
+        return out[0] if len(out) == 1 else tuple(out)
+    return vocab_sum(*(owned_values(x, index, shard).squeeze(-1) for x in tables), shard=shard)
 
 
 def teacher_token_logprob(teacher_logits: torch.Tensor, tokens: torch.Tensor, vocab: int,
-                          temperature: float = 1.0) -> torch.Tensor:
+                          temperature: float = 1.0, shard=None) -> torch.Tensor:
     """log q(y) = log_softmax(teacher[..., :V] / T)[y] of the sampled tokens y (for weights that need it)."""
-    log_q = log_probs(teacher_logits.detach(), vocab, compute_dtype(teacher_logits), temperature)
-    return log_q.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    log_q = log_probs(teacher_logits.detach(), vocab, compute_dtype(teacher_logits), temperature, shard)
+    return token_logprob(log_q, tokens, shard)
 
 
 def token_terms(
@@ -124,6 +210,7 @@ def token_terms(
     teacher_topk: TopK | None = None,
     topk: TopKOptions | None = None,
     stats: bool = True,
+    shard=None,
 ) -> TokenTerms:
     """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
@@ -131,41 +218,51 @@ def token_terms(
     confidence and entropy are then unknown (NaN). With ``teacher_topk`` (and no teacher logits) the teacher is
     top-k atoms (``topk_terms``). ``stats=False`` skips the confidence and entropies (returned as None) when only
     the loss is needed.
+
+    ``shard``: the logits are one rank's slice of a vocabulary split over ranks (the section above; then
+    ``tokens`` and top-k ids are global ids, and a teacher's slice is the student's): the terms are the whole
+    vocabulary's, the same on every rank, and the loss's gradient is the slice's.
     """
     if teacher_topk is not None:
         topk = topk or TopKOptions()
         return topk_terms(student_logits, teacher_topk.ids, teacher_topk.logprobs, mode=topk.mode,
                           divergence=divergence, beta=beta, temperature=temperature,
-                          logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats)
+                          logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats, shard=shard)
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     vocab = student_logits.shape[-1]
     dtype = compute_dtype(*(t for t in (student_logits, teacher_logits) if t is not None))
-    log_p = log_probs(student_logits, vocab, dtype, temperature)
-    log_q = None if teacher_logits is None else log_probs(teacher_logits.detach(), vocab, dtype, temperature)
+    if teacher_logits is None:
+        log_p, log_q = log_probs(student_logits, vocab, dtype, temperature, shard), None
+    else:
+        log_p, log_q = log_probs(student_logits, vocab, dtype, temperature, shard, teacher=teacher_logits)
     p = log_p.exp()
     q = log_q.exp() if log_q is not None and (stats or divergence in ("forward_kl", "jsd")) else None
 
     if divergence == "sampled":
-        index = tokens.long().unsqueeze(-1)
-        log_p_y = log_p.gather(-1, index).squeeze(-1)
-        log_q_y = log_q.gather(-1, index).squeeze(-1) if teacher_logprobs is None else teacher_logprobs.to(dtype)
+        if teacher_logprobs is None:
+            log_p_y, log_q_y = token_logprob(log_p, tokens, shard, log_q=log_q)
+        else:
+            log_p_y, log_q_y = token_logprob(log_p, tokens, shard), teacher_logprobs.to(dtype)
         behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
         div = behaviour - log_q_y  # = -a, a constant
         loss = div * log_p_y  # -a * log p(y)
     else:
-        div = loss = divergence_between(divergence, beta, p, log_p, q, log_q)
+        div = loss = vocab_sum(divergence_between(divergence, beta, p, log_p, q, log_q), shard=shard)
 
     if not stats:
         return TokenTerms(loss, div.detach(), None, None, None)
     with torch.no_grad():
         unknown = torch.full_like(div, float("nan"))
+        if log_q is None:
+            return TokenTerms(loss, div.detach(), unknown, vocab_sum(entropy(p, log_p), shard=shard), unknown)
+        student_entropy, teacher_entropy = vocab_sum(entropy(p, log_p), entropy(q, log_q), shard=shard)
         return TokenTerms(
             loss=loss,
             divergence=div.detach(),
-            confidence=unknown if log_q is None else log_q.amax(dim=-1).exp(),
-            student_entropy=entropy(p, log_p),
-            teacher_entropy=unknown if log_q is None else entropy(q, log_q),
+            confidence=vocab_max(log_q.amax(dim=-1), shard).exp(),
+            student_entropy=student_entropy,
+            teacher_entropy=teacher_entropy,
         )
 
 
@@ -238,16 +335,20 @@ def topk_terms(
     logprob_floor: float | None = None,
     loss_max: float | None = None,
     stats: bool = True,
+    shard=None,
 ) -> TokenTerms:
-    """Per-row terms against a teacher given as top-k atoms (ids [..., K], -1 pads; log q of those ids)."""
+    """Per-row terms against a teacher given as top-k atoms (ids [..., K], -1 pads; log q of those ids).
+
+    ``shard``: as in ``token_terms`` (the ids are global; each rank supplies the student logits of the ids it
+    holds)."""
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
     s = s / temperature if temperature != 1.0 else s
-    lse = torch.logsumexp(s, dim=-1)
+    lse = vocab_logsumexp(s, shard=shard)
     atoms = topk_ids >= 0
-    x = s.gather(-1, topk_ids.clamp_min(0).long())
+    x = gather_ids(s, topk_ids, shard)
     loss, div, confidence, teacher_entropy = topk_atom_terms(
         x, lse, atoms, topk_logprobs, mode=mode, divergence=divergence, beta=beta, logprob_floor=logprob_floor,
         loss_max=loss_max, stats=stats)
@@ -255,4 +356,5 @@ def topk_terms(
         return TokenTerms(loss, div, None, None, None)
     with torch.no_grad():
         log_p = s - lse.unsqueeze(-1)
-        return TokenTerms(loss, div, confidence, entropy(log_p.exp(), log_p), teacher_entropy)
+        return TokenTerms(loss, div, confidence, vocab_sum(entropy(log_p.exp(), log_p), shard=shard),
+                          teacher_entropy)

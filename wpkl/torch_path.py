@@ -84,18 +84,19 @@ def reference_terms(student, teacher, topk_ids, topk_logprobs, valid, tokens, te
     b, t = valid.nonzero(as_tuple=True)
     teacher_given = TopK(topk_ids, topk_logprobs) if topk_ids is not None else teacher
     terms = token_terms(student[b, t], **_rows((b, t), teacher_given, tokens, teacher_logprobs, rollout_logprobs),
-                        divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
+                        divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk,
+                        shard=spec.shard)
     zeros = student.new_zeros(valid.shape, dtype=terms.loss.dtype)
     return TokenTerms(*(zeros.index_put((b, t), x) for x in terms))
 
 
 @torch.no_grad()
-def chunked_teacher_token_logprobs(teacher, valid, tokens, temperature, vocab) -> torch.Tensor:
+def chunked_teacher_token_logprobs(teacher, valid, tokens, temperature, vocab, shard=None) -> torch.Tensor:
     """[B, T] log q(y) of the sampled tokens from the teacher logits, chunk by chunk (0 where invalid).
 
     A second read of the teacher's valid rows, for the weightings that need log q(y) when it is not given.
     """
     out = torch.zeros(valid.shape, dtype=compute_dtype(teacher), device=valid.device)
     for rows in row_chunks(valid, vocab):
-        out[rows] = teacher_token_logprob(teacher[rows], tokens[rows], vocab, temperature)
+        out[rows] = teacher_token_logprob(teacher[rows], tokens[rows], vocab, temperature, shard)
     return out

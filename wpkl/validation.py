@@ -68,6 +68,7 @@ class Problem:
     topk_logprob_floor: float | None = None
     topk_loss_max: float | None = None
     teacher_token_logprobs: torch.Tensor | None = None  # [B, T] float: log q(y), for weights that need it
+    shard: object = None  # a vocabulary-parallel call's wpkl.tensor_parallel.VocabShard (None: one device)
 
 
 def _choice(name: str, value, options) -> str:
@@ -476,7 +477,8 @@ def check_message(check: str, vocab: int) -> str:
 def check_values(problem: Problem) -> None:
     """The checks that need the data, as torch ops: at once on the CPU, without a host sync on CUDA
     (wpkl/checks.py). The Triton path makes the same checks inside its weights kernel instead."""
-    valid, vocab = problem.valid, problem.vocab
+    valid = problem.valid
+    vocab = problem.vocab if problem.shard is None else problem.shard.vocab  # token ids are global
     bad = {}
     if problem.user_weights is not None:
         w = problem.user_weights

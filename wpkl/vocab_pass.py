@@ -43,6 +43,7 @@ class PassSpec:
     temperature: float
     stats: bool = True
     topk: TopKOptions | None = None  # a top-k teacher's options (``teacher`` is then a ``TopK``)
+    shard: object = None  # the logits are a vocabulary slice (wpkl/tensor_parallel.py: VocabShard); torch pass only
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -348,7 +349,8 @@ class TorchPass:
         stats = student.new_zeros((4, B, T), dtype=dtype)
         if not spec.stats:
             stats[1:] = float("nan")  # not computed: confidence and entropies unknown
-        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
+        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk,
+                       shard=spec.shard)
         per_row = (teacher, tokens, teacher_logprobs, rollout_logprobs)
         for rows in row_chunks(valid, V):
             x = student[rows].detach()
@@ -369,7 +371,8 @@ class TorchPass:
     def backward(saved: TorchSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Recomputes each chunk under autograd; rows of masked tokens are zeroed."""
         spec = saved.spec
-        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk)
+        options = dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk,
+                       shard=spec.shard)
         out[~saved.valid] = 0
         for rows in row_chunks(saved.valid, saved.student.shape[-1]):
             x = saved.student[rows].detach().requires_grad_(True)
@@ -379,8 +382,13 @@ class TorchPass:
         return out
 
 
-def pass_for(backend: str):
-    """The implementation a resolved backend ("triton" or "torch") runs."""
+def pass_for(backend: str, shard=None):
+    """The implementation a resolved backend ("triton" or "torch") runs; ``shard``: on a vocabulary slice
+    (wpkl/tensor_parallel.py; the torch pass takes it through the spec)."""
+    if backend == "triton" and shard is not None:
+        from .tensor_parallel import ShardedTritonPass
+
+        return ShardedTritonPass
     return TritonPass if backend == "triton" else TorchPass
 
 
