@@ -327,7 +327,7 @@ def good_cases(world=2):
               dict(divergence="sampled", teacher="logprobs", bias=False),
               dict(divergence="sampled", reduction="sum"), dict(teacher="topk", divergence="forward_kl"),
               dict(dtype=torch.bfloat16, divergence="jsd"), dict(use_module=True, reduction="seq_mean"),
-              dict(weighting=_weightings()[3], chunk_size=2)]
+              dict(weighting=_weightings()[3], chunk_size=2), dict(backend="reference", weighting=_weightings()[1])]
     for options in linear:
         seed += 1
         name = "linear-" + "-".join(f"{k}={v}" for k, v in options.items() if k != "weighting") or "linear"
@@ -415,6 +415,22 @@ def _bad_inputs(rank, world, group):
         return call(mine, None, tokens=None, divergence="forward_kl", teacher_topk_ids=ids,
                     teacher_topk_logprobs=-torch.ones(B, T, 2))
 
+    def mask_differs_on_one_rank():  # every rank's loss would differ (the Triton route) or its collectives
+        mask = torch.ones(B, T, dtype=torch.bool)
+        if rank == world - 1:
+            mask[0, 1] = False
+        return call(mine, _slice(t, rank, world), mask=mask)
+
+    def tokens_differ_on_one_rank():
+        bad = tokens.clone()
+        if rank == 0:
+            bad[1, 2] = (bad[1, 2] + 1) % (v * world)
+        return call(mine, _slice(t, rank, world), tokens=bad, divergence="sampled")
+
+    def chunk_size_differs():  # the fused-linear chunks decide how many collectives each rank makes
+        return wpkl.fused_linear_kl_loss(_randn(g, B, T, 4), _randn(g, v, 4), _randn(g, B, T, 4), _randn(g, v, 4),
+                                         process_group=group, backend="torch", chunk_size=2 + (rank == 0))
+
     def not_a_group():
         return wpkl.weighted_kl_loss(mine, _slice(t, rank, world), process_group="world")
 
@@ -432,6 +448,9 @@ def _bad_inputs(rank, world, group):
         ("fused-linear teacher mismatch", linear_teacher_mismatch, "same vocabulary slice"),
         ("top-k id out of range", topk_id_out_of_range, "teacher_topk_ids must lie"),
         ("not a process group", not_a_group, "ProcessGroup"),
+        ("mask differs on one rank", mask_differs_on_one_rank, "disagree on the mask and tokens"),
+        ("tokens differ on one rank", tokens_differ_on_one_rank, "disagree on the mask and tokens"),
+        ("fused-linear chunk size differs", chunk_size_differs, "disagree on the options"),
     ]
 
 
@@ -539,7 +558,7 @@ def test_every_case_matches_one_device(worlds, world):
 def test_bad_inputs_raise_on_every_rank(worlds, world):
     for rank, result in enumerate(worlds[world]):
         bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
-        assert len(bad) == 13, (rank, bad)
+        assert len(bad) == 16, (rank, bad)
         assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})
 
 

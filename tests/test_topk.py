@@ -310,3 +310,21 @@ def test_triton_path_allocates_no_n_by_v_tensor_but_the_gradient(inplace):
     grads = [op for op, _ in mode.big]
     assert len(grads) == (0 if inplace else 1), mode.big
     assert all("empty" in op for op in grads), mode.big
+
+
+@pytest.mark.parametrize("layout", ["sliced", "expanded"])
+def test_non_contiguous_ids(layout):
+    """A server's top-8 cut to its top-3 (a strided view), or one list broadcast to every token (stride 0): the
+    kernels index the ids as a contiguous [N, K] table, so they must get one."""
+    pytest.importorskip("triton")
+    student = torch.randn(2, 3, 41) * 2
+    if layout == "sliced":
+        ids_full, logprobs_full = topk_teacher(torch.randn(2, 3, 41), 8, pad=False)
+        ids, logprobs = ids_full[..., :3], logprobs_full[..., :3]
+    else:
+        base = torch.randperm(41)[:4]
+        ids = base.expand(2, 3, 4)
+        logprobs = torch.log_softmax(torch.randn(41), -1)[base].expand(2, 3, 4)
+    assert not ids.is_contiguous()
+    for mode in ("tail", "raw"):
+        check(student, ids, logprobs, "triton", topk_mode=mode, divergence="forward_kl", temperature=0.7)

@@ -184,7 +184,10 @@ def _agreed(process_group, prepare, return_stats: bool):
         options = [problem.divergence, problem.beta, problem.temperature, problem.reduction, return_stats,
                    _needs_stats(problem, return_stats), repr(problem.weighting), problem.topk_mode,
                    *(x is None for x in (problem.tokens, problem.teacher_logprobs, problem.rollout_logprobs,
-                                         problem.teacher_token_logprobs, problem.user_weights, problem.positions))]
+                                         problem.teacher_token_logprobs, problem.user_weights, problem.positions)),
+                   # the fused-linear form's chunks and schedule (eager or two-phase) set when its collectives run
+                   None if problem.linear is None else problem.linear.chunk_size,
+                   torch.is_autocast_enabled(problem.device.type)]
         return problem, resolved, options
 
     return agree(process_group, prepare_with_options, check_values)

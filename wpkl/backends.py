@@ -107,8 +107,10 @@ def linear_terms(problem: Problem, backend: str, stats: bool, coefficients) -> T
     lin = problem.linear
     B, T = problem.valid.shape
     if backend == "reference":
-        student = project(lin.student_hidden, lin.student_weight, lin.student_bias, lin.student_logit_scale,
-                          lin.student_softcap)
+        # Vocabulary-parallel: the hidden states feed every rank's slice, so their gradient is summed over the
+        # group (Megatron's copy operator), as the fused path's all-reduce of grad_h does.
+        hidden = lin.student_hidden if problem.shard is None else problem.shard.copy(lin.student_hidden)
+        student = project(hidden, lin.student_weight, lin.student_bias, lin.student_logit_scale, lin.student_softcap)
         teacher = None
         if lin.teacher_hidden is not None:
             with torch.no_grad():

@@ -38,7 +38,7 @@ import torch
 _DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FIELDS = ("prepared", "values checked", "local vocabulary", "teacher's local vocabulary", "leading dimensions",
            "leading size 0", "leading size 1", "top-k K", "student dtype", "teacher dtype", "requires_grad",
-           "backend", "options")
+           "backend", "options", "mask and tokens")
 
 
 def _dist():
@@ -175,6 +175,21 @@ def _facts(problem, backend: str, options: list[int]) -> list[int]:
             ("torch", "reference", "triton").index(backend), zlib.crc32(repr(options).encode())]
 
 
+def _checksum(problem) -> torch.Tensor:
+    """An int64 digest of the mask and the sampled tokens, which decide every rank's per-token collectives and
+    must be the same on every rank (the ranks' masks differing would give each rank a different loss)."""
+    valid = problem.valid.reshape(-1).to(torch.int64)
+    index = torch.arange(1, valid.numel() + 1, device=valid.device, dtype=torch.int64)
+    digest = (valid * index).sum()
+    if problem.tokens is not None:
+        tokens = torch.where(valid.bool(), problem.tokens.reshape(-1).to(torch.int64), 0)
+        digest = digest + (tokens * (index * 40503 + 7)).sum()
+    if problem.topk_ids is not None:
+        ids = problem.topk_ids.reshape(valid.numel(), -1).to(torch.int64)
+        digest = digest + (ids * valid.unsqueeze(-1) * (index.unsqueeze(-1) * 65599 + 3)).sum()
+    return digest
+
+
 def agree(process_group, prepare, check_values):
     """Validate on every rank, then agree: ``prepare()`` -> (problem, resolved backend, options: a list of ints
     that every rank must share); ``check_values(problem)`` the value checks (after the shard is set, for the
@@ -184,7 +199,7 @@ def agree(process_group, prepare, check_values):
     Returns (problem with ``problem.shard`` set, resolved backend)."""
     dist = _dist()
     check_group(process_group)
-    error, values_error, problem, resolved, facts = None, None, None, None, [0] * (len(_FIELDS) - 2)
+    error, values_error, problem, resolved, facts = None, None, None, None, [0] * (len(_FIELDS) - 3)
     try:
         problem, resolved, options = prepare()
         facts = _facts(problem, resolved, options)
@@ -196,8 +211,10 @@ def agree(process_group, prepare, check_values):
             check_values(problem)
         except Exception as e:  # noqa: BLE001 - as above
             values_error = e
-    mine = torch.tensor([int(error is None), int(values_error is None), *facts], dtype=torch.int64,
+    mine = torch.tensor([int(error is None), int(values_error is None), *facts, 0], dtype=torch.int64,
                         device=_device(process_group, None if problem is None else problem.device))
+    if error is None:
+        mine[-1] = _checksum(problem).to(mine.device)  # device ops: read with the table, no extra sync
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, mine, group=process_group)
     table = torch.stack(gathered).cpu().tolist()  # the one host sync of a vocabulary-parallel call
@@ -217,13 +234,17 @@ def agree(process_group, prepare, check_values):
         raise ValueError(f"process_group: the vocabulary shards differ in size across the ranks (local V = {sizes}): "
                          f"wpkl takes Megatron's layout, equal contiguous shards, so the group's size "
                          f"({len(table)}) must divide the vocabulary (pad it to a multiple)")
-    for column in range(3, len(_FIELDS)):
+    def same(column: int):
         values = [row[column] for row in table]
         if len(set(values)) > 1:
             what = _FIELDS[column]
             raise ValueError(f"process_group: the ranks disagree on the {what} of their inputs ({values}): every rank "
                              "passes the same tokens, mask and options, and its own vocabulary slice")
-    raise_for(1, values_error)
+
+    for column in range(3, len(_FIELDS) - 1):
+        same(column)
+    raise_for(1, values_error)  # (a bad value on one rank also changes its checksum: its own message first)
+    same(len(_FIELDS) - 1)
     return problem, resolved
 
 
@@ -239,7 +260,7 @@ def local_tokens(tokens: torch.Tensor | None, shard: VocabShard) -> torch.Tensor
 
 
 def _owned_logit(x: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """[N] raw logits x[i, local_i] in float64, 0 where local_i = -1."""
+    """Raw logits x[..., local] in float64 (x: [..., V], local: its leading shape), 0 where local = -1."""
     value = x.gather(-1, local.clamp_min(0).unsqueeze(-1)).squeeze(-1).double()
     return torch.where(local >= 0, value, 0.0)
 
@@ -352,9 +373,9 @@ class ShardedTritonPass:
         _, _, saved = TritonPass.forward(student, teacher, valid, local, teacher_logprobs, rollout_logprobs, spec)
         s_y = u_y = None
         if divergence == "sampled":
-            flat = local.reshape(-1)
-            s_y = _owned_logit(student.reshape(B * T, -1), flat)
-            u_y = None if teacher is None else _owned_logit(teacher.reshape(B * T, -1)[:, :student.shape[-1]], flat)
+            # Gathered from the [B, T, V] views as they are (a reshape would copy strided logits).
+            s_y = _owned_logit(student, local.view(B, T)).reshape(-1)
+            u_y = None if teacher is None else _owned_logit(teacher[..., :student.shape[-1]], local.view(B, T)).reshape(-1)
         per_token = [None if x is None else x.reshape(-1) for x in (teacher_logprobs, rollout_logprobs)]
         loss = merge_kernel_stats(saved.stats, valid.reshape(-1), divergence, spec.temperature, shard, s_y, u_y,
                                   *per_token)

@@ -245,7 +245,7 @@ def _topk_forward(student, teacher: TopK, valid, spec: PassSpec):
     loss = new_buffer(N, dtype=torch.float32, device=student.device)
     stats = new_buffer(kernels.NUM_STATS, N, dtype=torch.float32, device=student.device)
     valid_bytes = valid.reshape(N).to(torch.int8)
-    ids = teacher.ids.reshape(N, K).to(torch.int64)
+    ids = teacher.ids.reshape(N, K).to(torch.int64).contiguous()  # the atoms kernel indexes row * K + k
     if N > 0:
         # The kernel's sampled-token slot: any in-range column (its loss is discarded; it reads the unused
         # log q(y) slot from ``loss``, which is overwritten below).
@@ -256,7 +256,8 @@ def _topk_forward(student, teacher: TopK, valid, spec: PassSpec):
     valid_flat = valid.reshape(N, 1)
     in_range = (ids >= -1) & (ids < V)
     gathered = student.gather(-1, ids.clamp(0, max(V - 1, 0)).view(B, T, K)).reshape(N, K).to(torch.float32)
-    # A bad id (the value checks report it) gives its row a NaN loss, never a number from another column.
+    # An id >= V (the value checks report it) gives its row a NaN loss, never a number from another column; ids
+    # below -1 are padding, as in the specification (and reported by the checks too).
     x = torch.where(in_range | ~valid_flat, gathered / spec.temperature, float("nan"))
     lse = stats[4] / spec.temperature  # STAT_STUDENT_LSE holds T lse(s / T)
     atoms = valid_flat & (ids >= 0)
