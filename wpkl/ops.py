@@ -53,7 +53,8 @@ def weighted_loss(
         out = zeros.clone() if reduction == "none" else student.new_zeros((), dtype=torch.float32)
         return out, stats, zeros.clone(), zeros.clone(), zeros.clone()
     grid, args, meta, w = vocab_pass.weights_launch(
-        saved.valid_bytes, stats[0], stats[1], loss, weighting=weighting, table=position_table, reduction=reduction, segments=segments, row_length=T, vocab=V, user_weights=user_weights, positions=positions,
+        saved.valid_bytes, stats[0], stats[1], loss, weighting=weighting, table=position_table, reduction=reduction,
+        segments=segments, row_length=T, vocab=V, user_weights=user_weights, positions=positions,
         tokens=tokens, teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs,
         num_items_in_batch=num_items if num_items is not None else
         (None if math.isnan(num_items_value) else num_items_value), logprob_tolerance=LOGPROB_TOLERANCE)

@@ -375,7 +375,8 @@ class ShardedTritonPass:
         if divergence == "sampled":
             # Gathered from the [B, T, V] views as they are (a reshape would copy strided logits).
             s_y = _owned_logit(student, local.view(B, T)).reshape(-1)
-            u_y = None if teacher is None else _owned_logit(teacher[..., :student.shape[-1]], local.view(B, T)).reshape(-1)
+            if teacher is not None:
+                u_y = _owned_logit(teacher[..., :student.shape[-1]], local.view(B, T)).reshape(-1)
         per_token = [None if x is None else x.reshape(-1) for x in (teacher_logprobs, rollout_logprobs)]
         loss = merge_kernel_stats(saved.stats, valid.reshape(-1), divergence, spec.temperature, shard, s_y, u_y,
                                   *per_token)

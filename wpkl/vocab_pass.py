@@ -249,7 +249,8 @@ def _topk_forward(student, teacher: TopK, valid, spec: PassSpec):
     if N > 0:
         # The kernel's sampled-token slot: any in-range column (its loss is discarded; it reads the unused
         # log q(y) slot from ``loss``, which is overwritten below).
-        slot = ids[:, 0].clamp(0, max(V - 1, 0)).contiguous() if K > 0 else torch.zeros_like(valid_bytes, dtype=torch.int64)
+        slot = (ids[:, 0].clamp(0, max(V - 1, 0)).contiguous() if K > 0
+                else torch.zeros_like(valid_bytes, dtype=torch.int64))
         grid, args, meta = forward_launch(student, None, valid_bytes, slot, loss, None, loss, stats,
                                           divergence_id("sampled", spec.beta), spec.beta, spec.temperature)
         launch(kernels.token_divergence_fwd_kernel, grid, args, meta)
