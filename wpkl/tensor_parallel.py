@@ -286,10 +286,9 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
         E_p[f] = sum_r w_r E_{p_r}[f]          H(p) = sum_r w_r H_r - sum_r w_r log w_r
         max q = exp(max_r (l_r + log max q_r) - l)
 
-    and D follows with kernels/common.py's finalize_token formulas:
-    reverse_kl (E_p[s - u] - (lse_s - lse_u)) / T, forward_kl (E_q[u - s] + lse_s - lse_u) / T, sampled from
-    log p(y) = s_y / T - lse_s (and log q(y) likewise, or given). Two all-reduces of [k, N] float64 (the maxima,
-    then the sums). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
+    A KL merges by the chain rule from the slices' own D_r and exact lse gaps (below: no difference of rounded
+    normalizers); "sampled" follows kernels/common.py's finalize_token, from log p(y) = s_y / T - lse_s (and
+    log q(y) likewise, or given). Two all-reduces of float64 (the maxima [m, N], then the sums [k, N]). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
     the backward kernel reads, raw logit units) and returned; the loss [N] is returned alongside.
     ``s_y``, ``u_y``: the raw logits at the sampled tokens on the rank that holds them, 0 elsewhere (float64).
     """
@@ -300,9 +299,16 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     ls, lu = f64[k.STAT_STUDENT_LSE] / T, f64[k.STAT_TEACHER_LSE] / T  # natural units of s / T
     has_s, has_u = ls > float("-inf"), lu > float("-inf")  # a slice of all -inf logits has no share
     log_conf = torch.where(has_u, f64[k.STAT_CONFIDENCE].log() + lu, float("-inf"))  # max_j u_j / T of the slice
-    maxima = shard.max(torch.stack([ls, lu, log_conf]))
+    # The slice's lse_s - lse_u, from the kernel's shifted sums: exact where p_r ~ q_r, where the difference of
+    # the separately rounded float32 log-normalizers would not be (see the KL merge below).
+    both = has_s & has_u
+    gap = torch.where(both, f64[k.STAT_LSE_GAP] / T, float("-inf"))
+    kl = divergence in ("reverse_kl", "forward_kl")
+    # (KL: also whether some slice has one side's mass and not the other's: the divergence is then infinite)
+    one_sided = [(has_s & ~has_u).double(), (has_u & ~has_s).double()] if kl else []
+    maxima = shard.max(torch.stack([ls, lu, log_conf] + ([gap] if kl else []) + one_sided))
     finite = torch.isfinite(maxima)
-    m_s, m_u, m_c = torch.where(finite, maxima, 0.0).unbind(0)
+    m_s, m_u, m_c = torch.where(finite, maxima, 0.0).unbind(0)[:3]
     a = torch.where(has_s, (ls - m_s).exp(), 0.0)
     b = torch.where(has_u, (lu - m_u).exp(), 0.0)
 
@@ -312,10 +318,17 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     parts = [a, weighted(a, f64[k.STAT_STUDENT_ENTROPY]), weighted(a, ls - m_s)]
     if teacher:
         parts += [b, weighted(b, f64[k.STAT_TEACHER_ENTROPY]), weighted(b, lu - m_u)]
-    if divergence == "reverse_kl":
-        parts.append(weighted(a, f64[k.STAT_AUX]))
-    if divergence == "forward_kl":
-        parts.append(weighted(b, f64[k.STAT_AUX]))
+    if kl:
+        # The KL of the merged distributions as the slices' own KLs plus the KL of the slices' shares (chain rule):
+        # reverse  D = sum_r alpha_r D_r + sum_r alpha_r g_r - G,   forward  D = sum_r beta_r D_r + G - sum_r beta_r g_r
+        # with beta_r = b_r / z_u the teacher's share of slice r, g_r its lse gap, G = log sum_r beta_r e^{g_r} the
+        # global gap and alpha_r = beta_r e^{g_r - G} the student's share. Every term is computed from the gaps and
+        # the slices' divergences, never from a difference of rounded normalizers: exact for close distributions.
+        m_g = torch.where(finite[3], maxima[3], 0.0)
+        c = weighted(b, (gap - m_g).exp())  # beta_r e^{g_r - m_g} z_u: alpha_r up to normalization
+        mine = c if divergence == "reverse_kl" else b
+        parts += [c, weighted(mine, f64[k.STAT_DIVERGENCE]), weighted(mine, gap - m_g),
+                  weighted(a if divergence == "reverse_kl" else b, f64[k.STAT_AUX])]
     if divergence == "sampled":
         parts += [s_y] + ([u_y] if u_y is not None else [])
     sums = shard.sum(torch.stack(parts))
@@ -330,12 +343,23 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
         teacher_entropy = (e_u - g_u) / z_u + z_u.log()
         confidence = (m_c - lse_u).exp()
     aux = torch.zeros_like(lse_s)
-    if divergence == "reverse_kl":
-        aux = sums[6] / z_s
-        loss = divergence_value = aux / T - (lse_s - lse_u)
-    elif divergence == "forward_kl":
-        aux = sums[6] / z_u
-        loss = divergence_value = aux / T + (lse_s - lse_u)
+    lse_gap = lse_s - lse_u
+    if kl:
+        z_c, d_sum, g_sum, aux_sum = sums[6], sums[7], sums[8], sums[9]
+        lse_gap = m_g + (z_c / z_u).log()  # G = log sum_r beta_r e^{g_r}
+        weight_sum = z_c if divergence == "reverse_kl" else z_u
+        shares_kl = g_sum / weight_sum - (lse_gap - m_g)  # sum_r alpha_r g_r - G (reverse) or its beta mean
+        if divergence == "reverse_kl":
+            aux = aux_sum / z_s
+            divergence_value = d_sum / z_c + shares_kl
+        else:
+            aux = aux_sum / z_u
+            divergence_value = d_sum / z_u - shares_kl
+        # A slice where one side has mass and the other none: the divergence is infinite (the kernel's own D_r
+        # of such a slice is not a share of anything).
+        infinite = maxima[4 if divergence == "reverse_kl" else 5] > 0
+        divergence_value = torch.where(infinite, float("inf"), divergence_value)
+        loss = divergence_value
     else:  # sampled
         rest = sums[6:] if teacher else sums[3:]
         log_p_y = rest[0] / T - lse_s
@@ -346,7 +370,7 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     rows = {k.STAT_DIVERGENCE: divergence_value, k.STAT_CONFIDENCE: confidence,
             k.STAT_STUDENT_ENTROPY: student_entropy, k.STAT_TEACHER_ENTROPY: teacher_entropy,
             k.STAT_STUDENT_LSE: lse_s * T, k.STAT_TEACHER_LSE: lse_u * T, k.STAT_AUX: aux,
-            k.STAT_LSE_GAP: (lse_s - lse_u) * T}
+            k.STAT_LSE_GAP: lse_gap * T}
     for row, value in rows.items():
         stats[row] = torch.where(valid, value, 0.0).to(stats.dtype)
     return torch.where(valid, loss, 0.0).float()
