@@ -225,6 +225,32 @@ def close_case(rank, world, group, *, seed, divergence="reverse_kl"):
     assert error <= max(2 * error_one, 3e-8), (error, error_one, truth.divergence.abs().max().item())
 
 
+def no_copy_case(rank, world, group, *, seed):
+    """The Triton route's "sampled" gathers the sampled tokens' logits from the shifted [B, T, V] views as
+    given (logits[:, :-1], strided): never from a copy of the rank's [N, V_local] slice."""
+    import wpkl
+    import wpkl.tensor_parallel as tp
+
+    g = _gen(seed)
+    full_s, full_t = _randn(g, 2, 5, 6 * world), _randn(g, 2, 5, 6 * world + 2)
+    s = _slice(full_s, rank, world).clone()[:, :-1]  # what an lm_head's shifted logits look like
+    t = _slice(full_t[..., :6 * world], rank, world).clone()[:, :-1]
+    seen = []
+    original = tp._owned_logit
+
+    def spy(x, local):
+        seen.append(x.untyped_storage().data_ptr())
+        return original(x, local)
+
+    tp._owned_logit = spy
+    try:
+        wpkl.weighted_kl_loss(s, t, tokens=torch.randint(0, 6 * world, (2, 4), generator=g), divergence="sampled",
+                              backend="triton", process_group=group)
+    finally:
+        tp._owned_logit = original
+    assert seen == [s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()], "a copy of the logits"
+
+
 def triton_case(rank, world, group, *, seed, form="logits", **options):
     """backend="triton": the kernels on each slice, merged (jsd: the torch pass), against the single-process
     kernels on the full vocabulary (the Triton interpreter on the CPU)."""
@@ -371,6 +397,7 @@ def good_cases(world=2):
         cases.append((name, triton_case, dict(seed=seed, **options)))
     for divergence in ("reverse_kl", "forward_kl"):
         cases.append((f"close-{divergence}", close_case, dict(seed=seed + 2, divergence=divergence)))
+    cases.append(("no copy for sampled", no_copy_case, dict(seed=seed + 3)))
     cases.append(("collectives", collectives_case, dict(seed=seed + 1)))
     return cases
 
