@@ -23,17 +23,10 @@ class DeferredCheckError(ValueError):
 def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
     """``checks``: (message, a bool tensor that is True where the input is bad). Raises now on the CPU; on CUDA
     queues the flags and raises the first failure of an earlier call whose flags have arrived."""
-    raise_arrived()
     if not checks:
+        raise_arrived()
         return
-    flags = torch.stack([bad.any() for _, bad in checks])
-    messages = [message for message, _ in checks]
-    if not _deferred(flags):
-        for message, failed in zip(messages, flags.tolist(), strict=True):
-            if failed:
-                raise ValueError(message)
-        return
-    _queue(flags, messages)
+    run_flags(torch.stack([bad.any() for _, bad in checks]), [message for message, _ in checks])
 
 
 def run_flags(flags: torch.Tensor, messages: list[str]) -> None:

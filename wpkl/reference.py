@@ -65,6 +65,14 @@ class TokenTerms(NamedTuple):
     teacher_entropy: torch.Tensor
 
 
+def exact_divergence(divergence: str, beta: float) -> str:
+    """jsd with beta 0 or 1 is exactly forward or reverse KL (0 log 0 = 0 on the other side): the divergence that
+    computes it (the kernels run that cheaper specialization too)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32: half-precision inputs accumulate in float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -228,8 +236,7 @@ def token_terms(
         return topk_terms(student_logits, teacher_topk.ids, teacher_topk.logprobs, mode=topk.mode,
                           divergence=divergence, beta=beta, temperature=temperature,
                           logprob_floor=topk.logprob_floor, loss_max=topk.loss_max, stats=stats, shard=shard)
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = exact_divergence(divergence, beta)
     vocab = student_logits.shape[-1]
     dtype = compute_dtype(*(t for t in (student_logits, teacher_logits) if t is not None))
     if teacher_logits is None:
@@ -341,8 +348,7 @@ def topk_terms(
 
     ``shard``: as in ``token_terms`` (the ids are global; each rank supplies the student logits of the ids it
     holds)."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence = exact_divergence(divergence, beta)
     dtype = compute_dtype(student_logits)
     s = student_logits.to(dtype)
     s = s / temperature if temperature != 1.0 else s

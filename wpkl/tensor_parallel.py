@@ -33,6 +33,8 @@ import zlib
 
 import torch
 
+from .reference import exact_divergence
+
 # The options the ranks must agree on (their number of collectives depends on them), in the order ``agree``
 # reports them.
 _DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -385,11 +387,10 @@ class ShardedTritonPass:
 
     @staticmethod
     def forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec):
-        from .vocab_pass import TritonPass, divergence_id, _kernels
+        from .vocab_pass import TritonPass, _kernels
 
         shard = spec.shard
-        div_id = divergence_id(spec.divergence, spec.beta)
-        divergence = {v: name for name, v in _kernels().DIVERGENCE_IDS.items()}[div_id]
+        divergence = exact_divergence(spec.divergence, spec.beta)
         if divergence == "jsd":
             raise ValueError("vocabulary-parallel jsd runs on the torch path (wpkl/api.py routes it there)")
         B, T, _ = student.shape

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .launch import backward_splits, launch_config
-from .reference import TopK, TopKOptions, compute_dtype, token_terms, topk_atom_terms
+from .reference import TopK, TopKOptions, compute_dtype, exact_divergence, token_terms, topk_atom_terms
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -78,10 +78,8 @@ DIVERGENCE_JSD = 2  # kernels.DIVERGENCE_IDS["jsd"], without importing Triton
 
 
 def divergence_id(divergence: str, beta: float) -> int:
-    """jsd with beta 0 or 1 is exactly forward or reverse KL: run that (cheaper) specialization."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    return _kernels().DIVERGENCE_IDS[divergence]
+    """The kernels' id of ``exact_divergence`` (jsd with beta 0 or 1 runs the KL specialization)."""
+    return _kernels().DIVERGENCE_IDS[exact_divergence(divergence, beta)]
 
 
 def _config(student, teacher):
@@ -263,9 +261,7 @@ def _topk_forward(student, teacher: TopK, valid, spec: PassSpec):
     lse = stats[4] / spec.temperature  # STAT_STUDENT_LSE holds T lse(s / T)
     atoms = valid_flat & (ids >= 0)
     options = spec.topk or TopKOptions()
-    divergence, beta = spec.divergence, spec.beta
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    divergence, beta = exact_divergence(spec.divergence, spec.beta), spec.beta
     with torch.enable_grad():
         x_leaf, lse_leaf = x.detach().requires_grad_(True), lse.detach().requires_grad_(True)
         terms = topk_atom_terms(x_leaf, lse_leaf, atoms, teacher.logprobs.reshape(N, K), mode=options.mode,
