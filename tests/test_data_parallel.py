@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 import socket
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import wpkl
 import wpkl.distributed
+from utils import run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T, H, V, V_TEACHER = 7, 6, 8, 33, 36
@@ -245,20 +242,7 @@ def test_global_helpers_in_one_process():
 
 def test_torchrun_example():
     """examples/ddp_distill.py under torchrun with 2 CPU ranks (gloo)."""
-    if shutil.which("torchrun") is None and not _has_module("torch.distributed.run"):
-        pytest.skip("torchrun is not available")
-    # This checkout's wpkl, whatever the venv's editable install points at (the script's own folder is examples/).
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "examples" / "ddp_distill.py"), "--steps", "2"],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    result = run_torchrun("examples/ddp_distill.py", "--steps", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "step   1  loss" in result.stdout, result.stdout
     assert "parameters identical on all 2 ranks: True" in result.stdout, result.stdout
-
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None

@@ -1,11 +1,10 @@
 """The runnable examples in examples/ run (a few steps)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from utils import run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,18 +22,7 @@ def test_custom_loop_example(tmp_path):
 def test_tensor_parallel_example():
     """examples/tp_distill.py under torchrun with 2 CPU ranks (gloo): the sharded loss and gradients equal one
     process's on the full vocabulary (the script checks and exits non-zero otherwise)."""
-    import importlib.util
-
-    import torch.distributed as dist
-
-    if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
-        pytest.skip("torch.distributed is not available")
-    # This checkout's wpkl, whatever the venv's editable install points at (the script's own folder is examples/).
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "examples" / "tp_distill.py"), "--steps", "2"],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    result = run_torchrun("examples/tp_distill.py", "--steps", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "step   1  loss" in result.stdout, result.stdout
     assert "match one process on the full vocabulary: True" in result.stdout, result.stdout

@@ -95,3 +95,26 @@ def check_backend(backend, student, teacher, dtype, device, **kwargs):
     assert_stats_close(stats, ref_stats)
     assert_grad_close(grad, ref_grad, torch_grad, dtype)
     return loss, stats, grad
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2):
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc ROOT/script args`` with this checkout's
+    wpkl first on PYTHONPATH (whatever the venv's editable install points at), OMP_NUM_THREADS=1; skips the test
+    where torch.distributed is unavailable. Returns the CompletedProcess."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available() or importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torch.distributed is not available")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), str(root / script), *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=root)
