@@ -19,7 +19,7 @@ import wpkl
 import wpkl.checks
 import wpkl.kernels
 
-PACKAGE_DIRS = (os.path.dirname(wpkl.__file__), os.path.dirname(wpkl.kernels.__file__))
+PACKAGE_DIRS = (os.path.dirname(wpkl.__file__), *wpkl.kernels.__path__)
 SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 
 

@@ -251,11 +251,12 @@ def _triton_weighted_loss(problem: Problem, return_stats: bool, inplace_backward
         loss = loss.reshape(problem.leading_shape)
     if not return_stats:
         return loss
-    shape = problem.leading_shape
-    stats = TokenStats(divergence=stats[0].reshape(shape), weight=weight.reshape(shape),
-                       teacher_confidence=stats[1].reshape(shape), teacher_entropy=stats[3].reshape(shape),
-                       student_entropy=stats[2].reshape(shape), position=position.reshape(shape),
-                       mask=problem.valid.reshape(shape))
+    def leading(x):  # the custom op's outputs all carry its autograd node: the stats must not hold the graph
+        return x.detach().reshape(problem.leading_shape)
+
+    stats = TokenStats(divergence=leading(stats[0]), weight=leading(weight), teacher_confidence=leading(stats[1]),
+                       teacher_entropy=leading(stats[3]), student_entropy=leading(stats[2]),
+                       position=leading(position), mask=leading(problem.valid))
     return loss, stats
 
 
