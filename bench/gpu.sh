@@ -47,7 +47,7 @@ say "== kernel resource report ($(left) s left)"
 # about one a second (tests/test_aot_compile.py covers both architectures).
 report_args=$([ $dry = 1 ] && echo "--quick --arch 90" || echo "")
 report_limit=$([ $dry = 1 ] && echo 300 || echo 120)
-timeout $(( $(left) < report_limit ? $(left) : report_limit )) $py -m wpkl.kernels.report $report_args \
+timeout $(( $(left) < report_limit ? $(left) : report_limit )) $py -m wpkl.tools.kernel_report $report_args \
   --json "$out/kernel-report.json" \
   --sass-dir "$out/sass" > "$out/kernel-report.md" 2> "$out/kernel-report.err"
 say "report exit $? ($(tail -1 "$out/kernel-report.md"))"

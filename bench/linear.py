@@ -129,7 +129,7 @@ class _GemmsOnly(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, chunk):
-        from wpkl.projection import addmm_fp32, matmul_fp32
+        from wpkl.backends.projection import addmm_fp32, matmul_fp32
 
         N, V = hs.shape[0], ws.shape[0]
         grad_h = torch.empty(hs.shape, dtype=torch.float32, device=hs.device)

@@ -1,6 +1,6 @@
 """Forward kernel: one token per program, online log-sum-exp over the vocabulary in per-lane partials.
 
-Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl/reference.py is the spec):
+Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl/reference is the spec):
     reverse_kl  D = E_p[s - u] - lse(s) + lse(u)
     forward_kl  D = E_q[u - s] - lse(u) + lse(s)
     jsd(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta q

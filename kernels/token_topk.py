@@ -1,12 +1,12 @@
 """The top-k teacher's gradient at its atoms: one small program per token, after the dense backward kernel.
 
 With x_j the student's scaled logits s_j / T at the K given ids and lse its log-normalizer, every top-k mode's
-loss is a function F(x, lse) (wpkl/reference.py: topk_atom_terms), so
+loss is a function F(x, lse) (wpkl/reference/topk.py: topk_atom_terms), so
 
     d F / d s_v = ([v in S] A_v + p_v Lambda) / T,      A = dF/dx,  Lambda = dF/dlse   (autograd on [N, K] atoms)
 
 The dense part p_v Lambda / T is the "sampled" backward kernel's with no sampled token (token -1) and the
-divergence slot holding -Lambda (wpkl/vocab_pass.py arranges both); this kernel then overwrites the K atom
+divergence slot holding -Lambda (wpkl/backends/triton_topk.py arranges both); this kernel then overwrites the K atom
 columns with their full value g / T (A_j + p_j Lambda), so every gradient element is rounded once. It reads
 K ids, K atom gradients and K gathered logits per token and writes K elements: O(K) bytes per token against the
 dense pass's 2 V elements.

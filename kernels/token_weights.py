@@ -1,6 +1,6 @@
 """Weights, reduction and value checks over [N] per-token vectors: one program, four passes, no atomics.
 
-Implements wpkl/weighting.py (``compute_weights``, the specification) and wpkl/reduction.py (``reduce_loss``) for
+Implements wpkl/reference/weights.py (``compute_weights``, the specification) and wpkl/reference/reduction.py (``reduce_loss``) for
 the Triton path, so that a forward with any weighting runs two kernels (the vocabulary pass, then this one) and
 the backward one (the vocabulary pass, reading the per-token coefficient this kernel writes).
 

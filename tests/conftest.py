@@ -34,25 +34,25 @@ def device() -> str:
 def poisoned_outputs(monkeypatch):
     """Every buffer the Triton backend allocates for its outputs starts as NaN: an element a kernel fails to
     write shows up as NaN against the reference, never as a lucky zero."""
-    import wpkl.vocab_pass
+    import wpkl.backends.common
 
     def full_nan(*shape, dtype=None, device=None):
         # Integer buffers (the weights kernel's flags and sequence ids) get -1: an unwritten flag reads as a failure.
         poison = float("nan") if dtype is None or dtype.is_floating_point else -1
         return torch.full(shape, poison, dtype=dtype, device=device)
 
-    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer", full_nan)
-    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer_like", lambda t: torch.full_like(t, float("nan")))
+    monkeypatch.setattr(wpkl.backends.common, "new_buffer", full_nan)
+    monkeypatch.setattr(wpkl.backends.common, "new_buffer_like", lambda t: torch.full_like(t, float("nan")))
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Force BLOCK_V = 64 so small vocabularies take several blocks (online rescaling, ragged tails), and few
     backward programs per row so that each loops over several blocks."""
-    import wpkl.launch
+    import wpkl.backends.launch
 
-    monkeypatch.setattr(wpkl.launch, "MAX_BLOCK_V", 64)
-    monkeypatch.setattr(wpkl.launch, "BACKWARD_PROGRAMS", 40)
+    monkeypatch.setattr(wpkl.backends.launch, "MAX_BLOCK_V", 64)
+    monkeypatch.setattr(wpkl.backends.launch, "BACKWARD_PROGRAMS", 40)
 
 
 def pytest_collection_modifyitems(config, items):

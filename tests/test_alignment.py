@@ -45,7 +45,7 @@ def test_odd_vocabulary_rows(dtype, divergence, beta, vocab, device):
 def test_misaligned_first_element(dtype, offset, device):
     """Tensors whose data pointer is not 16-byte aligned (a view into a storage): the launch passes the
     aligned base and the shift, and the rows' 16-byte boundaries are found from there."""
-    from wpkl.vocab_pass import aligned_base
+    from wpkl.backends.triton_pass import aligned_base
 
     student = _odd_rows((2, 3, 149), dtype, offset)
     teacher = _odd_rows((2, 3, 149), dtype, offset)
@@ -60,7 +60,7 @@ def test_misaligned_first_element(dtype, offset, device):
 def test_sliced_vocabulary_and_sequence(divergence, device):
     """The issue's case: logits[:, p - 1:-1, :V] of an odd, tokenizer-sized V sliced from a padded one, with
     a teacher padded differently, so teacher rows do not share the student's misalignment."""
-    from wpkl.vocab_pass import backward_launch, forward_launch
+    from wpkl.backends.triton_pass import backward_launch, forward_launch
 
     B, L, V = 2, 7, 141
     full_student = _odd_rows((B, L, V), torch.bfloat16, 0, vocab_full=V + 2)
@@ -115,7 +115,7 @@ def test_single_support_rows_are_exact(divergence, beta, device):
 def test_backward_splits_agree_bitwise(divergence, monkeypatch, device):
     """Each gradient element is computed by exactly one program, the same way however a row's blocks are
     split among programs: one program per row, two, three (ragged) or one per block all agree bitwise."""
-    import wpkl.launch
+    import wpkl.backends.launch
 
     student, teacher = logits_pair((3, 2, 1000), torch.bfloat16)
     mask = torch.ones(3, 2, dtype=torch.bool)
@@ -123,7 +123,7 @@ def test_backward_splits_agree_bitwise(divergence, monkeypatch, device):
     tokens = torch.randint(0, 1000, (3, 2))
     grads = []
     for programs in (1, 6, 10, 10_000):
-        monkeypatch.setattr(wpkl.launch, "BACKWARD_PROGRAMS", programs)
+        monkeypatch.setattr(wpkl.backends.launch, "BACKWARD_PROGRAMS", programs)
         grads.append(run(student.to(device), teacher.to(device), backend="triton", mask=mask.to(device),
                          tokens=tokens.to(device), divergence=divergence)[2])
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
@@ -160,7 +160,7 @@ def test_inplace_backward_on_odd_rows(device):
 def test_co_alignment_rule():
     """Rows share their misalignment iff the element shifts, and the strides of dimensions with more than one
     row, agree modulo VEC."""
-    from wpkl.vocab_pass import co_aligned
+    from wpkl.backends.triton_pass import co_aligned
 
     assert co_aligned((3, 1000, 100), (3, 1000, 100), (2, 10), 8)
     assert co_aligned((3, 1000, 100), (3, 1001, 100), (1, 10), 8)  # one sequence: stride_b unused

@@ -4,7 +4,7 @@ keeps barriers and shuffles out of its vocabulary loops, loads 16 bytes at a tim
 and occupancy targets of docs/design.md. The interpreter accepts code the compiler rejects (non-constexpr
 globals, say), so this is also the test that the kernels are real.
 
-It runs ``python -m wpkl.kernels.report --quick`` (V >= 32000, and bf16 at V = 97); the report without
+It runs ``python -m wpkl.tools.kernel_report --quick`` (V >= 32000, and bf16 at V = 97); the report without
 ``--quick`` covers every representative vocabulary with the same gates. Triton 3.6 (the GPU machines' version)
 is checked the same way in its own environment: see docs/design.md, "Checking another Triton".
 """
@@ -18,23 +18,16 @@ import pytest
 
 pytest.importorskip("triton")
 
-from wpkl.kernels.report import (  # noqa: E402
-    LOADS_16B_VOCABS,
-    TARGET_FORWARD_CTAS,
-    Loop,
-    Row,
-    ctas_per_sm,
-    gate_failures,
-    jobs,
-    vocabulary_loops,
-)
+from wpkl.tools.kernel_report import LOADS_16B_VOCABS, TARGET_FORWARD_CTAS, Row, gate_failures  # noqa: E402
+from wpkl.tools.sass import Loop, ctas_per_sm, vocabulary_loops  # noqa: E402
+from wpkl.tools.specializations import jobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-m", "wpkl.kernels.report", "--quick", "--json", str(out / "rows.json"),
+    result = subprocess.run([sys.executable, "-m", "wpkl.tools.kernel_report", "--quick", "--json", str(out / "rows.json"),
                              "--sass-dir", str(out / "sass")], env=env, capture_output=True, text=True, timeout=1200)
     assert (out / "rows.json").exists(), f"the report did not finish:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result, json.loads((out / "rows.json").read_text()), out / "sass"

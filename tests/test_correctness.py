@@ -17,7 +17,7 @@ from utils import (
 from utils import check_backend as _check
 
 # The interpreter's numpy evaluates masked-off lanes (-inf - -inf): wpkl's launches silence those warnings
-# (wpkl/vocab_pass.py: launch), so any RuntimeWarning here is a real one.
+# (wpkl/backends/common.py: launch), so any RuntimeWarning here is a real one.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 
 BACKENDS = ("triton", "torch")
@@ -236,11 +236,12 @@ def test_module_matches_function(device):
 
 def test_auto_backend_on_cpu_uses_torch_path(monkeypatch):
     """auto never launches kernels on CPU tensors, even under the interpreter."""
-    import wpkl.backends
+    import wpkl.backends.torch_pass
 
     calls = []
-    original = wpkl.backends.chunked_terms
-    monkeypatch.setattr(wpkl.backends, "chunked_terms", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = wpkl.backends.torch_pass.TorchPass.forward
+    monkeypatch.setattr(wpkl.backends.torch_pass.TorchPass, "forward",
+                        staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k)))
     student, teacher = logits_pair((2, 3, 10))
     wpkl.weighted_kl_loss(student, teacher)
     assert calls == [1]

@@ -9,8 +9,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wpkl
-import wpkl.fused_linear
-import wpkl.projection
+import wpkl.backends.projection
+import wpkl.engine.chunks
+import wpkl.engine.linear
 
 BACKENDS = ("torch", "triton")
 # Gradient tolerance relative to the largest |truth|: the logits-gradient is cast to the compute dtype before the
@@ -213,13 +214,13 @@ def _schedule_calls(monkeypatch):
     """Count the projections and the gradient GEMMs, in the forward and the backward pass."""
     calls = {"project": 0, "grad_gemm": 0}
     for name, key in (("project", "project"), ("matmul_fp32", "grad_gemm"), ("addmm_fp32", "grad_gemm")):
-        original = getattr(wpkl.fused_linear, name)
+        original = getattr(wpkl.engine.linear, name)
 
         def spy(*args, _original=original, _key=key, **kwargs):
             calls[_key] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(wpkl.fused_linear, name, spy)
+        monkeypatch.setattr(wpkl.engine.linear, name, spy)
     return calls
 
 
@@ -319,9 +320,9 @@ print((rss("VmHWM") - before) / 2**20)
         out = subprocess.run([sys.executable, str(script), form], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         peaks[form] = float(out.stdout.split()[-1])
-    # The stated formula (wpkl/fused_linear.py): chunk buffers + float32 accumulators for grad_W, grad_h, grad_b;
+    # The stated formula (wpkl/engine/chunks.py): chunk buffers + float32 accumulators for grad_W, grad_h, grad_b;
     # 32 MiB for the interpreter's own churn. The materialized path holds two [N, V] fp32 logits (2 GiB) and more.
-    from wpkl.fused_linear import chunk_bytes
+    from wpkl.engine.chunks import chunk_bytes
 
     N, V, H = 8192, 32000, 64
     formula = chunk_bytes(256, V, H, "torch") + 4 * (V * H + N * H + V)
@@ -480,8 +481,8 @@ def test_autocast_compute_dtype_is_kept_for_backward(reduction, monkeypatch):
     """Under autocast the forward projects in bf16; backward (outside autocast) must recompute in bf16 too, or its
     logits disagree with the forward's log-normalizers. Both backends then agree closely."""
     dtypes = []
-    original = wpkl.fused_linear.project
-    monkeypatch.setattr(wpkl.fused_linear, "project", lambda *a, **k: dtypes.append(a[5]) or original(*a, **k))
+    original = wpkl.engine.linear.project
+    monkeypatch.setattr(wpkl.engine.linear, "project", lambda *a, **k: dtypes.append(a[5]) or original(*a, **k))
     inputs = make(H=32, V=61, bias=False)
     grads = []
     for backend in BACKENDS:
@@ -524,7 +525,7 @@ def test_zero3_weights_are_gathered_again_for_the_two_phase_backward(weighting, 
                 weight.data = torch.empty(0)
 
     monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", gather)
-    monkeypatch.setattr(wpkl.fused_linear, "CHUNK_BYTES", wpkl.fused_linear.chunk_bytes(4, 37, 16, "torch"))
+    monkeypatch.setattr(wpkl.engine.chunks, "CHUNK_BYTES", wpkl.engine.chunks.chunk_bytes(4, 37, 16, "torch"))
     hidden = inputs["student_hidden"].clone().requires_grad_(True)
     loss, _, _ = adapter._distillation_divergence(weighting, "torch")(
         hidden, inputs["teacher_hidden"], weight, inputs["teacher_weight"], torch.ones(2, 8, dtype=torch.long), 1.0)

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wpkl
-import wpkl.checks
+import wpkl.inputs.checks
 import wpkl.kernels
 
 PACKAGE_DIRS = (os.path.dirname(wpkl.__file__), *wpkl.kernels.__path__)
@@ -63,8 +63,8 @@ def syncs(monkeypatch):
     original_nonzero = torch.nonzero
     monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (calls.append("torch.nonzero") if _from_wpkl(2) else None)
                         or original_nonzero(*a, **k))
-    monkeypatch.setattr(wpkl.checks, "_deferred", lambda flags: True)
-    monkeypatch.setattr(wpkl.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
+    monkeypatch.setattr(wpkl.inputs.checks, "_deferred", lambda flags: True)
+    monkeypatch.setattr(wpkl.inputs.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     wpkl.checks._pending.clear()
     yield calls
@@ -138,10 +138,10 @@ def test_bad_values_surface_later_on_the_gpu_path(syncs):
 @pytest.fixture
 def unpoisoned(monkeypatch):
     """The real allocators (conftest fills output buffers with NaN, a test-only kernel per buffer)."""
-    import wpkl.vocab_pass
+    import wpkl.backends.common
 
-    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer", torch.empty)
-    monkeypatch.setattr(wpkl.vocab_pass, "new_buffer_like", torch.empty_like)
+    monkeypatch.setattr(wpkl.backends.common, "new_buffer", torch.empty)
+    monkeypatch.setattr(wpkl.backends.common, "new_buffer_like", torch.empty_like)
 
 
 class _Ops(TorchDispatchMode):

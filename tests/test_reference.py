@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import wpkl
-import wpkl.vocab_pass
+import wpkl.backends.torch_pass
 from wpkl.reference import token_terms
 
 
@@ -76,15 +76,15 @@ def test_gradcheck_weighted_loss(reduction):
 def test_torch_path_holds_only_chunks(monkeypatch, dtype, passes):
     """The torch path never hands more than CHUNK_ELEMENTS // V rows to the [rows, V] math at once. float32 logits
     get their gradient in the forward pass (one pass over the rows); half-precision ones recompute in backward."""
-    monkeypatch.setattr(wpkl.vocab_pass, "CHUNK_ELEMENTS", 64 * 4)
+    monkeypatch.setattr(wpkl.backends.torch_pass, "CHUNK_ELEMENTS", 64 * 4)
     seen = []
-    original = wpkl.vocab_pass.token_terms
+    original = wpkl.backends.torch_pass.token_terms
 
     def spy(student, **kwargs):
         seen.append(student.shape[0])
         return original(student, **kwargs)
 
-    monkeypatch.setattr(wpkl.vocab_pass, "token_terms", spy)
+    monkeypatch.setattr(wpkl.backends.torch_pass, "token_terms", spy)
     student = torch.randn(3, 10, 64).to(dtype).requires_grad_(True)
     teacher = torch.randn(3, 10, 64).to(dtype)
     mask = torch.rand(3, 10) < 0.7
@@ -102,8 +102,8 @@ def test_torch_path_holds_only_chunks(monkeypatch, dtype, passes):
 def test_torch_path_skips_stats_it_is_not_asked_for(monkeypatch):
     """Without return_stats (or a confidence weighting) the torch path computes no entropies; with them, it does."""
     calls = []
-    original = wpkl.vocab_pass.token_terms
-    monkeypatch.setattr(wpkl.vocab_pass, "token_terms", lambda *a, **k: calls.append(k["stats"]) or original(*a, **k))
+    original = wpkl.backends.torch_pass.token_terms
+    monkeypatch.setattr(wpkl.backends.torch_pass, "token_terms", lambda *a, **k: calls.append(k["stats"]) or original(*a, **k))
     student, teacher = torch.randn(2, 5, 30, requires_grad=True), torch.randn(2, 5, 30)
     wpkl.weighted_kl_loss(student, teacher, backend="torch")
     wpkl.weighted_kl_loss(student, teacher, backend="torch", weighting=wpkl.Weighting(confidence=1.0))

@@ -229,25 +229,25 @@ def no_copy_case(rank, world, group, *, seed):
     """The Triton route's "sampled" gathers the sampled tokens' logits from the shifted [B, T, V] views as
     given (logits[:, :-1], strided): never from a copy of the rank's [N, V_local] slice."""
     import wpkl
-    import wpkl.tensor_parallel as tp
+    import wpkl.parallel.merge as merge
 
     g = _gen(seed)
     full_s, full_t = _randn(g, 2, 5, 6 * world), _randn(g, 2, 5, 6 * world + 2)
     s = _slice(full_s, rank, world).clone()[:, :-1]  # what an lm_head's shifted logits look like
     t = _slice(full_t[..., :6 * world], rank, world).clone()[:, :-1]
     seen = []
-    original = tp._owned_logit
+    original = merge.owned_logit
 
     def spy(x, local):
         seen.append(x.untyped_storage().data_ptr())
         return original(x, local)
 
-    tp._owned_logit = spy
+    merge.owned_logit = spy
     try:
         wpkl.weighted_kl_loss(s, t, tokens=torch.randint(0, 6 * world, (2, 4), generator=g), divergence="sampled",
                               backend="triton", process_group=group)
     finally:
-        tp._owned_logit = original
+        merge.owned_logit = original
     assert seen == [s.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()], "a copy of the logits"
 
 
@@ -260,7 +260,7 @@ def triton_case(rank, world, group, *, seed, form="logits", **options):
 def collectives_case(rank, world, group, *, seed):
     """The collectives per call that docs/design.md counts (torch path, fp32 logits, one chunk of rows)."""
     import wpkl
-    import wpkl.tensor_parallel as tp
+    import wpkl.parallel.vocab as tp
 
     shards = []
     original = tp.VocabShard.__init__

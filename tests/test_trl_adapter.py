@@ -170,11 +170,11 @@ def test_distillation_route_never_materializes_logits(weighting, monkeypatch):
                     self.seen.append(tuple(x.shape))
             return out
 
-    import wpkl.fused_linear
+    import wpkl.engine.chunks
 
     hs, ht, ws, wt, bs, bt, mask = _hidden_batch(torch.float32, torch.float32, B=4, K=8, V=37)
     mask = torch.ones_like(mask)  # every token valid: 32 of them, in chunks of 4
-    monkeypatch.setattr(wpkl.fused_linear, "CHUNK_BYTES", wpkl.fused_linear.chunk_bytes(4, 37, 16, "torch"))
+    monkeypatch.setattr(wpkl.engine.chunks, "CHUNK_BYTES", wpkl.engine.chunks.chunk_bytes(4, 37, 16, "torch"))
     fn = adapter._distillation_divergence(weighting, "torch")
     leaf = hs.clone().requires_grad_(True)
     with Shapes() as shapes:

@@ -6,7 +6,20 @@ import pytest
 import torch
 
 import wpkl
-from wpkl.backends import compute_terms as real_compute_terms
+import wpkl.engine.fused
+import wpkl.engine.linear
+import wpkl.engine.route
+import wpkl.engine.terms
+
+# Where the engine starts computing (after every input check): the per-token terms of each route.
+ENTRY_POINTS = [(wpkl.engine.terms, "logits_terms"), (wpkl.engine.linear, "linear_terms"),
+                (wpkl.engine.fused, "fused_loss")]
+REAL = {(module, name): getattr(module, name) for module, name in ENTRY_POINTS}
+
+
+def allow_backends(monkeypatch):
+    for (module, name), real in REAL.items():
+        monkeypatch.setattr(module, name, real)
 
 S = torch.randn(2, 3, 10)
 T = torch.randn(2, 3, 10)
@@ -21,13 +34,11 @@ def call(**overrides):
 @pytest.fixture(autouse=True)
 def no_kernel_launch(monkeypatch):
     """A bad input must be rejected before any backend runs."""
-    import wpkl.backends
-
     def boom(*args, **kwargs):
         raise AssertionError("a backend ran on bad input")
 
-    monkeypatch.setattr(wpkl.backends, "compute_terms", boom)
-    monkeypatch.setattr(wpkl.api, "compute_terms", boom)
+    for module, name in ENTRY_POINTS:
+        monkeypatch.setattr(module, name, boom)
 
 
 @pytest.mark.parametrize("overrides,error,words", [
@@ -123,7 +134,7 @@ def test_bad_input(overrides, error, words):
 
 def test_bad_values_on_masked_tokens_are_ignored(monkeypatch):
     """TRL marks ignored tokens with -100: out-of-range values where mask is False are fine."""
-    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    allow_backends(monkeypatch)
     mask = torch.tensor([[True, False, True], [False, False, True]])
     tokens = torch.where(mask, 3, -100)
     weights = torch.where(mask, 1.0, math.nan)
@@ -141,7 +152,7 @@ def test_mismatched_devices_name_the_argument():
 
 
 def test_triton_backend_with_float64_is_refused(monkeypatch):
-    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    allow_backends(monkeypatch)
     with pytest.raises(ValueError, match="supports float32, bfloat16 and float16"):
         call(student_logits=S.double(), backend="triton")
 
@@ -194,20 +205,21 @@ def test_bad_configuration(make, error, words):
 def test_torch_only_weightings_on_triton(monkeypatch, weighting):
     """prefix_confidence is not in the Triton weights kernel: backend="triton" is refused before any kernel runs;
     backend="auto" (Triton picked) runs the torch path instead."""
-    monkeypatch.setattr(wpkl.api, "resolve_backend", lambda backend, problem: "triton")
+    monkeypatch.setattr(wpkl.engine.route, "_backend", lambda problem: ("triton", "as if on CUDA"))
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="not in the Triton weights kernel"):
         call(weighting=weighting, tokens=tokens, backend="triton")
     ran = []
-    monkeypatch.setattr(wpkl.api, "compute_terms", lambda problem, backend, **kw: ran.append(backend) or
-                        real_compute_terms(problem, backend, **kw))
+    real = REAL[(wpkl.engine.terms, "logits_terms")]
+    monkeypatch.setattr(wpkl.engine.terms, "logits_terms", lambda problem, route: ran.append(route.backend) or
+                        real(problem, route))
     loss = call(weighting=weighting, tokens=tokens)
     assert ran == ["torch"] and torch.isfinite(loss)
 
 
 def test_logprobs_allow_rounding_above_zero(monkeypatch):
     """A near-certain token's log-prob may round slightly above 0; that is accepted, and used as given."""
-    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    allow_backends(monkeypatch)
     tokens = torch.zeros(2, 3, dtype=torch.long)
     logprobs = torch.full((2, 3), 1e-4)
     loss = call(teacher_logits=None, divergence="sampled", tokens=tokens, teacher_logprobs=logprobs)
@@ -217,7 +229,7 @@ def test_logprobs_allow_rounding_above_zero(monkeypatch):
 @pytest.mark.parametrize("count", [0, torch.tensor(0), torch.tensor(-5), torch.tensor(0.0)])
 def test_num_items_with_no_valid_token_gives_zero(monkeypatch, count):
     """An empty step (no valid token, e.g. num_items = response_mask.sum() = 0): loss 0, gradient 0, no NaN."""
-    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    allow_backends(monkeypatch)
     student = S.clone().requires_grad_(True)
     loss = call(student_logits=student, mask=torch.zeros(2, 3, dtype=torch.bool), num_items_in_batch=count)
     loss.backward()
@@ -225,7 +237,7 @@ def test_num_items_with_no_valid_token_gives_zero(monkeypatch, count):
 
 
 def test_inplace_backward_is_ignored_when_auto_picks_the_torch_path(monkeypatch):
-    monkeypatch.setattr(wpkl.api, "compute_terms", real_compute_terms)
+    allow_backends(monkeypatch)
     student = S.clone().requires_grad_(True)
     call(student_logits=student, inplace_backward=True).backward()
     expected = S.clone().requires_grad_(True)

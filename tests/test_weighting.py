@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import wpkl
-from wpkl.weighting import compute_weights
+from wpkl.reference import compute_weights
 
 VALID = torch.tensor([[False, True, True, True, False, True],
                       [True, True, False, True, True, True],

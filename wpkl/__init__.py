@@ -4,7 +4,7 @@
                                  weighting=wpkl.Weighting(accumulated=0.5))
 """
 
-from .checks import DeferredCheckError, check_errors
+from .inputs.checks import DeferredCheckError, check_errors
 from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
 from .stats import TokenStats
 from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, PrefixConfidence, Weighting
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # Submodules reachable as attributes (wpkl.audit.PositionBiasMonitor after a bare `import wpkl`) without
 # importing them, or what they need, until first use.
-_LAZY_SUBMODULES = ("audit", "distributed", "integrations")
+_LAZY_SUBMODULES = ("audit", "distributed", "integrations", "testing")
 
 
 def __getattr__(name: str):

@@ -8,8 +8,8 @@ it is then only a namespace portion, and an installed distribution of the same i
 ``__path__`` points at kernels/ in a checkout (or an editable install) and at wpkl/kernels/ in an installed wheel
 (pyproject.toml maps the folder there). Nothing here imports Triton until a kernel is used.
 
-Launch logic lives in ``wpkl/vocab_pass.py``, the autograd in ``wpkl/ops.py`` and ``wpkl/fused_linear.py``; the
-math they implement is specified by ``wpkl/reference.py``.
+Launch logic lives in wpkl/backends (triton_pass.py, triton_topk.py, weights_kernel.py), the autograd in
+wpkl/engine and wpkl/backends/ops.py; the math they implement is specified by wpkl/reference.
 """
 
 import os

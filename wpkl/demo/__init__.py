@@ -4,5 +4,5 @@ language.py   the synthetic language: a hidden Markov model whose hidden mode, f
               governs every later token; exact log-likelihoods by the forward algorithm
 model.py      a tiny causal transformer (teacher and student) and its sampler
 experiment.py teacher training, student warm start, on-policy distillation runs, evaluation
-cli.py        the command line and the report (table, curves, audit plots)
+(the command line, `wpkl demo`, is wpkl/cli/demo.py)
 """

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from ..api import fused_linear_kl_loss, weighted_kl_loss
-from ..fused_linear import gathered_weights
+from ..engine.chunks import gathered_weights
 from ..weighting import Weighting
 
 IGNORE_INDEX = -100
@@ -164,7 +164,7 @@ def _distillation_divergence(weighting, backend):
     the loss, the sum of the student's per-token entropy, the valid count), through ``fused_linear_kl_loss``: the
     logits are projected chunk by chunk and never materialized, as in TRL, and the tokens can be weighted.
 
-    Precision is TRL's (wpkl/projection.py). Under DeepSpeed ZeRO-3 the lm_head parameters are gathered with
+    Precision is TRL's (wpkl/backends/projection.py). Under DeepSpeed ZeRO-3 the lm_head parameters are gathered with
     TRL's own ``maybe_gather_lm_head_ctx`` for the call, and again when the two-phase schedule recomputes the
     projections in backward (the eager schedule computes its gradients inside the forward's gather, as Liger's
     fused losses do).
@@ -178,7 +178,7 @@ def _distillation_divergence(weighting, backend):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         @contextlib.contextmanager
-        def gathered():  # re-entered by the two-phase schedule's backward (wpkl/fused_linear.py)
+        def gathered():  # re-entered by the two-phase schedule's backward (wpkl/engine/linear.py)
             with maybe_gather_lm_head_ctx(student_lm_head_weight, student_lm_head_bias), \
                     maybe_gather_lm_head_ctx(teacher_lm_head_weight, teacher_lm_head_bias):
                 yield

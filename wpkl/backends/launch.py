@@ -3,7 +3,7 @@
 The kernels loop over the vocabulary in BLOCK_V chunks, so BLOCK_V bounds the registers a program
 holds (a few fp32 values per element per thread) rather than the vocabulary it can handle; any V works.
 A chunk is capped at MAX_BLOCK_BYTES per input tensor (4096 bf16/fp16 or 2048 fp32 logits, 32 bytes per
-thread at 8 warps) so that no specialization spills: ``python -m wpkl.kernels.report`` checks it, with the
+thread at 8 warps) so that no specialization spills: ``python -m wpkl.tools.kernel_report`` checks it, with the
 instructions per element, registers and occupancy.
 VEC is the number of logits in 16 bytes (of the wider dtype): the kernels' unit of alignment and of a load.
 """

@@ -2,14 +2,15 @@
 ``weighted_kl_loss`` without graph breaks: Dynamo does not look inside the ops, and their fake implementations
 give the output shapes.
 
-    wpkl::weighted_loss            forward: the vocabulary pass, then the weights kernel (wpkl/vocab_pass.py's
+    wpkl::weighted_loss            forward: the vocabulary pass, then the weights kernel (wpkl/backends/triton_pass.py's
                                    kernels and launch code); returns the loss, the kernel statistics, the
                                    weights, positions and the per-token coefficients d loss / d L_i
     wpkl::weighted_loss_backward   writes d loss / d student into ``out`` (the logits' own storage with
                                    ``inplace_backward`` outside torch.compile, a new buffer otherwise)
 
 Options travel as plain numbers and strings (a custom op's schema has no room for a ``Weighting``):
-``weighting`` is ``wpkl.vocab_pass.encode_weighting``'s list, a PositionTable's values a tensor.
+``weighting`` is ``wpkl.backends.weights_kernel.encode_weighting``'s list, a PositionTable's values a tensor: the
+specification is flattened here, at the custom-op boundary, and nowhere else (wpkl/engine/fused.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ import math
 
 import torch
 
-from . import vocab_pass
-from .checks import run_flags
-from .validation import CHECKS, LOGPROB_TOLERANCE, check_message
-from .vocab_pass import PassSpec, TritonPass, TritonSaved, divergence_id
+from ..inputs.checks import run_flags
+from ..inputs.values import CHECKS, LOGPROB_TOLERANCE, check_message
+from ..spec import LossSpec
+from .common import divergence_id, kernels, launch, num_stats
+from .triton_pass import TritonPass, TritonSaved
+from .weights_kernel import weights_launch
+
+
+def _spec(divergence: str, beta: float, temperature: float) -> LossSpec:
+    return LossSpec(divergence=divergence, beta=beta, temperature=temperature)
 
 @torch.library.custom_op("wpkl::weighted_loss", mutates_args=())
 def weighted_loss(
@@ -46,19 +53,19 @@ def weighted_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = student.shape
     loss, _, saved = TritonPass.forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs,
-                                        PassSpec(divergence, beta, temperature))
+                                        _spec(divergence, beta, temperature))
     stats = saved.stats.view(saved.stats.shape[0], B, T)
     if B * T == 0:
         zeros = student.new_zeros((B, T), dtype=torch.float32)
         out = zeros.clone() if reduction == "none" else student.new_zeros((), dtype=torch.float32)
         return out, stats, zeros.clone(), zeros.clone(), zeros.clone()
-    grid, args, meta, w = vocab_pass.weights_launch(
+    grid, args, meta, w = weights_launch(
         saved.valid_bytes, stats[0], stats[1], loss, weighting=weighting, table=position_table, reduction=reduction,
         segments=segments, row_length=T, vocab=V, user_weights=user_weights, positions=positions,
         tokens=tokens, teacher_logprobs=teacher_logprobs, rollout_logprobs=rollout_logprobs,
         num_items_in_batch=num_items if num_items is not None else
         (None if math.isnan(num_items_value) else num_items_value), logprob_tolerance=LOGPROB_TOLERANCE)
-    vocab_pass.launch(vocab_pass._kernels().token_weights_kernel, grid, args, meta)
+    launch(kernels().token_weights_kernel, grid, args, meta)
     run_flags(w.flags, [check_message(name, V) for name in CHECKS])
     out = w.out.view(B, T) if reduction == "none" else w.out.view(())
     return out, stats, w.weight.view(B, T), w.position.view(B, T), w.coef.view(B, T)
@@ -74,7 +81,7 @@ def _(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, user_
         return student.new_empty((B, T), dtype=torch.float32)
 
     out = per_token() if reduction == "none" else student.new_empty((), dtype=torch.float32)
-    stats = student.new_empty((vocab_pass.num_stats(), B, T), dtype=torch.float32)
+    stats = student.new_empty((num_stats(), B, T), dtype=torch.float32)
     return out, stats, per_token(), per_token(), per_token()
 
 
@@ -83,9 +90,10 @@ def weighted_loss_backward(out: torch.Tensor, student: torch.Tensor, teacher: to
                            valid: torch.Tensor, tokens: torch.Tensor | None, stats: torch.Tensor, coef: torch.Tensor,
                            divergence: str, beta: float, temperature: float) -> None:
     B, T, _ = student.shape
+    spec = _spec(divergence, beta, temperature)
     saved = TritonSaved(student, teacher, valid.reshape(B * T).to(torch.int8),
                         None if tokens is None else tokens.reshape(B * T), stats.reshape(stats.shape[0], B * T),
-                        divergence_id(divergence, beta), PassSpec(divergence, beta, temperature))
+                        divergence_id(spec.exact_divergence), spec)
     TritonPass.backward(saved, coef, out)
 
 

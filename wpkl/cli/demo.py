@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import sums
-from .experiment import DemoConfig
-from .experiment import weightings as hmm_weightings
-from .sums_experiment import DRIFT_TARGETS, SumsConfig
-from .sums_experiment import weightings as sums_weightings
+from ..demo import sums
+from ..demo.experiment import DemoConfig
+from ..demo.experiment import weightings as hmm_weightings
+from ..demo.sums_experiment import DRIFT_TARGETS, SumsConfig
+from ..demo.sums_experiment import weightings as sums_weightings
+from .errors import CommandError
 
 SUMS, HMM = SumsConfig(), DemoConfig()
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled")
@@ -76,8 +77,6 @@ def _checked(args):
     """The arguments as a SumsConfig or DemoConfig, or a CommandError (one line, exit code 2) naming the bad one."""
     import torch
 
-    from ..cli import CommandError
-
     for name in ("seeds", "steps", "eval_prompts"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -135,13 +134,13 @@ def main(args) -> int:
         torch.set_num_threads(1)
     start = time.perf_counter()
     if isinstance(cfg, SumsConfig):
-        from . import sums_experiment as experiment
-        from . import sums_report as report
+        from ..demo import sums_experiment as experiment
+        from ..demo import sums_report as report
         written = "summary.md, results.json, runs/ (position-bias monitors)"
         plots = ", curves.png, differences.png, positions.png and audit/ (plots)"
     else:
-        from . import experiment
-        from . import hmm_report as report
+        from ..demo import experiment
+        from ..demo import hmm_report as report
         written = "summary.md, results.json, runs/ (position-bias monitors)"
         plots = ", curves.png and audit/ (plots)"
     results = experiment.run(cfg, _progress(args.no_progress))

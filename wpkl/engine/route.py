@@ -1,0 +1,156 @@
+"""The route table: from a call's specification and inputs, which backend, vocabulary pass, weights and schedule
+run, and why. ``route(problem)`` is the only place that decides; the engine follows the ``Route`` it returns, the
+cross-rank agreement compares its ``key``, and ``str(route)`` is the one line errors and the CLI print.
+
+    backend    "triton"   the kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+               "torch"    the chunked torch pass: any device, bounded memory
+               "reference" the specification on all valid rows at once (float64-capable, for tests)
+               "auto" picks triton for CUDA tensors in float32/bfloat16/float16 when Triton is installed, else torch
+    terms      "fused op"        one custom op: vocabulary pass + weights kernel (materialized logits, one device)
+               "kernels"         the Triton pass through the engine's autograd Function (a top-k teacher; each
+                                 chunk of the fused-linear form)
+               "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
+               "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
+               "reference"       the specification
+    weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
+    schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
+               sequence fits a chunk, else two-phase) or "two-phase"; None for materialized logits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from ..backends.common import KERNEL_DTYPES
+from ..backends.projection import projection_dtype
+from ..backends.weights_kernel import KERNEL_WEIGHTING
+from ..inputs.data import Problem, StudentLinear, TeacherLinear, TeacherLogits
+from ..weighting import Weighting
+
+
+@dataclass(frozen=True)
+class Route:
+    backend: str
+    terms: str
+    weights: str
+    schedule: str | None
+    inplace: bool
+    reason: str
+
+    @property
+    def key(self) -> tuple:
+        """What every rank of a group must share (the reason is prose, not part of it)."""
+        return (self.backend, self.terms, self.weights, self.schedule, self.inplace)
+
+    @property
+    def eager(self) -> bool:
+        return self.schedule == "eager"
+
+    def __str__(self) -> str:
+        parts = [f"{self.backend}: {self.terms}", f"weights in {self.weights}"]
+        if self.schedule is not None:
+            parts.append(f"{self.schedule} schedule")
+        if self.inplace:
+            parts.append("gradient in place")
+        return ", ".join(parts) + f" ({self.reason})"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernels_interpreted() -> bool:
+    from ..kernels import token_divergence_fwd_kernel
+
+    return type(token_divergence_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def input_dtypes(problem: Problem) -> list[torch.dtype]:
+    """The dtypes the vocabulary pass sees. The fused-linear form hands it float32 logits; float64 hidden states
+    project to float64 logits (the torch pass only); a float64 weight with float32 hidden states projects in
+    float32."""
+    if isinstance(problem.student, StudentLinear):
+        hidden = [problem.student.hidden] + ([problem.teacher.hidden] if isinstance(problem.teacher, TeacherLinear)
+                                             else [])
+        return [torch.float64 if any(x.dtype == torch.float64 for x in hidden) else torch.float32]
+    teacher = problem.teacher.logits if isinstance(problem.teacher, TeacherLogits) else None
+    return [x.dtype for x in (problem.student.logits, teacher) if x is not None]
+
+
+def torch_only_weighting(weighting: Weighting | None) -> list[str]:
+    """The weighting's set fields that the weights kernel does not implement (``prefix_confidence``)."""
+    if weighting is None:
+        return []
+    return [f.name for f in dataclasses.fields(weighting)
+            if f.name not in KERNEL_WEIGHTING and getattr(weighting, f.name) != f.default]
+
+
+def _backend(problem: Problem) -> tuple[str, str]:
+    spec, device = problem.spec, problem.device
+    dtypes = input_dtypes(problem)
+    kernel_dtypes = all(d in KERNEL_DTYPES for d in dtypes)
+    if spec.backend == "auto":
+        if device.type == "cuda" and kernel_dtypes and triton_installed():
+            return "triton", "auto: CUDA tensors in a kernel dtype"
+        why = ("no triton" if not triton_installed() else f"{device.type} tensors" if device.type != "cuda"
+               else ", ".join(str(d) for d in dtypes))
+        return "torch", f"auto: {why}"
+    if spec.backend != "triton":
+        return spec.backend, f"backend={spec.backend!r}"
+    if not triton_installed():
+        raise ValueError('backend="triton" needs the triton package (pip install triton); use backend="torch"')
+    if not kernel_dtypes:
+        raise ValueError(f'backend="triton" supports float32, bfloat16 and float16 logits, got '
+                         f'{", ".join(str(d) for d in dtypes)}')
+    if device.type == "cpu":
+        if not kernels_interpreted():
+            raise ValueError('backend="triton" on CPU tensors runs the Triton interpreter: set TRITON_INTERPRET=1 '
+                             'before importing wpkl, or use backend="torch"')
+    elif device.type != "cuda":
+        raise ValueError(f'backend="triton" needs CUDA tensors, got {device}; use backend="torch"')
+    return "triton", "backend='triton'"
+
+
+def _schedule(problem: Problem, backend: str) -> str:
+    """The eager schedule (wpkl/engine/linear.py) needs a scalar upstream and a compute dtype whose range holds the
+    unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase."""
+    spec, student = problem.spec, problem.student
+    eager = (spec.reduction != "none" and student.trainable and torch.is_grad_enabled() and backend != "reference"
+             and projection_dtype(student.hidden) != torch.float16)
+    return "eager" if eager else "two-phase"
+
+
+def route(problem: Problem) -> Route:
+    """The one decision of a call (module docstring). Raises a ValueError for a backend that cannot run it."""
+    spec = problem.spec
+    backend, reason = _backend(problem)
+    linear = isinstance(problem.student, StudentLinear)
+    schedule = _schedule(problem, backend) if linear else None
+    topk = problem.teacher_topk is not None
+    if backend in ("torch", "reference"):
+        terms = "torch pass" if backend == "torch" else "reference"
+        return Route(backend, terms, "torch", schedule, False, reason)
+    if spec.groups:
+        if topk or spec.exact_divergence == "jsd":
+            # jsd's second pass needs the global normalizers inside the kernel, and a top-k teacher's atoms are
+            # spread over the ranks: both run the torch pass on the shards.
+            why = "a top-k teacher" if topk else "jsd with 0 < beta < 1"
+            return Route("torch", "torch pass", "torch", schedule, False, f"{reason}; vocabulary shards with {why}")
+        return Route("triton", "sharded kernels", "torch", schedule, False, f"{reason}; vocabulary shards")
+    if linear:
+        return Route("triton", "kernels", "torch", schedule, False, f"{reason}; fused-linear chunks")
+    inplace = spec.inplace_backward
+    if topk:
+        return Route("triton", "kernels", "torch", None, inplace, f"{reason}; a top-k teacher weighs in torch")
+    unsupported = torch_only_weighting(spec.weighting)
+    if unsupported:
+        names = ", ".join(f"{name}=..." for name in unsupported)
+        if spec.backend == "triton":
+            raise ValueError(f"Weighting({names}) is not in the Triton weights kernel: use backend=\"torch\" "
+                             "(backend=\"auto\" picks it for this weighting)")
+        return Route("torch", "torch pass", "torch", None, False, f"{reason}; Weighting({names}) weighs in torch")
+    return Route("triton", "fused op", "kernel", None, inplace, reason)

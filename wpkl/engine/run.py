@@ -1,0 +1,68 @@
+"""A loss call from its specification and inputs, the same for every input form:
+
+    build the Problem (wpkl/inputs/build.py)  ->  route it (route.py)  ->  check the values (wpkl/inputs/values.py;
+    with a process group, every rank agrees first: wpkl/parallel/agree.py)  ->  the per-token terms (the fused op,
+    terms.py or linear.py)  ->  weights and reduction (weigh.py)
+
+The public functions and modules (wpkl/api) call ``materialized_loss`` or ``linear_loss`` with a ``LossSpec``.
+"""
+
+from __future__ import annotations
+
+from ..inputs import build
+from ..inputs.data import Problem
+from ..inputs.values import check_values
+from ..spec import LossSpec
+from .route import Route, route
+from .weigh import EagerCoefficients, Sequences, weigh_and_reduce
+
+
+def _routed(spec: LossSpec, prepare) -> tuple[Problem, Route]:
+    if spec.process_group is None:
+        problem = prepare()
+        return problem, route(problem)
+    from ..parallel.agree import agree
+
+    def prepare_and_route():
+        problem = prepare()
+        return problem, route(problem)
+
+    return agree(spec.process_group, prepare_and_route, check_values)
+
+
+def _finish(problem: Problem, chosen: Route):
+    if problem.spec.process_group is None:
+        check_values(problem)
+    seq = Sequences(problem)
+    if problem.linear:
+        from .linear import linear_terms
+
+        coefficients = EagerCoefficients(problem, seq) if chosen.eager else None
+        terms = linear_terms(problem, chosen, coefficients)
+    else:
+        from .terms import logits_terms
+
+        terms = logits_terms(problem, chosen)
+    return weigh_and_reduce(problem, terms, seq)
+
+
+def materialized_loss(spec: LossSpec, student_logits, teacher_logits, **data):
+    """``weighted_kl_loss``'s work: ``data`` holds its per-token and teacher arguments by name."""
+    problem, chosen = _routed(spec, lambda: build.materialized(spec, student_logits, teacher_logits, **data))
+    if chosen.terms == "fused op":
+        from .fused import fused_loss
+
+        return fused_loss(problem, chosen)  # its value checks run inside the weights kernel
+    return _finish(problem, chosen)
+
+
+def linear_loss(spec: LossSpec, student_hidden, student_weight, teacher_hidden, teacher_weight, **data):
+    """``fused_linear_kl_loss``'s work (the lm_head weights as given: gathered by the caller when sharded)."""
+    problem, chosen = _routed(spec, lambda: build.linear(spec, student_hidden, student_weight, teacher_hidden,
+                                                         teacher_weight, **data))
+    return _finish(problem, chosen)
+
+
+def explain(problem: Problem) -> str:
+    """The route a problem takes, in the one line errors and the CLI print."""
+    return str(route(problem))
