@@ -1,4 +1,4 @@
-"""torch.compile: the Triton path is a torch custom op (wpkl/ops.py), so a compiled step containing
+"""torch.compile: the Triton path is a torch custom op (wpkl/backends/ops.py), so a compiled step containing
 weighted_kl_loss traces as one graph (fullgraph=True) with the kernels inside; the torch path compiles with graph
 breaks allowed. On this CPU the Triton kernels run in the interpreter; the traced Python is the GPU path's."""
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import wpkl
-from wpkl import ops
+from wpkl.backends import ops
+from wpkl.backends.weights_kernel import encode_weighting
 
 pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 
@@ -80,7 +81,8 @@ def test_custom_op_passes_opcheck():
     student, teacher, mask = _inputs()
     student.requires_grad_(True)
     args = (student, teacher, mask, None, None, None, torch.rand(2, 5), None, torch.tensor(7.0), None, "jsd", 0.3,
-            0.9, [1.0, 3.0, 0.0, 0.0, 1.0, 0.0, 1e-8, 1.0, 2.5], "mean", 0, float("nan"), False)
+            0.9, encode_weighting(wpkl.Weighting(position=wpkl.ExpDecay(3.0), disagreement=1.0, w_max=2.5)), "mean", 0,
+            float("nan"), False)
     torch.library.opcheck(ops.weighted_loss, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -132,3 +132,14 @@ def test_the_built_wheel_places_the_kernels_in_wpkl(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     path, common = result.stdout.split()
     assert Path(path) == target / "wpkl" / "kernels" and Path(common).parent == target / "wpkl" / "kernels"
+
+
+def test_every_subpackage_is_in_the_wheel_list():
+    """pyproject's package list names every folder of wpkl/ with an __init__.py: a new layer folder left out of
+    it would import from a checkout (editable install) and be missing from the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"wpkl", "wpkl.kernels"} | {"wpkl." + ".".join(p.parent.relative_to(ROOT / "wpkl").parts)
+                                       for p in (ROOT / "wpkl").rglob("__init__.py") if p.parent != ROOT / "wpkl"}
+    assert listed == found, {"missing": sorted(found - listed), "stale": sorted(listed - found)}

@@ -66,9 +66,9 @@ def syncs(monkeypatch):
     monkeypatch.setattr(wpkl.inputs.checks, "_deferred", lambda flags: True)
     monkeypatch.setattr(wpkl.inputs.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
-    wpkl.checks._pending.clear()
+    wpkl.inputs.checks._pending.clear()
     yield calls
-    wpkl.checks._pending.clear()
+    wpkl.inputs.checks._pending.clear()
 
 
 def _inputs(packed=False, B=2, T=5, V=40):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 import wpkl
 from wpkl.reference import token_terms
+from wpkl.testing import strategies as opd
 
 BACKENDS = ("triton", "torch")
 FULL_VOCAB = ("reverse_kl", "forward_kl", "jsd")
@@ -14,14 +15,12 @@ FULL_VOCAB = ("reverse_kl", "forward_kl", "jsd")
 
 @st.composite
 def problems(draw, max_vocab=90):
-    rows = draw(st.integers(1, 4))
-    vocab = draw(st.integers(1, max_vocab))
-    seed = draw(st.integers(0, 2**31 - 1))
+    """float32 [2, rows, V] pairs from the public strategies (wpkl.testing.strategies)."""
+    leading = (2, draw(st.integers(1, 4)))
     scale = draw(st.sampled_from([0.1, 1.0, 5.0]))
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(2, rows, vocab, generator=gen) * scale
-    teacher = torch.randn(2, rows, vocab, generator=gen) * scale
-    return student, teacher
+    student, teacher = draw(opd.logits_pairs(leading, max_vocab=max_vocab, max_teacher_pad=0, scale=scale,
+                                             close=False))
+    return student.float(), teacher.float()
 
 
 def _terms(student, teacher, backend, **kwargs):

@@ -16,7 +16,6 @@ option without a top-k teacher, say) is checked with them (wpkl/inputs/build.py)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import zlib
@@ -135,23 +134,20 @@ class LossSpec(_Frozen):
                 self._set(name, real(name, value))
         if self.linear is not None and not isinstance(self.linear, LinearOptions):
             raise TypeError(f"linear must be a wpkl.spec.LinearOptions or None, got {type(self.linear).__name__}")
-        for f in fields(self):
-            if f.metadata.get("group"):
-                _check_group(f.name, getattr(self, f.name))
+        for name in GROUP_FIELDS:
+            _check_group(name, getattr(self, name))
 
     # ------------------------------------------------------------------ the public options, flat
 
     @classmethod
     def option_names(cls, linear: bool) -> tuple[str, ...]:
         """The public option names of the materialized (or, ``linear=True``, the fused-linear) form."""
-        top = tuple(f.name for f in fields(cls)
-                    if f.name != "linear" and not (linear and f.metadata.get("materialized only")))
-        return top + (tuple(f.name for f in fields(LinearOptions)) if linear else ())
+        return OPTION_NAMES[bool(linear)]
 
     @classmethod
     def from_options(cls, *, linear: bool = False, **options) -> LossSpec:
         """A spec from the public options (``linear``: the fused-linear form, whose projection options it takes)."""
-        inner = {f.name for f in fields(LinearOptions)}
+        inner = LINEAR_NAMES
         unknown = set(options) - set(cls.option_names(linear))
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}")
@@ -162,10 +158,8 @@ class LossSpec(_Frozen):
     def options(self) -> dict:
         """The public options, flat (the inverse of ``from_options``)."""
         names = self.option_names(self.linear is not None)
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in names}
-        if self.linear is not None:
-            out.update(dataclasses.asdict(self.linear))
-        return out
+        linear = self.linear
+        return {name: getattr(linear, name) if name in LINEAR_NAMES else getattr(self, name) for name in names}
 
     def replace(self, **options) -> LossSpec:
         """A copy with some public options changed, validated again."""
@@ -190,11 +184,21 @@ class LossSpec(_Frozen):
     @property
     def groups(self) -> dict:
         """The process groups the call spans (field name -> group; those that are set)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.metadata.get("group") and getattr(self, f.name) is not None}
+        return {name: getattr(self, name) for name in GROUP_FIELDS if getattr(self, name) is not None}
 
     def agreement_key(self) -> int:
         """A digest of every option but the groups: equal on every rank of a group, or the ranks disagree."""
         values = {name: value for name, value in self.options().items()
-                  if name not in {f.name for f in fields(self) if f.metadata.get("group")}}
+                  if name not in GROUP_FIELDS}
         return zlib.crc32(repr(sorted(values.items())).encode())
+
+
+# The field lists, derived once from the classes (not at call time: torch.compile traces the calls, and Dynamo
+# does not trace ``dataclasses.fields``).
+LINEAR_NAMES = tuple(f.name for f in fields(LinearOptions))
+GROUP_FIELDS = tuple(f.name for f in fields(LossSpec) if f.metadata.get("group"))
+OPTION_NAMES = {
+    linear: tuple(f.name for f in fields(LossSpec) if f.name != "linear"
+                  and not (linear and f.metadata.get("materialized only"))) + (LINEAR_NAMES if linear else ())
+    for linear in (False, True)
+}

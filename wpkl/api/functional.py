@@ -16,8 +16,26 @@ from ..weighting import Weighting
 def split(arguments: dict, linear: bool) -> tuple[LossSpec, dict]:
     """A call's arguments (its ``locals()``) as (the spec of its options, the rest by name)."""
     names = LossSpec.option_names(linear)
-    spec = LossSpec.from_options(linear=linear, **{name: arguments[name] for name in names})
-    return spec, {name: value for name, value in arguments.items() if name not in names}
+    return (spec_or_agree(linear, {name: arguments[name] for name in names}),
+            {name: value for name, value in arguments.items() if name not in names})
+
+
+def spec_or_agree(linear: bool, options: dict) -> LossSpec:
+    """``LossSpec.from_options``; with a process group, a rejected option still joins the cross-rank agreement, so
+    that every rank raises (wpkl/parallel/agree.py: ``reject``), never leaving the others in a collective."""
+    if options.get("process_group") is not None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
+    try:
+        return LossSpec.from_options(linear=linear, **options)
+    except (TypeError, ValueError) as error:
+        if options.get("process_group") is None:
+            raise
+        from ..parallel.agree import reject
+
+        reject(options["process_group"], error)
 
 
 def weighted_kl_loss(

@@ -12,7 +12,7 @@ from torch import nn
 from ..engine.run import materialized_loss
 from ..spec import LossSpec
 from ..weighting import Weighting
-from .functional import linear_call
+from .functional import linear_call, spec_or_agree
 
 
 class _SpecModule(nn.Module):
@@ -23,7 +23,16 @@ class _SpecModule(nn.Module):
         self.spec = LossSpec.from_options(linear=self._linear, **options)
 
     def _spec_for(self, return_stats) -> LossSpec:
-        return self.spec if return_stats is self.spec.return_stats else self.spec.replace(return_stats=return_stats)
+        """The spec of one forward: ``return_stats`` is the only option a forward sets (its True variant is kept)."""
+        if return_stats is self.spec.return_stats:
+            return self.spec
+        cached = self.__dict__.get("_stats_spec")
+        if return_stats is True and cached is not None and cached[0] is self.spec:
+            return cached[1]
+        spec = spec_or_agree(self._linear, {**self.spec.options(), "return_stats": return_stats})
+        if return_stats is True:
+            self.__dict__["_stats_spec"] = (self.spec, spec)
+        return spec
 
     def extra_repr(self) -> str:
         default = LossSpec.from_options(linear=self._linear).options()

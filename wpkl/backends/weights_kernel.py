@@ -23,13 +23,16 @@ _REDUCTIONS = {"mean": 0, "sum": 1, "seq_mean": 2, "none": 3}
 # The Weighting fields the kernel implements (the route sends any other to the torch weights).
 KERNEL_WEIGHTING = ("position", "confidence", "disagreement", "accumulated", "normalize", "accumulated_eps", "w_max")
 _SCHEDULE_PARAMETERS = 2  # numbers per position schedule (a PositionTable's values travel as a tensor)
+# Derived once (torch.compile traces encode_weighting, and Dynamo does not trace ``dataclasses.fields``).
+WEIGHTING_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Weighting))
+_SCHEDULE_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in POSITION_SCHEDULES}
 
 
 def _codes(name: str, value) -> list[tuple[str, float]]:
     if name == "position":
         kind = 0 if value is None else 1 + POSITION_SCHEDULES.index(type(value))
         params = [] if value is None or isinstance(value, PositionTable) else [
-            float(getattr(value, f.name)) for f in dataclasses.fields(value)]
+            float(getattr(value, name)) for name in _SCHEDULE_FIELDS[type(value)]]
         params += [0.0] * (_SCHEDULE_PARAMETERS - len(params))
         return [("position", float(kind)), ("position_a", params[0]), ("position_b", params[1])]
     if value is None:
@@ -40,14 +43,14 @@ def _codes(name: str, value) -> list[tuple[str, float]]:
 
 
 def _names() -> list[str]:
-    return [name for f in dataclasses.fields(Weighting) for name, _ in _codes(f.name, f.default)]
+    return [code_name for name, default in WEIGHTING_FIELDS for code_name, _ in _codes(name, default)]
 
 
 def encode_weighting(weighting: Weighting | None) -> list[float]:
     """A Weighting as plain numbers (what the custom op's schema and the kernel take); ``None`` (uniform) is the
     default Weighting without normalization."""
     weighting = Weighting(normalize=False) if weighting is None else weighting
-    return [code for f in dataclasses.fields(Weighting) for _, code in _codes(f.name, getattr(weighting, f.name))]
+    return [code for name, _ in WEIGHTING_FIELDS for _, code in _codes(name, getattr(weighting, name))]
 
 
 def decode_weighting(codes: list[float]) -> dict[str, float]:

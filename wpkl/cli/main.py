@@ -1,4 +1,5 @@
-"""The ``wpkl`` command: ``wpkl audit`` (position-bias tables and plots) and ``wpkl demo`` (the OPD experiment).
+"""The ``wpkl`` command: ``wpkl audit`` (position-bias tables and plots), ``wpkl check`` (wpkl's routes
+against the float64 reference on this machine) and ``wpkl demo`` (the OPD experiment).
 
 Bad arguments and unusable files end with one line on stderr (``wpkl <command>: error: ...``) and exit code 2,
 never a traceback. Each command is one file here with an ``add_parser(commands, formatter_class)``.
@@ -9,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import audit, demo
+from . import audit, check, demo
 from .errors import CommandError, HelpFormatter
 
-COMMANDS = (audit, demo)
+COMMANDS = (audit, check, demo)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if hasattr(args, "argv"):  # a command that re-runs itself (wpkl check under the Triton interpreter)
+        args.argv = None if argv is None else list(argv)[1:]
     try:
         return args.handler(args)
     except CommandError as error:

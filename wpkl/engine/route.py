@@ -19,7 +19,6 @@ cross-rank agreement compares its ``key``, and ``str(route)`` is the one line er
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch
 
 from ..backends.common import KERNEL_DTYPES
 from ..backends.projection import projection_dtype
-from ..backends.weights_kernel import KERNEL_WEIGHTING
+from ..backends.weights_kernel import KERNEL_WEIGHTING, WEIGHTING_FIELDS
 from ..inputs.data import Problem, StudentLinear, TeacherLinear, TeacherLogits
 from ..weighting import Weighting
 
@@ -85,8 +84,8 @@ def torch_only_weighting(weighting: Weighting | None) -> list[str]:
     """The weighting's set fields that the weights kernel does not implement (``prefix_confidence``)."""
     if weighting is None:
         return []
-    return [f.name for f in dataclasses.fields(weighting)
-            if f.name not in KERNEL_WEIGHTING and getattr(weighting, f.name) != f.default]
+    return [name for name, default in WEIGHTING_FIELDS
+            if name not in KERNEL_WEIGHTING and getattr(weighting, name) != default]
 
 
 def _backend(problem: Problem) -> tuple[str, str]:

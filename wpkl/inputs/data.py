@@ -80,8 +80,11 @@ class TokenBatch:
 
     def given(self) -> tuple[str, ...]:
         """The names of the optional inputs that were given (what decides a call's work and collectives)."""
-        return tuple(f.name for f in dataclasses.fields(self)
-                     if f.name not in ("valid", "leading_shape", "packed") and getattr(self, f.name) is not None)
+        return tuple(name for name in _OPTIONAL_BATCH if getattr(self, name) is not None)
+
+
+_OPTIONAL_BATCH = tuple(f.name for f in dataclasses.fields(TokenBatch) if f.name not in ("valid", "leading_shape",
+                                                                                          "packed"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from .vocab import VocabShard
 
 _DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # What every rank's row of the table holds after its two outcome flags, by name (the error messages use them).
-FACTS = ("local vocabulary", "teacher's local vocabulary", "leading shape", "top-k K", "student dtype",
+FACTS = ("local vocabulary", "teacher's local vocabulary", "leading dimensions", "leading size 0", "leading size 1",
+         "top-k K", "student dtype",
          "teacher dtype", "requires_grad", "route", "options", "mask and tokens")
 
 
@@ -62,7 +63,8 @@ def _facts(problem: Problem, route) -> dict[str, int]:
     options = (problem.spec.agreement_key(), problem.batch.given(), type(teacher).__name__,
                torch.is_autocast_enabled(problem.device.type))
     return {"local vocabulary": vocab, "teacher's local vocabulary": -1 if t_vocab is None else t_vocab,
-            "leading shape": _crc(tuple(problem.batch.leading_shape)),
+            "leading dimensions": len(problem.batch.leading_shape),
+            **{f"leading size {i}": size for i, size in enumerate((*problem.batch.leading_shape, 0, 0)[:2])},
             "top-k K": -1 if topk is None else topk.ids.shape[-1],
             "student dtype": _DTYPES.index(tensor.dtype),
             "teacher dtype": 0 if t_tensor is None else _DTYPES.index(t_tensor.dtype),
@@ -140,3 +142,18 @@ def agree(process_group, prepare, check_values):
     raise_for(1, values_error)  # (a bad value on one rank also changes its checksum: its own message first)
     same(FACTS[-1])
     return problem, route
+
+
+def reject(process_group, error: Exception):
+    """An option the rank's own specification rejected, before any input was read: this rank joins the agreement
+    as a rank that failed (so the others raise too, instead of waiting in a collective), then raises ``error``.
+    A group that is no ProcessGroup, or torch.distributed not initialized, can carry nothing: ``error`` at once."""
+    dist = _dist()
+    if not (dist.is_available() and dist.is_initialized() and isinstance(process_group, dist.ProcessGroup)):
+        raise error
+
+    def prepare():
+        raise error
+
+    agree(process_group, prepare, lambda problem: None)
+    raise error  # unreachable: agree raises this rank's own error

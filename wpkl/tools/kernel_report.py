@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .sass import Loop, cuobjdump, ctas_per_sm, resources, vocabulary_loops
-from .specializations import ARCHS, Job, jobs, launch, signature
+from .specializations import ARCHS, Job, jobs, launch, specialize
 
 
 # Targets (docs/design.md), gated for bf16 on sm_90 at V = 128256, the specialization they name.
@@ -110,7 +110,7 @@ def compile_job(job: Job) -> Row:
     from triton.compiler import ASTSource
 
     fn, args, meta = launch(job)
-    signature, constexprs, attrs, num_warps = signature(fn, args, meta)
+    signature, constexprs, attrs, num_warps = specialize(fn, args, meta)
     source = ASTSource(fn, signature, constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32), options={"num_warps": num_warps})
     cubin = compiled.asm["cubin"]

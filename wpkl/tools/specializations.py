@@ -80,7 +80,7 @@ def launch(job: Job):
     return kernels.token_divergence_bwd_kernel, args, meta
 
 
-def signature(fn, args, meta):
+def specialize(fn, args, meta):
     """Triton's own specialization rules: pointers and ints divisible by 16 get tt.divisibility=16
     (torch allocations are 16-byte aligned), and an int equal to 1 becomes a constant."""
     constexprs, attrs, signature = dict(meta), {}, {}
