@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for one GPU and ten minutes: install wpkl into the machine's Python, then the GPU test suite, the
 # kernel resource report, the benchmark (materialized logits, the fused-linear suite, then the vocabulary-parallel
-# loss on 2 ranks: bench/sharded.py) and the plots, all
+# loss on 2 ranks: bench/sharded.py, and the sequence-parallel loss: bench/sequence.py) and the plots, all
 # under one folder. Made for the borrowed H100/H200 machines: no network, a preinstalled torch and triton,
 # trl and liger-kernel only from wheels carried in .whl/ (bash ../shared/gpu-wheels.sh fetches them).
 #
@@ -56,10 +56,12 @@ if [ $dry = 1 ]; then
   logits_args="--device cpu --shapes 64x512:float32 --modes fwd+bwd --providers eager wpkl-torch"
   linear_args="--device cpu --linear-shapes 64x32x512:float32 --linear-providers wpkl eager gemms"
   sharded_args="--device cpu --shapes 64x512:float32 --rep-seconds 0.1"
+  sequence_args="--device cpu --shapes 64x512:float32 --rep-seconds 0.1 --cases iw_opd"
 else
   logits_args=""
   linear_args=""
   sharded_args="--device cuda"
+  sequence_args="--device cuda"
 fi
 say "== benchmark: materialized logits ($(left) s left)"
 $py -m bench --suite logits --out "$out/bench" --no-progress --budget $(( $(left) * 6 / 10 )) $logits_args \
@@ -76,6 +78,11 @@ OMP_NUM_THREADS=1 timeout $(( $(left) - 40 > 10 ? $(left) - 40 : 10 )) $py -m to
   --nproc_per_node 2 bench/sharded.py --out "$out/bench-sharded" --budget $(( $(left) - 90 > 5 ? $(left) - 90 : 5 )) \
   $sharded_args > "$out/bench-sharded.txt" 2>&1
 say "bench (sharded) exit $?"
+say "== benchmark: sequence-parallel, 2 ranks ($(left) s left)"
+OMP_NUM_THREADS=1 timeout $(( $(left) - 30 > 10 ? $(left) - 30 : 10 )) $py -m torch.distributed.run --standalone \
+  --nproc_per_node 2 bench/sequence.py --out "$out/bench-sequence" --budget $(( $(left) - 70 > 5 ? $(left) - 70 : 5 )) \
+  $sequence_args > "$out/bench-sequence.txt" 2>&1
+say "bench (sequence) exit $?"
 
 say "== plots ($(left) s left)"
 for results in "$out"/bench/*.json "$out"/bench-linear/*.json; do

@@ -23,12 +23,14 @@ class Row:
     note: str = ""
 
 
-def markdown(meta: dict, rows: list[Row]) -> str:
+def markdown(meta: dict, rows: list[Row], title: str = "Sharded loss", split: str | None = None) -> str:
+    """``split``: how the rows with several ranks divide the work (default: the vocabulary's V / R)."""
     fmt = lambda x, spec: "" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"# Sharded loss: {meta['layout']} vs 1 device ({meta['device']}, {meta['date']})", "",
+    split = split or f"the same total vocabulary V, each rank V / {meta['ranks']} in the sharded rows"
+    lines = [f"# {title}: {meta['layout']} vs 1 device ({meta['device']}, {meta['date']})", "",
              f"Forward + backward of `weighted_kl_loss` on materialized logits, backend `{meta['wpkl_backend']}`, "
-             f"process group `{meta['process_group_backend']}`; the same total vocabulary V, each rank V / "
-             f"{meta['ranks']} in the sharded rows. Sharded time: the slowest rank's median.", ""]
+             f"process group `{meta['process_group_backend']}`; {split}. Several ranks' time: the slowest rank's "
+             "median.", ""]
     if meta["notice"]:
         lines += [f"**{meta['notice']}**", ""]
     lines += ["| shape | case | layout | median ms | p20-p80 ms | x 1 device | peak extra MiB per rank | note |",

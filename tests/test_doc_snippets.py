@@ -49,6 +49,12 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _world():
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
 @pytest.fixture
 def single_process_group():
     import torch.distributed as dist
@@ -100,7 +106,11 @@ def test_recipes_snippets(in_tmp, single_process_group):
                      weighting=wpkl.Weighting(accumulated=0.5, normalize=False), monitor=wpkl.audit.PositionBiasMonitor(),
                      step=0, student_logits=student_logits, teacher_logits=torch.randn(B, T, V_TEACHER),
                      responses=responses, teacher_token_logprobs=-torch.rand(B, T) * 3,
-                     old_log_probs=-torch.rand(B, T) * 3)
+                     old_log_probs=-torch.rand(B, T) * 3,
+                     # the context-parallel recipe (after "From hidden states": [2, 7] tokens), on a one-rank
+                     # group (the whole batch is the rank's)
+                     local_mask=response_mask[:2], local_positions=torch.arange(T).expand(2, T),
+                     local_sequence_ids=torch.arange(2).unsqueeze(1).expand(2, T), cp_group=_world())
     blocks = python_blocks(ROOT / "docs" / "recipes.md")
     assert len(blocks) >= 5
     for i, code in enumerate(blocks):

@@ -27,3 +27,15 @@ def test_tensor_parallel_example():
     assert "step   1  loss" in result.stdout, result.stdout
     assert "match one process on the full vocabulary: True" in result.stdout, result.stdout
     assert "trunk replicas identical on all 2 ranks: True" in result.stdout, result.stdout
+
+
+def test_context_parallel_example():
+    """examples/context_parallel.py under torchrun with 2 CPU ranks: Megatron's load-balanced split, IW-OPD
+    weights; the ranks' loss and the all-reduced gradients equal one process's on the whole batch (the script
+    checks and exits non-zero otherwise), and weighing each rank's chunks alone gives another loss."""
+    result = run_torchrun("examples/context_parallel.py", "--steps", "2")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "match one process on the whole batch: True" in result.stdout, result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith("last step"))
+    numbers = [float(w.rstrip(",")) for w in line.replace(",", " ").split() if w[0].isdigit()]
+    assert abs(numbers[0] - numbers[1]) < 1e-4 < abs(numbers[0] - numbers[2]), line

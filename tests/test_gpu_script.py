@@ -1,5 +1,6 @@
 """bench/gpu.sh, the one command a borrowed GPU machine runs, rehearsed on this CPU: ``--dry-run`` walks every step
-(versions, GPU tests, kernel report, both benchmark suites, the sharded benchmark on 2 gloo ranks, plots) at tiny sizes without installing anything."""
+(versions, GPU tests, kernel report, both benchmark suites, the sharded and sequence-parallel benchmarks on 2
+gloo ranks, plots) at tiny sizes without installing anything."""
 
 import os
 import subprocess
@@ -21,11 +22,13 @@ def test_gpu_script_dry_run(tmp_path):
     summary = (out / "summary.txt").read_text()
     for step in ("== install (dry run", "== GPU test suite", "gpu tests exit 0", "== kernel resource report",
                  "report exit 0", "bench (logits) exit 0", "bench (fused-linear) exit 0", "bench (sharded) exit 0",
-                 "done in"):
+                 "bench (sequence) exit 0", "done in"):
         assert step in summary, (step, summary)
     assert "no GPU" in (out / "versions.txt").read_text()
     assert list((out / "bench").glob("*.json")) and list((out / "bench-linear").glob("*.json"))
     sharded = list((out / "bench-sharded").glob("sharded-*.json"))
     assert sharded and "2 ranks on the CPU" in sharded[0].with_suffix(".md").read_text()
+    sequence = list((out / "bench-sequence").glob("sequence-*.json"))
+    assert sequence and "sends" in sequence[0].with_suffix(".md").read_text()
     assert list((out / "figures").glob("*.png"))
     assert (out / "kernel-report.json").exists() and list((out / "sass").glob("*.sass"))

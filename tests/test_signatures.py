@@ -23,7 +23,7 @@ B, T, V, H, K = 2, 5, 13, 8, 3
 OPTION_VALUES = {
     "divergence": "jsd", "beta": 0.3, "temperature": 1.7, "weighting": wpkl.Weighting(accumulated=0.5),
     "reduction": "sum", "backend": "reference", "return_stats": True, "inplace_backward": True,
-    "topk_mode": "raw", "topk_logprob_floor": -4.0, "topk_loss_max": 3.0, "process_group": None,
+    "topk_mode": "raw", "topk_logprob_floor": -4.0, "topk_loss_max": 3.0, "process_group": None, "sequence_group": None,
     "student_logit_scale": 0.5, "teacher_logit_scale": 2.0, "student_softcap": 3.0, "teacher_softcap": 4.0,
     "chunk_size": 3,
 }

@@ -160,19 +160,22 @@ def test_topk_strategy(data):
     assert (logprobs[ids >= 0] <= 0).all() and torch.logsumexp(logprobs.where(ids >= 0, -torch.inf), -1).le(1e-9).all()
 
 
-def _run_check(*args, env=None):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "wpkl.cli", "check", "--device", "cpu", *args],
-                          capture_output=True, text=True, timeout=900, env=env or dict(os.environ))
-
-
 @pytest.mark.slow
 def test_wpkl_check_quick_passes_and_writes_json(tmp_path):
-    result = _run_check("--quick", "--dtype", "bfloat16", "--json", str(tmp_path / "c.json"))
+    """The README's CPU command, word for word, in a fresh folder (about 75 s on 2 cores, every dtype)."""
+    import os
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (words,) = [line.split("#")[0].split() for line in readme.splitlines()
+                if line.startswith("wpkl check") and "--quick" in line]
+    result = subprocess.run([sys.executable, "-m", "wpkl.cli", *words[1:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900, env=dict(os.environ))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "torch" in result.stdout and "routes passed" in result.stdout
-    data = json.loads((tmp_path / "c.json").read_text())
+    import re
+
+    assert re.search(r"\n(\d+) of \1 routes passed", result.stdout), result.stdout[-3000:]
+    data = json.loads((tmp_path / words[-1]).read_text())
     assert data["environment"]["torch"] == torch.__version__ and all(r["passed"] for r in data["results"])
     names = {r["route"] for r in data["results"]}
     assert {"torch reverse_kl", "torch sampled", "torch top-k raw", "torch fused-linear"} <= names

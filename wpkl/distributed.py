@@ -20,12 +20,19 @@ DDP averages the ranks' gradients (divides their sum by the world size), so a lo
 denominator is multiplied by the world size before ``backward`` (what Hugging Face ``Trainer.compute_loss``
 does with ``average_tokens_across_devices``; TRL's ``DistillationTrainer`` divides the count by the world size
 instead: the same gradient). See docs/recipes.md, "Data parallel", and examples/ddp_distill.py.
+
+A sequence split across ranks (context or sequence parallelism) is the other case: pass ``sequence_group=`` to
+the loss, with each token's ``positions`` and ``sequence_ids`` (``megatron_bshd``, ``megatron_thd`` and
+``contiguous`` give them for the trainers' layouts); the weights and the reduction are then the whole batch's.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+# Sequence parallelism (``sequence_group=``): where each token goes under the trainers' layouts (pure functions).
+from .parallel.layouts import LocalTokens, contiguous, megatron_bshd, megatron_thd
 
 
 def global_sum(value: torch.Tensor, group=None) -> torch.Tensor:
@@ -69,3 +76,6 @@ def global_weight_sum(weights: torch.Tensor, group=None) -> torch.Tensor:
         raise TypeError("global_weight_sum takes a float tensor of weights (stats.weight)")
     total = global_sum(weights.sum().reshape(()), group)
     return torch.where(total > 0, total, torch.ones_like(total))
+
+__all__ = ["global_sum", "global_count", "global_weight_sum", "LocalTokens", "megatron_bshd", "megatron_thd",
+           "contiguous"]

@@ -105,6 +105,7 @@ class LossSpec(_Frozen):
     topk_loss_max: float | None = None
     linear: LinearOptions | None = None  # the fused-linear form's options (None: materialized logits)
     process_group: object = field(default=None, metadata={"group": True})  # vocabulary shards
+    sequence_group: object = field(default=None, metadata={"group": True})  # sequence shards (wpkl/parallel/sequence.py)
 
     def __post_init__(self):
         choice("divergence", self.divergence, DIVERGENCES)
@@ -143,6 +144,11 @@ class LossSpec(_Frozen):
     def option_names(cls, linear: bool) -> tuple[str, ...]:
         """The public option names of the materialized (or, ``linear=True``, the fused-linear) form."""
         return OPTION_NAMES[bool(linear)]
+
+    @classmethod
+    def group_names(cls) -> tuple[str, ...]:
+        """The options that are process groups (``process_group``, ``sequence_group``)."""
+        return GROUP_FIELDS
 
     @classmethod
     def from_options(cls, *, linear: bool = False, **options) -> LossSpec:

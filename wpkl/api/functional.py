@@ -21,21 +21,28 @@ def split(arguments: dict, linear: bool) -> tuple[LossSpec, dict]:
 
 
 def spec_or_agree(linear: bool, options: dict) -> LossSpec:
-    """``LossSpec.from_options``; with a process group, a rejected option still joins the cross-rank agreement, so
-    that every rank raises (wpkl/parallel/agree.py: ``reject``), never leaving the others in a collective."""
-    if options.get("process_group") is not None:
-        import torch.distributed as dist
+    """``LossSpec.from_options``; with a process or sequence group, a rejected option still joins the cross-rank
+    agreements, so that every rank raises (wpkl/parallel/agree.py: ``reject``; sequence.py: ``reject_sequences``),
+    never leaving the others in a collective."""
+    for name in ("process_group", "sequence_group"):
+        if options.get(name) is not None:
+            import torch.distributed as dist
 
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
+            if not dist.is_available() or not dist.is_initialized():
+                raise ValueError(f"{name} needs torch.distributed initialized (init_process_group)")
     try:
         return LossSpec.from_options(linear=linear, **options)
     except (TypeError, ValueError) as error:
-        if options.get("process_group") is None:
-            raise
         from ..parallel.agree import reject
+        from ..parallel.sequence import reject_sequences
 
-        reject(options["process_group"], error)
+        for name, rejecter in (("process_group", reject), ("sequence_group", reject_sequences)):
+            if options.get(name) is not None:
+                try:
+                    rejecter(options[name], error)
+                except (TypeError, ValueError):
+                    pass  # this rank's own error, raised once every group has heard of it
+        raise
 
 
 def weighted_kl_loss(
@@ -64,6 +71,8 @@ def weighted_kl_loss(
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
     process_group=None,
+    sequence_ids: torch.Tensor | None = None,
+    sequence_group=None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -114,6 +123,21 @@ def weighted_kl_loss(
             and reduction run in torch; ``inplace_backward`` is ignored. Collectives and bytes: docs/design.md.
             Inputs are checked on every rank, then one all-gather of their shapes makes every rank raise (or
             none) before any other collective. Every rank of the group must make the call (and its backward).
+        sequence_ids: int >= 0, leading shape: the sequence each token belongs to (the same id on every rank of a
+            ``sequence_group``). With ``positions`` it places each token in its sequence, in any order (a packed
+            batch whose positions do not restart at 0, or a rank's share of a sequence-parallel batch): every token,
+            masked or not, must have its own (sequence, position), without gaps. [B, T] input with a
+            ``sequence_group`` defaults to row b being sequence b.
+        sequence_group: a ``torch.distributed.ProcessGroup`` over which the batch's sequences are split (context or
+            sequence parallelism: Megatron's context-parallel group, Ulysses, ring attention), or None. Each rank
+            passes its own tokens with ``positions`` (each token's position in its whole sequence) and
+            ``sequence_ids``; the weights and the reduction are the whole batch's, so the ranks' losses sum to the
+            single-process loss of the whole batch and each rank's gradient is its rows of the whole gradient
+            (``reduction="none"`` and the stats: the rank's tokens' rows). ``wpkl.distributed`` has the layout
+            helpers of the trainers (Megatron's load-balanced chunks, Ulysses/verl's contiguous slices). Costs:
+            two all-gathers per call (a few int64 per rank; 5 to 7 float64 per token), none in backward, one host
+            sync. Combines with ``process_group`` (a tensor x context mesh). Every rank of the group must make the
+            call. Details: wpkl/parallel/sequence.py and docs/recipes.md.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
@@ -157,6 +181,8 @@ def fused_linear_kl_loss(
     topk_logprob_floor: float | None = None,
     topk_loss_max: float | None = None,
     process_group=None,
+    sequence_ids: torch.Tensor | None = None,
+    sequence_group=None,
 ):
     """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
 
@@ -190,6 +216,7 @@ def fused_linear_kl_loss(
             all-reduces it over the group (the all-reduce Megatron's column-parallel layer makes in its backward),
             so do not pass hidden states through ``copy_to_tensor_model_parallel_region`` (or all-reduce their
             gradient) again.
+        sequence_ids, sequence_group: as in ``weighted_kl_loss`` (the fused-linear form then runs two-phase).
 
     Memory and GEMMs: wpkl/engine/linear.py and chunks.py (module docstrings) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.

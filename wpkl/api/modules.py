@@ -38,7 +38,7 @@ class _SpecModule(nn.Module):
         default = LossSpec.from_options(linear=self._linear).options()
         shown = ("divergence", "beta", "temperature", "reduction", "weighting")
         options = self.spec.options()
-        names = [*shown, *(n for n in options if n not in shown and n != "process_group" and options[n] != default[n])]
+        names = [*shown, *(n for n in options if n not in shown and n not in LossSpec.group_names() and options[n] != default[n])]
         return ", ".join(f"{name}={options[name]!r}" for name in names)
 
 
@@ -58,21 +58,21 @@ class WeightedKLLoss(_SpecModule):
     def __init__(self, weighting: Weighting | None = None, divergence: str = "reverse_kl", beta: float = 0.5,
                  temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
                  inplace_backward: bool = False, process_group=None, *, topk_mode: str = "tail",
-                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None):
+                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None):
         super().__init__(weighting=weighting, divergence=divergence, beta=beta, temperature=temperature,
                          reduction=reduction, backend=backend, inplace_backward=inplace_backward,
                          process_group=process_group, topk_mode=topk_mode, topk_logprob_floor=topk_logprob_floor,
-                         topk_loss_max=topk_loss_max)
+                         topk_loss_max=topk_loss_max, sequence_group=sequence_group)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None, *, teacher_logprobs=None,
-                rollout_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None):
+                rollout_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
         return materialized_loss(
             self._spec_for(return_stats), student_logits, teacher_logits, mask=mask, token_weights=token_weights,
             positions=positions, tokens=tokens, num_items_in_batch=num_items_in_batch,
             teacher_token_logprobs=teacher_token_logprobs, teacher_logprobs=teacher_logprobs,
             rollout_logprobs=rollout_logprobs, teacher_topk_ids=teacher_topk_ids,
-            teacher_topk_logprobs=teacher_topk_logprobs)
+            teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids)
 
 
 class FusedLinearWeightedKLLoss(_SpecModule):
@@ -85,23 +85,25 @@ class FusedLinearWeightedKLLoss(_SpecModule):
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
                  chunk_size: int | None = None, process_group=None, topk_mode: str = "tail",
-                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None):
+                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None):
         super().__init__(weighting=weighting, divergence=divergence, beta=beta, temperature=temperature,
                          reduction=reduction, backend=backend, student_logit_scale=student_logit_scale,
                          teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
                          teacher_softcap=teacher_softcap, chunk_size=chunk_size, process_group=process_group,
-                         topk_mode=topk_mode, topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max)
+                         topk_mode=topk_mode, topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
+                         sequence_group=sequence_group)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
                 positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,
                 num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None, teacher_token_logprobs=None,
-                teacher_topk_ids=None, teacher_topk_logprobs=None):
+                teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
         data = dict(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                     teacher_weight=teacher_weight, mask=mask, token_weights=token_weights, positions=positions,
                     tokens=tokens, student_bias=student_bias, teacher_bias=teacher_bias,
                     num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
                     rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
-                    teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+                    teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
+                    sequence_ids=sequence_ids)
         return linear_call(self._spec_for(return_stats), data)
 
 

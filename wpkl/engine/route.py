@@ -15,6 +15,10 @@ cross-rank agreement compares its ``key``, and ``str(route)`` is the one line er
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
                sequence fits a chunk, else two-phase) or "two-phase"; None for materialized logits
+
+With a ``sequence_group`` the weights need the other ranks' tokens (wpkl/parallel/sequence.py), and with
+``sequence_ids`` the tokens' layout (wpkl/inputs/layout.py): they run in torch after the terms, and the
+fused-linear form runs two-phase; the terms take the route they take without them.
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ def _schedule(problem: Problem, backend: str) -> str:
     """The eager schedule (wpkl/engine/linear.py) needs a scalar upstream and a compute dtype whose range holds the
     unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase."""
     spec, student = problem.spec, problem.student
-    eager = (spec.reduction != "none" and student.trainable and torch.is_grad_enabled() and backend != "reference"
+    by_ids = spec.sequence_group is not None or problem.batch.sequence_ids is not None  # whole-batch weights
+    eager = (spec.reduction != "none" and not by_ids and student.trainable and torch.is_grad_enabled() and backend != "reference"
              and projection_dtype(student.hidden) != torch.float16)
     return "eager" if eager else "two-phase"
 
@@ -133,7 +138,12 @@ def route(problem: Problem) -> Route:
     if backend in ("torch", "reference"):
         terms = "torch pass" if backend == "torch" else "reference"
         return Route(backend, terms, "torch", schedule, False, reason)
-    if spec.groups:
+    by_ids = spec.sequence_group is not None or problem.batch.sequence_ids is not None
+    if by_ids and not linear and spec.process_group is None:
+        # the kernels' pass without the fused op's weights kernel (as for a top-k teacher): every weighting applies
+        why = "sequence shards" if spec.sequence_group is not None else "sequence_ids"
+        return Route("triton", "kernels", "torch", None, spec.inplace_backward, f"{reason}; {why} weigh in torch")
+    if spec.process_group is not None:
         if topk or spec.exact_divergence == "jsd":
             # jsd's second pass needs the global normalizers inside the kernel, and a top-k teacher's atoms are
             # spread over the ranks: both run the torch pass on the shards.

@@ -1,7 +1,8 @@
 """A loss call from its specification and inputs, the same for every input form:
 
     build the Problem (wpkl/inputs/build.py)  ->  route it (route.py)  ->  check the values (wpkl/inputs/values.py;
-    with a process group, every rank agrees first: wpkl/parallel/agree.py)  ->  the per-token terms (the fused op,
+    with a process group, every rank agrees first: wpkl/parallel/agree.py; with a sequence group, around that:
+    wpkl/parallel/sequence.py)  ->  the per-token terms (the fused op,
     terms.py or linear.py)  ->  weights and reduction (weigh.py)
 
 The public functions and modules (wpkl/api) call ``materialized_loss`` or ``linear_loss`` with a ``LossSpec``.
@@ -14,26 +15,31 @@ from ..inputs.data import Problem
 from ..inputs.values import check_values
 from ..spec import LossSpec
 from .route import Route, route
-from .weigh import EagerCoefficients, Sequences, weigh_and_reduce
+from .weigh import EagerCoefficients, sequences, weigh_and_reduce
 
 
 def _routed(spec: LossSpec, prepare) -> tuple[Problem, Route]:
-    if spec.process_group is None:
-        problem = prepare()
-        return problem, route(problem)
-    from ..parallel.agree import agree
-
     def prepare_and_route():
         problem = prepare()
         return problem, route(problem)
 
-    return agree(spec.process_group, prepare_and_route, check_values)
+    step = prepare_and_route
+    if spec.process_group is not None:
+        from ..parallel.agree import agree
+
+        def step():
+            return agree(spec.process_group, prepare_and_route, check_values)
+    if spec.sequence_group is not None:  # around the vocabulary agreement: a rank it rejects is heard here too
+        from ..parallel.sequence import agree_sequences
+
+        return agree_sequences(spec.sequence_group, step, check_values if spec.process_group is None else None)
+    return step()
 
 
 def _finish(problem: Problem, chosen: Route):
-    if problem.spec.process_group is None:
+    if not problem.spec.groups:  # a grouped call checked its values in the agreement
         check_values(problem)
-    seq = Sequences(problem)
+    seq = sequences(problem)
     if problem.linear:
         from .linear import linear_terms
 

@@ -13,8 +13,10 @@ import dataclasses
 import torch
 
 from ..backends.torch_pass import chunked_teacher_token_logprobs
+from ..inputs.checks import run_checks
 from ..inputs.data import Problem
 from ..inputs.layout import SequenceLayout
+from ..parallel.sequence import GatheredSequences
 from ..reference import TokenTerms, compute_weights, reduce_loss, sequence_positions
 from ..stats import TokenStats
 from ..weighting import Weighting
@@ -39,7 +41,11 @@ class Sequences:
 
     def __init__(self, problem: Problem):
         batch = problem.batch
-        self.layout = SequenceLayout(batch.packed, batch.positions)
+        if batch.sequence_ids is not None:
+            self.layout = SequenceLayout.by_ids(batch.sequence_ids, batch.positions)
+            run_checks(self.layout.checks)
+        else:
+            self.layout = SequenceLayout(batch.packed, batch.positions)
         self.valid = self.layout.rows(batch.valid)
         given = None if batch.positions is None else self.layout.rows(batch.positions)
         self.positions = sequence_positions(self.valid) if given is None else given
@@ -71,9 +77,26 @@ def token_stats(problem: Problem, divergence, weight, confidence, teacher_entrop
                       student_entropy=per_token(student_entropy), position=per_token(position), mask=leading(valid))
 
 
-def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences):
+def sequences(problem: Problem) -> Sequences | GatheredSequences:
+    """The batch's sequences: this rank's, or with a ``sequence_group`` the whole batch's seen from this rank."""
+    if problem.sequences is None:
+        return Sequences(problem)
+    return GatheredSequences(problem, teacher_token_logprobs(problem))
+
+
+def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences | GatheredSequences):
     """The loss (and, with ``return_stats``, the stats) from the per-token terms."""
     spec, batch = problem.spec, problem.batch
+    if isinstance(seq, GatheredSequences):
+        weights, coefficients = seq.local(terms.divergence, terms.confidence)
+        if spec.reduction == "none":
+            loss = torch.where(batch.valid, weights * terms.loss, 0.0).reshape(batch.leading_shape)
+        else:
+            loss = torch.where(batch.valid, coefficients * terms.loss, 0.0).sum()
+        if not spec.return_stats:
+            return loss
+        return loss, token_stats(problem, terms.divergence, weights, terms.confidence, terms.teacher_entropy,
+                                 terms.student_entropy, batch.positions)
     layout, valid = seq.layout, seq.valid
     weights = seq.weights(spec.weighting, terms.divergence, terms.confidence)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)

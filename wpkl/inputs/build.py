@@ -28,7 +28,8 @@ def _contiguous_vocab(x):
 
 def materialized(spec: LossSpec, student_logits, teacher_logits, *, mask=None, token_weights=None, positions=None,
                  tokens=None, num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None,
-                 teacher_token_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None) -> Problem:
+                 teacher_token_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
+                 sequence_ids=None) -> Problem:
     student = tensors.logits("student_logits", student_logits)
     teacher = None
     if teacher_logits is not None:
@@ -47,7 +48,7 @@ def materialized(spec: LossSpec, student_logits, teacher_logits, *, mask=None, t
         spec, leading, student.device, "teacher_logits", given, mask=mask, token_weights=token_weights,
         positions=positions, tokens=tokens, num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
-        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs)
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids)
     return Problem(spec, StudentLogits(_contiguous_vocab(_rows_view(student, packed))), source, batch,
                    vocab=student.shape[-1], device=student.device)
 
@@ -107,6 +108,24 @@ def _topk_teacher(spec: LossSpec, ids, logprobs, leading, device, teacher_name, 
     return tensors.topk_tensors(ids, logprobs, leading, device)
 
 
+def _sequence_ids(spec: LossSpec, ids, positions, leading, device):
+    """The sequence each token belongs to (int64), or None. With a ``sequence_group`` every token needs its
+    position in its whole sequence; [B, T] input defaults to row b being sequence b on every rank."""
+    if spec.sequence_group is not None and positions is None:
+        raise ValueError("sequence_group needs positions: each token's position in its whole sequence (the weights "
+                         "and the reduction are the whole sequence's)")
+    if ids is None:
+        if spec.sequence_group is None:
+            return None
+        if len(leading) == 1:
+            raise ValueError("sequence_group on [N, ...] input needs sequence_ids: the sequence each token belongs to, "
+                             "the same id on every rank")
+        return torch.arange(leading[0], device=device).unsqueeze(1).expand(leading)
+    if positions is None:
+        raise ValueError("sequence_ids needs positions: with them, each token's place in its sequence")
+    return ids.long()
+
+
 def _num_items(spec: LossSpec, count):
     if count is None:
         return None
@@ -123,7 +142,7 @@ def _num_items(spec: LossSpec, count):
 
 def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *, mask, token_weights, positions,
                        tokens, num_items_in_batch, teacher_logprobs, rollout_logprobs, teacher_token_logprobs,
-                       teacher_topk_ids=None, teacher_topk_logprobs=None):
+                       teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
     """The checks both input forms share: the per-token tensors and the teacher source, against the spec.
     Their values: wpkl/inputs/values.py."""
     weighting = spec.weighting
@@ -144,6 +163,8 @@ def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *
     token_weights = check("token_weights", token_weights, leading, device, "f", "a floating-point")
     positions = check("positions", positions, leading, device, "i", "an integer")
     tokens = check("tokens", tokens, leading, device, "i", "an integer")
+    sequence_ids = _sequence_ids(spec, check("sequence_ids", sequence_ids, leading, device, "i", "an integer"),
+                                 positions, leading, device)
     teacher_logprobs = check("teacher_logprobs", teacher_logprobs, leading, device, "f", "a floating-point")
     rollout_logprobs = check("rollout_logprobs", rollout_logprobs, leading, device, "f", "a floating-point")
     teacher_token_logprobs = check("teacher_token_logprobs", teacher_token_logprobs, leading, device, "f",
@@ -164,8 +185,9 @@ def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *
             raise ValueError('reduction="seq_mean" on [N, V] input needs positions (a 0 starts each sequence)')
         if positions is None and weighting is not None and weighting.position is not None:
             raise ValueError("position weighting on [N, V] input needs positions (or pass [B, T, V] logits)")
-        if weighting is not None and weighting.accumulated > 0:
-            raise ValueError("Weighting(accumulated=...) needs [B, T, V] input: it sums over each sequence's prefix")
+        if weighting is not None and weighting.accumulated > 0 and sequence_ids is None:
+            raise ValueError("Weighting(accumulated=...) needs [B, T, V] input (or sequence_ids): it sums over each "
+                             "sequence's prefix")
         if positions is None and weighting is not None and weighting.prefix_confidence is not None:
             raise ValueError("Weighting(prefix_confidence=...) on [N, V] input needs positions (or pass [B, T, V] "
                              "logits): its window looks back within each sequence")
@@ -180,7 +202,8 @@ def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *
         valid=rows(valid), leading_shape=leading, packed=packed,
         positions=rows(None if positions is None else positions.long()), token_weights=rows(token_weights),
         tokens=rows(None if tokens is None else tokens.long()), rollout_logprobs=rows(rollout_logprobs),
-        teacher_token_logprobs=rows(teacher_token_logprobs), num_items_in_batch=num_items_in_batch)
+        teacher_token_logprobs=rows(teacher_token_logprobs), num_items_in_batch=num_items_in_batch,
+        sequence_ids=rows(sequence_ids))
     if topk is not None:
         teacher = TeacherTopK(rows(topk[0]), rows(topk[1]))
     elif teacher is None:

@@ -77,6 +77,7 @@ class TokenBatch:
     rollout_logprobs: torch.Tensor | None = None  # float: log p(y) under the policy that sampled y
     teacher_token_logprobs: torch.Tensor | None = None  # float: log q(y), for the weights that need it
     num_items_in_batch: torch.Tensor | float | None = None  # the denominator of "mean" (a scalar)
+    sequence_ids: torch.Tensor | None = None  # int64: the sequence each token belongs to (wpkl/inputs/layout.py)
 
     def given(self) -> tuple[str, ...]:
         """The names of the optional inputs that were given (what decides a call's work and collectives)."""
@@ -98,6 +99,7 @@ class Problem:
     vocab: int  # the student's (local) vocabulary V
     device: torch.device
     shard: object = None  # a vocabulary-parallel call's wpkl.parallel.vocab.VocabShard (None: one device)
+    sequences: object = None  # a sequence-parallel call's wpkl.parallel.sequence.SequenceShards
 
     def replace(self, **changes) -> Problem:
         return dataclasses.replace(self, **changes)

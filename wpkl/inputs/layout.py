@@ -3,6 +3,12 @@
 [B, T, V] input is already laid out so (sequence b is row b). Packed [N, V] input with ``positions``
 (the convention of Hugging Face's packed batches) is split into sequences at every position 0 and
 scattered into a zero-padded [S, L] matrix; packed input without positions is one row.
+
+With ``sequence_ids`` (``SequenceLayout.by_ids``) the ids say which sequence each token belongs to and the
+positions where it sits: token i goes to row ``sequence_ids[i]``, column ``positions[i]`` minus the smallest
+position of its sequence, whatever the order of the tokens (a batch gathered from the ranks of a sequence
+group, or a packed batch whose positions do not restart at 0). Every token claims its place, masked or not:
+two tokens in one place, or a place left empty inside a sequence, is an error (``checks``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import torch
 class SequenceLayout:
     def __init__(self, packed: bool, positions: torch.Tensor | None):
         self.index = None
+        self.checks = []
         if not packed or positions is None or positions.numel() == 0:
             return
         pos = positions.reshape(-1)
@@ -24,6 +31,38 @@ class SequenceLayout:
         self.index = (seq, offset)
         self.shape = (start_index.numel(), int(offset.max()) + 1)
 
+    @classmethod
+    def by_ids(cls, sequence_ids: torch.Tensor, positions: torch.Tensor, what: str = "tokens",
+               shape: tuple[int, int] | None = None) -> SequenceLayout:
+        """The layout of tokens with ``sequence_ids`` (int >= 0) at ``positions`` (module docstring). ``shape``:
+        bounds (S > every id, L > every position) known already; else read from the data (a host sync).
+        ``checks``: (message, bad-flag tensor) pairs for wpkl/inputs/checks.py."""
+        self = cls(False, None)
+        # a negative id (an error the value checks report, later on CUDA) must not index from the end meanwhile
+        ids, pos = sequence_ids.reshape(-1).long().clamp_min(0), positions.reshape(-1).long()
+        n, device = ids.numel(), ids.device
+        if n == 0:
+            self.index = (ids, pos)
+            self.shape = (0, 0)
+            return self
+        rows = int(ids.max()) + 1 if shape is None else shape[0]  # host sync without a shape
+        first = torch.full((rows,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+        first = first.scatter_reduce(0, ids, pos, "amin")
+        column = pos - first[ids]
+        length = torch.zeros(rows, dtype=torch.int64, device=device).scatter_reduce(0, ids, column + 1, "amax")
+        self.shape = (rows, int(length.max()) if shape is None else shape[1])  # host sync without a shape
+        self.index = (ids, column)
+        count = torch.zeros(self.shape, dtype=torch.int32, device=device).index_put(
+            self.index, torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+        inside = torch.arange(self.shape[1], device=device) < length.unsqueeze(1)
+        self.checks = [
+            (f"sequence_ids and positions: two {what} claim the same (sequence, position); every token, masked or "
+             "not, has its own place (give padding its own positions or its own sequence id)", count > 1),
+            (f"sequence_ids and positions: a sequence's positions have a gap (no {what} at a position between its "
+             "first and its last): every token of a sequence must be passed, masked or not", (count == 0) & inside),
+        ]
+        return self
+
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T] per-token tensor -> [S, L] with one sequence per row (padding is 0 / False)."""
         if self.index is None:
@@ -31,7 +70,7 @@ class SequenceLayout:
         return x.new_zeros(self.shape).index_put(self.index, x.reshape(-1))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``rows``: [S, L] -> the [1, N] layout of the packed tokens."""
+        """Inverse of ``rows``: [S, L] -> the [1, N] layout of the tokens."""
         if self.index is None:
             return x
         return x[self.index].unsqueeze(0)

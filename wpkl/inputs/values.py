@@ -20,7 +20,7 @@ CHECKS = ("token_weights", "positions", "tokens", "teacher_logprobs_finite", "te
 
 
 # Checks of inputs only the torch weights read (the Triton path does not take them).
-TORCH_CHECKS = ("teacher_token_logprobs_finite", "teacher_token_logprobs_range")
+TORCH_CHECKS = ("teacher_token_logprobs_finite", "teacher_token_logprobs_range", "sequence_ids")
 
 # The top-k teacher's checks (torch ops on every path).
 TOPK_CHECKS = ("topk_ids_range", "topk_ids_duplicate", "topk_logprobs_finite", "topk_logprobs_range")
@@ -42,6 +42,8 @@ def check_message(check: str, vocab: int) -> str:
         return "positions must be >= 0 on valid tokens"
     if check == "tokens":
         return f"tokens must lie in [0, V) = [0, {vocab}) on valid tokens"
+    if check == "sequence_ids":
+        return "sequence_ids must be >= 0 (on every token: masked tokens hold their place in the sequence too)"
     if check == "num_items_in_batch":
         return "num_items_in_batch must be finite and > 0 when there are valid tokens"
     name, kind = check.rsplit("_", 1)
@@ -63,6 +65,8 @@ def check_values(problem: Problem) -> None:
         bad["token_weights"] = valid & ~(torch.isfinite(w) & (w >= 0))
     if batch.positions is not None:
         bad["positions"] = valid & (batch.positions < 0)
+    if batch.sequence_ids is not None:
+        bad["sequence_ids"] = batch.sequence_ids < 0
     if batch.tokens is not None:
         bad["tokens"] = valid & ((batch.tokens < 0) | (batch.tokens >= vocab))
     for name, x in (("teacher_logprobs", problem.teacher_logprobs), ("rollout_logprobs", batch.rollout_logprobs),

@@ -1,0 +1,178 @@
+"""The sequence-parallel loss (``sequence_group=``) against one rank, at the same batch: its extra time and the
+bytes it communicates.
+
+    python -m torch.distributed.run --standalone --nproc_per_node R bench/sequence.py \\
+        [--device cuda|cpu] [--shapes NxV:dtype ...] [--cases uniform iw_opd ...] [--out DIR] [--budget S]
+
+For each shape ([B, T] sequences of bench/cases.py's ``Shape.batch``, T a multiple of 2R) and case, forward +
+backward of ``wpkl.weighted_kl_loss`` on materialized logits (the Triton backend on CUDA, torch on the CPU):
+
+- "1 rank, whole batch": rank 0 alone with the whole [B, T, V] batch (the others wait at a barrier);
+- "R ranks, own chunks alone": every rank its Megatron context-parallel slice [B, T / R, V]
+  (``wpkl.distributed.megatron_bshd``) with no group: the work a rank does, with weights that are wrong for
+  sequence-global weightings (the ideal time of a split);
+- "R ranks, sequence_group": the same slices with ``sequence_group``: exact weights. Its time over the row
+  above is the cost of the sequence-parallel call (two all-gathers and the whole-batch weights).
+
+Bytes: what each rank sends per call, counted by recording the all-gathers' tensors during one call (it
+receives R - 1 times as much). Timing and memory as bench/sharded.py (whose harness this reuses). Writes
+``sequence-<device>-<date>.json`` and ``.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bench import sharded  # noqa: E402
+from bench.sharded_report import Row  # noqa: E402
+
+DEFAULT_SHAPES = {"cuda": ["4096x128256", "16384x151936"], "cpu": ["512x4096:float32"]}
+CASE_NAMES = ("uniform", "iw_opd", "combined")
+
+
+def sent_bytes(fn) -> int:
+    """Bytes this rank sends in the all-gathers of one call of ``fn``."""
+    original, total = dist.all_gather, [0]
+
+    def recording(tensors, tensor, *args, **kwargs):
+        total[0] += tensor.numel() * tensor.element_size()
+        return original(tensors, tensor, *args, **kwargs)
+
+    dist.all_gather = recording
+    try:
+        fn()
+    finally:
+        dist.all_gather = original
+    return total[0]
+
+
+class SequenceBench(sharded.Bench):
+    def inputs(self, shape, part):
+        """The case's whole batch ([B, T, V], the same on every rank) or rank ``part``'s slice of it."""
+        from wpkl.distributed import megatron_bshd
+
+        B, T = shape.batch
+        dtype = getattr(torch, shape.dtype)
+        gen = torch.Generator(device=self.device).manual_seed(7)
+        student = torch.randn(B, T, shape.vocab, generator=gen, device=self.device, dtype=dtype).mul_(2)
+        teacher = torch.randn(B, T, shape.vocab, generator=gen, device=self.device, dtype=dtype).mul_(2)
+        tokens = torch.randint(0, shape.vocab, (B, T), generator=gen, device=self.device)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        if part is None:
+            return student, teacher, tokens, positions
+        mine = megatron_bshd(B, T, self.world, part)
+        return (*(mine.take(x) for x in (student, teacher, tokens)), mine.positions.to(self.device))
+
+    def call(self, case, student, teacher, tokens, positions, group):
+        import wpkl
+
+        def fn():
+            loss = wpkl.weighted_kl_loss(student, teacher, weighting=case.weighting, divergence=case.divergence,
+                                         tokens=tokens, positions=positions, backend=self.wpkl_backend,
+                                         sequence_group=group)
+            loss.backward()
+            return loss
+
+        return fn
+
+    def measure_call(self, case, shape, layout, data, group, collective):
+        self.loss_fn = lambda case_, student, teacher, mask, _group: self.call(case_, student, *data[1:], group)
+        row = self.measure(case, shape, data[0], data[1], None, sharded=collective)
+        row.layout, row.ranks = layout, self.world if collective else 1
+        return row
+
+    def run(self, shapes, cases) -> list[Row]:
+        from bench.cases import CASES
+
+        rows = []
+        for shape in shapes:
+            B, T = shape.batch
+            if T % (2 * self.world):
+                rows.append(Row("*", shape.tokens, shape.vocab, shape.dtype, "-", self.world, "skipped",
+                                note=f"T = {T} is not a multiple of 2 x {self.world} ranks"))
+                continue
+            for name in cases:
+                case = CASES[name]
+                if self.budget_spent():
+                    rows.append(Row(name, shape.tokens, shape.vocab, shape.dtype, "-", self.world, "skipped",
+                                    note=f"time budget of {self.args.budget:.0f} s spent"))
+                    continue
+                whole = None
+                if self.rank == 0:
+                    whole = self.measure_call(case, shape, "1 rank, whole batch", self.inputs(shape, None), None,
+                                              collective=False)
+                self.barrier()
+                mine = self.inputs(shape, self.rank)
+                alone = self.measure_call(case, shape, f"{self.world} ranks, own chunks alone", mine, None, True)
+                grouped = self.measure_call(case, shape, f"{self.world} ranks, sequence_group", mine, self.group,
+                                            True)
+                mine[0].requires_grad_(True)
+                sent = sent_bytes(self.call(case, *mine, self.group))
+                mine[0].requires_grad_(False)
+                mine[0].grad = None
+                if grouped.loss is not None:
+                    total = torch.tensor([grouped.loss], dtype=torch.float64)
+                    dist.all_reduce(total, group=self.group)  # the ranks' shares: the whole batch's loss
+                    grouped.note = f"sends {sent / 1024:.1f} KiB per rank per call; loss {float(total):.6g}"
+                    if whole is not None and whole.loss is not None:
+                        tol = 1e-4 if shape.dtype == "float32" else 2e-2
+                        if abs(float(total) - whole.loss) > tol * max(1.0, abs(whole.loss)):
+                            grouped.status = "mismatch"
+                        grouped.note += f" (1 rank {whole.loss:.6g})"
+                if alone.ms and grouped.ms:
+                    grouped.note += f"; +{grouped.ms - alone.ms:.3f} ms over its chunks alone"
+                if self.rank == 0:
+                    rows += [whole, alone, grouped]
+                self.barrier()
+        return rows
+
+
+def main(argv=None) -> int:
+    args = sharded.parse_args(argv)
+    from bench.cases import parse_shape
+    from bench.measure import slug
+    from bench.sharded_report import markdown
+
+    if args.cases == list(sharded.CASE_NAMES):
+        args.cases = list(CASE_NAMES)
+    bench = SequenceBench(args)
+    shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES["cuda" if bench.cuda else "cpu"])]
+    failed = torch.tensor([0], dtype=torch.int64)
+    try:
+        rows = bench.run(shapes, args.cases)
+        if bench.rank == 0:
+            meta = bench.meta(shapes)
+            meta["command"] = f"torchrun --nproc_per_node {bench.world} bench/sequence.py " + " ".join(sys.argv[1:])
+            target = args.out / f"sequence-{slug(meta['device'])}-{meta['date']}.json"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+            table = markdown(meta, rows, title="Sequence-parallel loss",
+                             split=f"the same [B, T] batch, each rank its Megatron context-parallel slice "
+                                   f"[B, T / {bench.world}] in the rows with several ranks")
+            target.with_suffix(".md").write_text(table)
+            print(table)
+            print(f"wrote {target} and {target.with_suffix('.md')}", flush=True)
+            failed[0] = int(any(r.status in ("error", "mismatch") for r in rows))
+        bench.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return int(failed[0])
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()  # as bench/sharded.py: skip gloo's racy interpreter teardown
+    sys.stderr.flush()
+    os._exit(code)
