@@ -139,13 +139,11 @@ class SequenceBench(sharded.Bench):
 
 
 def main(argv=None) -> int:
-    args = sharded.parse_args(argv)
+    args = sharded.parse_args(argv, "bench/sequence.py", __doc__, CASE_NAMES)
     from bench.cases import parse_shape
     from bench.measure import slug
     from bench.sharded_report import markdown
 
-    if args.cases == list(sharded.CASE_NAMES):
-        args.cases = list(CASE_NAMES)
     bench = SequenceBench(args)
     shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES["cuda" if bench.cuda else "cpu"])]
     failed = torch.tensor([0], dtype=torch.int64)

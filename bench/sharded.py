@@ -48,13 +48,13 @@ CASE_NAMES = ("uniform", "combined")
 L2_FLUSH_BYTES = 256 << 20
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node R bench/sharded.py", description=__doc__,
+def parse_args(argv, script: str = "bench/sharded.py", description: str = __doc__, cases=CASE_NAMES):
+    parser = argparse.ArgumentParser(prog=f"torchrun --nproc_per_node R {script}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--shapes", nargs="+", metavar="NxV[:dtype]",
                         help="total vocabulary V (a multiple of R), e.g. 4096x128256 (default dtype bfloat16)")
-    parser.add_argument("--cases", nargs="+", choices=CASE_NAMES, default=list(CASE_NAMES))
+    parser.add_argument("--cases", nargs="+", choices=cases, default=list(cases))
     parser.add_argument("--backend", choices=("auto", "nccl", "gloo"), default="auto",
                         help="the process group's; auto: NCCL with a GPU per rank, else gloo")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="results folder")
