@@ -215,17 +215,30 @@ def test_registered_estimator_modes(name):
 
 
 def test_ulysses_slicing_is_verls(monkeypatch):
-    """With a Ulysses group, the teacher's data are sliced by verl's own helper, as its function does."""
+    """With a Ulysses group, the teacher's data are sliced by verl's own helper, as its function does; the zero
+    rows its padding adds (ids 0, log-probs 0) get loss 0 and no gradient, the other rows verl's values."""
     calls = []
+    logits, data, offsets = _batch(seed=2)
+    n = logits.shape[1]
+
+    def slice_and_pad(x, dim):  # rank 1 of 2 after padding the stream with 3 zero rows
+        calls.append(dim)
+        padded = torch.cat([x, x.new_zeros(1, 3, *x.shape[2:])], 1)
+        return padded[:, padded.shape[1] // 2:]
+
     monkeypatch.setattr(verl_fsdp, "get_ulysses_sequence_parallel_world_size", lambda: 2)
-    monkeypatch.setattr(verl_fsdp, "slice_input_tensor",
-                        lambda x, dim: calls.append(dim) or x[:, : x.shape[1] // 2])
-    logits, data, _ = _batch(seed=2)
+    monkeypatch.setattr(verl_fsdp, "slice_input_tensor", slice_and_pad)
     _, distill = _configs()
+    half = torch.cat([logits, logits[:, :3]], 1)[:, (n + 3) // 2:].clone().requires_grad_(True)
+    ref = verl_fsdp.compute_forward_kl_topk(half, data["teacher_logprobs"], data["teacher_ids"], distill, "thd")
     wv.use_wpkl()
-    half = logits[:, : logits.shape[1] // 2]
     out = verl_fsdp.compute_forward_kl_topk(half, data["teacher_logprobs"], data["teacher_ids"], distill, "thd")
-    assert calls == [1, 1] and out["distillation_losses"].shape == half.shape[:2]
+    assert calls == [1, 1, 1, 1] and out["distillation_losses"].shape == half.shape[:2]
+    real = half.shape[1] - 3
+    _close(out["distillation_losses"][0, :real], ref["distillation_losses"][0, :real], "real rows")
+    assert (out["distillation_losses"][0, real:] == 0).all()
+    out["distillation_losses"].sum().backward()
+    assert (half.grad[0, real:] == 0).all()
 
 
 # ----------------------------------------------------------------------------- Megatron's vocabulary shards

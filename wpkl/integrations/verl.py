@@ -89,8 +89,13 @@ def topk_outputs(student_logits, teacher_ids, teacher_logprobs, loss_config, opt
     """verl's logits-processor dict for local logits [B, T, V_local] and the teacher's top-k [B, T, K]."""
     floor = loss_config.log_prob_min_clamp
     raw = opts.topk_mode == "verl"
+    # verl pads the teacher's rows (Ulysses' slice to a multiple of sp, Megatron's THD alignment) with zeros: ids
+    # 0 and log-probs 0. Those rows are dropped after the processor; here they are masked (loss 0, no gradient)
+    # instead of read as a top-k list that repeats id 0.
+    padding = (teacher_ids == 0).all(-1) & (teacher_logprobs == 0).all(-1)
     losses = weighted_kl_loss(student_logits, None, teacher_topk_ids=teacher_ids, teacher_topk_logprobs=teacher_logprobs,
-                              divergence=opts.divergence, beta=opts.beta, reduction="none", backend=opts.backend,
+                              mask=~padding, divergence=opts.divergence, beta=opts.beta, reduction="none",
+                              backend=opts.backend,
                               topk_mode="raw" if raw else opts.topk_mode,
                               topk_logprob_floor=floor if raw else None, process_group=process_group)
     with torch.no_grad():
