@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import wpkl
 import wpkl.distributed
-from utils import run_torchrun
+from utils import run_torchrun, leave_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T, H, V, V_TEACHER = 7, 6, 8, 33, 36
@@ -166,6 +166,7 @@ def _worker(rank, port, out):
         dist.barrier()  # nothing in flight when the ranks tear down gloo (rank 0 hosts the store: it leaves last)
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def _free_port() -> int:

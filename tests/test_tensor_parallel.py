@@ -17,6 +17,7 @@ import traceback
 
 import pytest
 import torch
+from utils import leave_worker
 
 WORLD_SIZES = (2, 3)
 SPAWN_TIMEOUT_S = 240
@@ -549,6 +550,7 @@ def _worker(rank, world, port, out_dir):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(results=results, timings=timings), f)
     dist.destroy_process_group()
+    leave_worker()
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ import socket
 
 import pytest
 import torch
+from utils import leave_worker
 
 if os.environ.get("WPKL_REQUIRE_VERL"):  # CI's verl environment: a failed import is a failure, not a skip
     import verl.trainer.distillation.losses as verl_losses
@@ -267,6 +268,7 @@ def _tp_worker(rank, world, port, out):
         open(os.path.join(out, f"ok{rank}"), "w").close()
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def test_megatron_vocabulary_shards(tmp_path):
