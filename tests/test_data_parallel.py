@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import socket
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import wpkl
 import wpkl.distributed
-from utils import run_torchrun, leave_worker
+from utils import free_port, leave_worker, run_torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 B, T, H, V, V_TEACHER = 7, 6, 8, 33, 36
@@ -169,16 +168,10 @@ def _worker(rank, port, out):
     leave_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def all_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "results.pt"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=3, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=3, join=True)
     return torch.load(out)
 
 
@@ -220,7 +213,7 @@ def test_normalize_true_is_per_call(ddp_results):
 
 def test_global_helpers_in_one_process():
     """The helpers are plain sums in a one-rank group; wrong input is refused."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         mask = torch.tensor([[True, False, True], [False, False, True]])
         assert wpkl.distributed.global_count(mask).item() == 3

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import traceback
 
 import pytest
 import torch
-from utils import leave_worker
+from utils import free_port, leave_worker, spawn_worlds
 
 WORLD_SIZES = (2, 3, 4)
 SPAWN_TIMEOUT_S = 400
@@ -435,38 +434,11 @@ def _worker(rank, world, port, out_dir):
     leave_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worlds: dict) -> dict:
-    import torch.multiprocessing as mp
-
-    out = {}
-    for world, out_dir in worlds.items():  # one world at a time: 4 ranks already fill 2 cores
-        context = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + SPAWN_TIMEOUT_S
-        try:
-            while not context.join(timeout=2):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"the world of {world} did not finish in {SPAWN_TIMEOUT_S} s (a hang?)")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        out[world] = []
-        for rank in range(world):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-                out[world].append(json.load(f))
-    return out
-
-
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    return _spawn({world: str(tmp_path_factory.mktemp(f"sp{world}")) for world in WORLD_SIZES})
+    # one world at a time: 4 ranks already fill 2 cores
+    return spawn_worlds(_worker, {world: str(tmp_path_factory.mktemp(f"sp{world}")) for world in WORLD_SIZES},
+                        SPAWN_TIMEOUT_S, at_once=False)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -571,7 +543,7 @@ def one_rank_group():
 
     mine = not dist.is_initialized()
     if mine:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield dist.new_group([0])
     finally:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import traceback
 
 import pytest
 import torch
-from utils import leave_worker
+from utils import leave_worker, spawn_worlds
 
 WORLD_SIZES = (2, 3)
 SPAWN_TIMEOUT_S = 240
@@ -553,41 +552,10 @@ def _worker(rank, world, port, out_dir):
     leave_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(worlds: dict) -> dict:
-    """Run a process group per world size ({world: output folder}), all at once; each rank's results."""
-    import torch.multiprocessing as mp
-
-    contexts = {world: mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                                          start_method="spawn") for world, out_dir in worlds.items()}
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        for world, context in contexts.items():
-            while not context.join(timeout=2):
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"the world of {world} did not finish in {SPAWN_TIMEOUT_S} s (a hang?)")
-    finally:
-        for context in contexts.values():
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-    out = {}
-    for world, out_dir in worlds.items():
-        out[world] = []
-        for rank in range(world):
-            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
-                out[world].append(json.load(f))
-    return out
-
-
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    return _spawn({world: str(tmp_path_factory.mktemp(f"tp{world}")) for world in WORLD_SIZES})
+    return spawn_worlds(_worker, {world: str(tmp_path_factory.mktemp(f"tp{world}")) for world in WORLD_SIZES},
+                        SPAWN_TIMEOUT_S)
 
 
 CASE_NAMES = [name for name, _, _ in good_cases()]

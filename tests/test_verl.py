@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-from utils import leave_worker
+from utils import free_port, leave_worker
 
 if os.environ.get("WPKL_REQUIRE_VERL"):  # CI's verl environment: a failed import is a failure, not a skip
     import verl.trainer.distillation.losses as verl_losses
@@ -277,10 +276,7 @@ def test_megatron_vocabulary_shards(tmp_path):
     slice."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_tp_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 

@@ -115,3 +115,53 @@ def leave_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo group's store."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_worlds(worker, worlds: dict, timeout_s: float, at_once: bool = True) -> dict:
+    """Spawn ``worker(rank, world, port, out_dir)`` for each world size ({world: out_dir}), all at once or one world
+    after another; a world not done in ``timeout_s`` is a hang (its processes are killed). Returns each world's
+    ranks' results: the JSON each rank wrote to ``out_dir/rank{r}.json``."""
+    import json
+    import os
+    import time
+
+    import torch.multiprocessing as mp
+
+    def start(world, out_dir):
+        return mp.start_processes(worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
+                                  start_method="spawn")
+
+    def wait(contexts):
+        deadline = time.monotonic() + timeout_s
+        try:
+            for world, context in contexts.items():
+                while not context.join(timeout=2):
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"the world of {world} did not finish in {timeout_s} s (a hang?)")
+        finally:
+            for context in contexts.values():
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+
+    if at_once:
+        wait({world: start(world, out_dir) for world, out_dir in worlds.items()})
+    else:
+        for world, out_dir in worlds.items():
+            wait({world: start(world, out_dir)})
+    out = {}
+    for world, out_dir in worlds.items():
+        out[world] = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
+                out[world].append(json.load(f))
+    return out
