@@ -21,10 +21,8 @@ receives R - 1 times as much). Timing and memory as bench/sharded.py (whose harn
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,8 +139,7 @@ class SequenceBench(sharded.Bench):
 def main(argv=None) -> int:
     args = sharded.parse_args(argv, "bench/sequence.py", __doc__, CASE_NAMES)
     from bench.cases import parse_shape
-    from bench.measure import slug
-    from bench.sharded_report import markdown
+    from bench.sharded_report import markdown, write
 
     bench = SequenceBench(args)
     shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES["cuda" if bench.cuda else "cpu"])]
@@ -152,15 +149,9 @@ def main(argv=None) -> int:
         if bench.rank == 0:
             meta = bench.meta(shapes)
             meta["command"] = f"torchrun --nproc_per_node {bench.world} bench/sequence.py " + " ".join(sys.argv[1:])
-            target = args.out / f"sequence-{slug(meta['device'])}-{meta['date']}.json"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-            table = markdown(meta, rows, title="Sequence-parallel loss",
-                             split=f"the same [B, T] batch, each rank its Megatron context-parallel slice "
-                                   f"[B, T / {bench.world}] in the rows with several ranks")
-            target.with_suffix(".md").write_text(table)
-            print(table)
-            print(f"wrote {target} and {target.with_suffix('.md')}", flush=True)
+            write(args.out, "sequence", meta, rows, markdown(
+                meta, rows, title="Sequence-parallel loss", split=f"the same [B, T] batch, each rank its Megatron "
+                f"context-parallel slice [B, T / {bench.world}] in the rows with several ranks"))
             failed[0] = int(any(r.status in ("error", "mismatch") for r in rows))
         bench.barrier()
     finally:

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +39,7 @@ if __package__ in (None, ""):  # run as a script (torchrun bench/sharded.py): th
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.sharded_report import Row, markdown  # noqa: E402
+from bench.sharded_report import Row, markdown, write  # noqa: E402
 
 DEFAULT_SHAPES = {"cuda": ["4096x128256", "4096x262144", "16384x128256"], "cpu": ["256x8192:float32"]}
 CASE_NAMES = ("uniform", "combined")
@@ -318,7 +316,6 @@ class Bench:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bench.cases import parse_shape
-    from bench.measure import slug
 
     bench = Bench(args)
     shapes = [parse_shape(s) for s in (args.shapes or DEFAULT_SHAPES["cuda" if bench.cuda else "cpu"])]
@@ -329,13 +326,7 @@ def main(argv=None) -> int:
         failed = torch.tensor([0], dtype=torch.int64)
         if bench.rank == 0:
             meta = bench.meta(shapes)
-            target = args.out / f"sharded-{slug(meta['device'])}-{meta['date']}.json"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
-            table = markdown(meta, rows)
-            target.with_suffix(".md").write_text(table)
-            print(table)
-            print(f"wrote {target} and {target.with_suffix('.md')}", flush=True)
+            write(args.out, "sharded", meta, rows, markdown(meta, rows))
             failed[0] = int(any(r.status in ("error", "mismatch") for r in rows))
         bench.barrier()
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -45,3 +47,16 @@ def markdown(meta: dict, rows: list[Row], title: str = "Sharded loss", split: st
         lines.append(f"| N={r.tokens} V={r.vocab} {r.dtype} | {r.case} | {r.layout} | {fmt(r.ms, '.3f')} | {spread} | "
                      f"{ratio} | {peaks} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def write(out: Path, prefix: str, meta: dict, rows: list[Row], table: str) -> Path:
+    """``<prefix>-<device>-<date>.json`` (meta and rows) and ``.md`` (the table) under ``out``; prints the table."""
+    from bench.measure import slug
+
+    target = out / f"{prefix}-{slug(meta['device'])}-{meta['date']}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    target.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {target} and {target.with_suffix('.md')}", flush=True)
+    return target
