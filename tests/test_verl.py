@@ -264,16 +264,57 @@ def _tp_worker(rank, world, port, out):
             _close(got[key], ref[key], key)
         assert torch.equal(got["overlap_count"], ref["overlap_count"])
         _close(local.grad, x.grad[..., rank * part:(rank + 1) * part], "gradient slice")
+        _megatron_entry_point(local, data, distill, ref, dist.group.WORLD)
         open(os.path.join(out, f"ok{rank}"), "w").close()
     finally:
         dist.destroy_process_group()
     leave_worker()
 
 
+def _megatron_entry_point(local, data, distill, ref, group):
+    """use_wpkl's Megatron processor itself: verl's Megatron module needs megatron-core (not installed here), so
+    two stand-ins take its place, recording how they are called: megatron.core.parallel_state (the group) and
+    verl's context-parallel cut (here, with one context rank, the values unsqueezed, as verl's cut returns them)."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    cuts = []
+    state = types.ModuleType("megatron.core.parallel_state")
+    state.get_tensor_model_parallel_group = lambda: group
+    state.get_tensor_model_parallel_world_size = lambda: dist.get_world_size(group)
+    megatron_losses = types.ModuleType(wv._MODULES["megatron"])
+    megatron_losses.compute_forward_kl_topk = None
+    megatron_losses.preprocess_thd_engine = lambda x, pre_process: cuts.append(("thd", pre_process)) or (
+        x.values().unsqueeze(0), None, None)
+    megatron_losses.preprocess_bshd_engine = lambda x, pre_process: cuts.append(("bshd", pre_process))
+    stand_ins = {"megatron": types.ModuleType("megatron"), "megatron.core": types.ModuleType("megatron.core"),
+                 "megatron.core.parallel_state": state, wv._MODULES["megatron"]: megatron_losses}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        wv.use_wpkl(topk_mode="verl")
+        assert megatron_losses.compute_forward_kl_topk is wv._megatron_topk
+        x = local.detach().clone().requires_grad_(True)
+        got = megatron_losses.compute_forward_kl_topk(x, data["teacher_logprobs"], data["teacher_ids"], distill, "thd")
+        assert cuts == [("thd", True), ("thd", True)]
+        for key in ("distillation_losses", "student_mass", "teacher_mass"):
+            _close(got[key], ref[key], f"megatron entry point: {key}")
+        wv.undo()
+        assert megatron_losses.compute_forward_kl_topk is None
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 def test_megatron_vocabulary_shards(tmp_path):
     """The top-k loss on vocabulary shards (Megatron's layout, a gloo group standing in for its tensor-parallel
     group) equals verl's loss on the whole vocabulary, diagnostics included, and each rank's gradient is its
-    slice."""
+    slice; use_wpkl's Megatron processor takes Megatron's group and verl's context-parallel cut."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_tp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
