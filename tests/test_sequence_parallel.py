@@ -124,7 +124,7 @@ def _arguments(d, form, divergence, weighting, token_weights, num_items):
 
 def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_kl", reduction="mean",
                weighting=None, token_weights=False, num_items=None, backend="torch", dtype=torch.float64,
-               use_module=False):
+               use_module=False, shift=False, inference=False):
     """A random split of the whole batch's places (padding included) over the ranks, each rank's tokens shuffled
     and passed packed, against the single-process call on the [S, L] batch."""
     import wpkl
@@ -141,16 +141,29 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
         common["student_weight"] = ws
     full = rows[student].clone().requires_grad_(True)
     # the single-process reference: the torch backend (the Triton one has no prefix_confidence in its fused op)
-    ref_loss, ref_stats = fn(**{**rows, student: full}, **per_token, positions=d["positions"],
-                             **{**common, "backend": "torch"})
+    # (no positions: the weights' positions are counted among the valid tokens, with a group as here)
+    ref_loss, ref_stats = fn(**{**rows, student: full}, **per_token, **{**common, "backend": "torch"})
     upstream = torch.rand(S, L, generator=_gen(seed + 1), dtype=ref_loss.dtype)
     (ref_loss * upstream).sum().backward() if reduction == "none" else ref_loss.backward()
     ref_grad = full.grad.reshape(S * L, -1)
     ref_wgrad = None if form != "linear" else ws.grad.clone()
     mine = _split(_gen(seed + 2), S * L, world)[rank]
+    if shift:  # each sequence's positions start elsewhere, below 0 too (a prompt at negative positions)
+        d["positions"] = d["positions"] + torch.randint(-5, 6, (S, 1), generator=_gen(seed + 3))
 
     def local(x):
         return None if x is None else x.reshape(S * L, *x.shape[2:])[mine]
+
+    if inference:  # forward only, under inference mode: the same loss
+        with torch.inference_mode():
+            loss = fn(**{**{k: local(v) for k, v in rows.items()}}, **{k: local(v) for k, v in per_token.items()},
+                      positions=local(d["positions"]), sequence_ids=local(d["sequence_ids"]), sequence_group=group,
+                      **{**common, "return_stats": False})
+        if reduction == "none":
+            _close(loss, local(ref_loss).detach(), "inference-mode rows", dtype)
+        else:
+            _close(_sum_over_ranks(loss.clone(), group), ref_loss.detach(), "inference-mode loss", dtype)
+        return
 
     x = local(rows[student]).clone().requires_grad_(True)
     local_rows = {k: local(v) for k, v in rows.items()}
@@ -192,8 +205,7 @@ def layout_case(rank, world, group, *, seed, layout="megatron_bshd", weighting=N
     full = d["s"].clone().requires_grad_(True)
     kw = dict(weighting=weighting, reduction=reduction, backend="torch")
     if layout == "megatron_bshd":
-        ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], positions=d["positions"], tokens=d["tokens"],
-                                    **kw)
+        ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], tokens=d["tokens"], **kw)
         ref.backward()
         part = wd.megatron_bshd(S, L, world, rank)
         whole = dict(s=full.detach(), t=d["t"], mask=d["mask"], tokens=d["tokens"])
@@ -247,7 +259,7 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
     S, L = d["mask"].shape
     full = d["s"].clone().requires_grad_(True)
     kw = dict(divergence=divergence, weighting=weighting, backend=backend, temperature=0.8, tokens=d["tokens"])
-    ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], positions=d["positions"], **kw)
+    ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], **kw)
     ref.backward()
     mine = _split(_gen(seed + 2), S * L, 2)[sp_rank]
 
@@ -263,6 +275,16 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
     _close(_sum_over_ranks(loss, sp_group), ref.detach(), "the mesh's loss", torch.float32)
     loss.backward()
     _close(x.grad, full.grad.reshape(S * L, -1)[mine][:, vocab], "the mesh's gradient block", torch.float32)
+    # one tensor-parallel rank shifting its sequence ids: every rank of the mesh raises (none returns a loss)
+    try:
+        wpkl.weighted_kl_loss(x.detach(), local(d["t"])[:, vocab].contiguous(), mask=local(d["mask"]),
+                              positions=local(d["positions"]), process_group=tp_group, sequence_group=sp_group,
+                              sequence_ids=local(d["sequence_ids"]) + (1 if rank == 1 else 0),
+                              **{**kw, "tokens": local(d["tokens"])})
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("shifted sequence ids on one tensor-parallel rank: no error on this rank")
 
 
 def collectives_case(rank, world, group, *, seed):
@@ -339,6 +361,17 @@ def good_cases():
                            weighting=weightings[3])))
     seed += 1
     cases.append(("module", split_case, dict(seed=seed, use_module=True, weighting=weightings[5])))
+    for k in (1, 2, 5, 6):  # positions offset per sequence (negative too): the weights count valid tokens
+        seed += 1
+        cases.append((f"shifted positions w{k}", split_case, dict(seed=seed, shift=True, weighting=weightings[k],
+                                                                  reduction=reductions[k % 4])))
+    for reduction in reductions:
+        seed += 1
+        cases.append((f"inference mode {reduction}", split_case, dict(seed=seed, inference=True, reduction=reduction,
+                                                                      weighting=weightings[3])))
+    seed += 1
+    cases.append(("linear inference mode", split_case, dict(seed=seed, form="linear", inference=True,
+                                                            weighting=weightings[3])))
     for form, k in (("logits", 3), ("logits", 5), ("topk", 1), ("linear", 4)):
         seed += 1
         weighting = weightings[k]
@@ -391,6 +424,7 @@ def bad_input_cases(rank, world, group) -> dict:
         "ids shifted on one rank": (lambda: call(sequence_ids=local(d["sequence_ids"]) + (1 if rank == 1 else 0)),
                                     None),
         "negative id": (lambda: call(sequence_ids=local(d["sequence_ids"]) - (S if rank == 0 else 0)), None),
+        "num_items differs": (lambda: call(num_items_in_batch=10.0 + rank), "num_items_in_batch"),
     }
     results = {}
     for name, (bad, words) in cases.items():
@@ -457,7 +491,7 @@ def test_every_split_matches_one_process(worlds, world):
 def test_bad_inputs_raise_on_every_rank(worlds, world):
     for rank, result in enumerate(worlds[world]):
         bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
-        assert len(bad) == 8, (rank, bad)
+        assert len(bad) == 9, (rank, bad)
         assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})
 
 
@@ -471,13 +505,13 @@ def test_sequence_ids_without_a_group_lay_out_a_shuffled_packed_batch():
     S, L = d["mask"].shape
     for weighting in _weightings():
         full = d["s"].clone().requires_grad_(True)
-        ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], positions=d["positions"], weighting=weighting,
+        ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], weighting=weighting,
                                     teacher_token_logprobs=d["teacher_logprobs"], reduction="seq_mean")
         ref.backward()
         perm = torch.randperm(S * L, generator=_gen(4))
         flat = {k: d[k].reshape(S * L, *d[k].shape[2:])[perm] for k in ("s", "t", "mask", "positions",
                                                                          "sequence_ids", "teacher_logprobs")}
-        shift = 0 if weighting is not None and weighting.position is not None else 100  # positions from 100 on
+        shift = 100  # positions from 100 on: they place the tokens, the weights count the valid ones
         x = flat["s"].clone().requires_grad_(True)
         out = wpkl.weighted_kl_loss(x, flat["t"], mask=flat["mask"], positions=flat["positions"] + shift,
                                     sequence_ids=flat["sequence_ids"], weighting=weighting, reduction="seq_mean",

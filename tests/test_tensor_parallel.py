@@ -354,7 +354,7 @@ def good_cases(world=2):
                                                                v_local=4)))
     seed += 1
     cases.append(("token-weights-num-items", logits_case, dict(
-        seed=seed, weighting=_weightings()[1], extra=dict(token_weights=torch.rand(2, 4) + 0.1,
+        seed=seed, weighting=_weightings()[1], extra=dict(token_weights=torch.rand(2, 4, generator=_gen(seed)) + 0.1,
                                                           num_items_in_batch=torch.tensor(9.0)))))
     seed += 1
     cases.append(("float16", logits_case, dict(seed=seed, dtype=torch.float16, divergence="forward_kl")))

@@ -47,7 +47,8 @@ class Sequences:
         else:
             self.layout = SequenceLayout(batch.packed, batch.positions)
         self.valid = self.layout.rows(batch.valid)
-        given = None if batch.positions is None else self.layout.rows(batch.positions)
+        # with sequence_ids the positions place the tokens; the weights count the valid ones (wpkl/inputs/layout.py)
+        given = None if batch.positions is None or batch.sequence_ids is not None else self.layout.rows(batch.positions)
         self.positions = sequence_positions(self.valid) if given is None else given
         self.user_weights = None if batch.token_weights is None else self.layout.rows(batch.token_weights)
         token_logprobs = teacher_token_logprobs(problem)
@@ -88,7 +89,7 @@ def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences | Gathe
     """The loss (and, with ``return_stats``, the stats) from the per-token terms."""
     spec, batch = problem.spec, problem.batch
     if isinstance(seq, GatheredSequences):
-        weights, coefficients = seq.local(terms.divergence, terms.confidence)
+        weights, coefficients, positions = seq.local(terms.divergence, terms.confidence)
         if spec.reduction == "none":
             loss = torch.where(batch.valid, weights * terms.loss, 0.0).reshape(batch.leading_shape)
         else:
@@ -96,7 +97,7 @@ def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences | Gathe
         if not spec.return_stats:
             return loss
         return loss, token_stats(problem, terms.divergence, weights, terms.confidence, terms.teacher_entropy,
-                                 terms.student_entropy, batch.positions)
+                                 terms.student_entropy, positions)
     layout, valid = seq.layout, seq.valid
     weights = seq.weights(spec.weighting, terms.divergence, terms.confidence)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)

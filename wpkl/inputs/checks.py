@@ -20,18 +20,22 @@ class DeferredCheckError(ValueError):
     ``wpkl.check_errors()``."""
 
 
-def run_checks(checks: list[tuple[str, torch.Tensor]]) -> None:
+def run_checks(checks: list[tuple[str, torch.Tensor]], raise_earlier: bool = True) -> None:
     """``checks``: (message, a bool tensor that is True where the input is bad). Raises now on the CPU; on CUDA
-    queues the flags and raises the first failure of an earlier call whose flags have arrived."""
+    queues the flags and raises the first failure of an earlier call whose flags have arrived (unless
+    ``raise_earlier=False``: a check made after a collective, where one rank raising alone would leave the
+    others with a loss; the earlier failure then surfaces at the next call's agreement, on every rank)."""
     if not checks:
-        raise_arrived()
+        if raise_earlier:
+            raise_arrived()
         return
-    run_flags(torch.stack([bad.any() for _, bad in checks]), [message for message, _ in checks])
+    run_flags(torch.stack([bad.any() for _, bad in checks]), [message for message, _ in checks], raise_earlier)
 
 
-def run_flags(flags: torch.Tensor, messages: list[str]) -> None:
+def run_flags(flags: torch.Tensor, messages: list[str], raise_earlier: bool = True) -> None:
     """Flags a kernel wrote (nonzero = that check failed): raised now on the CPU, deferred on CUDA."""
-    raise_arrived()
+    if raise_earlier:
+        raise_arrived()
     if not _deferred(flags):
         for message, failed in zip(messages, flags.tolist(), strict=True):
             if failed:

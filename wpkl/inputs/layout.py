@@ -8,7 +8,11 @@ With ``sequence_ids`` (``SequenceLayout.by_ids``) the ids say which sequence eac
 positions where it sits: token i goes to row ``sequence_ids[i]``, column ``positions[i]`` minus the smallest
 position of its sequence, whatever the order of the tokens (a batch gathered from the ranks of a sequence
 group, or a packed batch whose positions do not restart at 0). Every token claims its place, masked or not:
-two tokens in one place, or a place left empty inside a sequence, is an error (``checks``).
+two tokens in one place, or a place left empty inside a sequence, is an error (``checks``). The layout has one
+row per id up to the largest: ids are meant dense (0 .. S - 1), not sparse sample uids.
+
+The weights' positions are then counted among the valid tokens of each sequence in position order (as without
+``positions``): ``positions`` place the tokens, so a prompt before the response counts as it does on one device.
 """
 
 from __future__ import annotations

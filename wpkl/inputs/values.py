@@ -63,7 +63,7 @@ def check_values(problem: Problem) -> None:
     if batch.token_weights is not None:
         w = batch.token_weights
         bad["token_weights"] = valid & ~(torch.isfinite(w) & (w >= 0))
-    if batch.positions is not None:
+    if batch.positions is not None and batch.sequence_ids is None:  # with ids they only place tokens (any int)
         bad["positions"] = valid & (batch.positions < 0)
     if batch.sequence_ids is not None:
         bad["sequence_ids"] = batch.sequence_ids < 0

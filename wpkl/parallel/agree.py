@@ -74,8 +74,8 @@ def _facts(problem: Problem, route) -> dict[str, int]:
 
 
 def _checksum(problem: Problem) -> torch.Tensor:
-    """An int64 digest of the mask, the sampled tokens and the top-k ids, which decide every rank's per-token
-    collectives and must be the same on every rank (the ranks' masks differing would give each a different loss)."""
+    """An int64 digest of the mask, the sampled tokens, the top-k ids, the positions, sequence ids and token
+    weights, which decide every rank's per-token collectives or weights and must be the same on every rank (the ranks' masks differing would give each a different loss)."""
     batch = problem.batch
     valid = batch.valid.reshape(-1).to(torch.int64)
     index = torch.arange(1, valid.numel() + 1, device=valid.device, dtype=torch.int64)
@@ -83,6 +83,11 @@ def _checksum(problem: Problem) -> torch.Tensor:
     if batch.tokens is not None:
         tokens = torch.where(valid.bool(), batch.tokens.reshape(-1).to(torch.int64), 0)
         digest = digest + (tokens * (index * 40503 + 7)).sum()
+    for k, x in enumerate((batch.positions, batch.sequence_ids, batch.token_weights)):
+        if x is not None:  # a sequence group's placement and the weights: the same on every vocabulary shard
+            bits = x.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64) if x.is_floating_point() else \
+                x.reshape(-1).to(torch.int64)
+            digest = digest + (bits * (index * (104729 + 2 * k) + 11)).sum()
     if problem.teacher_topk is not None:
         ids = problem.teacher_topk.ids.reshape(valid.numel(), -1).to(torch.int64)
         digest = digest + (ids * valid.unsqueeze(-1) * (index.unsqueeze(-1) * 65599 + 3)).sum()

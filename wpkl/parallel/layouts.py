@@ -13,7 +13,8 @@ sharded tensors already, passes only ``positions`` and ``sequence_ids``).
 - ``contiguous``: DeepSpeed-Ulysses and verl's sequence parallelism: the packed stream (padding removed) padded
   at its end to a multiple of sp and sliced into sp equal contiguous parts.
 
-A padding token (one the layouts add) has ``index`` -1 and ``valid`` False: give it any logits and mask it. It
+The helpers return CPU tensors (move them to the batch's device). A padding token (one the layouts add) has
+``index`` -1 and ``valid`` False: give it any logits and mask it. It
 holds a place of its own (the sequence it pads, or for ``contiguous`` an extra sequence of padding, id S), so
 that every place is claimed once.
 """
@@ -81,14 +82,18 @@ def _lengths(cu_seqlens) -> list[int]:
     return [b - a for a, b in zip(cu, cu[1:], strict=False)]
 
 
-def megatron_thd(cu_seqlens, cp_size: int, rank: int) -> LocalTokens:
+def megatron_thd(cu_seqlens, cp_size: int, rank: int, pad_multiple: int | None = None) -> LocalTokens:
     """Megatron's context-parallel split of a packed batch with ``cu_seqlens`` ([S + 1], the unpadded
-    boundaries): each sequence padded to a multiple of 2 * cp_size and cut on its own."""
+    boundaries): each sequence padded to a multiple of ``pad_multiple`` (default 2 * cp_size; verl and
+    Megatron-Bridge pad to tp * cp * 2 with tensor parallelism: pass that) and cut on its own."""
     _check("cp_size", cp_size, rank)
+    multiple = 2 * cp_size if pad_multiple is None else pad_multiple
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % (2 * cp_size):
+        raise ValueError(f"pad_multiple must be a positive multiple of 2 * cp_size ({2 * cp_size}), got {multiple!r}")
     lengths, start = _lengths(cu_seqlens), 0
     index, positions, ids = [], [], []
     for s, length in enumerate(lengths):
-        padded = -(-length // (2 * cp_size)) * (2 * cp_size)
+        padded = -(-length // multiple) * multiple
         pos = _chunk_pair(padded, cp_size, rank)
         index.append(torch.where(pos < length, start + pos, -1))
         positions.append(pos)

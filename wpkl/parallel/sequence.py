@@ -36,7 +36,7 @@ import torch
 from ..inputs.checks import run_checks
 from ..inputs.data import Problem
 from ..inputs.layout import SequenceLayout
-from ..reference import compute_weights, reduce_loss
+from ..reference import compute_weights, reduce_loss, sequence_positions
 from .agree import _device
 
 
@@ -53,7 +53,7 @@ class SequenceShards:
     group: object
     sizes: tuple[int, ...]
     rank: int
-    shape: tuple[int, int]  # bounds of the whole batch's layout: S > every sequence id, L > every position
+    shape: tuple[int, int]  # bounds of the whole batch's layout: S > every sequence id, L > every position span
 
     @property
     def offset(self) -> int:
@@ -97,10 +97,16 @@ def agree_sequences(group, prepare, check_values):
         error = e
     ok = error is None
     row = [int(ok), int(values_error is None), problem.batch.valid.numel() if ok else 0,
-           _digest(problem) if ok else 0, 0, 0]
+           _digest(problem) if ok else 0, 0, 0, 0, 0]
     mine = torch.tensor(row, dtype=torch.int64, device=_device(group, problem.device if ok else None))
-    if ok and problem.batch.valid.numel():  # device ops, read with the table: no extra sync
-        mine[4:] = torch.stack([problem.batch.sequence_ids.max(), problem.batch.positions.max()]).to(mine.device) + 1
+    if ok:  # device ops, read with the table: no extra sync
+        batch = problem.batch
+        if batch.valid.numel():
+            pos = batch.positions
+            mine[4:7] = torch.stack([batch.sequence_ids.max() + 1, pos.max(), pos.min()]).to(mine.device)
+        if batch.num_items_in_batch is not None:  # the whole batch's count: the same on every rank
+            count = torch.as_tensor(batch.num_items_in_batch, dtype=torch.float64).reshape(1)
+            mine[7:] = count.to(mine.device).view(torch.int64)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu().tolist()  # the one host sync of the agreement
@@ -117,8 +123,15 @@ def agree_sequences(group, prepare, check_values):
     if len(set(digests)) > 1:
         raise ValueError("sequence_group: the ranks disagree on the options, the inputs given or the teacher's form "
                          f"(digests {digests}): every rank passes the same options and the same kinds of inputs")
+    counts = {line[7] for line in table}
+    if len(counts) > 1:
+        values = [torch.tensor(line[7]).view(torch.float64).item() for line in table]
+        raise ValueError(f"sequence_group: the ranks pass different num_items_in_batch ({values}): it is the whole "
+                         "batch's count (of every rank of the group), the same on every rank")
     raise_for(1, values_error)
-    shape = (max(line[4] for line in table), max(line[5] for line in table))
+    filled = [line for line in table if line[2]]
+    span = max((line[5] for line in filled), default=0) - min((line[6] for line in filled), default=0) + 1
+    shape = (max(line[4] for line in table), span)
     shards = SequenceShards(group, tuple(line[2] for line in table), dist.get_rank(group), shape)
     return problem.replace(sequences=shards), route
 
@@ -148,7 +161,7 @@ class GatheredSequences:
         self.has_weights, self.has_logprobs = batch.token_weights is not None, token_logprobs is not None
 
     def local(self, divergence: torch.Tensor, confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w_i, c_i w_i) of this rank's tokens, [B, T] each, in the terms' dtype; c_i = d loss / d (w_i L_i)."""
+        """(w_i, c_i w_i, the weights' positions) of this rank's tokens, [B, T] each; c_i = d loss / d (w_i L_i)."""
         spec, batch = self.problem.spec, self.problem.batch
         dtype = divergence.dtype
         columns = [*self.base, divergence.detach(), confidence.detach(), *self.extra]
@@ -157,7 +170,7 @@ class GatheredSequences:
         ids, pos = whole[:, 0].long(), whole[:, 1].long()
         layout = SequenceLayout.by_ids(ids, pos, what="tokens (of one or more ranks)",  # stage "weigh"
                                        shape=self.shards.shape)
-        run_checks(layout.checks)
+        run_checks(layout.checks, raise_earlier=False)  # every rank the same flags; earlier ones: next agreement
         valid = layout.rows(whole[:, 2].bool())
 
         def rows(col: int) -> torch.Tensor:
@@ -166,18 +179,24 @@ class GatheredSequences:
         extra = iter(range(5, whole.shape[1]))
         user_weights = rows(next(extra)) if self.has_weights else None
         token_logprobs = rows(next(extra)) if self.has_logprobs else None
+        positions = sequence_positions(valid)  # counted among the valid tokens, as on one device
         weights = compute_weights(spec.weighting, valid=valid, divergence=rows(3), confidence=rows(4),
-                                  user_weights=user_weights, positions=layout.rows(pos),
+                                  user_weights=user_weights, positions=positions,
                                   teacher_token_logprobs=token_logprobs)
         coefficient = weights
         if spec.reduction != "none":
-            x = torch.zeros(valid.shape, dtype=torch.float64, device=valid.device, requires_grad=True)
-            with torch.enable_grad():
-                (r,) = torch.autograd.grad(reduce_loss(x, valid, spec.reduction, batch.num_items_in_batch), x)
+            count = batch.num_items_in_batch
+            # d reduce / d x by autograd through the one reduction (outside inference mode: its tensors are the
+            # coefficients' inputs, not the loss's)
+            with torch.inference_mode(False), torch.enable_grad():
+                mask = valid.clone()
+                count = count.clone() if isinstance(count, torch.Tensor) else count
+                x = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
+                (r,) = torch.autograd.grad(reduce_loss(x, mask, spec.reduction, count), x)
             coefficient = weights * r.to(dtype)
         start, n = self.shards.offset, batch.valid.numel()  # stage "slice"
 
         def mine(x: torch.Tensor) -> torch.Tensor:
             return layout.tokens(x).reshape(-1)[start: start + n].reshape(batch.valid.shape)
 
-        return mine(weights), mine(coefficient)
+        return mine(weights), mine(coefficient), mine(positions)
