@@ -565,6 +565,12 @@ def test_layouts_reassemble_the_batch():
                                                              if n), (name, size)
             sizes = {p.index.numel() for p in parts}
             assert len(sizes) == 1, (name, size, sizes)  # the trainers' layouts give every rank as many tokens
+    # tensor parallelism too (verl, Megatron-Bridge: each sequence padded to tp * cp * 2): a length of 10 at
+    # cp = 2, tp = 2 pads to 16, rank 0 holding chunks 0 and 3 of 4
+    assert wd.megatron_thd([0, 10], 2, 0, pad_multiple=8).positions.tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    assert wd.megatron_thd([0, 10], 2, 0).positions.tolist() == [0, 1, 2, 9, 10, 11]
+    with pytest.raises(ValueError, match="pad_multiple"):
+        wd.megatron_thd([0, 10], 2, 0, pad_multiple=6)
     with pytest.raises(ValueError, match="multiple of 2"):
         wd.megatron_bshd(2, 6, 2, 0)
     with pytest.raises(ValueError, match="rank"):
