@@ -135,8 +135,8 @@ def weighted_kl_loss(
             single-process loss of the whole batch and each rank's gradient is its rows of the whole gradient
             (``reduction="none"`` and the stats: the rank's tokens' rows). ``wpkl.distributed`` has the layout
             helpers of the trainers (Megatron's load-balanced chunks, Ulysses/verl's contiguous slices). Costs:
-            two all-gathers per call (a few int64 per rank; 5 to 7 float64 per token), none in backward, one host
-            sync. Combines with ``process_group`` (a tensor x context mesh). Every rank of the group must make the
+            two all-gathers per call (eight int64 per rank; 5 to 7 float64 per token), none in backward, one host
+            sync (the fused-linear form adds its compaction's). Combines with ``process_group`` (a tensor x context mesh). Every rank of the group must make the
             call. Details: wpkl/parallel/sequence.py and docs/recipes.md.
 
     Returns:

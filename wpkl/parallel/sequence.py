@@ -7,9 +7,10 @@ per-token terms need only the rank's own tokens; the weights (positions against 
 accumulated prefix share, prefix-confidence windows that reach into another rank's chunk, normalize's batch sum)
 and the reduction's denominators need the whole batch. So, in named stages around the two collectives:
 
-    agree     (``agree_sequences``, before any other work) one all-gather of six int64 per rank: every rank's
+    agree     (``agree_sequences``, before any other work) one all-gather of eight int64 per rank: every rank's
               outcome (a rank whose inputs were rejected makes every rank raise), its token count, a digest of
-              its options and given inputs, and its largest sequence id and position; the call's one host sync
+              its options and given inputs, its largest sequence id, largest and smallest position, and
+              ``num_items_in_batch`` (which must agree); the call's one host sync
               (the counts size the gather, the largest id and position the layout).
     gather    (``GatheredSequences.local``, after the terms) one all-gather of the rank's per-token vectors
               (sequence id, position, mask, detached divergence and confidence, and the token weights and
