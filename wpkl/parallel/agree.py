@@ -34,12 +34,15 @@ def _crc(value) -> int:
 
 
 def _device(group, device):
-    """Where the metadata travels: the CPU for gloo, the inputs' device otherwise (NCCL needs CUDA tensors)."""
+    """Where the metadata travels, decided by the group's backend alone (so that a rank whose inputs failed, with
+    no device, picks what the others pick): CUDA when the backend has NCCL (the inputs' CUDA device, or the
+    current one), else the CPU (gloo; a "cpu:gloo,cuda:nccl" group on a machine without CUDA)."""
     backend = str(_dist().get_backend(group))
-    if backend == "gloo" or device is None:
-        return torch.device("cpu") if backend == "gloo" or not torch.cuda.is_available() else torch.device(
-            "cuda", torch.cuda.current_device())
-    return device
+    if "nccl" in backend and torch.cuda.is_available():
+        if device is not None and device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _facts(problem: Problem, route) -> dict[str, int]:
