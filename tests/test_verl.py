@@ -299,8 +299,8 @@ def _megatron_entry_point(local, data, distill, ref, group):
         x = local.detach().clone().requires_grad_(True)
         got = megatron_losses.compute_forward_kl_topk(x, data["teacher_logprobs"], data["teacher_ids"], distill, "thd")
         assert cuts == [("thd", True), ("thd", True)]
-        for key in ("distillation_losses", "student_mass", "teacher_mass"):
-            _close(got[key], ref[key], f"megatron entry point: {key}")
+        for key in ("distillation_losses", "overlap_token_advantage"):  # (its masses: verl's Megatron convention,
+            _close(got[key], ref[key], f"megatron entry point: {key}")  # the clamped ones: the test below)
         wv.undo()
         assert megatron_losses.compute_forward_kl_topk is None
     finally:
@@ -329,3 +329,54 @@ def test_memory_bench_runs(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 256 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["verl", "verl chunked", "wpkl"]
     assert wv.options() is None  # each variant undone
+
+
+def _megatron_worker(rank, world, port, out):
+    """verl's own Megatron function (megatron-core's parallel state on a gloo group) against use_wpkl's: the
+    vocabulary-parallel logits of a THD batch cut by verl, every output on the real rows, and the gradient."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from megatron.core import parallel_state as mpu
+
+        mpu.initialize_model_parallel(tensor_model_parallel_size=world)
+        import verl.trainer.distillation.megatron.losses as verl_megatron
+
+        _, data, offsets = _batch(seed=9, prompts=(2, 2), responses=(3, 4))
+        lengths = offsets.diff().tolist()
+        padded = [n + (-n) % world for n in lengths]  # verl's THD alignment at tp = world, cp = 1
+        starts = torch.tensor([0, *padded]).cumsum(0).tolist()
+        real = torch.cat([start + torch.arange(n) for start, n in zip(starts, lengths, strict=False)])
+        full = torch.randn(1, sum(padded), 7 * world, generator=torch.Generator().manual_seed(1)) * 2
+        for clamp in (-2.0, None):
+            _, distill = _configs(clamp=clamp)
+            results = {}
+            for name in ("verl", "wpkl"):
+                if name == "wpkl":
+                    wv.use_wpkl(topk_mode="verl")
+                x = full[..., rank * 7:(rank + 1) * 7].clone().requires_grad_(True)
+                got = verl_megatron.compute_forward_kl_topk(x, data["teacher_logprobs"], data["teacher_ids"], distill,
+                                                            "thd")
+                got["distillation_losses"][0, real].sum().backward()
+                results[name] = ({k: v[0, real].detach() for k, v in got.items()}, x.grad[0, real])
+            wv.undo()
+            (ref, ref_grad), (mine, grad) = results["verl"], results["wpkl"]
+            assert set(mine) == set(ref)
+            for key in ref:
+                _close(mine[key], ref[key], f"megatron {key} (clamp {clamp})")
+            _close(grad, ref_grad, f"megatron gradient (clamp {clamp})")
+        open(os.path.join(out, f"ok{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
+    leave_worker()
+
+
+def test_verls_megatron_function(tmp_path):
+    """Parity with verl's own Megatron top-k function (needs megatron-core: CI's verl environment has it)."""
+    if not os.environ.get("WPKL_REQUIRE_MEGATRON"):
+        pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_megatron_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()

@@ -85,8 +85,11 @@ def options() -> VerlOptions | None:
 
 # ------------------------------------------------------------------------------------------- the logits processor
 
-def topk_outputs(student_logits, teacher_ids, teacher_logprobs, loss_config, opts: VerlOptions, process_group=None):
-    """verl's logits-processor dict for local logits [B, T, V_local] and the teacher's top-k [B, T, K]."""
+def topk_outputs(student_logits, teacher_ids, teacher_logprobs, loss_config, opts: VerlOptions, process_group=None,
+                 masses_clamped=False):
+    """verl's logits-processor dict for local logits [B, T, V_local] and the teacher's top-k [B, T, K].
+    ``masses_clamped``: student_mass and teacher_mass from the clamped log-probs (verl's Megatron function does
+    so; its FSDP function sums the unclamped ones)."""
     floor = loss_config.log_prob_min_clamp
     raw = opts.topk_mode == "verl"
     # verl pads the teacher's rows (Ulysses' slice to a multiple of sp, Megatron's THD alignment) with zeros: ids
@@ -99,11 +102,12 @@ def topk_outputs(student_logits, teacher_ids, teacher_logprobs, loss_config, opt
                               topk_mode="raw" if raw else opts.topk_mode,
                               topk_logprob_floor=floor if raw else None, process_group=process_group)
     with torch.no_grad():
-        out = _diagnostics(student_logits.detach(), teacher_ids, teacher_logprobs, floor, process_group)
+        out = _diagnostics(student_logits.detach(), teacher_ids, teacher_logprobs, floor, process_group,
+                           masses_clamped)
     return {"distillation_losses": losses, **out}
 
 
-def _diagnostics(logits, ids, teacher_lp, floor, group):
+def _diagnostics(logits, ids, teacher_lp, floor, group, masses_clamped=False):
     """student_mass, teacher_mass, overlap_count, overlap_token_advantage as verl defines them (verl's
     fsdp/losses.py), from the student's log-probs at the teacher's ids and its own top-k ids: chunks of rows,
     float32, no [tokens, V] buffer; with a vocabulary group, the shards' maxima, sums and top-k merged."""
@@ -142,6 +146,8 @@ def _diagnostics(logits, ids, teacher_lp, floor, group):
     student_lp = student_lp.reshape(B, T, K)
     student_top = student_top.reshape(B, T, K)
     teacher_lp = teacher_lp.float()
+    if floor is not None and masses_clamped:
+        student_lp, teacher_lp = student_lp.clamp_min(floor), teacher_lp.clamp_min(floor)
     student_mass = student_lp.exp().sum(-1)
     teacher_mass = teacher_lp.exp().sum(-1)
     if floor is not None:
@@ -192,7 +198,8 @@ def _megatron_topk(student_logits, teacher_topk_log_probs, teacher_topk_ids, con
     ids, *_ = cut(teacher_topk_ids, pre_process=True)
     assert lq.shape[:2] == ids.shape[:2] == student_logits.shape[:2]
     group = get_tensor_model_parallel_group() if get_tensor_model_parallel_world_size() > 1 else None
-    return topk_outputs(student_logits, ids, lq, config.distillation_loss, _state["options"], process_group=group)
+    return topk_outputs(student_logits, ids, lq, config.distillation_loss, _state["options"], process_group=group,
+                        masses_clamped=True)
 
 
 # ------------------------------------------------------------------------------------------------ the loss modes
