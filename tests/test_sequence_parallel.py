@@ -18,7 +18,7 @@ import traceback
 
 import pytest
 import torch
-from utils import free_port, leave_worker, spawn_worlds
+from utils import assert_bad_inputs_raised, assert_ranks_passed, free_port, leave_worker, spawn_worlds
 
 WORLD_SIZES = (2, 3, 4)
 SPAWN_TIMEOUT_S = 400
@@ -477,22 +477,14 @@ def worlds(tmp_path_factory):
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_every_split_matches_one_process(worlds, world):
-    failures = {}
-    for rank, result in enumerate(worlds[world]):
-        for name, error in result["results"].items():
-            if error is not None and not name.startswith("bad: "):
-                failures[f"rank {rank}: {name}"] = error
     ran = [n for n in worlds[world][0]["results"] if not n.startswith("bad: ")]
     assert ran == [name for name, _, _ in good_cases()]
-    assert not failures, "\n".join(f"{k}\n{v}" for k, v in list(failures.items())[:6]) + f"\n({len(failures)} failed)"
+    assert_ranks_passed(worlds[world], skip_prefix="bad: ")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_bad_inputs_raise_on_every_rank(worlds, world):
-    for rank, result in enumerate(worlds[world]):
-        bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
-        assert len(bad) == 9, (rank, bad)
-        assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})
+    assert_bad_inputs_raised(worlds[world], 9)
 
 
 # ------------------------------------------------------------------------------------------ one process

@@ -16,7 +16,7 @@ import traceback
 
 import pytest
 import torch
-from utils import leave_worker, spawn_worlds
+from utils import assert_bad_inputs_raised, assert_ranks_passed, leave_worker, spawn_worlds
 
 WORLD_SIZES = (2, 3)
 SPAWN_TIMEOUT_S = 240
@@ -563,22 +563,14 @@ CASE_NAMES = [name for name, _, _ in good_cases()]
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_every_case_matches_one_device(worlds, world):
-    failures = {}
-    for rank, result in enumerate(worlds[world]):
-        for name, error in result["results"].items():
-            if error is not None:
-                failures[f"rank {rank}: {name}"] = error
     ran = len(worlds[world][0]["results"])
     assert ran >= len(CASE_NAMES) - 3, f"only {ran} cases ran"
-    assert not failures, "\n".join(f"{k}\n{v}" for k, v in list(failures.items())[:6]) + f"\n({len(failures)} failed)"
+    assert_ranks_passed(worlds[world])
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_bad_inputs_raise_on_every_rank(worlds, world):
-    for rank, result in enumerate(worlds[world]):
-        bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
-        assert len(bad) == 16, (rank, bad)
-        assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})
+    assert_bad_inputs_raised(worlds[world], 16)
 
 
 def test_single_device_needs_no_group():

@@ -165,3 +165,19 @@ def spawn_worlds(worker, worlds: dict, timeout_s: float, at_once: bool = True) -
             with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
                 out[world].append(json.load(f))
     return out
+
+
+def assert_ranks_passed(results: list, skip_prefix: str | None = None) -> None:
+    """Every rank's case results (name -> None or a traceback) are None; cases named ``skip_prefix...`` aside."""
+    failures = {f"rank {rank}: {name}": error for rank, result in enumerate(results)
+                for name, error in result["results"].items()
+                if error is not None and not (skip_prefix and name.startswith(skip_prefix))}
+    assert not failures, "\n".join(f"{k}\n{v}" for k, v in list(failures.items())[:6]) + f"\n({len(failures)} failed)"
+
+
+def assert_bad_inputs_raised(results: list, count: int) -> None:
+    """Every rank ran ``count`` bad-input cases ("bad: ..."), each raising as it should (None)."""
+    for rank, result in enumerate(results):
+        bad = {k: v for k, v in result["results"].items() if k.startswith("bad: ")}
+        assert len(bad) == count, (rank, bad)
+        assert all(v is None for v in bad.values()), (rank, {k: v for k, v in bad.items() if v is not None})

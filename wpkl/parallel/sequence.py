@@ -155,8 +155,6 @@ class GatheredSequences:
     def __init__(self, problem: Problem, token_logprobs: torch.Tensor | None):
         batch = problem.batch
         self.problem, self.shards = problem, problem.sequences
-        self.valid = batch.valid
-        self.positions = batch.positions
         self.base = [batch.sequence_ids, batch.positions, batch.valid]
         self.extra = [x for x in (batch.token_weights, token_logprobs) if x is not None]
         self.has_weights, self.has_logprobs = batch.token_weights is not None, token_logprobs is not None
