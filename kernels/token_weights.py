@@ -40,6 +40,7 @@ POS_EXP = tl.constexpr(1)
 POS_POWER = tl.constexpr(2)
 POS_TABLE = tl.constexpr(3)
 POS_WINDOW = tl.constexpr(4)
+POS_SIGMOID = tl.constexpr(5)
 # reductions (REDUCTION constexpr)
 RED_MEAN = tl.constexpr(0)
 RED_SUM = tl.constexpr(1)
@@ -91,8 +92,9 @@ def token_weights_kernel(
     V,  # vocabulary (token checks)
     table_len,
     # scalars
-    pos_a,  # half_life, alpha, or window start
-    pos_b,  # window end
+    pos_a,  # half_life, alpha, window start, or sigmoid w_min
+    pos_b,  # window end, or sigmoid center
+    pos_c,  # sigmoid scale
     confidence_exp,
     disagreement_exp,
     gamma,
@@ -204,6 +206,9 @@ def token_weights_kernel(
         if POSITION == POS_WINDOW:
             relative = position / tl.maximum(length, 1.0)
             w = w * ((relative >= pos_a) & (relative < pos_b)).to(tl.float32)
+        if POSITION == POS_SIGMOID:
+            relative = (position + 0.5) / tl.maximum(length, 1.0)
+            w = w * (pos_a + (1.0 - pos_a) * tl.sigmoid((relative - pos_b) / pos_c))
         if CONFIDENCE:
             confidence = tl.load(confidence_ptr + offs, mask=inside, other=1.0)
             w = w * _pow(tl.where(valid, confidence, 1.0), confidence_exp)

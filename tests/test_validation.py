@@ -172,6 +172,9 @@ def test_triton_backend_with_float64_is_refused(monkeypatch):
     (lambda: wpkl.PositionWindow(0.0, math.inf), ValueError, "end must be finite"),
     (lambda: wpkl.PositionWindow(0.0, "1"), TypeError, "end must be a real number"),
     (lambda: wpkl.PositionWindow(-0.1, 0.3), ValueError, "start must be >= 0"),
+    (lambda: wpkl.PositionSigmoid(w_min=1.5), ValueError, "w_min must be in [0, 1]"),
+    (lambda: wpkl.PositionSigmoid(scale=0.0), ValueError, "scale must be > 0"),
+    (lambda: wpkl.PositionSigmoid(center=math.nan), ValueError, "center must be finite"),
     (lambda: wpkl.Weighting(confidence=-1.0), ValueError, "confidence must be >= 0"),
     (lambda: wpkl.Weighting(disagreement=-0.5), ValueError, "disagreement must be >= 0"),
     (lambda: wpkl.Weighting(accumulated=-0.5), ValueError, "accumulated must be >= 0"),
@@ -202,19 +205,19 @@ def test_bad_configuration(make, error, words):
 
 
 @pytest.mark.parametrize("weighting", [wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence())])
-def test_torch_only_weightings_on_triton(monkeypatch, weighting):
-    """prefix_confidence is not in the Triton weights kernel: backend="triton" is refused before any kernel runs;
-    backend="auto" (Triton picked) runs the torch path instead."""
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_torch_only_weightings_on_triton(monkeypatch, weighting, backend):
+    """prefix_confidence is not in the Triton weights kernel: with Triton picked (explicitly or by auto) the
+    kernels' vocabulary pass runs and the torch weights follow (never the whole torch pass, never a refusal)."""
     monkeypatch.setattr(wpkl.engine.route, "_backend", lambda problem: ("triton", "as if on CUDA"))
     tokens = torch.zeros(2, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="not in the Triton weights kernel"):
-        call(weighting=weighting, tokens=tokens, backend="triton")
     ran = []
     real = REAL[(wpkl.engine.terms, "logits_terms")]
-    monkeypatch.setattr(wpkl.engine.terms, "logits_terms", lambda problem, route: ran.append(route.backend) or
+    monkeypatch.setattr(wpkl.engine.terms, "logits_terms", lambda problem, route: ran.append(route) or
                         real(problem, route))
-    loss = call(weighting=weighting, tokens=tokens)
-    assert ran == ["torch"] and torch.isfinite(loss)
+    loss = call(weighting=weighting, tokens=tokens, backend=backend)
+    assert [(r.backend, r.terms, r.weights) for r in ran] == [("triton", "kernels", "torch")], ran
+    assert "weighs in torch" in str(ran[0]) and torch.isfinite(loss)
 
 
 def test_logprobs_allow_rounding_above_zero(monkeypatch):

@@ -48,6 +48,9 @@ def normalized(w):
     (wpkl.PositionWindow(0.0, 0.3), lambda pos, n: float(0.0 <= pos / n < 0.3)),
     (wpkl.PositionWindow(0.7, 1.0), lambda pos, n: float(0.7 <= pos / n < 1.0)),
     (wpkl.PositionWindow(0.25, 0.75), lambda pos, n: float(0.25 <= pos / n < 0.75)),
+    # PW-OPSD (arXiv 2605.21606): u = (i - 0.5) / L_b with i 1-based, w = w_min + (1 - w_min) sigmoid((u - tau) / s)
+    (wpkl.PositionSigmoid(), lambda pos, n: 0.25 + 0.75 / (1 + math.exp(-(((pos + 1) - 0.5) / n - 0.3) / 0.1))),
+    (wpkl.PositionSigmoid(0.0, 0.6, 0.05), lambda pos, n: 1 / (1 + math.exp(-(((pos + 1) - 0.5) / n - 0.6) / 0.05))),
 ])
 def test_position_schedules(schedule, f):
     expected = by_hand(lambda b, t, pos, n: f(pos, n))

@@ -11,7 +11,7 @@ import torch
 import wpkl
 
 SCHEDULES = [None, wpkl.ExpDecay(2.5), wpkl.PowerDecay(0.7), wpkl.PositionTable([2.0, 1.0, 0.5, 0.0, 0.25]),
-             wpkl.PositionWindow(0.25, 0.75)]
+             wpkl.PositionWindow(0.25, 0.75), wpkl.PositionSigmoid(0.2, 0.4, 0.15)]
 LAYOUTS = ["rows", "packed_positions", "packed"]
 
 

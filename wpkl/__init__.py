@@ -7,7 +7,8 @@
 from .inputs.checks import DeferredCheckError, check_errors
 from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
 from .stats import TokenStats
-from .weighting import ExpDecay, PositionTable, PositionWindow, PowerDecay, PrefixConfidence, Weighting
+from .weighting import (ExpDecay, PositionSigmoid, PositionTable, PositionWindow, PowerDecay, PrefixConfidence,
+                        Weighting)
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "FusedLinearWeightedKLLoss",
     "PositionTable",
     "PositionWindow",
+    "PositionSigmoid",
     "PowerDecay",
     "PrefixConfidence",
     "TokenStats",

@@ -109,6 +109,36 @@ class PositionWindow:
 
 
 @dataclass(frozen=True)
+class PositionSigmoid:
+    """f(pos) = w_min + (1 - w_min) * sigmoid((u - center) / scale), u = (pos + 0.5) / n_b (n_b: valid tokens in the
+    sequence): weights that rise with the position, from w_min at the start towards 1 at the end.
+
+    PW-OPSD (arXiv 2605.21606; its code, SaFo-Lab/PW-OPSD): u = (i - 0.5) / L_b with i the 1-based index among
+    the response's tokens, and the defaults are its "moderate" schedule (w_min 0.25, center 0.3, scale 0.1). The
+    paper trains with ``reduction="seq_mean"`` and no renormalization: ``Weighting(position=PositionSigmoid(),
+    normalize=False)``.
+    """
+
+    w_min: float = 0.25
+    center: float = 0.3
+    scale: float = 0.1
+
+    def __post_init__(self):
+        w_min = _check_real("PositionSigmoid", "w_min", self.w_min, minimum=0)
+        if w_min > 1:
+            raise ValueError(f"PositionSigmoid.w_min must be in [0, 1] (the weight at the start), got {w_min}")
+        center = _check_real("PositionSigmoid", "center", self.center)
+        scale = _check_real("PositionSigmoid", "scale", self.scale, minimum=0, strict=True)
+        object.__setattr__(self, "w_min", w_min)
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "scale", scale)
+
+    def __call__(self, position: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        relative = (position + 0.5) / length.clamp_min(1)
+        return self.w_min + (1.0 - self.w_min) * torch.sigmoid((relative - self.center) / self.scale)
+
+
+@dataclass(frozen=True)
 class PrefixConfidence:
     """The IW-OPD authors' teacher prefix confidence weight: ``max(floor, exp(-alpha * Q_i))``.
 
@@ -139,15 +169,15 @@ class PrefixConfidence:
         object.__setattr__(self, "floor", floor)
 
 
-PositionSchedule = Union[ExpDecay, PowerDecay, PositionTable, PositionWindow]
-POSITION_SCHEDULES = (ExpDecay, PowerDecay, PositionTable, PositionWindow)
+PositionSchedule = Union[ExpDecay, PowerDecay, PositionTable, PositionWindow, PositionSigmoid]
+POSITION_SCHEDULES = (ExpDecay, PowerDecay, PositionTable, PositionWindow, PositionSigmoid)
 
 
 @dataclass(frozen=True)
 class Weighting:
     """How tokens are weighted; ``None`` in the API means uniform (standard OPD, no normalization).
 
-    position:     a schedule f(pos) (ExpDecay, PowerDecay, PositionTable, PositionWindow) or None
+    position:     a schedule f(pos) (ExpDecay, PowerDecay, PositionTable, PositionWindow, PositionSigmoid) or None
     confidence:   exponent on the teacher confidence c_i = max_j q_ij (0 = off)
     disagreement: exponent on the detached per-token divergence |D_i| (0 = off)
     accumulated:  IW-OPD gamma: 1 + gamma * (1 - prefix share of the sequence's accumulated |D|) (0 = off)

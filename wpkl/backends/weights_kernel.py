@@ -22,7 +22,7 @@ WEIGHTS_BLOCK = 512
 _REDUCTIONS = {"mean": 0, "sum": 1, "seq_mean": 2, "none": 3}
 # The Weighting fields the kernel implements (the route sends any other to the torch weights).
 KERNEL_WEIGHTING = ("position", "confidence", "disagreement", "accumulated", "normalize", "accumulated_eps", "w_max")
-_SCHEDULE_PARAMETERS = 2  # numbers per position schedule (a PositionTable's values travel as a tensor)
+_SCHEDULE_PARAMETERS = 3  # numbers per position schedule (a PositionTable's values travel as a tensor)
 # Derived once (torch.compile traces encode_weighting, and Dynamo does not trace ``dataclasses.fields``).
 WEIGHTING_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Weighting))
 _SCHEDULE_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in POSITION_SCHEDULES}
@@ -34,7 +34,7 @@ def _codes(name: str, value) -> list[tuple[str, float]]:
         params = [] if value is None or isinstance(value, PositionTable) else [
             float(getattr(value, name)) for name in _SCHEDULE_FIELDS[type(value)]]
         params += [0.0] * (_SCHEDULE_PARAMETERS - len(params))
-        return [("position", float(kind)), ("position_a", params[0]), ("position_b", params[1])]
+        return [("position", float(kind))] + [(f"position_{'abc'[i]}", p) for i, p in enumerate(params)]
     if value is None:
         return [(name, math.inf if name == "w_max" else 0.0)]
     if dataclasses.is_dataclass(value):  # an option the kernel does not implement (prefix_confidence): present
@@ -55,7 +55,7 @@ def encode_weighting(weighting: Weighting | None) -> list[float]:
 
 def decode_weighting(codes: list[float]) -> dict[str, float]:
     """``encode_weighting``'s numbers by name (position: kind 0 none, else 1 + its index in POSITION_SCHEDULES;
-    position_a, position_b: the schedule's parameters in field order)."""
+    position_a, position_b, position_c: the schedule's parameters in field order)."""
     names = _names()
     if len(codes) != len(names):
         raise ValueError(f"an encoded weighting has {len(names)} numbers, got {len(codes)}")
@@ -88,7 +88,7 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float
                              position=common.new_buffer(N, **f32), coef=common.new_buffer(N, **f32),
                              flags=common.new_buffer(8, dtype=torch.int32, device=device))
     code = decode_weighting(weighting)
-    kind, pos_a, pos_b = int(code["position"]), code["position_a"], code["position_b"]
+    kind, pos_a, pos_b, pos_c = (int(code["position"]), code["position_a"], code["position_b"], code["position_c"])
     confidence_exp, disagreement_exp, gamma = code["confidence"], code["disagreement"], code["accumulated"]
     eps, normalize, w_max = code["accumulated_eps"], code["normalize"], code["w_max"]
     table_len = 1 if table is None else table.numel()
@@ -110,7 +110,7 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float
         outputs.out, outputs.weight, outputs.position, outputs.coef, outputs.flags,
         segment, scratch[0], scratch[1], scratch[2],
         N, max(row_length, 1), vocab, table_len,
-        float(pos_a), float(pos_b), float(confidence_exp), float(disagreement_exp), float(gamma),
+        float(pos_a), float(pos_b), float(pos_c), float(confidence_exp), float(disagreement_exp), float(gamma),
         float(eps) if eps > 0 else 1.0, num_items_value, float(logprob_tolerance),
         float(w_max) if math.isfinite(w_max) else 0.0,
     )

@@ -156,10 +156,7 @@ def route(problem: Problem) -> Route:
     if topk:
         return Route("triton", "kernels", "torch", None, inplace, f"{reason}; a top-k teacher weighs in torch")
     unsupported = torch_only_weighting(spec.weighting)
-    if unsupported:
+    if unsupported:  # the kernels' vocabulary pass, then the torch weights on its [N] per-token terms
         names = ", ".join(f"{name}=..." for name in unsupported)
-        if spec.backend == "triton":
-            raise ValueError(f"Weighting({names}) is not in the Triton weights kernel: use backend=\"torch\" "
-                             "(backend=\"auto\" picks it for this weighting)")
-        return Route("torch", "torch pass", "torch", None, False, f"{reason}; Weighting({names}) weighs in torch")
+        return Route("triton", "kernels", "torch", None, inplace, f"{reason}; Weighting({names}) weighs in torch")
     return Route("triton", "fused op", "kernel", None, inplace, reason)

@@ -14,6 +14,7 @@ WEIGHTINGS = {  # one of each kind
     "position PowerDecay": lambda w: w.Weighting(position=w.PowerDecay(0.5)),
     "position PositionTable": lambda w: w.Weighting(position=w.PositionTable([1.0, 0.8, 0.5, 0.25])),
     "position PositionWindow": lambda w: w.Weighting(position=w.PositionWindow(0.25, 0.75)),
+    "position PositionSigmoid (PW-OPSD)": lambda w: w.Weighting(position=w.PositionSigmoid(), normalize=False),
     "confidence": lambda w: w.Weighting(confidence=1.0),
     "disagreement": lambda w: w.Weighting(disagreement=0.5),
     "accumulated (IW-OPD)": lambda w: w.Weighting(accumulated=0.5, w_max=1.5),
@@ -82,8 +83,6 @@ def routes(backends: tuple[str, ...], cuda: bool) -> list[Route]:
             out.append(Route(f"{backend} {divergence}", functools.partial(_materialized, backend, options),
                              functools.partial(_materialized, "reference", options), divergence))
         for kind, make in WEIGHTINGS.items():
-            if kind == "prefix_confidence" and backend == "triton":
-                continue  # not in the weights kernel: routed to torch (explicit triton refuses it)
             options = dict(weighting=make(wpkl))
             out.append(Route(f"{backend} weighting {kind}", functools.partial(_materialized, backend, options),
                              functools.partial(_materialized, "reference", options)))
