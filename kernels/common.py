@@ -270,15 +270,16 @@ def merge_lanes(m, z, h, scale):
 
 @device_function
 def finalize_token(scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, s_y, u_y, log_q_y,
-                   log_p_behaviour, DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
-                   HAS_ROLLOUT: tl.constexpr):
+                   log_p_behaviour, power, DIVERGENCE: tl.constexpr, TEACHER_LOGITS: tl.constexpr,
+                   HAS_ROLLOUT: tl.constexpr, POWER: tl.constexpr):
     """Per-token outputs from a row's merged partials (see the module docstring).
 
     ``s_y``, ``u_y`` are the raw logits at the sampled token ("sampled" with teacher logits), ``log_q_y``
     the given teacher log-prob (without them) and ``log_p_behaviour`` the sampling policy's (HAS_ROLLOUT).
     Returns (loss, divergence, confidence, student entropy, teacher entropy) in nats, and, in raw logit units
     for the backward pass, (lse_s, lse_u, lse_gap, aux) with lse = T logsumexp(x / T) and aux the cross mean
-    (E_p[s - u] or E_q[u - s]). Combining shifted pieces before large magnitudes, lse_gap = (m_s - m_u) +
+    (E_p[s - u] or E_q[u - s]; for "sampled" the multiplier -a of log p(y), which the backward reads: D, or with
+    POWER PowerOPD's exp(power log p(y)) - exp(power log q(y)), log p(y) the behaviour's). Combining shifted pieces before large magnitudes, lse_gap = (m_s - m_u) +
     (log2 z_s - log2 z_u) / c and D = (E_p[s - u] - lse_gap) / T are exact when p == q, where lse_s - lse_u
     is not. The divisions that feed the divergence are exact (div_rn).
     """
@@ -315,7 +316,11 @@ def finalize_token(scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, 
             divergence = ((s_y - u_y) - lse_gap) * inv_temperature  # log p(y) - log q(y), logits subtracted first
         else:
             divergence = log_p_y - log_q_y
-        loss = divergence * log_p_y  # -a log p(y), with divergence = -a held constant
+        aux = divergence  # -a, held constant
+        if POWER:  # PowerOPD: -a = p(y)^power - q(y)^power
+            behaviour = log_p_behaviour if HAS_ROLLOUT else log_p_y
+            aux = tl.exp(power * behaviour) - tl.exp(power * log_q_y)
+        loss = aux * log_p_y  # -a log p(y)
     return loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux
 
 

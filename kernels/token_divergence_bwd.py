@@ -5,7 +5,7 @@ statistics from the forward kernel, and p, q, m, s, u as in the forward kernel:
     reverse_kl  dL/ds_j = p_j (log p_j - log q_j - D)
     forward_kl  dL/ds_j = p_j - q_j
     jsd(beta)   dL/ds_j = (1 - beta) p_j (log p_j - log m_j - KL(p || m))
-    sampled     dL/ds_j = D (1[j = y] - p_j)
+    sampled     dL/ds_j = -a (1[j = y] - p_j), -a from STAT_AUX (D, or PowerOPD's p(y)^power - q(y)^power)
 and d loss / d student_j = g_i / T * dL/ds_j (the teacher gets no gradient). With raw logits and the forward's
 statistics in raw units (kernels/common.py), p_j = 2^((s_j - lse_s) c) with c = log2(e) / T (one ex2.approx),
 and log p_j - log q_j - D = ((s_j - u_j) - E_p[s - u]) / T: the logits are subtracted before any scaling, and
@@ -34,7 +34,6 @@ from .common import (
     REVERSE_KL,
     SAMPLED,
     STAT_AUX,
-    STAT_DIVERGENCE,
     STAT_LSE_GAP,
     STAT_STUDENT_LSE,
     STAT_TEACHER_LSE,
@@ -67,7 +66,7 @@ def _grad_block(s, u, col, token, scale, lse_s, lse_u, lse_gap, aux, coef, log2_
         log2_m_p, _ = mixture_log2_ratios(mixture_r(s, u, scale, lse_gap), log2_1m_beta, log2_beta, PRECISE_LOG2)
         grad = coef * xlogy_term(p, log2_m_p + aux)
     if DIVERGENCE == SAMPLED:
-        # coef = g / T D
+        # coef = g / T (-a)
         grad = coef * (tl.where(col == token, 1.0, 0.0) - p)
     return grad
 
@@ -143,7 +142,7 @@ def token_divergence_bwd_kernel(
             lse_gap = tl.load(stats_row + STAT_LSE_GAP * N)
             aux = tl.load(stats_row + STAT_AUX * N)
         if DIVERGENCE == SAMPLED:
-            coef = coef * tl.load(stats_row + STAT_DIVERGENCE * N)
+            coef = coef * tl.load(stats_row + STAT_AUX * N)  # -a
             token = tl.load(tokens_ptr + row)
         # The vocabulary loop: aligned, unmasked blocks.
         for block in range(split, num_full, num_splits):

@@ -4,7 +4,8 @@ Math (s = student / T, u = teacher[:V] / T, p = softmax(s), q = softmax(u); wpkl
     reverse_kl  D = E_p[s - u] - lse(s) + lse(u)
     forward_kl  D = E_q[u - s] - lse(u) + lse(s)
     jsd(beta)   D = beta KL(q || m) + (1 - beta) KL(p || m),  m = (1 - beta) p + beta q
-    sampled     D = log p(y) - log q(y),  L = D * log p(y)  (= -a log p(y) with a = -D held constant);
+    sampled     D = log p(y) - log q(y),  L = -a log p(y) with -a = D held constant (POWER: PowerOPD's
+                -a = p(y)^power - q(y)^power), -a kept in STAT_AUX for the backward;
                 log q(y) may come from teacher_logprobs instead of teacher logits (TEACHER_LOGITS=False: the
                 teacher row is never read) and log p(y) in D from rollout_logprobs (HAS_ROLLOUT)
 For every divergence but "sampled", L = D. Per token it also writes the teacher confidence max q = 1 / z_u,
@@ -116,9 +117,11 @@ def token_divergence_fwd_kernel(
     scale,  # log2(e) / T
     inv_temperature,
     beta,
+    power,  # "sampled" with POWER: PowerOPD's exponent
     DIVERGENCE: tl.constexpr,
     TEACHER_LOGITS: tl.constexpr,  # False: "sampled" with log q(y) given, the teacher row is never read
     HAS_ROLLOUT: tl.constexpr,
+    POWER: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16 bytes of the wider logits dtype
     ALIGNED: tl.constexpr,  # the teacher's rows share the student's misalignment: its blocks are aligned too
@@ -192,8 +195,8 @@ def token_divergence_fwd_kernel(
         if HAS_ROLLOUT:
             behaviour = tl.load(rollout_ptr + row, mask=is_valid, other=0.0)
     loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux = finalize_token(
-        scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, s_y, u_y, log_q_y, behaviour, DIVERGENCE,
-        TEACHER_LOGITS, HAS_ROLLOUT)
+        scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, s_y, u_y, log_q_y, behaviour, power,
+        DIVERGENCE, TEACHER_LOGITS, HAS_ROLLOUT, POWER)
 
     if DIVERGENCE == JSD:
         # Second pass: log m needs both finished normalizers. Sums need no rescaling: the edges' simply add.

@@ -15,7 +15,7 @@ dense pass's 2 V elements.
 import triton
 import triton.language as tl
 
-from .common import STAT_DIVERGENCE, STAT_STUDENT_LSE
+from .common import STAT_AUX, STAT_STUDENT_LSE
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def topk_atoms_bwd_kernel(
     ids_ptr,  # [N, K] int64 (-1 pads)
     atom_grad_ptr,  # [N, K] fp32 A = dF/dx
     x_ptr,  # [N, K] fp32 the scaled student logits s_j / T at the ids
-    stats_ptr,  # [NUM_STATS, N] fp32: the student's T lse (STAT_STUDENT_LSE) and -Lambda (STAT_DIVERGENCE)
+    stats_ptr,  # [NUM_STATS, N] fp32: the student's T lse (STAT_STUDENT_LSE) and -Lambda (STAT_AUX)
     grad_loss_ptr,  # [N] fp32 d loss / d L_i
     valid_ptr,  # [N] int8
     grad_ptr,  # [B, T, V] out (already holding the dense part), student dtype
@@ -48,7 +48,7 @@ def topk_atoms_bwd_kernel(
         a = tl.load(atom_grad_ptr + offs, mask=atom, other=0.0)
         x = tl.load(x_ptr + offs, mask=atom, other=0.0)
         lse = tl.load(stats_ptr + STAT_STUDENT_LSE * N + row) * inv_temperature
-        lam = -tl.load(stats_ptr + STAT_DIVERGENCE * N + row)
+        lam = -tl.load(stats_ptr + STAT_AUX * N + row)
         coef = tl.load(grad_loss_ptr + row) * inv_temperature
         p = tl.exp(x - lse)
         b = row // T

@@ -94,7 +94,7 @@ def token_weights_kernel(
     # scalars
     pos_a,  # half_life, alpha, window start, or sigmoid w_min
     pos_b,  # window end, or sigmoid center
-    pos_c,  # sigmoid scale
+    pos_c,  # sigmoid: log2(e) / scale
     confidence_exp,
     disagreement_exp,
     gamma,
@@ -206,9 +206,9 @@ def token_weights_kernel(
         if POSITION == POS_WINDOW:
             relative = position / tl.maximum(length, 1.0)
             w = w * ((relative >= pos_a) & (relative < pos_b)).to(tl.float32)
-        if POSITION == POS_SIGMOID:
+        if POSITION == POS_SIGMOID:  # pos_c = log2(e) / scale (the launch's): sigmoid(x) = 1 / (1 + 2^(-x log2 e))
             relative = (position + 0.5) / tl.maximum(length, 1.0)
-            w = w * (pos_a + (1.0 - pos_a) * tl.sigmoid((relative - pos_b) / pos_c))
+            w = w * (pos_a + (1.0 - pos_a) / (1.0 + tl.math.exp2((pos_b - relative) * pos_c)))
         if CONFIDENCE:
             confidence = tl.load(confidence_ptr + offs, mask=inside, other=1.0)
             w = w * _pow(tl.where(valid, confidence, 1.0), confidence_exp)

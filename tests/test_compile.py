@@ -81,9 +81,14 @@ def test_custom_op_passes_opcheck():
     student, teacher, mask = _inputs()
     student.requires_grad_(True)
     args = (student, teacher, mask, None, None, None, torch.rand(2, 5), None, torch.tensor(7.0), None, "jsd", 0.3,
-            0.9, encode_weighting(wpkl.Weighting(position=wpkl.ExpDecay(3.0), disagreement=1.0, w_max=2.5)), "mean", 0,
+            0.9, None, encode_weighting(wpkl.Weighting(position=wpkl.ExpDecay(3.0), disagreement=1.0, w_max=2.5)), "mean", 0,
             float("nan"), False)
     torch.library.opcheck(ops.weighted_loss, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    tokens = torch.randint(0, student.shape[-1], mask.shape)  # PowerOPD's sampled_power through the schema
+    powered = (student, teacher, mask, tokens, None, None, None, None, None, None, "sampled", 0.5, 1.0, 5.0,
+               encode_weighting(wpkl.Weighting(position=wpkl.PositionSigmoid())), "none", 0, float("nan"), False)
+    torch.library.opcheck(ops.weighted_loss, powered,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

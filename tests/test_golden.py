@@ -1,5 +1,6 @@
 """Behaviour is pinned: loss, gradients and TokenStats of the CPU paths equal outputs captured on the main branch
-before the engine was restructured (tests/golden/outputs.pt): float64 to 1e-12, float32 to 1e-6 relative.
+before the engine was restructured (tests/golden/outputs.pt): float64 to 1e-12, float32 to 1e-6 relative (or a
+few ulps of the tensor's scale, see the test).
 
 The inputs are rebuilt here from fixed seeds. ``python tests/test_golden.py --write`` recaptures the file (only for
 a deliberate change of behaviour, stated in the commit).
@@ -216,7 +217,11 @@ def test_matches_golden(name, golden):
         if not want.is_floating_point():
             assert torch.equal(got, want), key
             continue
-        rtol, atol = (1e-12, 1e-12) if want.dtype == torch.float64 else (1e-6, 1e-7)
+        # float32: 1e-6 relative or 2e-6 of the tensor's largest magnitude (~16 ulps of its scale): the Triton
+        # interpreter's float32 arithmetic moves at that level between releases (3.9.0 moved the fused-linear
+        # gradients by up to 6e-7 of their scale, through the chunked GEMMs' cancellation).
+        scale = want.abs().nan_to_num(0.0, 0.0, 0.0).max().item() if want.numel() else 0.0
+        rtol, atol = (1e-12, 1e-12) if want.dtype == torch.float64 else (1e-6, max(1e-7, 2e-6 * scale))
         assert torch.equal(torch.isnan(got), torch.isnan(want)), key
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, k=key: f"{k}: {m}")
 

@@ -124,7 +124,7 @@ def _arguments(d, form, divergence, weighting, token_weights, num_items):
 
 def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_kl", reduction="mean",
                weighting=None, token_weights=False, num_items=None, backend="torch", dtype=torch.float64,
-               use_module=False, shift=False, inference=False):
+               use_module=False, shift=False, inference=False, extra=None):
     """A random split of the whole batch's places (padding included) over the ranks, each rank's tokens shuffled
     and passed packed, against the single-process call on the [S, L] batch."""
     import wpkl
@@ -135,7 +135,7 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
     fn, rows, per_token, options = _arguments(d, form, divergence, weighting, token_weights, num_items)
     student = "student_hidden" if form == "linear" else "student_logits"
     common = dict(divergence=divergence, reduction=reduction, weighting=weighting, backend=backend,
-                  return_stats=True, temperature=0.8, **options)
+                  return_stats=True, temperature=0.8, **options, **(extra or {}))
     if form == "linear":
         ws = d["ws"].clone().requires_grad_(True)
         common["student_weight"] = ws
@@ -387,6 +387,25 @@ def good_cases():
     cases.append(("mesh torch", mesh_case, dict(seed=seed, weighting=weightings[3])))
     cases.append(("mesh triton", mesh_case, dict(seed=seed + 1, backend="triton", weighting=weightings[1])))
     cases.append(("collectives", collectives_case, dict(seed=seed + 2)))
+    # the OPD variants (tests/test_variants.py): TIP's batch-wide selection and PW-OPSD's schedule need the whole
+    # batch; PowerOPD changes the terms only
+    tip = wpkl.Weighting(token_importance=wpkl.TokenImportance(0.4))
+    pw = wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False)
+    variants = [("tip logits", dict(weighting=tip)), ("tip sampled none", dict(weighting=tip, divergence="sampled",
+                                                                                reduction="none")),
+                ("tip linear", dict(weighting=tip, form="linear", reduction="seq_mean")),
+                ("tip topk", dict(weighting=tip, form="topk", divergence="forward_kl")),
+                ("tip triton", dict(weighting=tip, backend="triton", dtype=torch.float32, reduction="sum")),
+                ("pw-opsd seq_mean", dict(weighting=pw, reduction="seq_mean", divergence="forward_kl")),
+                ("pw-opsd triton", dict(weighting=pw, backend="triton", dtype=torch.float32)),
+                ("powered sampled", dict(divergence="sampled", extra=dict(sampled_power=5.0),
+                                         weighting=weightings[3])),
+                ("powered linear", dict(divergence="sampled", form="linear", extra=dict(sampled_power=2.0))),
+                ("powered triton", dict(divergence="sampled", backend="triton", dtype=torch.float32,
+                                        extra=dict(sampled_power=5.0)))]
+    for name, options in variants:
+        seed += 1
+        cases.append((name, split_case, dict(seed=seed + 3, **options)))
     assert wpkl  # imported for the weightings
     return cases
 

@@ -25,7 +25,7 @@ OPTION_VALUES = {
     "reduction": "sum", "backend": "reference", "return_stats": True, "inplace_backward": True,
     "topk_mode": "raw", "topk_logprob_floor": -4.0, "topk_loss_max": 3.0, "process_group": None, "sequence_group": None,
     "student_logit_scale": 0.5, "teacher_logit_scale": 2.0, "student_softcap": 3.0, "teacher_softcap": 4.0,
-    "chunk_size": 3,
+    "chunk_size": 3, "sampled_power": 5.0,
 }
 TOPK_OPTIONS = ("topk_mode", "topk_logprob_floor", "topk_loss_max")
 
@@ -104,6 +104,8 @@ def _cases(linear: bool):
             options["backend"] = "auto"  # ignored off the Triton path: accepted, same result
         if name == "weighting":
             options["reduction"] = "mean"
+        if name == "sampled_power":
+            teacher, options["divergence"] = "sampled", "sampled"
         yield pytest.param(linear, teacher, options, id=f"{'linear' if linear else 'logits'}-{name}")
     yield pytest.param(linear, "sampled", dict(divergence="sampled", reduction="mean"),
                        id=f"{'linear' if linear else 'logits'}-sampled-data")

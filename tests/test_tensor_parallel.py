@@ -399,6 +399,21 @@ def good_cases(world=2):
         cases.append((f"close-{divergence}", close_case, dict(seed=seed + 2, divergence=divergence)))
     cases.append(("no copy for sampled", no_copy_case, dict(seed=seed + 3)))
     cases.append(("collectives", collectives_case, dict(seed=seed + 1)))
+    # the OPD variants (tests/test_variants.py) on vocabulary shards
+    import wpkl
+
+    variants = [("powered", dict(divergence="sampled", extra=dict(sampled_power=5.0))),
+                ("powered rollout bf16", dict(divergence="sampled", sampled_variant="rollout_logprobs",
+                                               dtype=torch.bfloat16, extra=dict(sampled_power=5.0))),
+                ("powered logprobs", dict(divergence="sampled", sampled_variant="teacher_logprobs",
+                                          extra=dict(sampled_power=3.0), reduction="none")),
+                ("tip", dict(weighting=wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5)))),
+                ("pw-opsd", dict(weighting=wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False),
+                                 reduction="seq_mean", divergence="forward_kl"))]
+    for i, (name, options) in enumerate(variants):
+        cases.append((name, logits_case, dict(seed=seed + 10 + i, **options)))
+        if world == 2:
+            cases.append((f"triton {name}", triton_case, dict(seed=seed + 20 + i, **options)))
     return cases
 
 

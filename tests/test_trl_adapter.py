@@ -98,6 +98,35 @@ def test_iw_opd_method_matches_trl_with_metrics(with_rollout, num_items):
         assert wpkl_self._metrics["train"][key] == pytest.approx(values, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.parametrize("with_rollout", [False, True])
+def test_iw_opd_method_with_powered_advantage(with_rollout):
+    """sampled_power: PowerOPD's advantage q(y)^alpha - p(y)^alpha inside TRL's IW-OPD loss (TRL's weights over the
+    log-ratio |a|, TRL's normalization), by hand in float64."""
+    student, teacher, labels = _batch()
+    tokens = labels.clamp_min(0)
+    teacher_lp = torch.log_softmax(teacher / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    log_p = torch.log_softmax(student.double() / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    rollout = (log_p.float() - 0.1 * torch.rand(3, 7)) if with_rollout else None
+    stub = _trainer_stub(epsilon=1e-3, temperature=0.8)
+    method = adapter._iw_opd_method(None, "auto", sampled_power=5.0)
+    got = _value_and_grad(lambda s: method(stub, s, tokens, labels, teacher_lp, rollout, None), student)
+
+    def by_hand(s):
+        lp = torch.log_softmax(s / 0.8, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        valid = labels != -100
+        behaviour = lp.detach() if rollout is None else rollout.double()
+        a = torch.where(valid, teacher_lp.double() - behaviour, 0.0).abs()
+        w = 1 + 0.5 * (1 - (a.cumsum(-1) - a) / a.sum(-1, keepdim=True).clamp_min(1e-3))
+        r = (5 * teacher_lp.double()).exp() - (5 * behaviour).exp()
+        return torch.where(valid, -lp * w * r, 0.0).sum() / valid.sum()
+
+    expected = _value_and_grad(by_hand, student.double())
+    torch.testing.assert_close(got[0].double(), expected[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[1].double(), expected[1], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="IW-OPD trainer"):
+        adapter.use_wpkl(GKDTrainer.__new__(GKDTrainer), sampled_power=5.0)
+
+
 def test_use_wpkl_rejects_other_objects():
     with pytest.raises(TypeError, match="use_wpkl does not know"):
         adapter.use_wpkl(object())

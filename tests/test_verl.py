@@ -214,6 +214,61 @@ def test_registered_estimator_modes(name):
     assert math.isfinite(float(metrics["distillation/wpkl_weight_mean"].aggregate()))
 
 
+def test_power_mode_is_powered_opd():
+    """wpkl_power: PowerOPD's -advantage p(y)^alpha - q(y)^alpha per token (alpha from use_wpkl, 5 by default),
+    through verl's own policy-gradient form; the supervised form is refused (p^alpha is a reward, not a loss)."""
+    g = torch.Generator().manual_seed(13)
+    _, data, offsets = _batch(seed=13)
+    nnz = int(offsets[-1])
+    student_lp = -torch.rand(nnz, generator=g) * 2
+    data["teacher_logprobs"] = torch.nested.nested_tensor_from_jagged(-torch.rand(nnz, 1, generator=g) * 2, offsets)
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(student_lp, offsets)}
+    mask = data["response_mask"].to_padded_tensor(0).bool()
+    lp = _response_rows(model_output["log_probs"], data).double()
+    lq = _response_rows(data["teacher_logprobs"], data).squeeze(-1).double()
+    wv.use_wpkl()  # registers the mode (verl's config checks the name)
+    assert wv.options().sampled_power == 5.0  # the paper's default
+    actor, distill = _configs("token-mean", mode=wv.POWER_NAME, policy_gradient=True)
+    for alpha in (5.0, 2.0):
+        wv.use_wpkl(sampled_power=alpha)
+        got, _ = verl_losses.get_distillation_loss_fn(wv.POWER_NAME)(actor, distill, model_output, data)
+        expected = (alpha * lp).exp() - (alpha * lq).exp()
+        _close(torch.where(mask, got, 0.0), torch.where(mask, expected, 0.0), f"PowerOPD at alpha {alpha}")
+    # verl's whole distillation loss in its policy-gradient form runs on it
+    loss, _ = verl_losses.distillation_loss(actor, distill, model_output, data)
+    assert torch.isfinite(loss)
+    _, supervised = _configs("token-mean", mode=wv.POWER_NAME, policy_gradient=False)
+    with pytest.raises(ValueError, match="use_policy_gradient=True"):
+        verl_losses.get_distillation_loss_fn(wv.POWER_NAME)(actor, supervised, model_output, data)
+    with pytest.raises(ValueError, match="sampled_power"):
+        wv.use_wpkl(sampled_power=0.0)
+
+
+def test_token_importance_reads_verls_entropy():
+    """TIP's selection from the student's entropy in verl's model output (calculate_entropy=True), over the
+    micro-batch's response tokens; without the entropy a clear error."""
+    g = torch.Generator().manual_seed(17)
+    _, data, offsets = _batch(seed=17)
+    nnz = int(offsets[-1])
+    data["teacher_logprobs"] = torch.nested.nested_tensor_from_jagged(-torch.rand(nnz, 1, generator=g) * 2, offsets)
+    model_output = {"log_probs": torch.nested.nested_tensor_from_jagged(-torch.rand(nnz, generator=g) * 2, offsets)}
+    actor, distill = _configs("token-mean", mode="k3")
+    ref, _ = verl_losses.compute_distillation_loss_reverse_kl_estimator(actor, distill, model_output, data)
+    wv.use_wpkl(weighting=wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5), normalize=False))
+    fn = verl_losses.get_distillation_loss_fn("wpkl_k3")
+    with pytest.raises(ValueError, match="calculate_entropy=True"):
+        fn(actor, distill, model_output, data)
+    model_output["entropy"] = torch.nested.nested_tensor_from_jagged(torch.rand(nnz, generator=g) * 3, offsets)
+    got, _ = fn(actor, distill, model_output, data)
+    mask = data["response_mask"].to_padded_tensor(0).bool()
+    lp = _response_rows(model_output["log_probs"], data)
+    lq = _response_rows(data["teacher_logprobs"], data).squeeze(-1)
+    entropy = _response_rows(model_output["entropy"], data)
+    selected = wpkl.reference.token_importance_factor(entropy.double(), (lq - lp).abs().double(), mask, 0.5)
+    assert 0 < int(selected.sum()) < int(mask.sum())
+    _close(got, ref * selected.to(ref.dtype), "TIP-selected k3")
+
+
 def test_ulysses_slicing_is_verls(monkeypatch):
     """With a Ulysses group, the teacher's data are sliced by verl's own helper, as its function does; the zero
     rows its padding adds (ids 0, log-probs 0) get loss 0 and no gradient, the other rows verl's values."""

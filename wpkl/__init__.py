@@ -6,8 +6,10 @@
 
 from .inputs.checks import DeferredCheckError, check_errors
 from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
+from .api.variants import entropy_gated_loss
 from .stats import TokenStats
 from .weighting import (ExpDecay, PositionSigmoid, PositionTable, PositionWindow, PowerDecay, PrefixConfidence,
+                        TokenImportance,
                         Weighting)
 
 __version__ = "0.1.0"
@@ -33,10 +35,12 @@ __all__ = [
     "PositionSigmoid",
     "PowerDecay",
     "PrefixConfidence",
+    "TokenImportance",
     "TokenStats",
     "Weighting",
     "WeightedKLLoss",
     "check_errors",
+    "entropy_gated_loss",
     "fused_linear_kl_loss",
     "weighted_kl_loss",
 ]

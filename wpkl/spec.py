@@ -106,6 +106,7 @@ class LossSpec(_Frozen):
     linear: LinearOptions | None = None  # the fused-linear form's options (None: materialized logits)
     process_group: object = field(default=None, metadata={"group": True})  # vocabulary shards
     sequence_group: object = field(default=None, metadata={"group": True})  # sequence shards (wpkl/parallel/sequence.py)
+    sampled_power: float | None = None  # "sampled": PowerOPD's exponent (wpkl/reference/core.py: sampled_multiplier)
 
     def __post_init__(self):
         choice("divergence", self.divergence, DIVERGENCES)
@@ -133,6 +134,13 @@ class LossSpec(_Frozen):
                 if self.topk_mode != "raw":
                     raise ValueError(f'{name} applies to topk_mode="raw" (verl\'s clamps), not {self.topk_mode!r}')
                 self._set(name, real(name, value))
+        if self.sampled_power is not None:
+            if self.divergence != "sampled":
+                raise ValueError(f'sampled_power (PowerOPD) applies to divergence="sampled", not {self.divergence!r}')
+            power = real("sampled_power", self.sampled_power)
+            if power <= 0:
+                raise ValueError(f"sampled_power must be > 0 (PowerOPD's alpha; None for the log-ratio), got {power}")
+            self._set("sampled_power", power)
         if self.linear is not None and not isinstance(self.linear, LinearOptions):
             raise TypeError(f"linear must be a wpkl.spec.LinearOptions or None, got {type(self.linear).__name__}")
         for name in GROUP_FIELDS:
@@ -185,7 +193,9 @@ class LossSpec(_Frozen):
     @property
     def needs_stats(self) -> bool:
         """Whether the teacher confidence and the entropies are needed (the torch pass skips them otherwise)."""
-        return self.return_stats or (self.weighting is not None and self.weighting.confidence > 0)
+        weighting = self.weighting
+        return self.return_stats or (weighting is not None and (weighting.confidence > 0
+                                                                 or weighting.needs_student_entropy))
 
     @property
     def groups(self) -> dict:

@@ -169,6 +169,25 @@ class PrefixConfidence:
         object.__setattr__(self, "floor", floor)
 
 
+@dataclass(frozen=True)
+class TokenImportance:
+    """TIP's token selection (arXiv 2604.14084): train on the ``keep`` share of the batch's valid tokens with the
+    highest importance ``s_i = h_i + d_i - h_i d_i``, with h_i the student's entropy and d_i the detached |D_i|,
+    each min-max normalized over the batch's valid tokens (0 when all are equal). Selected tokens get weight 1,
+    the rest 0; ties at the threshold are all kept (the selection is a function of the scores alone, the same
+    for any split of the batch). With ``normalize=True`` (the default) and ``reduction="mean"`` the loss is the
+    mean over the selected tokens, the paper's objective. ``keep=0.5`` is the paper's rho.
+    """
+
+    keep: float = 0.5
+
+    def __post_init__(self):
+        keep = _check_real("TokenImportance", "keep", self.keep, minimum=0, strict=True)
+        if keep > 1:
+            raise ValueError(f"TokenImportance.keep must be in (0, 1] (a share of the batch's tokens), got {keep}")
+        object.__setattr__(self, "keep", keep)
+
+
 PositionSchedule = Union[ExpDecay, PowerDecay, PositionTable, PositionWindow, PositionSigmoid]
 POSITION_SCHEDULES = (ExpDecay, PowerDecay, PositionTable, PositionWindow, PositionSigmoid)
 
@@ -188,6 +207,8 @@ class Weighting:
                   it needs the teacher's log-probability of each sampled token (see ``weighted_kl_loss``)
     w_max:        a cap on each token's weight before normalization (None = no cap); the IW-OPD authors'
                   ``iw_opd_weight_max`` (1.5), see the module docstring
+    token_importance: a ``TokenImportance`` (TIP's selection of the batch's most important tokens by the
+                  student's entropy and the divergence) or None
     """
 
     position: PositionSchedule | None = None
@@ -198,6 +219,7 @@ class Weighting:
     accumulated_eps: float = 1e-8
     prefix_confidence: PrefixConfidence | None = None
     w_max: float | None = None
+    token_importance: TokenImportance | None = None
 
     def __post_init__(self):
         if self.position is not None and not isinstance(self.position, POSITION_SCHEDULES):
@@ -214,11 +236,25 @@ class Weighting:
                             f"got {type(self.prefix_confidence).__name__}")
         if self.w_max is not None:
             object.__setattr__(self, "w_max", _check_real("Weighting", "w_max", self.w_max, minimum=0, strict=True))
+        if self.token_importance is not None and not isinstance(self.token_importance, TokenImportance):
+            raise TypeError(f"Weighting.token_importance must be a TokenImportance or None, "
+                            f"got {type(self.token_importance).__name__}")
 
     @property
     def needs_sequences(self) -> bool:
         """True when the weights need sequence structure ([B, T] input or packed positions)."""
         return self.position is not None or self.accumulated > 0 or self.prefix_confidence is not None
+
+    @property
+    def needs_student_entropy(self) -> bool:
+        """True when the weights need the student's per-token entropy (``token_importance``)."""
+        return self.token_importance is not None
+
+    @property
+    def needs_batch(self) -> bool:
+        """True when a token's weight, before normalization, depends on the whole batch (``token_importance``'s
+        min-max scaling and threshold): the fused-linear form cannot weigh a chunk as soon as it is done."""
+        return self.token_importance is not None
 
     @property
     def needs_teacher_token_logprobs(self) -> bool:

@@ -63,6 +63,7 @@ def weighted_kl_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    sampled_power: float | None = None,
     teacher_token_logprobs: torch.Tensor | None = None,
     inplace_backward: bool = False,
     teacher_topk_ids: torch.Tensor | None = None,
@@ -97,6 +98,9 @@ def weighted_kl_loss(
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
             used in the advantage a = log q(y) - log p(y) as TRL's IW-OPD does.
+        sampled_power: "sampled" only: PowerOPD's alpha (arXiv 2606.17199; its authors use 5). The advantage
+            becomes a = q(y)^alpha - p(y)^alpha (p(y) the behaviour's, as above) instead of the log-ratio: the
+            loss is -a log p(y), the reported divergence stays log p(y) - log q(y). None: the log-ratio.
         teacher_token_logprobs: leading shape: log q(y) of the sampled tokens, for weightings that need it
             (``Weighting(prefix_confidence=...)``). Without it they use ``teacher_logprobs`` ("sampled"), or
             compute it from ``teacher_logits`` and ``tokens`` (a second read of the teacher's valid rows).
@@ -135,7 +139,7 @@ def weighted_kl_loss(
             single-process loss of the whole batch and each rank's gradient is its rows of the whole gradient
             (``reduction="none"`` and the stats: the rank's tokens' rows). ``wpkl.distributed`` has the layout
             helpers of the trainers (Megatron's load-balanced chunks, Ulysses/verl's contiguous slices). Costs:
-            two all-gathers per call (eight int64 per rank; 5 to 7 float64 per token), none in backward, one host
+            two all-gathers per call (eight int64 per rank; 5 to 8 float64 per token), none in backward, one host
             sync (the fused-linear form adds its compaction's). Combines with ``process_group`` (a tensor x context mesh). Every rank of the group must make the
             call. Details: wpkl/parallel/sequence.py and docs/recipes.md.
 
@@ -173,6 +177,7 @@ def fused_linear_kl_loss(
     num_items_in_batch: torch.Tensor | float | None = None,
     teacher_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    sampled_power: float | None = None,
     teacher_token_logprobs: torch.Tensor | None = None,
     chunk_size: int | None = None,
     teacher_topk_ids: torch.Tensor | None = None,

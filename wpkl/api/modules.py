@@ -58,11 +58,12 @@ class WeightedKLLoss(_SpecModule):
     def __init__(self, weighting: Weighting | None = None, divergence: str = "reverse_kl", beta: float = 0.5,
                  temperature: float = 1.0, reduction: str = "mean", backend: str = "auto",
                  inplace_backward: bool = False, process_group=None, *, topk_mode: str = "tail",
-                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None):
+                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None,
+                 sampled_power: float | None = None):
         super().__init__(weighting=weighting, divergence=divergence, beta=beta, temperature=temperature,
                          reduction=reduction, backend=backend, inplace_backward=inplace_backward,
                          process_group=process_group, topk_mode=topk_mode, topk_logprob_floor=topk_logprob_floor,
-                         topk_loss_max=topk_loss_max, sequence_group=sequence_group)
+                         topk_loss_max=topk_loss_max, sequence_group=sequence_group, sampled_power=sampled_power)
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None, *, teacher_logprobs=None,
@@ -85,13 +86,14 @@ class FusedLinearWeightedKLLoss(_SpecModule):
                  student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
                  student_softcap: float | None = None, teacher_softcap: float | None = None,
                  chunk_size: int | None = None, process_group=None, topk_mode: str = "tail",
-                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None):
+                 topk_logprob_floor: float | None = None, topk_loss_max: float | None = None, sequence_group=None,
+                 sampled_power: float | None = None):
         super().__init__(weighting=weighting, divergence=divergence, beta=beta, temperature=temperature,
                          reduction=reduction, backend=backend, student_logit_scale=student_logit_scale,
                          teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
                          teacher_softcap=teacher_softcap, chunk_size=chunk_size, process_group=process_group,
                          topk_mode=topk_mode, topk_logprob_floor=topk_logprob_floor, topk_loss_max=topk_loss_max,
-                         sequence_group=sequence_group)
+                         sequence_group=sequence_group, sampled_power=sampled_power)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
                 positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,

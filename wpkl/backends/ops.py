@@ -27,8 +27,8 @@ from .triton_pass import TritonPass, TritonSaved
 from .weights_kernel import weights_launch
 
 
-def _spec(divergence: str, beta: float, temperature: float) -> LossSpec:
-    return LossSpec(divergence=divergence, beta=beta, temperature=temperature)
+def _spec(divergence: str, beta: float, temperature: float, sampled_power: float | None = None) -> LossSpec:
+    return LossSpec(divergence=divergence, beta=beta, temperature=temperature, sampled_power=sampled_power)
 
 @torch.library.custom_op("wpkl::weighted_loss", mutates_args=())
 def weighted_loss(
@@ -45,6 +45,7 @@ def weighted_loss(
     divergence: str,
     beta: float,
     temperature: float,
+    sampled_power: float | None,
     weighting: list[float],
     reduction: str,
     segments: int,
@@ -53,7 +54,7 @@ def weighted_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T, V = student.shape
     loss, _, saved = TritonPass.forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs,
-                                        _spec(divergence, beta, temperature))
+                                        _spec(divergence, beta, temperature, sampled_power))
     stats = saved.stats.view(saved.stats.shape[0], B, T)
     if B * T == 0:
         zeros = student.new_zeros((B, T), dtype=torch.float32)
@@ -73,7 +74,7 @@ def weighted_loss(
 
 @weighted_loss.register_fake
 def _(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, user_weights, positions, num_items,
-      position_table, divergence, beta, temperature, weighting, reduction, segments, num_items_value,
+      position_table, divergence, beta, temperature, sampled_power, weighting, reduction, segments, num_items_value,
       inplace_backward):
     B, T, _ = student.shape
 
@@ -118,7 +119,7 @@ def _backward(ctx, grad_out, grad_stats, grad_weight, grad_position, grad_coef):
     out = student if inplace else torch.empty_like(student)
     weighted_loss_backward(out, student, teacher, valid, tokens, stats, coef * grad_out.to(coef.dtype),
                            *ctx.options)
-    return (out,) + (None,) * 17
+    return (out,) + (None,) * 18
 
 
 weighted_loss.register_autograd(_backward, setup_context=_setup_context)

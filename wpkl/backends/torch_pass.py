@@ -57,7 +57,8 @@ def _rows(rows, teacher, tokens, teacher_logprobs, rollout_logprobs) -> dict:
 
 def _options(spec: LossSpec, shard) -> dict:
     """token_terms' options from the spec."""
-    return dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk, shard=shard)
+    return dict(divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature, topk=spec.topk, shard=shard,
+                power=spec.sampled_power)
 
 
 @dataclass

@@ -52,11 +52,11 @@ def _row_layout(x, shift):
 
 
 def forward_launch(student, teacher, valid_bytes, tokens, teacher_logprobs, rollout_logprobs, loss, stats, div_id,
-                   beta, temperature):
+                   beta, temperature, power=None):
     """(grid, positional args, meta) of the forward kernel: one program per token.
 
     ``teacher`` may be None ("sampled" with ``teacher_logprobs``); absent optional inputs are passed as
-    placeholders the kernel does not read.
+    placeholders the kernel does not read. ``power``: "sampled"'s PowerOPD exponent (``sampled_power``) or None.
     """
     B, T, V = student.shape
     config = _config(student, teacher)
@@ -70,10 +70,11 @@ def forward_launch(student, teacher, valid_bytes, tokens, teacher_logprobs, roll
         student_shift, teacher_rows[0],
         student.stride(0), student.stride(1), teacher_rows[1], teacher_rows[2],
         T, V, B * T,
-        LOG2E / temperature, 1.0 / temperature, float(beta),
+        LOG2E / temperature, 1.0 / temperature, float(beta), 0.0 if power is None else float(power),
     )
     aligned = teacher is not None and co_aligned(_row_layout(student, student_shift), teacher_rows, (B, T), config.vec)
     meta = dict(DIVERGENCE=div_id, TEACHER_LOGITS=teacher is not None, HAS_ROLLOUT=rollout_logprobs is not None,
+                POWER=power is not None,
                 BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
                 PRECISE_LOG2=div_id == DIVERGENCE_JSD and student.dtype == torch.float32, num_warps=config.num_warps)
     return (B * T,), args, meta
@@ -137,7 +138,7 @@ class TritonPass:
         div_id = divergence_id(spec.exact_divergence)
         if N > 0:
             grid, args, meta = forward_launch(student, teacher, valid_bytes, tokens, *per_token, loss, stats, div_id,
-                                              spec.beta, spec.temperature)
+                                              spec.beta, spec.temperature, spec.sampled_power)
             launch(k.token_divergence_fwd_kernel, grid, args, meta)
         public = stats[: k.NUM_PUBLIC_STATS].view(k.NUM_PUBLIC_STATS, B, T)
         saved = TritonSaved(student, teacher, valid_bytes, tokens, stats, div_id, spec)

@@ -33,7 +33,7 @@ def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollou
     statistics and the per-row backward inputs A = dF/dx and Lambda = dF/dlse. No [N, V] tensor is made.
 
     The stats buffer then holds what the backward kernels read: the student's T lse (STAT_STUDENT_LSE) and
-    -Lambda in the divergence slot, so that the "sampled" backward kernel with no sampled token writes the dense
+    -Lambda in the sampled multiplier's slot (STAT_AUX), so that the "sampled" backward kernel with no sampled token writes the dense
     part of the gradient, p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms)."""
     k = kernels()
     B, T, V = student.shape
@@ -70,7 +70,9 @@ def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollou
     public = torch.stack([terms[1], terms[2], stats[2], terms[3]])
     public = torch.where(row_valid, public, 0.0).to(torch.float32).view(4, B, T)
     loss = torch.where(row_valid, terms[0].detach(), 0.0).to(torch.float32)
-    stats[0] = torch.where(row_valid, -lam, 0.0)  # the backward kernel's divergence slot (see above)
+    from ..kernels import common as rows
+
+    stats[int(rows.STAT_AUX.value)] = torch.where(row_valid, -lam, 0.0)  # the backward kernel's multiplier slot
     no_token = torch.full((N,), -1, dtype=torch.int64, device=student.device)  # the dense part: no one-hot
     saved = TritonSaved(student, None, valid_bytes, no_token, stats, divergence_id("sampled"), spec,
                         TopKSaved(ids, x, atom_grad))

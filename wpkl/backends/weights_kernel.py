@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..weighting import POSITION_SCHEDULES, PositionTable, Weighting
+from ..weighting import POSITION_SCHEDULES, PositionSigmoid, PositionTable, Weighting
+
+LOG2E = 1.4426950408889634
 from . import common
 
 WEIGHTS_BLOCK = 512
@@ -89,6 +91,8 @@ def weights_launch(valid, divergence, confidence, loss, *, weighting: list[float
                              flags=common.new_buffer(8, dtype=torch.int32, device=device))
     code = decode_weighting(weighting)
     kind, pos_a, pos_b, pos_c = (int(code["position"]), code["position_a"], code["position_b"], code["position_c"])
+    if kind == 1 + POSITION_SCHEDULES.index(PositionSigmoid):
+        pos_c = LOG2E / pos_c  # the kernel's sigmoid is one exp2: 1 / (1 + 2^((center - u) log2(e) / scale))
     confidence_exp, disagreement_exp, gamma = code["confidence"], code["disagreement"], code["accumulated"]
     eps, normalize, w_max = code["accumulated_eps"], code["normalize"], code["w_max"]
     table_len = 1 if table is None else table.numel()

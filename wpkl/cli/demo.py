@@ -103,6 +103,8 @@ def _checked(args):
         raise CommandError(f"--warmup-steps must be >= 1, got {args.warmup_steps}")
     chosen = _names(args.weighting or ",".join(SUMS.weightings), sums_weightings(), "weighting", CommandError)
     teachers = _names(args.teacher, sums.TEACHER_MODES, "teacher", CommandError)
+    if "power_opd" in chosen and args.divergence != "sampled":
+        raise CommandError("the power_opd arm is PowerOPD's sampled-token advantage: add --divergence sampled")
     if args.first_seed < 0:
         raise CommandError(f"--first-seed must be >= 0, got {args.first_seed}")
     seeds = tuple(range(args.first_seed, args.first_seed + (args.seeds or len(SUMS.seeds))))

@@ -31,6 +31,7 @@ from .model import RelativeLM
 from .stats import holm, paired
 
 ORACLE = "oracle"
+EOPD, POWER = "eopd", "power_opd"  # arms that change the loss, not the weights
 DRIFT_TARGETS = {"high": 0.10, "low": 0.05}  # the warm start stops at the first checkpoint at or below this error
 POSITION_METRICS = ("step_error", "wrong_prefix", "conflict", "kl", "teacher_entropy", "weight")
 
@@ -46,6 +47,11 @@ def weightings() -> dict[str, wpkl.Weighting | None]:
         "iw_opd_2": wpkl.Weighting(accumulated=2.0),  # IW-OPD, gamma 2
         "prefix_conf": wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),  # the authors' windowed variant
         ORACLE: wpkl.Weighting(),  # with token_weights = the oracle mask
+        # the OPD variants (docs/recipes.md, "OPD variants"), normalized to mean 1 like the other arms
+        "pw_opsd": wpkl.Weighting(position=wpkl.PositionSigmoid()),  # PW-OPSD's rising schedule
+        "tip": wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5)),  # TIP: the important half of the tokens
+        EOPD: None,  # wpkl.entropy_gated_loss: + forward KL where the teacher's entropy >= 0.8 nats
+        POWER: None,  # PowerOPD's advantage (divergence "sampled" only): sampled_power = 5
     }
 
 
@@ -170,9 +176,13 @@ def teacher_agreement(trained, student, prompts: torch.Tensor, cfg: SumsConfig, 
                 true_after_right=share(predicted == facts.truth, ~wrong))
 
 
-def _loss_inputs(name: str, weighting, facts: sums.Analysis) -> dict:
+def _loss_inputs(name: str, weighting, facts: sums.Analysis, divergence: str) -> dict:
     if name == ORACLE:
         return dict(weighting=weighting, token_weights=facts.oracle_mask.float())
+    if name == POWER:
+        if divergence != "sampled":
+            raise ValueError(f'the {POWER} arm is PowerOPD\'s sampled-token advantage: run it with --divergence sampled')
+        return dict(weighting=None, sampled_power=5.0)
     return dict(weighting=weighting)
 
 
@@ -239,9 +249,12 @@ def run_opd(name: str, teacher: sums.TeacherWrapper, student_init, cfg: SumsConf
         student_logits = student(seq[:, :-1])[:, p - 1:, :sums.DIGITS]
         teacher_logits, info = teacher(seq)
         facts = info["analysis"]
-        loss, stats = wpkl.weighted_kl_loss(student_logits, teacher_logits, divergence=cfg.divergence,
-                                            tokens=sums.response(seq, cfg.k), return_stats=True,
-                                            backend="torch", **_loss_inputs(name, weighting, facts))
+        options = dict(divergence=cfg.divergence, tokens=sums.response(seq, cfg.k), return_stats=True, backend="torch",
+                       **_loss_inputs(name, weighting, facts, cfg.divergence))
+        if name == EOPD:
+            loss, stats, _ = wpkl.entropy_gated_loss(student_logits, teacher_logits, threshold=0.8, **options)
+        else:
+            loss, stats = wpkl.weighted_kl_loss(student_logits, teacher_logits, **options)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -34,7 +34,7 @@ def fused_loss(problem: Problem, route: Route):
     loss, stats, weight, position, _ = ops.weighted_loss(
         problem.student.logits, problem.teacher_logits, batch.valid, batch.tokens, problem.teacher_logprobs,
         batch.rollout_logprobs, batch.token_weights, batch.positions, tensor_count, table, spec.divergence,
-        spec.beta, spec.temperature, encode_weighting(weighting), spec.reduction, segments,
+        spec.beta, spec.temperature, spec.sampled_power, encode_weighting(weighting), spec.reduction, segments,
         math.nan if count is None else float(count), route.inplace)
     if spec.reduction == "none":
         loss = loss.reshape(batch.leading_shape)

@@ -123,7 +123,8 @@ def _schedule(problem: Problem, backend: str) -> str:
     unscaled logits-gradient: float16 (GradScaler's loss scale) runs two-phase."""
     spec, student = problem.spec, problem.student
     by_ids = spec.sequence_group is not None or problem.batch.sequence_ids is not None  # whole-batch weights
-    eager = (spec.reduction != "none" and not by_ids and student.trainable and torch.is_grad_enabled() and backend != "reference"
+    batch_weights = spec.weighting is not None and spec.weighting.needs_batch  # token_importance: the whole batch
+    eager = (spec.reduction != "none" and not by_ids and not batch_weights and student.trainable and torch.is_grad_enabled() and backend != "reference"
              and projection_dtype(student.hidden) != torch.float16)
     return "eager" if eager else "two-phase"
 

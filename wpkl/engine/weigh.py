@@ -54,10 +54,12 @@ class Sequences:
         token_logprobs = teacher_token_logprobs(problem)
         self.token_logprobs = None if token_logprobs is None else self.layout.rows(token_logprobs)
 
-    def weights(self, weighting: Weighting | None, divergence: torch.Tensor, confidence: torch.Tensor):
+    def weights(self, weighting: Weighting | None, divergence: torch.Tensor, confidence: torch.Tensor,
+                student_entropy: torch.Tensor | None = None):
         return compute_weights(weighting, valid=self.valid, divergence=self.layout.rows(divergence),
                                confidence=self.layout.rows(confidence), user_weights=self.user_weights,
-                               positions=self.positions, teacher_token_logprobs=self.token_logprobs)
+                               positions=self.positions, teacher_token_logprobs=self.token_logprobs,
+                               student_entropy=None if student_entropy is None else self.layout.rows(student_entropy))
 
 
 def token_stats(problem: Problem, divergence, weight, confidence, teacher_entropy, student_entropy, position, *,
@@ -89,7 +91,7 @@ def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences | Gathe
     """The loss (and, with ``return_stats``, the stats) from the per-token terms."""
     spec, batch = problem.spec, problem.batch
     if isinstance(seq, GatheredSequences):
-        weights, coefficients, positions = seq.local(terms.divergence, terms.confidence)
+        weights, coefficients, positions = seq.local(terms.divergence, terms.confidence, terms.student_entropy)
         if spec.reduction == "none":
             loss = torch.where(batch.valid, weights * terms.loss, 0.0).reshape(batch.leading_shape)
         else:
@@ -99,7 +101,7 @@ def weigh_and_reduce(problem: Problem, terms: TokenTerms, seq: Sequences | Gathe
         return loss, token_stats(problem, terms.divergence, weights, terms.confidence, terms.teacher_entropy,
                                  terms.student_entropy, positions)
     layout, valid = seq.layout, seq.valid
-    weights = seq.weights(spec.weighting, terms.divergence, terms.confidence)
+    weights = seq.weights(spec.weighting, terms.divergence, terms.confidence, terms.student_entropy)
     weighted = torch.where(valid, weights * layout.rows(terms.loss), 0.0)
     if spec.reduction == "none":
         loss = layout.tokens(weighted).reshape(batch.leading_shape)
@@ -133,7 +135,7 @@ class EagerCoefficients:
             (self.reduction_coef,) = torch.autograd.grad(reduced, x)
 
     def __call__(self, ids: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-        divergence, confidence = (x.reshape(self.shape) for x in stats[:2])
-        weights = self.seq.weights(self.weighting, divergence, confidence)
+        divergence, confidence, entropy = (x.reshape(self.shape) for x in stats[:3])
+        weights = self.seq.weights(self.weighting, divergence, confidence, entropy)
         coef = self.seq.layout.tokens(weights.double() * self.reduction_coef)
         return coef.reshape(-1)[ids]

@@ -112,24 +112,26 @@ def iw_opd_loss(
     weighting: Weighting | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    sampled_power: float | None = None,
 ):
     """TRL's ``IWOPDTrainer._compute_iw_opd_loss`` (sampled-token IW-OPD), fused over the student's vocabulary.
 
     Loss = sum_i -log p(y_i) * w_i * a_i / (valid tokens or ``num_items_in_batch``) with
     a_i = log q(y_i) - log p_rollout(y_i) and w_i = 1 + gamma * (1 - prefix share of the sequence's |a|).
     ``weighting`` replaces TRL's weights by any wpkl weighting (default: ``Weighting(accumulated=gamma,
-    normalize=False, accumulated_eps=epsilon)``, which is TRL's).
+    normalize=False, accumulated_eps=epsilon)``, which is TRL's). ``sampled_power``: PowerOPD's alpha (the
+    advantage becomes q(y)^alpha - p_rollout(y)^alpha; the weights still see |a|, the log-ratio).
     """
     weighting = weighting or Weighting(accumulated=gamma, normalize=False, accumulated_eps=epsilon)
     return weighted_kl_loss(
         student_logits, None, mask=labels != IGNORE_INDEX, tokens=completion_tokens, divergence="sampled",
         weighting=weighting, temperature=temperature, backend=backend, return_stats=return_stats,
         num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_actual_logprobs,
-        rollout_logprobs=rollout_logprobs,
+        rollout_logprobs=rollout_logprobs, sampled_power=sampled_power,
     )
 
 
-def _iw_opd_method(weighting, backend):
+def _iw_opd_method(weighting, backend, sampled_power=None):
     """A replacement for ``IWOPDTrainer._compute_iw_opd_loss`` that also logs TRL's iw_opd/* metrics."""
 
     def _compute_iw_opd_loss(self, student_logits, completion_tokens, labels, teacher_actual_logprobs,
@@ -137,9 +139,10 @@ def _iw_opd_method(weighting, backend):
         loss, stats = iw_opd_loss(student_logits, completion_tokens, labels, teacher_actual_logprobs,
                                   rollout_logprobs, num_items_in_batch, temperature=self.temperature,
                                   gamma=self.iw_opd_gamma, epsilon=self.iw_opd_epsilon, weighting=weighting,
-                                  backend=backend, return_stats=True)
+                                  backend=backend, return_stats=True, sampled_power=sampled_power)
         with torch.no_grad():
-            # TRL's iw_opd/* metrics, read back with one host sync (TRL itself makes six).
+            # TRL's iw_opd/* metrics, read back with one host sync (TRL itself makes six). With sampled_power the
+            # advantage metrics stay the log-ratio's (what the weights see).
             valid = stats.mask
             count = valid.sum()
             n = count.clamp_min(1)
@@ -210,18 +213,25 @@ def _swapped(module, name, value):
         setattr(module, name, original)
 
 
-def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto"):
+def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto", sampled_power: float | None = None):
     """Make a TRL trainer compute its distillation loss with wpkl (in place; returns the trainer).
 
     - ``GKDTrainer``: ``generalized_jsd_loss`` (the full-vocabulary JSD / KL).
     - ``IWOPDTrainer``: ``generalized_jsd_loss`` and the sampled-token IW-OPD loss; ``weighting`` (if given)
-      replaces TRL's IW-OPD weights in the latter.
+      replaces TRL's IW-OPD weights in the latter, and ``sampled_power`` (PowerOPD's alpha) its advantage.
     - ``DistillationTrainer``: its fused-linear divergence (``_chunked_divergence_loss``), through
       ``fused_linear_kl_loss``: never materialized logits, as in TRL.
     Paths listed in this module's docstring stay TRL's.
     """
     if weighting is not None and not isinstance(weighting, Weighting):
         raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(weighting).__name__}")
+    if sampled_power is not None:  # checked before anything is patched
+        from ..spec import LossSpec
+
+        LossSpec(divergence="sampled", sampled_power=sampled_power)
+        if not callable(getattr(type(trainer), "_compute_iw_opd_loss", None)):
+            raise ValueError("sampled_power (PowerOPD) applies to the IW-OPD trainer's sampled-token loss; "
+                             f"{type(trainer).__name__} has none")
     distillation_trainer = _import_trl("trl.trainer.distillation_trainer")
 
     patched = False
@@ -242,8 +252,9 @@ def use_wpkl(trainer, weighting: Weighting | None = None, backend: str = "auto")
         trainer.generalized_jsd_loss = partial(generalized_jsd_loss, weighting=weighting, backend=backend)
         patched = True
     if callable(getattr(type(trainer), "_compute_iw_opd_loss", None)):
-        trainer._compute_iw_opd_loss = types.MethodType(_iw_opd_method(weighting, backend), trainer)
+        trainer._compute_iw_opd_loss = types.MethodType(_iw_opd_method(weighting, backend, sampled_power), trainer)
         patched = True
+
     if not patched:
         raise TypeError(f"use_wpkl does not know {type(trainer).__name__}: expected a TRL GKD, IW-OPD or "
                         "Distillation trainer")

@@ -29,7 +29,12 @@ Two things change, both undone by ``undo()``:
    (bsz, response_length): D_i is the token's top-k divergence (top-k modes) or |log q(y) - log p(y)|
    (estimators, the IW-OPD authors' discrepancy), the confidence max_j q_j of the teacher's top-k
    (top-k only), and prefix confidence the teacher's log q(y) (estimators only). Their statistics go into
-   verl's metrics (``distillation/wpkl_weight_mean``, ``_min``, ``_max``).
+   verl's metrics (``distillation/wpkl_weight_mean``, ``_min``, ``_max``). TIP's ``token_importance`` reads the
+   student's entropy from verl's model output (``actor_rollout_ref.actor.calculate_entropy=True``).
+3. The loss mode ``wpkl_power``: PowerOPD's advantage (arXiv 2606.17199), the per-token "loss"
+   p(y)^alpha - q(y)^alpha (``sampled_power``, 5 by default as its authors use) whose negative verl's
+   policy-gradient form (``use_policy_gradient=True``, which it needs) takes as the advantage, weighted as the
+   estimators are.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ..weighting import Weighting
 
 ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 TOPK_NAME = "wpkl_forward_kl_topk"
+POWER_NAME = "wpkl_power"
 DIAGNOSTIC_CHUNK_BYTES = 64 << 20
 _MODULES = {"fsdp": "verl.trainer.distillation.fsdp.losses", "megatron": "verl.trainer.distillation.megatron.losses"}
 
@@ -56,6 +62,7 @@ class VerlOptions:
     beta: float = 0.5
     weighting: Weighting | None = None
     backend: str = "auto"
+    sampled_power: float = 5.0  # PowerOPD's alpha (the wpkl_power loss mode)
 
     def __post_init__(self):
         if self.topk_mode not in ("verl", "tail", "renormalize"):
@@ -64,6 +71,9 @@ class VerlOptions:
             raise ValueError('topk_mode="verl" is verl\'s top-k forward KL: divergence must be "forward_kl"')
         if self.weighting is not None and not isinstance(self.weighting, Weighting):
             raise TypeError(f"weighting must be a wpkl.Weighting or None, got {type(self.weighting).__name__}")
+        power = self.sampled_power
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not 0 < power < float("inf"):
+            raise ValueError(f"sampled_power must be a finite number > 0 (PowerOPD's alpha), got {power!r}")
 
 
 _state: dict = {"options": None, "patched": {}, "registered": []}
@@ -204,7 +214,14 @@ def _megatron_topk(student_logits, teacher_topk_log_probs, teacher_topk_ids, con
 
 # ------------------------------------------------------------------------------------------------ the loss modes
 
-def _weigh(losses, valid, divergence, confidence=None, token_logprobs=None):
+def _entropy(model_output, data):
+    entropy = model_output.get("entropy") if hasattr(model_output, "get") else None
+    if entropy is None:
+        return None
+    return _verl("verl.workers.utils.padding").no_padding_2_padding(entropy, data)
+
+
+def _weigh(losses, valid, divergence, confidence=None, token_logprobs=None, entropy=None):
     """losses [bsz, resp_len] times wpkl's weights (``options().weighting``), with the weights' metrics."""
     weighting = _state["options"].weighting if _state["options"] is not None else None
     if weighting is None:
@@ -214,10 +231,14 @@ def _weigh(losses, valid, divergence, confidence=None, token_logprobs=None):
     if weighting.prefix_confidence is not None and token_logprobs is None:
         raise ValueError("Weighting(prefix_confidence=...) needs log q(y) of the sampled tokens: use a wpkl_<estimator> "
                          "loss mode (the top-k data holds no log q(y))")
+    if weighting.needs_student_entropy and entropy is None:
+        raise ValueError("Weighting(token_importance=...) needs the student's entropy in verl's model output: set "
+                         "actor_rollout_ref.actor.calculate_entropy=True")
     w = compute_weights(weighting, valid=valid, divergence=divergence.detach().double(),
                         confidence=(torch.ones_like(losses, dtype=torch.float64) if confidence is None else
                                     confidence.double()),
-                        teacher_token_logprobs=None if token_logprobs is None else token_logprobs.double())
+                        teacher_token_logprobs=None if token_logprobs is None else token_logprobs.double(),
+                        student_entropy=None if entropy is None else entropy.detach().double())
     from verl.utils.metric import AggregationType, Metric
 
     kept = w[valid]
@@ -240,7 +261,8 @@ def _topk_loss(config, distillation_config, model_output, data):
     teacher_lp = padding.no_padding_2_padding(data["teacher_logprobs"], data)
     confidence = teacher_lp.float().amax(-1).exp()
     divergence = padding.no_padding_2_padding(model_output["distillation_losses"], data)
-    weighted, weight_metrics = _weigh(losses, _response_mask(data), divergence, confidence=confidence)
+    weighted, weight_metrics = _weigh(losses, _response_mask(data), divergence, confidence=confidence,
+                                      entropy=_entropy(model_output, data))
     return weighted, {**metrics, **weight_metrics}
 
 
@@ -254,9 +276,17 @@ def _estimator_loss(name):
         student = padding.no_padding_2_padding(model_output["log_probs"], data)
         teacher = padding.no_padding_2_padding(data["teacher_logprobs"], data).squeeze(-1)
         valid = _response_mask(data)
-        losses = core.kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
+        if name == "power":  # PowerOPD: -advantage = p(y)^alpha - q(y)^alpha, constant (a reward)
+            if not distillation_config.distillation_loss.use_policy_gradient:
+                raise ValueError(f"{POWER_NAME} is PowerOPD's advantage: set "
+                                 "distillation.distillation_loss.use_policy_gradient=True")
+            alpha = _state["options"].sampled_power
+            losses = ((alpha * student.detach()).exp() - (alpha * teacher).exp()).to(student.dtype)
+        else:
+            losses = core.kl_penalty(logprob=student, ref_logprob=teacher, kl_penalty=name)
         metrics = {"distillation/abs_loss": Metric(AggregationType.MEAN, losses[valid].abs().mean())}
-        weighted, weight_metrics = _weigh(losses, valid, (teacher - student).abs(), token_logprobs=teacher)
+        weighted, weight_metrics = _weigh(losses, valid, (teacher - student).abs(), token_logprobs=teacher,
+                                          entropy=_entropy(model_output, data))
         return weighted, {**metrics, **weight_metrics}
 
     loss.__name__ = f"wpkl_{name}"
@@ -266,10 +296,10 @@ def _estimator_loss(name):
 # ------------------------------------------------------------------------------------------------- use and undo
 
 def use_wpkl(topk_mode: str = "verl", divergence: str = "forward_kl", *, weighting: Weighting | None = None,
-             beta: float = 0.5, backend: str = "auto") -> VerlOptions:
+             beta: float = 0.5, backend: str = "auto", sampled_power: float = 5.0) -> VerlOptions:
     """Route verl's top-k logits processor through wpkl and register the ``wpkl_`` loss modes (module docstring).
     Calling it again replaces the options; ``undo()`` restores verl exactly."""
-    opts = VerlOptions(topk_mode, divergence, beta, weighting, backend)
+    opts = VerlOptions(topk_mode, divergence, beta, weighting, backend, sampled_power)
     losses_mod = _verl("verl.trainer.distillation.losses")
     for strategy, replacement in (("fsdp", _fsdp_topk), ("megatron", _megatron_topk)):
         try:
@@ -282,10 +312,10 @@ def use_wpkl(topk_mode: str = "verl", divergence: str = "forward_kl", *, weighti
     if not _state["registered"]:
         settings = losses_mod.DistillationLossSettings
         losses_mod.register_distillation_loss(settings(names=[TOPK_NAME], use_topk=True))(_topk_loss)
-        for name in ESTIMATORS:
+        for name in (*ESTIMATORS, "power"):
             losses_mod.register_distillation_loss(settings(names=[f"wpkl_{name}"], use_estimator=True))(
                 _estimator_loss(name))
-        _state["registered"] = [TOPK_NAME, *(f"wpkl_{n}" for n in ESTIMATORS)]
+        _state["registered"] = [TOPK_NAME, *(f"wpkl_{n}" for n in (*ESTIMATORS, "power"))]
     _state["options"] = opts
     return opts
 

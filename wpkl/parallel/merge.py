@@ -24,7 +24,7 @@ def _stat_rows():
 
 
 def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str, temperature: float, shard,
-                       s_y=None, u_y=None, teacher_logprobs=None, rollout_logprobs=None) -> torch.Tensor:
+                       s_y=None, u_y=None, teacher_logprobs=None, rollout_logprobs=None, power=None) -> torch.Tensor:
     """The whole vocabulary's per-token statistics from each rank's forward-kernel statistics of its slice.
 
     Each rank's kernel ran on its slice as if it were the whole vocabulary: its statistics are those of the
@@ -36,7 +36,7 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
 
     A KL merges by the chain rule from the slices' own D_r and exact lse gaps (below: no difference of rounded
     normalizers); "sampled" follows kernels/common.py's finalize_token, from log p(y) = s_y / T - lse_s (and
-    log q(y) likewise, or given). Two all-reduces of float64 (the maxima [m, N], then the sums [k, N]). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
+    log q(y) likewise, or given; ``power``: ``sampled_power``). Two all-reduces of float64 (the maxima [m, N], then the sums [k, N]). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
     the backward kernel reads, raw logit units) and returned; the loss [N] is returned alongside.
     ``s_y``, ``u_y``: the raw logits at the sampled tokens on the rank that holds them, 0 elsewhere (float64).
     """
@@ -114,7 +114,9 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
         log_q_y = rest[1] / T - lse_u if teacher else teacher_logprobs.double()
         behaviour = log_p_y if rollout_logprobs is None else rollout_logprobs.double()
         divergence_value = behaviour - log_q_y
-        loss = divergence_value * log_p_y
+        # the backward kernel's multiplier -a (STAT_AUX): D, or PowerOPD's p(y)^power - q(y)^power
+        aux = divergence_value if power is None else (power * behaviour).exp() - (power * log_q_y).exp()
+        loss = aux * log_p_y
     rows = {k.STAT_DIVERGENCE: divergence_value, k.STAT_CONFIDENCE: confidence,
             k.STAT_STUDENT_ENTROPY: student_entropy, k.STAT_TEACHER_ENTROPY: teacher_entropy,
             k.STAT_STUDENT_LSE: lse_s * T, k.STAT_TEACHER_LSE: lse_u * T, k.STAT_AUX: aux,
@@ -147,7 +149,7 @@ class ShardedTritonPass:
                 u_y = owned_logit(teacher[..., :student.shape[-1]], local.view(B, T)).reshape(-1)
         per_token = [None if x is None else x.reshape(-1) for x in (teacher_logprobs, rollout_logprobs)]
         loss = merge_kernel_stats(saved.stats, valid.reshape(-1), divergence, spec.temperature, shard, s_y, u_y,
-                                  *per_token)
+                                  *per_token, power=spec.sampled_power)
         public = kernels().NUM_PUBLIC_STATS
         return loss.view(B, T), saved.stats[:public].view(public, B, T), saved
 

@@ -13,8 +13,8 @@ and the reduction's denominators need the whole batch. So, in named stages aroun
               ``num_items_in_batch`` (which must agree); the call's one host sync
               (the counts size the gather, the largest id and position the layout).
     gather    (``GatheredSequences.local``, after the terms) one all-gather of the rank's per-token vectors
-              (sequence id, position, mask, detached divergence and confidence, and the token weights and
-              log q(y) when given): 5 to 7 float64 per token, never [N, V] or [N, K] data.
+              (sequence id, position, mask, detached divergence and confidence, and the token weights, log q(y)
+              and the student's entropy when needed): 5 to 8 float64 per token, never [N, V] or [N, K] data.
     weigh     every rank lays the whole batch out ([S, L], checking that no two tokens claim one place and that
               no sequence has a gap), computes its weights with wpkl/reference/weights.py, and the reduction's
               coefficient of each token, d loss / d (w_i L_i), by autograd through wpkl/reference/reduction.py.
@@ -158,12 +158,16 @@ class GatheredSequences:
         self.base = [batch.sequence_ids, batch.positions, batch.valid]
         self.extra = [x for x in (batch.token_weights, token_logprobs) if x is not None]
         self.has_weights, self.has_logprobs = batch.token_weights is not None, token_logprobs is not None
+        weighting = problem.spec.weighting
+        self.has_entropy = weighting is not None and weighting.needs_student_entropy
 
-    def local(self, divergence: torch.Tensor, confidence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def local(self, divergence: torch.Tensor, confidence: torch.Tensor,
+              student_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w_i, c_i w_i, the weights' positions) of this rank's tokens, [B, T] each; c_i = d loss / d (w_i L_i)."""
         spec, batch = self.problem.spec, self.problem.batch
         dtype = divergence.dtype
-        columns = [*self.base, divergence.detach(), confidence.detach(), *self.extra]
+        entropy = [student_entropy.detach()] if self.has_entropy else []
+        columns = [*self.base, divergence.detach(), confidence.detach(), *self.extra, *entropy]
         local = torch.stack([x.reshape(-1).to(torch.float64) for x in columns], dim=1)
         whole = self.shards.gather(local)  # stage "gather"
         ids, pos = whole[:, 0].long(), whole[:, 1].long()
@@ -178,10 +182,11 @@ class GatheredSequences:
         extra = iter(range(5, whole.shape[1]))
         user_weights = rows(next(extra)) if self.has_weights else None
         token_logprobs = rows(next(extra)) if self.has_logprobs else None
+        entropy_rows = rows(next(extra)) if self.has_entropy else None
         positions = sequence_positions(valid)  # counted among the valid tokens, as on one device
         weights = compute_weights(spec.weighting, valid=valid, divergence=rows(3), confidence=rows(4),
                                   user_weights=user_weights, positions=positions,
-                                  teacher_token_logprobs=token_logprobs)
+                                  teacher_token_logprobs=token_logprobs, student_entropy=entropy_rows)
         coefficient = weights
         if spec.reduction != "none":
             count = batch.num_items_in_batch

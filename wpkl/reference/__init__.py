@@ -17,7 +17,8 @@ With temperature T, s = student / T and u = teacher[..., :V] / T:
                  L = -a * log p(y) (the on-policy policy-gradient surrogate), D = log p(y) - log q(y) = -a.
                  log q(y) may be given directly (teacher_logprobs, e.g. from a teacher server: no teacher
                  logits needed), and log p(y) in a may come from the policy that sampled y (rollout_logprobs,
-                 e.g. vLLM's), as in TRL's IW-OPD trainer.
+                 e.g. vLLM's), as in TRL's IW-OPD trainer. With ``sampled_power`` (PowerOPD) the constant
+                 multiplier -a is p(y)^alpha - q(y)^alpha instead (core.py: sampled_multiplier); D is unchanged.
 
 The per-token loss is L = D for every divergence but "sampled". 0 * log 0 = 0 throughout, so -inf
 logits (banned tokens) are legal; a token the teacher bans while the student allows it makes the
@@ -44,17 +45,19 @@ from .core import (
     entropy,
     exact_divergence,
     kl,
+    sampled_multiplier,
 )
 from .reduction import reduce_loss
 from .terms import teacher_token_logprob, token_terms
 from .topk import TAIL_LOG_MASS_MAX, TOPK_MODES, tail_log_prob, topk_atom_terms, topk_terms
 from .vocab import gather_ids, log_probs, owned_values, token_logprob, vocab_logsumexp, vocab_max, vocab_sum
-from .weights import accumulated_factor, compute_weights, prefix_confidence_factor, sequence_positions
+from .weights import (accumulated_factor, compute_weights, entropy_gate, prefix_confidence_factor,
+                      sequence_positions, token_importance_factor)
 
 __all__ = [
     "DIVERGENCES", "TAIL_LOG_MASS_MAX", "TOPK_MODES", "TokenTerms", "TopK", "TopKOptions", "accumulated_factor",
-    "compute_dtype", "compute_weights", "divergence_between", "entropy", "exact_divergence", "gather_ids", "kl",
-    "log_probs", "owned_values", "prefix_confidence_factor", "reduce_loss", "sequence_positions", "tail_log_prob",
-    "teacher_token_logprob", "token_logprob", "token_terms", "topk_atom_terms", "topk_terms", "vocab_logsumexp",
-    "vocab_max", "vocab_sum",
+    "compute_dtype", "compute_weights", "divergence_between", "entropy", "entropy_gate", "exact_divergence",
+    "gather_ids", "kl", "log_probs", "owned_values", "prefix_confidence_factor", "reduce_loss", "sampled_multiplier",
+    "sequence_positions", "tail_log_prob", "teacher_token_logprob", "token_importance_factor", "token_logprob",
+    "token_terms", "topk_atom_terms", "topk_terms", "vocab_logsumexp", "vocab_max", "vocab_sum",
 ]

@@ -50,6 +50,19 @@ def exact_divergence(divergence: str, beta: float) -> str:
     return divergence
 
 
+def sampled_multiplier(behaviour: torch.Tensor, log_q_y: torch.Tensor, power: float | None) -> torch.Tensor:
+    """The constant -a that multiplies log p(y) in the "sampled" loss ``L = -a log p(y)``.
+
+    power None: -a = log p(y) - log q(y) (the single-sample reverse-KL policy gradient; ``behaviour`` is log p(y)
+    of the policy that sampled y). PowerOPD (arXiv 2606.17199, Eq. for its reward r = q(y)^alpha - p(y)^alpha;
+    its code, EIT-NLP/PowerOPD, uses alpha = 5 and no 1/alpha): -a = p(y)^power - q(y)^power, so that
+    ``L = -r log p(y)``.
+    """
+    if power is None:
+        return behaviour - log_q_y
+    return torch.exp(power * behaviour) - torch.exp(power * log_q_y)
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any input is float64, else float32: half-precision inputs accumulate in float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import TokenTerms, TopK, TopKOptions, compute_dtype, divergence_between, entropy, exact_divergence
+from .core import (TokenTerms, TopK, TopKOptions, compute_dtype, divergence_between, entropy, exact_divergence,
+                   sampled_multiplier)
 from .topk import topk_terms
 from .vocab import log_probs, token_logprob, vocab_max, vocab_sum
 
@@ -32,6 +33,7 @@ def token_terms(
     topk: TopKOptions | None = None,
     stats: bool = True,
     shard=None,
+    power: float | None = None,
 ) -> TokenTerms:
     """Per-row terms for student logits [..., V] and teacher logits [..., V_t >= V] (first V used).
 
@@ -43,6 +45,8 @@ def token_terms(
     ``shard``: the logits are one rank's slice of a vocabulary split over ranks (the section above; then
     ``tokens`` and top-k ids are global ids, and a teacher's slice is the student's): the terms are the whole
     vocabulary's, the same on every rank, and the loss's gradient is the slice's.
+
+    ``power``: "sampled" with PowerOPD's advantage (``sampled_multiplier``); the divergence stays the log-ratio.
     """
     if teacher_topk is not None:
         topk = topk or TopKOptions()
@@ -65,8 +69,8 @@ def token_terms(
         else:
             log_p_y, log_q_y = token_logprob(log_p, tokens, shard), teacher_logprobs.to(dtype)
         behaviour = log_p_y.detach() if rollout_logprobs is None else rollout_logprobs.to(dtype)
-        div = behaviour - log_q_y  # = -a, a constant
-        loss = div * log_p_y  # -a * log p(y)
+        div = behaviour - log_q_y
+        loss = sampled_multiplier(behaviour, log_q_y, power).detach() * log_p_y  # -a * log p(y), a constant
     else:
         div = loss = vocab_sum(divergence_between(divergence, beta, p, log_p, q, log_q), shard=shard)
 

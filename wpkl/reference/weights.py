@@ -7,11 +7,15 @@ come from [N]-sized per-token vectors only (never from [N, V] data), with this f
     w_i = mask_i * token_weight_i * f(pos_i) * c_i ** confidence * |D_i| ** disagreement
           * (1 + accumulated * (1 - A_i / max(S_b, accumulated_eps)))     (accumulated_eps = 1e-8)
           * max(floor, exp(-alpha * Q_i))                                 (prefix_confidence)
+          * 1[s_i >= s_(k)]                                               (token_importance)
     w_i = min(w_i, w_max)                                                 (w_max; None = no cap)
 
     c_i  teacher confidence max_j q_ij            D_i  detached divergence (0 ** 0 = 1)
     A_i  sum of |D_k| over the valid tokens k before i in the same sequence b
     S_b  sum of |D_k| over all valid tokens of sequence b
+    s_i  TIP's importance h_i + d_i - h_i d_i (arXiv 2604.14084), h_i the student's entropy and d_i the |D_i|,
+         each min-max normalized over the batch's valid tokens ((x - min) / (max - min), 0 when max == min);
+         s_(k) the k-th largest s over the valid tokens, k = ceil(keep * n_valid) (ties at s_(k) all kept)
     Q_i  mean of the k_i largest teacher NLLs -log q(y_j) over the n_i = min(window, pos_i) valid tokens j
          just before i in its sequence (i itself excluded), k_i = max(1, floor(worst * n_i)); Q_i = 0 for the
          first token of a sequence
@@ -88,6 +92,35 @@ def prefix_confidence_factor(teacher_nll: torch.Tensor, valid: torch.Tensor, spe
     return torch.where(valid, factor, 1.0)
 
 
+def token_importance_factor(student_entropy: torch.Tensor, divergence: torch.Tensor, valid: torch.Tensor,
+                            keep: float) -> torch.Tensor:
+    """TIP's selection 1[s_i >= s_(k)] (see the module docstring) over the valid tokens of the whole tensor; 0 on
+    invalid tokens. No host sync: k and the threshold stay on the device."""
+    def minmax(x: torch.Tensor) -> torch.Tensor:
+        lo = torch.where(valid, x, float("inf")).amin() if x.numel() else x.new_zeros(())
+        hi = torch.where(valid, x, float("-inf")).amax() if x.numel() else x.new_zeros(())
+        span = hi - lo
+        return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+    h, d = minmax(student_entropy), minmax(divergence.abs())
+    score = torch.where(valid, h + d - h * d, float("-inf"))
+    n_valid = valid.sum()
+    k = torch.ceil(keep * n_valid.double() - 1e-9).long().clamp(min=1)  # 1e-9: 0.5 * 10 is 5, in every dtype
+    ordered = score.reshape(-1).sort(descending=True).values
+    if ordered.numel() == 0:
+        return torch.zeros_like(score)
+    threshold = ordered.gather(0, (k - 1).clamp(max=ordered.numel() - 1).reshape(1))
+    return (valid & (score >= threshold)).to(score.dtype)
+
+
+def entropy_gate(teacher_entropy: torch.Tensor, threshold: float) -> torch.Tensor:
+    """EOPD's gate 1[H_teacher >= threshold] (arXiv 2603.07079, Eq. 9; its code, WLS04/EOPD, uses >= with 0.8 nats):
+    the tokens whose forward-KL term ``alpha * FKL_i`` is added to the on-policy term (wpkl.entropy_gated_loss).
+    A NaN entropy (unknown teacher) gates nothing."""
+    return (teacher_entropy >= threshold).to(teacher_entropy.dtype if teacher_entropy.is_floating_point()
+                                             else torch.float32)
+
+
 def compute_weights(
     weighting: Weighting | None,
     *,
@@ -97,12 +130,14 @@ def compute_weights(
     user_weights: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     teacher_token_logprobs: torch.Tensor | None = None,
+    student_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weights w of the module docstring, for [S, L] tensors laid out one sequence per row.
 
     ``divergence`` and ``confidence`` are the detached per-token D_i and c_i (any value where invalid).
     ``positions`` overrides the positions counted from ``valid``. ``teacher_token_logprobs`` holds log q(y_i)
-    of the sampled tokens (needed by ``prefix_confidence``). Returns w with 0 on invalid tokens.
+    of the sampled tokens (needed by ``prefix_confidence``), ``student_entropy`` the student's per-token entropy
+    (needed by ``token_importance``). Returns w with 0 on invalid tokens.
     """
     dtype = divergence.dtype
     w = valid.to(dtype)
@@ -125,6 +160,10 @@ def compute_weights(
             raise ValueError("Weighting(prefix_confidence=...) needs teacher_token_logprobs: log q(y) of the sampled tokens")
         nll = -teacher_token_logprobs.to(dtype)
         w = w * prefix_confidence_factor(nll, valid, weighting.prefix_confidence)
+    if weighting.token_importance is not None:
+        if student_entropy is None:
+            raise ValueError("Weighting(token_importance=...) needs the student's per-token entropy")
+        w = w * token_importance_factor(student_entropy.to(dtype), divergence, valid, weighting.token_importance.keep)
     if weighting.w_max is not None:
         w = w.clamp_max(weighting.w_max)
     if weighting.normalize:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 ARCHS = (80, 90)
 DTYPES = ("float32", "bfloat16", "float16")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled")
-SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logprobs", "teacher logprobs + rollout")
+SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logprobs", "teacher logprobs + rollout",
+                    "teacher logprobs + rollout + power")  # power: PowerOPD's advantage (sampled_power)
 WEIGHTS_REDUCTIONS = ("mean", "sum", "seq_mean", "none")
 TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
@@ -51,9 +52,10 @@ def launch(job: Job):
         N = B * T
         f32 = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
         table = f32(8) if "table" in job.variant else None
-        from wpkl.weighting import PositionTable, PositionWindow, Weighting
+        from wpkl.weighting import PositionSigmoid, PositionTable, PositionWindow, Weighting
 
-        position = PositionTable([1.0] * 8) if table is not None else PositionWindow(0.25, 0.75)
+        position = (PositionTable([1.0] * 8) if table is not None else PositionSigmoid() if "sigmoid" in job.variant
+                    else PositionWindow(0.25, 0.75))
         code = encode_weighting(Weighting(position=position, confidence=1.0, disagreement=0.5, accumulated=0.5,
                                           w_max=1.5))
         _, args, meta, _ = weights_launch(
@@ -73,7 +75,7 @@ def launch(job: Job):
     div_id = divergence_id(job.divergence)  # every divergence here is exact at beta 0.5
     if job.kernel == "fwd":
         _, args, meta = forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
-                                                stats, div_id, 0.5, 1.0)
+                                                stats, div_id, 0.5, 1.0, 5.0 if "power" in job.variant else None)
         return kernels.token_divergence_fwd_kernel, args, meta
     grad = meta_tensor(B, T, job.vocabs[0])
     _, args, meta = backward_launch(student, teacher, valid, tokens, per_token, stats, grad, div_id, 0.5, 1.0)
@@ -122,7 +124,7 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
             by_key.setdefault((launch_config(vocab, size), vocab % 16 == 0, vocab == 1), []).append(vocab)
         if dtype == "float32":  # the weights kernel works on float32 [N] vectors whatever the logits' dtype
             out += [Job("weights", reduction, dtype, (32000,), arch, variant) for reduction in WEIGHTS_REDUCTIONS
-                    for variant in ("window", "packed table") for arch in archs]
+                    for variant in ("window", "packed table", "sigmoid") for arch in archs]
         # A top-k teacher: the forward and dense backward are the "sampled" specializations below (no teacher
         # logits, token -1); the atoms' fix-up writes the gradient's dtype at K ids.
         out += [Job("topk", "atoms", dtype, (151936,), arch, f"K={K}") for K in TOPK_SIZES for arch in archs]
