@@ -107,6 +107,9 @@ def test_recipes_snippets(in_tmp, single_process_group):
                      step=0, student_logits=student_logits, teacher_logits=torch.randn(B, T, V_TEACHER),
                      responses=responses, teacher_token_logprobs=-torch.rand(B, T) * 3,
                      old_log_probs=-torch.rand(B, T) * 3,
+                     # the MOPD recipe: a logits teacher and a top-k one, a teacher per sequence
+                     teacher_id=torch.tensor([0, 1, 1, 0]), math_logits=torch.randn(B, T, V_TEACHER),
+                     code_ids=torch.rand(B, T, V).argsort(-1)[..., :4], code_logprobs=-torch.rand(B, T, 4) * 3 - 1.5,
                      # the context-parallel recipe (after "From hidden states": [2, 7] tokens), on a one-rank
                      # group (the whole batch is the rank's)
                      local_mask=response_mask[:2], local_positions=torch.arange(T).expand(2, T),

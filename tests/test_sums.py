@@ -227,3 +227,28 @@ def test_merge_per_seed_results():
         merge([part(0), part(1, )] + [dict(part(2), config=dict(part(2)["config"], steps=20))])
     with pytest.raises(ValueError, match="a seed appears twice"):
         merge([part(0), part(0)])
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "sampled"])
+def test_every_arm_trains(divergence):
+    """Every arm of the demo (the OPD variants included) runs its loss and updates the student; PowerOPD's arm
+    refuses a divergence other than "sampled"."""
+    from wpkl.demo import sums as sums_task
+    from wpkl.demo.sums_arms import POWER, weightings
+    from wpkl.demo.sums_experiment import SumsConfig, _model, run_opd
+
+    cfg = SumsConfig(steps=2, k=4, batch=8, eval_every=2, eval_prompts=8, eval_samples=1, divergence=divergence)
+    torch.manual_seed(0)
+    student = _model(cfg, cfg.student_size)
+    teacher = sums_task.TeacherWrapper(None, "cons", cfg.k)  # the truth stands in for the trained teacher
+    prompts = sums_task.sample_prompts(cfg.eval_prompts, cfg.k, torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in student.parameters()]
+    for name in weightings():
+        if name == POWER and divergence != "sampled":
+            with pytest.raises(ValueError, match="--divergence sampled"):
+                run_opd(name, teacher, student, cfg, 0, prompts)
+            continue
+        result = run_opd(name, teacher, student, cfg, 0, prompts)
+        assert [point["step"] for point in result["curve"]] == [0, 2], name
+        assert all(math.isfinite(point["kl"]) for point in result["curve"]), name
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))  # copies were trained

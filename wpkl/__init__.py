@@ -6,7 +6,7 @@
 
 from .inputs.checks import DeferredCheckError, check_errors
 from .api import FusedLinearWeightedKLLoss, WeightedKLLoss, fused_linear_kl_loss, weighted_kl_loss
-from .api.variants import entropy_gated_loss
+from .api.variants import entropy_gated_loss, multi_teacher_loss
 from .stats import TokenStats
 from .weighting import (ExpDecay, PositionSigmoid, PositionTable, PositionWindow, PowerDecay, PrefixConfidence,
                         TokenImportance,
@@ -41,6 +41,7 @@ __all__ = [
     "WeightedKLLoss",
     "check_errors",
     "entropy_gated_loss",
+    "multi_teacher_loss",
     "fused_linear_kl_loss",
     "weighted_kl_loss",
 ]

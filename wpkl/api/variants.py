@@ -1,4 +1,5 @@
-"""OPD variants that combine two wpkl losses: ``entropy_gated_loss`` (EOPD, arXiv 2603.07079).
+"""OPD variants that combine several wpkl losses: ``entropy_gated_loss`` (EOPD, arXiv 2603.07079) and
+``multi_teacher_loss`` (MOPD, arXiv 2606.30406).
 
 The other variants are options of one call: PowerOPD is ``sampled_power=``, PW-OPSD ``PositionSigmoid``, TIP
 ``TokenImportance`` (docs/recipes.md, "OPD variants").
@@ -6,11 +7,13 @@ The other variants are options of one call: PowerOPD is ``sampled_power=``, PW-O
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..reference import entropy_gate
+from ..reference import compute_weights, entropy_gate, mix_teachers
 from .functional import fused_linear_kl_loss, weighted_kl_loss
 
 # Options of the on-policy term that the gated forward-KL term does not take (unless ``gate_options`` gives them).
@@ -62,3 +65,149 @@ def entropy_gated_loss(*args, threshold: float = 0.8, alpha: float = 1.0, teache
     gated = fn(**second)
     loss = base + gated
     return (loss, stats, gate) if return_stats else loss
+
+
+def _teacher_names(fn) -> tuple[str, ...]:
+    """The arguments of ``fn`` that describe the teacher (derived from its signature, never listed by hand)."""
+    return tuple(name for name in inspect.signature(fn).parameters if name.startswith("teacher_"))
+
+
+def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
+    """The K mixing weights, each a float or a float32 tensor broadcastable to the leading shape."""
+    if mixing is None:
+        return [1.0 / count] * count
+    if isinstance(mixing, torch.Tensor):
+        if mixing.dim() == 0 or mixing.shape[0] != count:
+            raise ValueError(f"multi_teacher_loss: mixing must have {count} rows (one per teacher), "
+                             f"got shape {tuple(mixing.shape)}")
+        if mixing.dim() - 1 > len(leading) or tuple(mixing.shape[1:]) != tuple(leading[:mixing.dim() - 1]):
+            raise ValueError(f"multi_teacher_loss: mixing of shape {tuple(mixing.shape)} must be [K] or [K, *p] with "
+                             f"p a prefix of the tokens' leading shape {tuple(leading)} (e.g. [K, B] per sequence)")
+        if not mixing.is_floating_point():
+            raise TypeError(f"multi_teacher_loss: mixing must be floating point, got {mixing.dtype}")
+        rows = mixing.detach().to(device, torch.float32)
+        rows = rows.reshape(*rows.shape, *([1] * (len(leading) + 1 - rows.dim())))
+        return [row for row in rows]
+    if not isinstance(mixing, Sequence) or len(mixing) != count:
+        raise ValueError(f"multi_teacher_loss: mixing must be None, {count} numbers or a [K, ...] tensor, got {mixing!r}")
+    values = []
+    for value in mixing:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+            raise ValueError(f"multi_teacher_loss: mixing weights must be finite numbers, got {value!r}")
+        values.append(float(value))
+    return values
+
+
+def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False, **options):
+    """MOPD: the student against several teachers, each token's divergences mixed,
+
+        loss = reduce_i [ w_i * sum_k m_k,i * D_k,i ]                     (arXiv 2606.30406, Eq. 5: sum_k w_k D_KL)
+
+    with D_k,i the divergence ``weighted_kl_loss(*args, **options)`` computes against teacher k and w_i the
+    ``weighting``'s weight evaluated on the mixed per-token quantities (divergence sum_k m_k D_k, teacher confidence
+    sum_k m_k c_k; ``prefix_confidence`` reads ``teacher_token_logprobs``: give the mixed log q(y) in ``options``, or
+    one per teacher, mixed the same way). The paper's per-teacher weights are ``mixing=[w_1, ..., w_K]``; its routing
+    of each prompt to its domain's teacher is a one-hot ``mixing`` of shape [K, B] (per sequence) or [K, *leading]
+    (per token). ``mixing=None`` is the uniform 1/K. The weights are used as given (not renormalized).
+
+    ``teachers``: a list, each a tensor (the teacher logits, or for ``fused_linear=True`` the teacher hidden states
+    with ``teacher_weight`` from ``options``) or a dict of the call's teacher arguments (``teacher_logits``,
+    ``teacher_logprobs``, ``teacher_topk_ids`` and ``teacher_topk_logprobs``, ...): teachers of different forms mix.
+    Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
+    ``process_group``, ``sequence_group``, ...) is shared.
+
+    Cost: one fused call per teacher with the gradient, plus one no-grad call per teacher when the weights read the
+    teachers (``confidence``, ``disagreement``, ``accumulated``, ``prefix_confidence``, ``token_importance``) or with
+    ``return_stats``, and one no-grad call when they only normalize or cap (``normalize``, ``w_max``). Each call
+    reads the student's rows once: the student is read K to 2K times, not once (no kernel reads K teachers in one
+    pass yet). Weights that read the teachers are computed from the mixed stats on one sequence per row ([B, T]
+    inputs, or flat inputs when the weighting needs no sequences): with ``sequence_ids`` or ``sequence_group`` only
+    teacher-independent weightings (position kinds, ``token_weights``, ``normalize``, ``w_max``) are supported.
+    Returns the loss, or with ``return_stats=True`` ``(loss, stats)`` with the mixed stats.
+    """
+    fn = fused_linear_kl_loss if fused_linear else weighted_kl_loss
+    names = _teacher_names(fn)
+    bound = inspect.signature(fn).bind_partial(*args, **options)
+    shared = dict(bound.arguments)
+    given = [name for name in names if shared.get(name) is not None and name not in ("teacher_weight", "teacher_bias",
+                                                                                   "teacher_logit_scale",
+                                                                                   "teacher_softcap",
+                                                                                   "teacher_token_logprobs")]
+    if given:
+        raise ValueError(f"multi_teacher_loss: give the teachers in teachers=[...], not {', '.join(given)}")
+    if isinstance(teachers, (torch.Tensor, Mapping)) or not isinstance(teachers, Sequence) or not teachers:
+        raise ValueError("multi_teacher_loss: teachers must be a non-empty list of tensors or dicts")
+    sources = []
+    for k, teacher in enumerate(teachers):
+        if isinstance(teacher, torch.Tensor):
+            teacher = {names[0]: teacher}
+        if not isinstance(teacher, Mapping):
+            raise TypeError(f"multi_teacher_loss: teacher {k} must be a tensor or a dict, got {type(teacher).__name__}")
+        unknown = sorted(set(teacher) - set(names))
+        if unknown:
+            raise ValueError(f"multi_teacher_loss: teacher {k} has {', '.join(unknown)}; a teacher's arguments are "
+                             f"{', '.join(names)}")
+        sources.append({names[0]: None, **teacher})
+    student = shared[next(iter(inspect.signature(fn).parameters))]
+    leading = student.shape[:-1]
+    weights = _mixing(mixing, len(sources), leading, student.device)
+    return_stats = shared.pop("return_stats", False)
+    weighting = shared.pop("weighting", None)
+    user = shared.pop("token_weights", None)
+    reads_teachers = weighting is not None and bool(
+        weighting.confidence or weighting.disagreement or weighting.accumulated
+        or weighting.prefix_confidence is not None or weighting.token_importance is not None)
+    if reads_teachers and (shared.get("sequence_group") is not None or shared.get("sequence_ids") is not None
+                           or len(leading) not in (1, 2) or (len(leading) == 1 and weighting.needs_sequences)):
+        raise NotImplementedError(
+            "multi_teacher_loss: weights that read the teachers (confidence, disagreement, accumulated, "
+            "prefix_confidence, token_importance) are computed on [B, T] batches (or flat ones when the weighting "
+            "needs no sequences); with sequence_ids or sequence_group use a teacher-independent weighting")
+    if reads_teachers and weighting.prefix_confidence is not None:
+        own = [source.get("teacher_token_logprobs") for source in sources]
+        if all(value is not None for value in own):
+            shared["teacher_token_logprobs"] = mix_teachers(own, weights)
+        elif shared.get("teacher_token_logprobs") is None:
+            raise ValueError("multi_teacher_loss with prefix_confidence needs teacher_token_logprobs: the mixed "
+                             "teacher's log q(y) of the sampled tokens, or one per teacher")
+
+    def call(source, **extra):
+        return fn(**{**shared, **{k: v for k, v in source.items() if k != "teacher_token_logprobs"}, **extra})
+
+    stats = w = None
+    nonlinear = weighting is not None and (weighting.normalize or weighting.w_max is not None)
+    if reads_teachers or return_stats:
+        # teacher-independent rules weigh here as in the loss; rules that read the teachers weigh the mixture below
+        rule = None if reads_teachers else weighting
+        with torch.no_grad():
+            per_teacher = [call(source, weighting=rule, token_weights=user, return_stats=True)[1] for source in sources]
+        mixed = {field: mix_teachers([getattr(s, field) for s in per_teacher], weights)
+                 for field in ("divergence", "teacher_confidence", "teacher_entropy")}
+        stats = dataclasses.replace(per_teacher[0], **mixed)
+        w = stats.weight if nonlinear else None
+    if reads_teachers:
+        rows = (lambda x: x) if len(leading) == 2 else (lambda x: x.reshape(1, -1))
+        positions = shared.get("positions")
+        token_logprobs = shared.get("teacher_token_logprobs")
+        w = compute_weights(
+            weighting, valid=rows(stats.mask), divergence=rows(stats.divergence),
+            confidence=rows(stats.teacher_confidence),
+            user_weights=None if user is None else rows(user.detach().float()),
+            positions=None if positions is None else rows(positions),
+            teacher_token_logprobs=None if token_logprobs is None else rows(token_logprobs.detach().float()),
+            student_entropy=rows(stats.student_entropy)).reshape(leading)
+        stats = dataclasses.replace(stats, weight=w)
+    elif nonlinear and w is None:
+        with torch.no_grad():
+            w = call(sources[0], weighting=weighting, token_weights=user, return_stats=True)[1].weight
+    loss = None
+    for source, m in zip(sources, weights, strict=True):
+        if w is not None:  # the weights are known: the calls only mix
+            term = call(source, weighting=None, token_weights=w * m)
+        else:  # the rule is linear in the token weights: each call weighs by itself
+            scaled = m if user is None else user * m
+            if not isinstance(scaled, torch.Tensor):
+                scaled = torch.full(leading, scaled, device=student.device)
+            term = call(source, weighting=weighting, token_weights=scaled.expand(leading))
+        loss = term if loss is None else loss + term
+    return (loss, stats) if return_stats else loss

@@ -28,31 +28,13 @@ from wpkl.audit import PositionBiasMonitor
 
 from . import sums
 from .model import RelativeLM
+from .sums_arms import MOPD, ORACLE, arm_loss, second_teacher, weightings
+
+__all__ = ["ORACLE", "weightings"]  # the arms live in sums_arms.py; the CLI and the report import them from here
 from .stats import holm, paired
 
-ORACLE = "oracle"
-EOPD, POWER = "eopd", "power_opd"  # arms that change the loss, not the weights
 DRIFT_TARGETS = {"high": 0.10, "low": 0.05}  # the warm start stops at the first checkpoint at or below this error
 POSITION_METRICS = ("step_error", "wrong_prefix", "conflict", "kl", "teacher_entropy", "weight")
-
-
-def weightings() -> dict[str, wpkl.Weighting | None]:
-    """The arms. ``oracle`` is special: weight 1 while the student's prefix is still right, 0 after it first goes
-    wrong, normalized to mean 1 (the ceiling for any reweighting that looks at the prefix)."""
-    return {
-        "uniform": None,  # standard OPD
-        "first30": wpkl.Weighting(position=wpkl.PositionWindow(0.0, 0.3)),  # the paper's diagnostic ...
-        "last30": wpkl.Weighting(position=wpkl.PositionWindow(0.7, 1.0)),  # ... and its mirror
-        "iw_opd_0.5": wpkl.Weighting(accumulated=0.5),  # IW-OPD, gamma 0.5 (TRL's default; the authors' w_max 1.5)
-        "iw_opd_2": wpkl.Weighting(accumulated=2.0),  # IW-OPD, gamma 2
-        "prefix_conf": wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),  # the authors' windowed variant
-        ORACLE: wpkl.Weighting(),  # with token_weights = the oracle mask
-        # the OPD variants (docs/recipes.md, "OPD variants"), normalized to mean 1 like the other arms
-        "pw_opsd": wpkl.Weighting(position=wpkl.PositionSigmoid()),  # PW-OPSD's rising schedule
-        "tip": wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5)),  # TIP: the important half of the tokens
-        EOPD: None,  # wpkl.entropy_gated_loss: + forward KL where the teacher's entropy >= 0.8 nats
-        POWER: None,  # PowerOPD's advantage (divergence "sampled" only): sampled_power = 5
-    }
 
 
 @dataclass
@@ -176,16 +158,6 @@ def teacher_agreement(trained, student, prompts: torch.Tensor, cfg: SumsConfig, 
                 true_after_right=share(predicted == facts.truth, ~wrong))
 
 
-def _loss_inputs(name: str, weighting, facts: sums.Analysis, divergence: str) -> dict:
-    if name == ORACLE:
-        return dict(weighting=weighting, token_weights=facts.oracle_mask.float())
-    if name == POWER:
-        if divergence != "sampled":
-            raise ValueError(f'the {POWER} arm is PowerOPD\'s sampled-token advantage: run it with --divergence sampled')
-        return dict(weighting=None, sampled_power=5.0)
-    return dict(weighting=weighting)
-
-
 class _PositionSums:
     """Per-position sums of the analysis metrics over many batches of [B, K] rollouts."""
 
@@ -242,6 +214,7 @@ def run_opd(name: str, teacher: sums.TeacherWrapper, student_init, cfg: SumsConf
     monitor = PositionBiasMonitor(num_buckets=6)
     training = _PositionSums(cfg.k)
     curve = [dict(step=0, **evaluate(student, teacher, eval_prompts, cfg, seed, 0, positions=True))]
+    other = second_teacher(teacher, cfg.k) if name == MOPD else None
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         prompts = sums.sample_prompts(cfg.batch, cfg.k, gen).to(cfg.device)
@@ -249,18 +222,13 @@ def run_opd(name: str, teacher: sums.TeacherWrapper, student_init, cfg: SumsConf
         student_logits = student(seq[:, :-1])[:, p - 1:, :sums.DIGITS]
         teacher_logits, info = teacher(seq)
         facts = info["analysis"]
-        options = dict(divergence=cfg.divergence, tokens=sums.response(seq, cfg.k), return_stats=True, backend="torch",
-                       **_loss_inputs(name, weighting, facts, cfg.divergence))
-        if name == EOPD:
-            loss, stats, _ = wpkl.entropy_gated_loss(student_logits, teacher_logits, threshold=0.8, **options)
-        else:
-            loss, stats = wpkl.weighted_kl_loss(student_logits, teacher_logits, **options)
+        loss, stats = arm_loss(name, weighting, student_logits, teacher_logits, facts, seq, cfg, other)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         monitor.update(stats, step)
         with torch.no_grad():
-            if cfg.divergence == "reverse_kl":
+            if cfg.divergence == "reverse_kl" and name != MOPD:  # MOPD's stats hold the teachers' mixture
                 kl = stats.divergence
             else:
                 kl = wpkl.weighted_kl_loss(student_logits.detach(), teacher_logits, reduction="none")

@@ -51,13 +51,13 @@ from .reduction import reduce_loss
 from .terms import teacher_token_logprob, token_terms
 from .topk import TAIL_LOG_MASS_MAX, TOPK_MODES, tail_log_prob, topk_atom_terms, topk_terms
 from .vocab import gather_ids, log_probs, owned_values, token_logprob, vocab_logsumexp, vocab_max, vocab_sum
-from .weights import (accumulated_factor, compute_weights, entropy_gate, prefix_confidence_factor,
+from .weights import (accumulated_factor, compute_weights, entropy_gate, mix_teachers, prefix_confidence_factor,
                       sequence_positions, token_importance_factor)
 
 __all__ = [
     "DIVERGENCES", "TAIL_LOG_MASS_MAX", "TOPK_MODES", "TokenTerms", "TopK", "TopKOptions", "accumulated_factor",
     "compute_dtype", "compute_weights", "divergence_between", "entropy", "entropy_gate", "exact_divergence",
-    "gather_ids", "kl", "log_probs", "owned_values", "prefix_confidence_factor", "reduce_loss", "sampled_multiplier",
+    "gather_ids", "kl", "log_probs", "mix_teachers", "owned_values", "prefix_confidence_factor", "reduce_loss", "sampled_multiplier",
     "sequence_positions", "tail_log_prob", "teacher_token_logprob", "token_importance_factor", "token_logprob",
     "token_terms", "topk_atom_terms", "topk_terms", "vocab_logsumexp", "vocab_max", "vocab_sum",
 ]

@@ -121,6 +121,20 @@ def entropy_gate(teacher_entropy: torch.Tensor, threshold: float) -> torch.Tenso
                                              else torch.float32)
 
 
+def mix_teachers(values, mixing) -> torch.Tensor:
+    """MOPD's mixture of K teachers' per-token quantities, sum_k m_k * v_k (arXiv 2606.30406, Eq. 5: the
+    weighted sum of the per-teacher divergences), with each m_k a number or a tensor broadcastable to v_k (a
+    teacher per sequence or per token: one-hot routing). Used for the divergence, the teacher's confidence and
+    entropy, and log q(y) (wpkl.multi_teacher_loss)."""
+    total = None
+    for value, weight in zip(values, mixing, strict=True):
+        if isinstance(weight, torch.Tensor):
+            weight = weight.to(value.device, value.dtype)
+        term = value * weight
+        total = term if total is None else total + term
+    return total
+
+
 def compute_weights(
     weighting: Weighting | None,
     *,

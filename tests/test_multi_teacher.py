@@ -1,0 +1,350 @@
+"""Multi-teacher OPD (``wpkl.multi_teacher_loss``, MOPD arXiv 2606.30406, Eq. 5): the student against K teachers,
+each token's divergences mixed by per-teacher, per-sequence (routing) or per-token weights, the weighting evaluated
+on the mixture.
+
+Checked against the float64 reference (wpkl.reference's per-token terms, one call per teacher, the mixture and
+the weights of the mixed stats written out here) on both backends, every dtype, the materialized, fused-linear,
+top-k and teacher-server forms and teachers of different forms mixed; the mixture formula itself against plain
+torch; the vocabulary- and sequence-parallel forms in spawned gloo worlds against the single-process call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import pytest
+import torch
+
+import wpkl
+from utils import (DTYPES, assert_grad_close, assert_ranks_passed, assert_values_close, leave_worker,
+                   random_mask, spawn_worlds)
+from wpkl.reference import TopK, TopKOptions, compute_weights, reduce_loss, token_terms
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+LEADING, V, K_TOP = (3, 6), 37, 5
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _teachers(g, student, count=3):
+    """Teachers near the student and far from it (so that the mixture differs from each)."""
+    scales = (0.3, 1.5, 3.0)
+    return [student + scales[k % 3] * torch.randn(student.shape, generator=g, dtype=torch.float64)
+            for k in range(count)]
+
+
+def _topk(teacher_logits):
+    lq = torch.log_softmax(teacher_logits.double(), -1)
+    values, ids = lq.topk(K_TOP, dim=-1)
+    ids[0, 0, -1] = -1  # a shorter list
+    return ids, values
+
+
+def _mixing(kind, g, count):
+    if kind == "uniform":
+        return None, [torch.tensor(1.0 / count, dtype=torch.float64)] * count
+    if kind == "per teacher":
+        values = [0.2, 0.5, 1.3][:count]
+        return values, [torch.tensor(v, dtype=torch.float64) for v in values]
+    if kind == "per sequence":  # the paper's domain routing: one teacher per sequence
+        choice = torch.randint(0, count, (LEADING[0],), generator=g)
+        one_hot = torch.nn.functional.one_hot(choice, count).T.double()  # [K, B]
+        return one_hot, [row[:, None] for row in one_hot]
+    table = torch.rand(count, *LEADING, generator=g, dtype=torch.float64)  # per token
+    return table, list(table)
+
+
+def mopd_reference(student, sources, mixing, *, weighting, mask, tokens, divergence, temperature, reduction,
+                   token_weights=None):
+    """sum_k m_k L_k per token, weighted by the rule on the mixed stats, reduced. ``student`` with grad;
+    ``sources``: dicts of token_terms' teacher arguments; ``mixing``: one tensor per teacher (broadcast)."""
+    terms = [token_terms(student, source.get("teacher_logits"), divergence=divergence, temperature=temperature,
+                         tokens=tokens, teacher_logprobs=source.get("teacher_logprobs"),
+                         teacher_topk=source.get("teacher_topk"), topk=TopKOptions("tail"))
+             for source in sources]
+    dtype = student.dtype
+    loss = sum(t.loss * m.to(dtype) for t, m in zip(terms, mixing, strict=True))
+    divergence_mix = sum(t.divergence.detach() * m.to(dtype) for t, m in zip(terms, mixing, strict=True))
+    confidence_mix = sum(t.confidence.detach() * m.to(dtype) for t, m in zip(terms, mixing, strict=True))
+    w = compute_weights(weighting, valid=mask, divergence=divergence_mix.expand(mask.shape),
+                        confidence=confidence_mix.expand(mask.shape),
+                        user_weights=None if token_weights is None else token_weights.to(dtype),
+                        student_entropy=terms[0].student_entropy.detach())
+    weighted = torch.where(mask, w * loss, 0.0)
+    return (weighted if reduction == "none" else reduce_loss(weighted, mask, reduction)), divergence_mix, w
+
+
+WEIGHTINGS = {
+    "none": None,
+    "iw-opd": wpkl.Weighting(accumulated=0.5),
+    "position": wpkl.Weighting(position=wpkl.ExpDecay(0.2), normalize=False),
+    "position normalized capped": wpkl.Weighting(position=wpkl.PowerDecay(0.5), w_max=0.9),
+    "confidence disagreement": wpkl.Weighting(confidence=1.0, disagreement=0.5, normalize=False),
+    "tip": wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5), normalize=False),
+}
+
+
+def _check(backend, dtype, mixing_kind, weighting_name, divergence="reverse_kl", reduction="mean", seed=0,
+           count=3, forms=("logits",) * 3, temperature=0.8, user_weights=False):
+    g = _gen(seed)
+    student64 = torch.randn(*LEADING, V, generator=g, dtype=torch.float64) * 2
+    teachers64 = _teachers(g, student64, count)
+    student, teachers = student64.to(dtype), [t.to(dtype) for t in teachers64]
+    mask = random_mask(LEADING)
+    tokens = torch.randint(0, V, LEADING, generator=g)
+    mixing, mixing_ref = _mixing(mixing_kind, g, count)
+    weighting = WEIGHTINGS[weighting_name]
+    token_weights = torch.rand(LEADING, generator=g) + 0.5 if user_weights else None
+    api, ref = [], []
+    for form, teacher in zip(forms, teachers, strict=True):
+        if form == "logits":
+            api.append(teacher)
+            ref.append(dict(teacher_logits=teacher.double()))
+        elif form == "topk":
+            ids, lq = _topk(teacher)
+            api.append(dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq.to(dtype)))
+            ref.append(dict(teacher_topk=TopK(ids, lq.to(dtype).double())))
+        else:  # a teacher server's log q(y)
+            lq_y = torch.log_softmax(teacher.double() / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+            api.append(dict(teacher_logprobs=lq_y.to(dtype)))
+            ref.append(dict(teacher_logprobs=lq_y.to(dtype).double()))
+    x = student.clone().requires_grad_(True)
+    loss, stats = wpkl.multi_teacher_loss(x, teachers=api, mixing=mixing, weighting=weighting, mask=mask,
+                                          tokens=tokens, divergence=divergence, temperature=temperature,
+                                          reduction=reduction, backend=backend, return_stats=True,
+                                          token_weights=token_weights)
+    upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    options = dict(weighting=weighting, mask=mask, tokens=tokens, divergence=divergence, temperature=temperature,
+                   reduction=reduction, token_weights=token_weights)
+    y = student.double().requires_grad_(True)
+    expected, divergence_mix, w = mopd_reference(y, ref, mixing_ref, **options)
+    (expected * upstream).sum().backward()
+    low = student.clone().requires_grad_(True)  # plain torch in the inputs' dtype: the gradient rule's yardstick
+    low_ref = [{k: (v.to(dtype) if isinstance(v, torch.Tensor) else TopK(v.ids, v.logprobs.to(dtype)))
+                for k, v in source.items()} for source in ref]
+    (mopd_reference(low, low_ref, mixing_ref, **options)[0].double() * upstream).sum().backward()
+    assert_values_close(loss, expected)
+    assert_values_close(stats.divergence, torch.where(mask, divergence_mix.expand(mask.shape), 0.0))
+    assert_values_close(stats.weight, torch.where(mask, w, 0.0))
+    assert_grad_close(x.grad, y.grad, low.grad.double(), dtype)
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mixing", ("uniform", "per teacher", "per sequence", "per token"))
+def test_matches_reference(backend, dtype, mixing, small_blocks):
+    names = list(WEIGHTINGS)
+    index = (DTYPES.index(dtype) * 4 + ("uniform", "per teacher", "per sequence", "per token").index(mixing))
+    _check(backend, dtype, mixing, names[index % len(names)], seed=index)
+
+
+@pytest.mark.parametrize("weighting", list(WEIGHTINGS))
+@pytest.mark.parametrize("divergence,reduction", [("reverse_kl", "mean"), ("forward_kl", "sum"),
+                                                  ("jsd", "seq_mean"), ("sampled", "none")])
+def test_every_weighting_and_divergence(weighting, divergence, reduction, small_blocks):
+    _check("triton", torch.float32, "per token", weighting, divergence=divergence, reduction=reduction,
+           seed=len(weighting) + len(divergence), user_weights=True)
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+@pytest.mark.parametrize("forms,divergence", [(("logits", "topk"), "reverse_kl"), (("topk", "topk"), "forward_kl"),
+                                              (("logits", "server"), "sampled")])
+def test_teachers_of_different_forms(backend, forms, divergence, small_blocks):
+    _check(backend, torch.float32, "per teacher", "iw-opd", divergence=divergence, count=len(forms), forms=forms,
+           seed=len(forms[1]))
+
+
+def test_is_the_weighted_sum_of_the_teachers_divergences():
+    """Eq. 5 in plain torch: 0.3 KL(p || q_1) + 0.7 KL(p || q_2), averaged over the valid tokens."""
+    g = _gen(5)
+    student = torch.randn(*LEADING, V, generator=g, dtype=torch.float64)
+    t1, t2 = _teachers(g, student, 2)
+    mask = random_mask(LEADING)
+    x = student.clone().requires_grad_(True)
+    loss = wpkl.multi_teacher_loss(x, teachers=[t1, t2], mixing=[0.3, 0.7], mask=mask)
+    log_p = torch.log_softmax(student, -1)
+
+    def kl(t):
+        return (log_p.exp() * (log_p - torch.log_softmax(t, -1))).sum(-1)
+
+    expected = torch.where(mask, 0.3 * kl(t1) + 0.7 * kl(t2), 0.0).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    # one teacher with weight 1 is the plain call
+    single = wpkl.weighted_kl_loss(student, t1, mask=mask, weighting=wpkl.Weighting(accumulated=0.5))
+    torch.testing.assert_close(wpkl.multi_teacher_loss(student, teachers=[t1], weighting=wpkl.Weighting(accumulated=0.5),
+                                                       mask=mask), single, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ("triton", "torch"))
+def test_fused_linear(backend, small_blocks):
+    g = _gen(9)
+    B, T, H = 2, 5, 8
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.5
+    teachers = [torch.randn(B, T, H, generator=g) for _ in range(2)]
+    tw = torch.randn(V, H, generator=g) * 0.5
+    other_head = torch.randn(V, H, generator=g) * 0.5
+    mask = random_mask((B, T))
+    routing = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # sequence 0 to teacher 0, sequence 1 to teacher 1
+    weighting = wpkl.Weighting(accumulated=0.5)
+    hx, wx = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = wpkl.multi_teacher_loss(hx, wx, teachers=[teachers[0], dict(teacher_hidden=teachers[1],
+                                                                       teacher_weight=other_head)],
+                                   teacher_weight=tw, mixing=routing, weighting=weighting, mask=mask,
+                                   fused_linear=True, backend=backend)
+    loss.backward()
+    hy, wy = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    logits = hy @ wy.T
+    ref = [dict(teacher_logits=teachers[0].double() @ tw.double().T),
+           dict(teacher_logits=teachers[1].double() @ other_head.double().T)]
+    expected = mopd_reference(logits, ref, [routing[0][:, None].double(), routing[1][:, None].double()],
+                              weighting=weighting, mask=mask, tokens=None, divergence="reverse_kl", temperature=1.0,
+                              reduction="mean")[0]
+    expected.backward()
+    assert_values_close(loss, expected)
+    torch.testing.assert_close(hx.grad.double(), hy.grad, rtol=2e-4, atol=2e-6)
+    torch.testing.assert_close(wx.grad.double(), wy.grad, rtol=2e-4, atol=2e-6)
+
+
+def test_bad_input():
+    g = _gen(3)
+    student = torch.randn(*LEADING, V, generator=g)
+    t = torch.randn(*LEADING, V, generator=g)
+    cases = [
+        (dict(teachers=[t], teacher_logits=t), ValueError, "give the teachers in teachers=[...]"),
+        (dict(teachers=t), ValueError, "non-empty list"),
+        (dict(teachers=[]), ValueError, "non-empty list"),
+        (dict(teachers=[t, 3]), TypeError, "must be a tensor or a dict"),
+        (dict(teachers=[dict(teacher_logit=t)]), ValueError, "teacher 0 has teacher_logit"),
+        (dict(teachers=[t, t], mixing=[1.0]), ValueError, "2 numbers"),
+        (dict(teachers=[t, t], mixing=[1.0, float("nan")]), ValueError, "finite numbers"),
+        (dict(teachers=[t, t], mixing=torch.ones(3)), ValueError, "2 rows"),
+        (dict(teachers=[t, t], mixing=torch.ones(2, 4)), ValueError, "prefix of the tokens' leading shape"),
+        (dict(teachers=[t, t], mixing=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating point"),
+        (dict(teachers=[t], weighting=wpkl.Weighting(accumulated=0.5), sequence_ids=torch.zeros(LEADING, dtype=torch.long)),
+         NotImplementedError, "teacher-independent weighting"),
+        (dict(teachers=[t], weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
+              tokens=torch.zeros(LEADING, dtype=torch.long)), ValueError, "needs teacher_token_logprobs"),
+    ]
+    for options, error, words in cases:
+        with pytest.raises(error) as info:
+            wpkl.multi_teacher_loss(student, **options)
+        assert words in str(info.value), (options, str(info.value))
+
+
+def test_prefix_confidence_mixes_the_teachers_log_q_y():
+    """prefix_confidence reads sum_k m_k log q_k(y) when each teacher brings its own log q(y)."""
+    g = _gen(11)
+    student = torch.randn(*LEADING, V, generator=g)
+    teachers = _teachers(g, student.double(), 2)
+    tokens = torch.randint(0, V, LEADING, generator=g)
+    mask = random_mask(LEADING)
+    lq = [torch.log_softmax(t, -1).gather(-1, tokens[..., None])[..., 0].float() for t in teachers]
+    weighting = wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence(), normalize=False)
+    loss = wpkl.multi_teacher_loss(student, teachers=[dict(teacher_logits=t.float(), teacher_token_logprobs=l)
+                                                      for t, l in zip(teachers, lq, strict=True)],
+                                   mixing=[0.25, 0.75], weighting=weighting, mask=mask, tokens=tokens)
+    given = wpkl.multi_teacher_loss(student, teachers=[t.float() for t in teachers], mixing=[0.25, 0.75],
+                                    weighting=weighting, mask=mask, tokens=tokens,
+                                    teacher_token_logprobs=0.25 * lq[0] + 0.75 * lq[1])
+    torch.testing.assert_close(loss, given)
+    flat = wpkl.multi_teacher_loss(student, teachers=[t.float() for t in teachers], mixing=[0.25, 0.75],
+                                   weighting=None, mask=mask, tokens=tokens)
+    assert not torch.allclose(loss, flat)  # the weight acts
+
+
+# ------------------------------------------------------------------------------------ vocabulary and sequence shards
+
+
+def _world_case(rank, world, group):
+    """Two teachers (logits and top-k), per-token mixing: the vocabulary-sharded call against the whole-vocabulary
+    call (IW-OPD, weights that read the teachers) and the sequence-split call against the whole batch (a position
+    schedule, normalized and capped)."""
+    g = _gen(21)
+    B, T, Vw = 2, 6, 4 * world
+    student = torch.randn(B, T, Vw, generator=g, dtype=torch.float64) * 2
+    teacher = student + torch.randn(B, T, Vw, generator=g, dtype=torch.float64)
+    ids, lq = torch.log_softmax(student + 2 * torch.randn(B, T, Vw, generator=g, dtype=torch.float64), -1).topk(
+        3, dim=-1)[::-1]
+    mask = torch.rand(B, T, generator=g) < 0.7  # the same on every rank
+    mask[0, 0], mask[1, 2:] = True, False
+    mixing = torch.rand(2, B, T, generator=g, dtype=torch.float64)
+    results = {}
+
+    def case(name, fn):
+        try:
+            fn()
+            results[name] = None
+        except Exception:  # noqa: BLE001 - reported to the parent test
+            results[name] = traceback.format_exc()
+
+    def shards():
+        weighting = wpkl.Weighting(accumulated=0.5)
+        sl = slice(rank * 4, rank * 4 + 4)
+        x = student[..., sl].clone().requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=[teacher[..., sl], dict(teacher_topk_ids=ids,
+                                                                            teacher_topk_logprobs=lq)],
+                                       mixing=mixing, weighting=weighting, mask=mask, process_group=group)
+        loss.backward()
+        y = student.clone().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[teacher, dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq)],
+                                        mixing=mixing, weighting=weighting, mask=mask)
+        whole.backward()
+        torch.testing.assert_close(loss, whole, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(x.grad, y.grad[..., sl], rtol=1e-9, atol=1e-11)
+
+    def sequences():
+        weighting = wpkl.Weighting(position=wpkl.ExpDecay(0.3), w_max=1.2)
+        flat = torch.arange(B * T)
+        mine = flat[flat % world == rank]  # tokens dealt round-robin: non-contiguous chunks
+        positions = torch.arange(T).expand(B, T).reshape(-1)
+        sequence_ids = torch.arange(B)[:, None].expand(B, T).reshape(-1)
+
+        def local(x):
+            return x.reshape(B * T, *x.shape[2:])[mine]
+
+        x = local(student).clone().requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=[local(teacher), dict(teacher_topk_ids=local(ids),
+                                                                         teacher_topk_logprobs=local(lq))],
+                                       mixing=local(mixing.permute(1, 2, 0)).T.contiguous(), weighting=weighting,
+                                       mask=local(mask), positions=positions[mine], sequence_ids=sequence_ids[mine],
+                                       sequence_group=group)
+        loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total, group=group)
+        y = student.clone().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[teacher, dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq)],
+                                        mixing=mixing, weighting=weighting, mask=mask)
+        whole.backward()
+        torch.testing.assert_close(total, whole, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
+
+    case("vocabulary shards", shards)
+    case("sequence split", sequences)
+    return results
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = _world_case(rank, world, torch.distributed.group.WORLD)
+    except Exception:  # noqa: BLE001
+        results = {"setup": traceback.format_exc()}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"results": results}, f)
+    torch.distributed.barrier()
+    leave_worker()
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_vocabulary_and_sequence_shards(world, tmp_path):
+    results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=300)[world]
+    assert_ranks_passed(results)
+    assert all(set(r["results"]) == {"vocabulary shards", "sequence split"} for r in results)
