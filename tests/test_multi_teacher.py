@@ -5,7 +5,8 @@ on the mixture.
 Checked against the float64 reference (wpkl.reference's per-token terms, one call per teacher, the mixture and
 the weights of the mixed stats written out here) on both backends, every dtype, the materialized, fused-linear,
 top-k and teacher-server forms and teachers of different forms mixed; the mixture formula itself against plain
-torch; the vocabulary- and sequence-parallel forms in spawned gloo worlds against the single-process call.
+torch; the vocabulary- and sequence-parallel forms in spawned gloo worlds against the single-process call (with
+EOPD's ``entropy_gated_loss``, the other variant made of several fused calls, there too).
 """
 
 from __future__ import annotations
@@ -325,8 +326,50 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(total, whole, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
 
+    log_q = torch.log_softmax(teacher, -1)
+    threshold = float(-(log_q.exp() * log_q).sum(-1)[mask].median())  # the gate opens on about half the tokens
+
+    def eopd_shards():  # EOPD (wpkl.entropy_gated_loss) composes the same way: its gate from the merged entropy
+        sl = slice(rank * 4, rank * 4 + 4)
+        tokens = torch.randint(0, Vw, (B, T), generator=_gen(22))
+        x = student[..., sl].clone().requires_grad_(True)
+        loss = wpkl.entropy_gated_loss(x, teacher[..., sl], mask=mask, tokens=tokens, divergence="sampled",
+                                       threshold=threshold, process_group=group)
+        loss.backward()
+        y = student.clone().requires_grad_(True)
+        whole, _, gate = wpkl.entropy_gated_loss(y, teacher, mask=mask, tokens=tokens, divergence="sampled",
+                                                 threshold=threshold, return_stats=True)
+        whole.backward()
+        assert 0 < int((gate.bool() & mask).sum()) < int(mask.sum())
+        torch.testing.assert_close(loss, whole, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(x.grad, y.grad[..., sl], rtol=1e-9, atol=1e-11)
+
+    def eopd_sequences():
+        flat = torch.arange(B * T)
+        mine = flat[flat % world == rank]
+        weighting = wpkl.Weighting(accumulated=0.5)
+
+        def local(x):
+            return x.reshape(B * T, *x.shape[2:])[mine]
+
+        x = local(student).clone().requires_grad_(True)
+        loss = wpkl.entropy_gated_loss(x, local(teacher), mask=local(mask), threshold=threshold, weighting=weighting,
+                                       positions=torch.arange(T).expand(B, T).reshape(-1)[mine],
+                                       sequence_ids=torch.arange(B)[:, None].expand(B, T).reshape(-1)[mine],
+                                       sequence_group=group)
+        loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total, group=group)
+        y = student.clone().requires_grad_(True)
+        whole = wpkl.entropy_gated_loss(y, teacher, mask=mask, threshold=threshold, weighting=weighting)
+        whole.backward()
+        torch.testing.assert_close(total, whole, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
+
     case("vocabulary shards", shards)
     case("sequence split", sequences)
+    case("eopd vocabulary shards", eopd_shards)
+    case("eopd sequence split", eopd_sequences)
     return results
 
 
@@ -347,4 +390,5 @@ def _worker(rank, world, port, out_dir):
 def test_vocabulary_and_sequence_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=300)[world]
     assert_ranks_passed(results)
-    assert all(set(r["results"]) == {"vocabulary shards", "sequence split"} for r in results)
+    assert all(set(r["results"]) == {"vocabulary shards", "sequence split", "eopd vocabulary shards",
+                                     "eopd sequence split"} for r in results)
