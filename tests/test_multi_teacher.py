@@ -230,6 +230,7 @@ def test_bad_input():
         (dict(teachers=[t, t], mixing=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating point"),
         (dict(teachers=[t], weighting=wpkl.Weighting(accumulated=0.5), sequence_ids=torch.zeros(LEADING, dtype=torch.long)),
          NotImplementedError, "teacher-independent weighting"),
+        (dict(teachers=[t, t], inplace_backward=True), ValueError, "inplace_backward=True would overwrite"),
         (dict(teachers=[t], weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
               tokens=torch.zeros(LEADING, dtype=torch.long)), ValueError, "needs teacher_token_logprobs"),
     ]
@@ -237,6 +238,12 @@ def test_bad_input():
         with pytest.raises(error) as info:
             wpkl.multi_teacher_loss(student, **options)
         assert words in str(info.value), (options, str(info.value))
+
+
+def test_entropy_gated_loss_refuses_an_inplace_backward():
+    student, teacher = torch.randn(2, 3, V), torch.randn(2, 3, V)
+    with pytest.raises(ValueError, match="inplace_backward=True would overwrite"):
+        wpkl.entropy_gated_loss(student, teacher, inplace_backward=True)
 
 
 def test_prefix_confidence_mixes_the_teachers_log_q_y():

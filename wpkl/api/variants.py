@@ -52,6 +52,7 @@ def entropy_gated_loss(*args, threshold: float = 0.8, alpha: float = 1.0, teache
             raise ValueError(f"entropy_gated_loss: {name} must be a finite number, got {value!r}")
     if alpha < 0:
         raise ValueError(f"entropy_gated_loss: alpha must be >= 0, got {alpha}")
+    _no_inplace("entropy_gated_loss", bound.arguments)
     return_stats = bound.arguments.pop("return_stats", False)
     first = dict(bound.arguments)
     base, stats = fn(**first, return_stats=True)
@@ -65,6 +66,14 @@ def entropy_gated_loss(*args, threshold: float = 0.8, alpha: float = 1.0, teache
     gated = fn(**second)
     loss = base + gated
     return (loss, stats, gate) if return_stats else loss
+
+
+def _no_inplace(name: str, arguments: dict) -> None:
+    """Several fused calls share the student's logits: an in-place backward would overwrite them with one call's
+    gradient while the others still read them (a silently wrong gradient)."""
+    if arguments.get("inplace_backward"):
+        raise ValueError(f"{name} makes several fused calls on the same student logits: inplace_backward=True would "
+                         "overwrite them with the first call's gradient; pass inplace_backward=False")
 
 
 def _teacher_names(fn) -> tuple[str, ...]:
@@ -129,6 +138,7 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     names = _teacher_names(fn)
     bound = inspect.signature(fn).bind_partial(*args, **options)
     shared = dict(bound.arguments)
+    _no_inplace("multi_teacher_loss", shared)
     given = [name for name in names if shared.get(name) is not None and name not in ("teacher_weight", "teacher_bias",
                                                                                    "teacher_logit_scale",
                                                                                    "teacher_softcap",
