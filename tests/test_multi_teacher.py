@@ -61,7 +61,7 @@ def _mixing(kind, g, count):
 
 
 def mopd_reference(student, sources, mixing, *, weighting, mask, tokens, divergence, temperature, reduction,
-                   token_weights=None):
+                   token_weights=None, num_items_in_batch=None):
     """sum_k m_k L_k per token, weighted by the rule on the mixed stats, reduced. ``student`` with grad;
     ``sources``: dicts of token_terms' teacher arguments; ``mixing``: one tensor per teacher (broadcast)."""
     terms = [token_terms(student, source.get("teacher_logits"), divergence=divergence, temperature=temperature,
@@ -77,7 +77,8 @@ def mopd_reference(student, sources, mixing, *, weighting, mask, tokens, diverge
                         user_weights=None if token_weights is None else token_weights.to(dtype),
                         student_entropy=terms[0].student_entropy.detach())
     weighted = torch.where(mask, w * loss, 0.0)
-    return (weighted if reduction == "none" else reduce_loss(weighted, mask, reduction)), divergence_mix, w
+    reduced = weighted if reduction == "none" else reduce_loss(weighted, mask, reduction, num_items_in_batch)
+    return reduced, divergence_mix, w
 
 
 WEIGHTINGS = {
@@ -91,7 +92,8 @@ WEIGHTINGS = {
 
 
 def _check(backend, dtype, mixing_kind, weighting_name, divergence="reverse_kl", reduction="mean", seed=0,
-           count=3, forms=("logits",) * 3, temperature=0.8, user_weights=False):
+           count=3, forms=("logits",) * 3, temperature=0.8, user_weights=False, return_stats=True,
+           num_items=None):
     g = _gen(seed)
     student64 = torch.randn(*LEADING, V, generator=g, dtype=torch.float64) * 2
     teachers64 = _teachers(g, student64, count)
@@ -115,14 +117,15 @@ def _check(backend, dtype, mixing_kind, weighting_name, divergence="reverse_kl",
             api.append(dict(teacher_logprobs=lq_y.to(dtype)))
             ref.append(dict(teacher_logprobs=lq_y.to(dtype).double()))
     x = student.clone().requires_grad_(True)
-    loss, stats = wpkl.multi_teacher_loss(x, teachers=api, mixing=mixing, weighting=weighting, mask=mask,
-                                          tokens=tokens, divergence=divergence, temperature=temperature,
-                                          reduction=reduction, backend=backend, return_stats=True,
-                                          token_weights=token_weights)
+    out = wpkl.multi_teacher_loss(x, teachers=api, mixing=mixing, weighting=weighting, mask=mask, tokens=tokens,
+                                  divergence=divergence, temperature=temperature, reduction=reduction,
+                                  backend=backend, return_stats=return_stats, token_weights=token_weights,
+                                  num_items_in_batch=num_items)
+    loss, stats = out if return_stats else (out, None)
     upstream = torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5
     (loss * upstream.to(loss.dtype)).sum().backward()
     options = dict(weighting=weighting, mask=mask, tokens=tokens, divergence=divergence, temperature=temperature,
-                   reduction=reduction, token_weights=token_weights)
+                   reduction=reduction, token_weights=token_weights, num_items_in_batch=num_items)
     y = student.double().requires_grad_(True)
     expected, divergence_mix, w = mopd_reference(y, ref, mixing_ref, **options)
     (expected * upstream).sum().backward()
@@ -131,8 +134,9 @@ def _check(backend, dtype, mixing_kind, weighting_name, divergence="reverse_kl",
                 for k, v in source.items()} for source in ref]
     (mopd_reference(low, low_ref, mixing_ref, **options)[0].double() * upstream).sum().backward()
     assert_values_close(loss, expected)
-    assert_values_close(stats.divergence, torch.where(mask, divergence_mix.expand(mask.shape), 0.0))
-    assert_values_close(stats.weight, torch.where(mask, w, 0.0))
+    if return_stats:
+        assert_values_close(stats.divergence, torch.where(mask, divergence_mix.expand(mask.shape), 0.0))
+        assert_values_close(stats.weight, torch.where(mask, w, 0.0))
     assert_grad_close(x.grad, y.grad, low.grad.double(), dtype)
 
 
@@ -151,6 +155,39 @@ def test_matches_reference(backend, dtype, mixing, small_blocks):
 def test_every_weighting_and_divergence(weighting, divergence, reduction, small_blocks):
     _check("triton", torch.float32, "per token", weighting, divergence=divergence, reduction=reduction,
            seed=len(weighting) + len(divergence), user_weights=True)
+
+
+@pytest.mark.parametrize("weighting", ["none", "position", "position normalized capped", "iw-opd"])
+@pytest.mark.parametrize("mixing", ["per teacher", "per sequence", "per token"])
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("mean", 7.0), ("seq_mean", None)])
+def test_without_stats_and_with_a_token_count(weighting, mixing, reduction, num_items, small_blocks):
+    """The paths that weigh without the stats (linear rules; normalize or w_max from one no-grad call; routing
+    that masks the tokens a teacher is routed away from) and ``num_items_in_batch``."""
+    _check("triton", torch.float32, mixing, weighting, reduction=reduction, num_items=num_items, return_stats=False,
+           seed=len(weighting) + len(mixing), user_weights=True)
+
+
+def test_a_teacher_routed_away_counts_nothing_there():
+    """One-hot routing: a teacher's infinite divergence (it bans a token the student allows) on the sequences
+    routed to another teacher leaves the loss and gradient those of the routed teachers alone."""
+    g = _gen(13)
+    student = torch.randn(2, 4, V, generator=g, dtype=torch.float64)
+    t0, t1 = _teachers(g, student, 2)
+    t1[1, :, 0] = -float("inf")  # sequence 1 is routed to teacher 0
+    routing = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    routed = torch.stack([t1[0], t0[1]])
+    for reduction in ("mean", "sum", "seq_mean", "none"):
+        for weighting in (None, wpkl.Weighting(accumulated=0.5), wpkl.Weighting(position=wpkl.ExpDecay(1.0))):
+            x, y = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+            loss = wpkl.multi_teacher_loss(x, teachers=[t0, t1], mixing=routing, weighting=weighting,
+                                           reduction=reduction)
+            expected = wpkl.weighted_kl_loss(y, routed, weighting=weighting, reduction=reduction)
+            loss.sum().backward()
+            expected.sum().backward()
+            assert torch.isfinite(loss).all()
+            # (the weights of a weighting come from the float32 stats)
+            torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("backend", ("triton", "torch"))
@@ -213,6 +250,25 @@ def test_fused_linear(backend, small_blocks):
     torch.testing.assert_close(wx.grad.double(), wy.grad, rtol=2e-4, atol=2e-6)
 
 
+def test_fused_linear_mixes_a_hidden_state_teacher_and_a_top_k_one():
+    """The shared ``teacher_weight`` goes to the hidden-state teachers only."""
+    g = _gen(10)
+    B, T, H = 2, 4, 6
+    h, w = torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
+    th, tw = torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
+    ids, lq = _topk((h + torch.randn(B, T, H, generator=g, dtype=torch.float64)) @ w.T)
+    hx = h.clone().requires_grad_(True)
+    loss = wpkl.multi_teacher_loss(hx, w, teachers=[th, dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq)],
+                                   teacher_weight=tw, mixing=[0.4, 0.6], fused_linear=True)
+    loss.backward()
+    hy = h.clone().requires_grad_(True)
+    expected = (0.4 * wpkl.weighted_kl_loss(hy @ w.T, th @ tw.T)
+                + 0.6 * wpkl.weighted_kl_loss(hy @ w.T, None, teacher_topk_ids=ids, teacher_topk_logprobs=lq))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(hx.grad, hy.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_bad_input():
     g = _gen(3)
     student = torch.randn(*LEADING, V, generator=g)
@@ -231,6 +287,13 @@ def test_bad_input():
         (dict(teachers=[t], weighting=wpkl.Weighting(accumulated=0.5), sequence_ids=torch.zeros(LEADING, dtype=torch.long)),
          NotImplementedError, "teacher-independent weighting"),
         (dict(teachers=[t, t], inplace_backward=True), ValueError, "inplace_backward=True would overwrite"),
+        (dict(teachers=[t, t], mixing=[0, 0.0]), ValueError, "all 0"),
+        (dict(teachers=[t, dict(teacher_logprobs=-torch.rand(LEADING))], tokens=torch.zeros(LEADING, dtype=torch.long),
+              divergence="sampled", weighting=wpkl.Weighting(confidence=1.0)), ValueError, "carry no confidence"),
+        (dict(teachers=[dict(teacher_logits=t, teacher_token_logprobs=-torch.rand(LEADING)), t]), ValueError,
+         "in every teacher's dict"),
+        (dict(teachers=[dict(teacher_logits=t, teacher_token_logprobs=-torch.rand(LEADING))],
+              teacher_token_logprobs=-torch.rand(LEADING)), ValueError, "not both"),
         (dict(teachers=[t], weighting=wpkl.Weighting(prefix_confidence=wpkl.PrefixConfidence()),
               tokens=torch.zeros(LEADING, dtype=torch.long)), ValueError, "needs teacher_token_logprobs"),
     ]

@@ -402,6 +402,48 @@ def test_entropy_gated_loss_is_eopd(backend, dtype, threshold, alpha, small_bloc
     assert_grad_close(x.grad.cpu(), y.grad, same_dtype, dtype)
 
 
+@pytest.mark.parametrize("reduction,num_items", [("mean", 11.0), ("sum", None), ("seq_mean", None)])
+def test_entropy_gated_loss_with_teacher_logits_and_a_top_k_gated_term(reduction, num_items):
+    """The authors' Eq. 10: the gate from the full teacher's entropy, the gated forward KL over its top-k
+    (renormalized): ``gate_options`` gives the top-k teacher, which replaces the logits in the second term."""
+    leading, V = (3, 8), 31
+    g = torch.Generator().manual_seed(4)
+    student = torch.randn(*leading, V, generator=g, dtype=torch.float64)
+    teacher = torch.randn(*leading, V, generator=g, dtype=torch.float64) * torch.linspace(0.3, 4.0, 24,
+                                                                                          dtype=torch.float64).view(3, 8, 1)
+    mask = random_mask(leading)
+    tokens = torch.randint(0, V, leading, generator=g)
+    lq = torch.log_softmax(teacher, -1)
+    top, ids = lq.topk(6, dim=-1)
+    entropy = -(lq.exp() * lq).sum(-1)
+    threshold = float(entropy[mask].median())
+    x = student.clone().requires_grad_(True)
+    loss = wpkl.entropy_gated_loss(x, teacher, mask=mask, tokens=tokens, divergence="sampled", threshold=threshold,
+                                   reduction=reduction, num_items_in_batch=num_items,
+                                   gate_options=dict(teacher_topk_ids=ids, teacher_topk_logprobs=top,
+                                                     topk_mode="renormalize"))
+    loss.backward()
+    y = student.clone().requires_grad_(True)
+    log_p = torch.log_softmax(y, -1)
+    log_p_y = log_p.gather(-1, tokens[..., None])[..., 0]
+    on_policy = (log_p_y - lq.gather(-1, tokens[..., None])[..., 0]).detach() * log_p_y
+    renorm = top - top.logsumexp(-1, keepdim=True)  # both restricted to the top-k ids and renormalized
+    log_p_top = log_p.gather(-1, ids)
+    fkl = (renorm.exp() * (renorm - (log_p_top - log_p_top.logsumexp(-1, keepdim=True)))).sum(-1)
+    gate = (entropy >= threshold).double()
+    per_token = torch.where(mask, on_policy + gate * fkl, 0.0)
+    if reduction == "mean":
+        expected = per_token.sum() / num_items
+    elif reduction == "sum":
+        expected = per_token.sum()
+    else:
+        counts = mask.sum(-1)
+        expected = (per_token.sum(-1) / counts.clamp(min=1)).sum() / (counts > 0).sum()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_entropy_gated_loss_teacher_server_form():
     """The paper's own form: the sampled loss from log q(y), the gated forward KL over the teacher's top-k
     renormalized, the gate from a given entropy; against the float64 formula."""

@@ -18,6 +18,10 @@ from .functional import fused_linear_kl_loss, weighted_kl_loss
 
 # Options of the on-policy term that the gated forward-KL term does not take (unless ``gate_options`` gives them).
 _SAMPLED_ONLY = ("rollout_logprobs", "sampled_power", "teacher_logprobs")
+# A teacher's data (one per teacher in multi_teacher_loss); the other teacher_ arguments describe the projection of
+# hidden-state teachers and may be shared.
+_TEACHER_DATA = ("teacher_logits", "teacher_hidden", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs",
+                 "teacher_token_logprobs")
 
 
 def entropy_gated_loss(*args, threshold: float = 0.8, alpha: float = 1.0, teacher_entropy: torch.Tensor | None = None,
@@ -61,6 +65,9 @@ def entropy_gated_loss(*args, threshold: float = 0.8, alpha: float = 1.0, teache
     user = first.get("token_weights")
     weights = gate * alpha if user is None else gate * alpha * user.to(gate.device, torch.float32)
     second = {k: v for k, v in first.items() if k not in _SAMPLED_ONLY}
+    if any(name.startswith("teacher_") and value is not None for name, value in (gate_options or {}).items()):
+        # the gated term's own teacher (e.g. the teacher's top-16): the first call's teacher arguments leave
+        second.update({name: None for name in _teacher_names(fn) if name in second})
     second.update(divergence="forward_kl", weighting=None, token_weights=weights)
     second.update(gate_options or {})
     gated = fn(**second)
@@ -104,7 +111,34 @@ def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
             raise ValueError(f"multi_teacher_loss: mixing weights must be finite numbers, got {value!r}")
         values.append(float(value))
+    if not any(values):
+        raise ValueError("multi_teacher_loss: the mixing weights are all 0: no teacher would count")
     return values
+
+
+def _exclusion_coefficient(shared: dict, valid: torch.Tensor, leading) -> torch.Tensor | None:
+    """d reduce / d (w_i L_i) per token, for calls that mask the tokens a teacher is routed away from; None where
+    the layout hides the denominators (a sequence group's whole batch, packed sequences for "seq_mean")."""
+    reduction = shared.get("reduction", "mean")
+    if shared.get("sequence_group") is not None:
+        return None
+    dtype = torch.float64  # the engine takes the token weights in its own precision
+    if reduction in ("none", "sum"):
+        return torch.ones(leading, dtype=dtype, device=valid.device)
+    if reduction == "mean":
+        count = shared.get("num_items_in_batch")
+        if count is None:
+            count = valid.sum().clamp_min(1)
+        elif not isinstance(count, torch.Tensor) and not count > 0:
+            raise ValueError(f"num_items_in_batch must be a positive count, got {count!r}")
+        count = torch.as_tensor(count, dtype=dtype, device=valid.device).reshape(())
+        # no valid token: the loss is 0 whatever the count (as one call's)
+        return torch.ones(leading, dtype=dtype, device=valid.device) / torch.where(valid.any(), count, 1.0)
+    if reduction == "seq_mean" and len(leading) == 2 and shared.get("sequence_ids") is None:
+        counts = valid.sum(dim=-1, keepdim=True)
+        sequences = (counts > 0).sum().clamp_min(1)
+        return (1.0 / (counts.clamp_min(1) * sequences).to(dtype)).expand(leading)
+    return None
 
 
 def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False, **options):
@@ -127,22 +161,24 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
 
     Cost: one fused call per teacher with the gradient, plus one no-grad call per teacher when the weights read the
     teachers (``confidence``, ``disagreement``, ``accumulated``, ``prefix_confidence``, ``token_importance``) or with
-    ``return_stats``, and one no-grad call when they only normalize or cap (``normalize``, ``w_max``). Each call
-    reads the student's rows once: the student is read K to 2K times, not once (no kernel reads K teachers in one
+    ``return_stats``, and one no-grad call when they only normalize, cap (``normalize``, ``w_max``) or follow a
+    routing tensor. Each call reads the student's rows once: the student is read K to 2K + 1 times, not once (no kernel reads K teachers in one
     pass yet). Weights that read the teachers are computed from the mixed stats on one sequence per row ([B, T]
     inputs, or flat inputs when the weighting needs no sequences): with ``sequence_ids`` or ``sequence_group`` only
     teacher-independent weightings (position kinds, ``token_weights``, ``normalize``, ``w_max``) are supported.
-    Returns the loss, or with ``return_stats=True`` ``(loss, stats)`` with the mixed stats.
+    The weights are computed from the float32 ``TokenStats`` (as every wpkl weight is from float32 terms). A
+    teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
+    divergence, an unknown confidence): its call masks the token, the reduction's denominators kept in the token
+    weights (not with ``sequence_group``, nor "seq_mean" on packed sequences: there 0 * inf is NaN). Returns the loss, or with ``return_stats=True`` ``(loss, stats)`` with the
+    mixed stats.
     """
     fn = fused_linear_kl_loss if fused_linear else weighted_kl_loss
     names = _teacher_names(fn)
     bound = inspect.signature(fn).bind_partial(*args, **options)
     shared = dict(bound.arguments)
     _no_inplace("multi_teacher_loss", shared)
-    given = [name for name in names if shared.get(name) is not None and name not in ("teacher_weight", "teacher_bias",
-                                                                                   "teacher_logit_scale",
-                                                                                   "teacher_softcap",
-                                                                                   "teacher_token_logprobs")]
+    given = [name for name in names if shared.get(name) is not None and name in _TEACHER_DATA
+             and name != "teacher_token_logprobs"]
     if given:
         raise ValueError(f"multi_teacher_loss: give the teachers in teachers=[...], not {', '.join(given)}")
     if isinstance(teachers, (torch.Tensor, Mapping)) or not isinstance(teachers, Sequence) or not teachers:
@@ -173,16 +209,31 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             "multi_teacher_loss: weights that read the teachers (confidence, disagreement, accumulated, "
             "prefix_confidence, token_importance) are computed on [B, T] batches (or flat ones when the weighting "
             "needs no sequences); with sequence_ids or sequence_group use a teacher-independent weighting")
-    if reads_teachers and weighting.prefix_confidence is not None:
-        own = [source.get("teacher_token_logprobs") for source in sources]
-        if all(value is not None for value in own):
-            shared["teacher_token_logprobs"] = mix_teachers(own, weights)
-        elif shared.get("teacher_token_logprobs") is None:
-            raise ValueError("multi_teacher_loss with prefix_confidence needs teacher_token_logprobs: the mixed "
-                             "teacher's log q(y) of the sampled tokens, or one per teacher")
+    if reads_teachers and weighting.confidence:
+        blind = [k for k, source in enumerate(sources)
+                 if source[names[0]] is None and source.get("teacher_topk_ids") is None]
+        if blind:
+            raise ValueError(f"multi_teacher_loss: Weighting(confidence=...) needs each teacher's distribution; "
+                             f"teacher(s) {blind} give only teacher_logprobs, which carry no confidence")
+    own = [source.get("teacher_token_logprobs") for source in sources]
+    if any(value is not None for value in own):
+        if not all(value is not None for value in own) or shared.get("teacher_token_logprobs") is not None:
+            raise ValueError("multi_teacher_loss: give teacher_token_logprobs either once (the mixed teacher's "
+                             "log q(y)) or in every teacher's dict (mixed by the mixing weights), not both or some")
+        shared["teacher_token_logprobs"] = mix_teachers(own, weights)
+    if reads_teachers and weighting.prefix_confidence is not None and shared.get("teacher_token_logprobs") is None:
+        raise ValueError("multi_teacher_loss with prefix_confidence needs teacher_token_logprobs: the mixed "
+                         "teacher's log q(y) of the sampled tokens, or one per teacher")
+
+    # teacher_weight, ...: the projection of hidden-state teachers, shared or their own; the others get its default
+    parameters = inspect.signature(fn).parameters
+    unprojected = {name: None if parameters[name].default is inspect.Parameter.empty else parameters[name].default
+                   for name in names[1:] if name not in _TEACHER_DATA}
 
     def call(source, **extra):
-        return fn(**{**shared, **{k: v for k, v in source.items() if k != "teacher_token_logprobs"}, **extra})
+        own = {k: v for k, v in source.items() if k != "teacher_token_logprobs"}
+        base = shared if source[names[0]] is not None else {**shared, **unprojected}
+        return fn(**{**base, **own, **extra})
 
     stats = w = None
     nonlinear = weighting is not None and (weighting.normalize or weighting.w_max is not None)
@@ -207,17 +258,32 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             teacher_token_logprobs=None if token_logprobs is None else rows(token_logprobs.detach().float()),
             student_entropy=rows(stats.student_entropy)).reshape(leading)
         stats = dataclasses.replace(stats, weight=w)
-    elif nonlinear and w is None:
-        with torch.no_grad():
-            w = call(sources[0], weighting=weighting, token_weights=user, return_stats=True)[1].weight
+    routed = isinstance(mixing, torch.Tensor)  # a tensor may route tokens away from a teacher (weight 0)
+    valid = (torch.ones(leading, dtype=torch.bool, device=student.device) if shared.get("mask") is None
+             else shared["mask"].bool())
+    if w is None and (nonlinear or routed):
+        if weighting is None:
+            w = torch.where(valid, 1.0 if user is None else user.detach().float(), 0.0)
+        else:
+            with torch.no_grad():
+                w = call(sources[0], weighting=weighting, token_weights=user, return_stats=True)[1].weight
+    # Where a teacher's weight is 0 its call masks the token (0 * an infinite divergence would be NaN), with the
+    # reduction's coefficients in the token weights (the masks differ, the denominators must not).
+    coefficient = _exclusion_coefficient(shared, valid, leading) if routed else None
     loss = None
     for source, m in zip(sources, weights, strict=True):
-        if w is not None:  # the weights are known: the calls only mix
+        if not isinstance(m, torch.Tensor) and m == 0:
+            continue  # this teacher counts nowhere
+        if coefficient is not None:
+            term = call(source, weighting=None, token_weights=w * m * coefficient, mask=valid & (m != 0),
+                        reduction="none" if shared.get("reduction", "mean") == "none" else "sum",
+                        num_items_in_batch=None)
+        elif w is not None:  # the weights are known: the calls only mix
             term = call(source, weighting=None, token_weights=w * m)
         else:  # the rule is linear in the token weights: each call weighs by itself
             scaled = m if user is None else user * m
             if not isinstance(scaled, torch.Tensor):
-                scaled = torch.full(leading, scaled, device=student.device)
+                scaled = torch.full(leading, scaled, dtype=torch.float64, device=student.device)
             term = call(source, weighting=weighting, token_weights=scaled.expand(leading))
         loss = term if loss is None else loss + term
     return (loss, stats) if return_stats else loss

@@ -125,12 +125,17 @@ def mix_teachers(values, mixing) -> torch.Tensor:
     """MOPD's mixture of K teachers' per-token quantities, sum_k m_k * v_k (arXiv 2606.30406, Eq. 5: the
     weighted sum of the per-teacher divergences), with each m_k a number or a tensor broadcastable to v_k (a
     teacher per sequence or per token: one-hot routing). Used for the divergence, the teacher's confidence and
-    entropy, and log q(y) (wpkl.multi_teacher_loss)."""
+    entropy, and log q(y) (wpkl.multi_teacher_loss).
+
+    A weight of 0 takes nothing of its teacher, not even a NaN or an infinity (0 * inf would be NaN): a token routed
+    to one teacher never sees another's values."""
     total = None
     for value, weight in zip(values, mixing, strict=True):
         if isinstance(weight, torch.Tensor):
             weight = weight.to(value.device, value.dtype)
-        term = value * weight
+            term = torch.where(weight == 0, 0.0, value * weight)
+        else:
+            term = value * weight if weight != 0 else torch.zeros_like(value)
         total = term if total is None else total + term
     return total
 
