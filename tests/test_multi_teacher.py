@@ -61,7 +61,7 @@ def _mixing(kind, g, count):
 
 
 def mopd_reference(student, sources, mixing, *, weighting, mask, tokens, divergence, temperature, reduction,
-                   token_weights=None, num_items_in_batch=None):
+                   token_weights=None, num_items_in_batch=None, teacher_token_logprobs=None):
     """sum_k m_k L_k per token, weighted by the rule on the mixed stats, reduced. ``student`` with grad;
     ``sources``: dicts of token_terms' teacher arguments; ``mixing``: one tensor per teacher (broadcast)."""
     terms = [token_terms(student, source.get("teacher_logits"), divergence=divergence, temperature=temperature,
@@ -75,6 +75,7 @@ def mopd_reference(student, sources, mixing, *, weighting, mask, tokens, diverge
     w = compute_weights(weighting, valid=mask, divergence=divergence_mix.expand(mask.shape),
                         confidence=confidence_mix.expand(mask.shape),
                         user_weights=None if token_weights is None else token_weights.to(dtype),
+                        teacher_token_logprobs=teacher_token_logprobs,
                         student_entropy=terms[0].student_entropy.detach())
     weighted = torch.where(mask, w * loss, 0.0)
     reduced = weighted if reduction == "none" else reduce_loss(weighted, mask, reduction, num_items_in_batch)
@@ -328,6 +329,12 @@ def test_prefix_confidence_mixes_the_teachers_log_q_y():
     flat = wpkl.multi_teacher_loss(student, teachers=[t.float() for t in teachers], mixing=[0.25, 0.75],
                                    weighting=None, mask=mask, tokens=tokens)
     assert not torch.allclose(loss, flat)  # the weight acts
+    mixed = 0.25 * lq[0].double() + 0.75 * lq[1].double()
+    expected = mopd_reference(student.double(), [dict(teacher_logits=t.float().double()) for t in teachers],
+                              [torch.tensor(0.25, dtype=torch.float64), torch.tensor(0.75, dtype=torch.float64)],
+                              weighting=weighting, mask=mask, tokens=tokens, divergence="reverse_kl",
+                              temperature=1.0, reduction="mean", teacher_token_logprobs=mixed)[0]
+    assert_values_close(loss, expected)
 
 
 # ------------------------------------------------------------------------------------ vocabulary and sequence shards
