@@ -286,7 +286,7 @@ def test_bad_input():
         (dict(teachers=[t, t], mixing=torch.ones(2, 4)), ValueError, "prefix of the tokens' leading shape"),
         (dict(teachers=[t, t], mixing=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating point"),
         (dict(teachers=[t], weighting=wpkl.Weighting(accumulated=0.5), sequence_ids=torch.zeros(LEADING, dtype=torch.long)),
-         NotImplementedError, "teacher-independent weighting"),
+         ValueError, "teacher-independent weighting"),
         (dict(teachers=[t, t], inplace_backward=True), ValueError, "inplace_backward=True would overwrite"),
         (dict(teachers=[t, t], mixing=[0, 0.0]), ValueError, "all 0"),
         (dict(teachers=[t, dict(teacher_logprobs=-torch.rand(LEADING))], tokens=torch.zeros(LEADING, dtype=torch.long),

@@ -205,7 +205,7 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
         or weighting.prefix_confidence is not None or weighting.token_importance is not None)
     if reads_teachers and (shared.get("sequence_group") is not None or shared.get("sequence_ids") is not None
                            or len(leading) not in (1, 2) or (len(leading) == 1 and weighting.needs_sequences)):
-        raise NotImplementedError(
+        raise ValueError(
             "multi_teacher_loss: weights that read the teachers (confidence, disagreement, accumulated, "
             "prefix_confidence, token_importance) are computed on [B, T] batches (or flat ones when the weighting "
             "needs no sequences); with sequence_ids or sequence_group use a teacher-independent weighting")
