@@ -89,7 +89,7 @@ def _teacher_names(fn) -> tuple[str, ...]:
 
 
 def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
-    """The K mixing weights, each a float or a float32 tensor broadcastable to the leading shape."""
+    """The K mixing weights, each a float or a float64 tensor broadcastable to the leading shape."""
     if mixing is None:
         return [1.0 / count] * count
     if isinstance(mixing, torch.Tensor):
@@ -101,7 +101,7 @@ def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
                              f"p a prefix of the tokens' leading shape {tuple(leading)} (e.g. [K, B] per sequence)")
         if not mixing.is_floating_point():
             raise TypeError(f"multi_teacher_loss: mixing must be floating point, got {mixing.dtype}")
-        rows = mixing.detach().to(device, torch.float32)
+        rows = mixing.detach().to(device, torch.float64)
         rows = rows.reshape(*rows.shape, *([1] * (len(leading) + 1 - rows.dim())))
         return [row for row in rows]
     if not isinstance(mixing, Sequence) or len(mixing) != count:
