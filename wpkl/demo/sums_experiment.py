@@ -28,10 +28,10 @@ from wpkl.audit import PositionBiasMonitor
 
 from . import sums
 from .model import RelativeLM
+from .stats import holm, paired
 from .sums_arms import MOPD, ORACLE, arm_loss, second_teacher, weightings
 
 __all__ = ["ORACLE", "weightings"]  # the arms live in sums_arms.py; the CLI and the report import them from here
-from .stats import holm, paired
 
 DRIFT_TARGETS = {"high": 0.10, "low": 0.05}  # the warm start stops at the first checkpoint at or below this error
 POSITION_METRICS = ("step_error", "wrong_prefix", "conflict", "kl", "teacher_entropy", "weight")
