@@ -95,8 +95,12 @@ def interpreter_smoke(case) -> Row:
         leaf = inputs.student.detach().clone().requires_grad_(True)
         teacher = dict(teacher_topk_ids=inputs.topk_ids, teacher_topk_logprobs=inputs.topk_logprobs) if (
             case.name == "topk") else dict(tokens=inputs.tokens)
-        loss = wpkl.weighted_kl_loss(leaf, None if case.name == "topk" else inputs.teacher, mask=inputs.mask,
-                                     weighting=case.weighting, divergence=case.divergence, backend=backend, **teacher)
+        options = dict(mask=inputs.mask, weighting=case.weighting, divergence=case.divergence, backend=backend,
+                       **teacher, **dict(case.options))
+        if case.teachers == 2:
+            loss = wpkl.multi_teacher_loss(leaf, teachers=[inputs.teacher, inputs.second_teacher()], **options)
+        else:
+            loss = wpkl.weighted_kl_loss(leaf, None if case.name == "topk" else inputs.teacher, **options)
         loss.backward()
         out[backend] = (loss.detach(), leaf.grad)
     ok = torch.allclose(*[v[0] for v in out.values()], rtol=1e-4, atol=1e-5) and torch.allclose(

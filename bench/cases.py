@@ -36,6 +36,8 @@ class Case:
     divergence: str
     weighting: wpkl.Weighting | None
     description: str
+    options: tuple = ()  # further wpkl options, (name, value) pairs (PowerOPD's sampled_power)
+    teachers: int = 1  # mopd: the student against two teachers (wpkl.multi_teacher_loss)
 
 
 CASES = {
@@ -47,6 +49,13 @@ CASES = {
                    "sampled-token IW-OPD (TRL IWOPDTrainer's objective), gamma = 0.5"),
     "topk": Case("topk", "forward_kl", None,
                  f"forward KL against a teacher server's top-{TOPK} log-probs with the tail atom (no teacher logits)"),
+    # the OPD variants (docs/recipes.md, "OPD variants")
+    "power_opd": Case("power_opd", "sampled", None, "PowerOPD: sampled-token OPD with the advantage q(y)^5 - p(y)^5",
+                      options=(("sampled_power", 5.0),)),
+    "tip": Case("tip", "reverse_kl", wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5), normalize=False),
+                "TIP: reverse KL on the half of the batch's tokens with the highest entropy-and-divergence score"),
+    "mopd": Case("mopd", "reverse_kl", None, "MOPD: reverse KL against two teachers, 1/2 each "
+                 "(wpkl.multi_teacher_loss: one fused call per teacher)", teachers=2),
 }
 
 # The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.
@@ -75,6 +84,14 @@ class Inputs:
     tokens: torch.Tensor  # [B, T] sampled tokens
     topk_ids: torch.Tensor  # [B, T, TOPK]: the teacher's top-k, as a teacher server returns them
     topk_logprobs: torch.Tensor  # [B, T, TOPK] float32
+    _second: torch.Tensor | None = None
+
+    def second_teacher(self) -> torch.Tensor:
+        """A second teacher for the multi-teacher case (the first one's vocabulary reversed), made once, when first
+        asked for (never for the other cases: it is a second [B, T, V] tensor)."""
+        if self._second is None:
+            self._second = self.teacher.flip(-1)
+        return self._second
 
     @property
     def labels(self) -> torch.Tensor:
@@ -107,8 +124,9 @@ def minimal_bytes(shape: Shape, backward: bool) -> int:
 
 
 def minimal_bytes_for(case: Case, shape: Shape, backward: bool) -> int:
-    """``minimal_bytes``, minus the teacher logits a top-k teacher does not have (its atoms are O(K) per token)."""
-    if case.name != "topk":
-        return minimal_bytes(shape, backward)
+    """``minimal_bytes``, minus the teacher logits a top-k teacher does not have (its atoms are O(K) per token),
+    plus the further teachers' logits of a multi-teacher case (each read once)."""
     size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
+    if case.name != "topk":
+        return minimal_bytes(shape, backward) + (case.teachers - 1) * shape.tokens * shape.vocab * size
     return (2 if backward else 1) * shape.tokens * shape.vocab * size + shape.tokens * TOPK * 12

@@ -43,12 +43,38 @@ def eager_topk_loss(student, topk_ids, topk_logprobs, mask):
     return (kl * valid).sum() / valid.sum().clamp_min(1)
 
 
-def eager_loss(student, teacher, mask, tokens, case_name: str):
+def eager_loss(student, teacher, mask, tokens, case_name: str, second_teacher=None):
     """What a trainer writes without wpkl, weighted the same way as the case."""
     log_p = torch.log_softmax(student.float(), dim=-1)
     log_q = torch.log_softmax(teacher.float(), dim=-1)
     valid = mask.float()
     n_valid = valid.sum().clamp_min(1)
+    if case_name == "power_opd":  # the powered advantage a = q(y)^5 - p(y)^5, the loss -a log p(y)
+        log_p_y = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        log_q_y = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        advantage = ((log_q_y * 5).exp() - (log_p_y.detach() * 5).exp()) * valid
+        return (-advantage * log_p_y).sum() / n_valid
+    if case_name == "mopd":
+        log_q2 = torch.log_softmax(second_teacher.float(), dim=-1)
+        p = log_p.exp()
+        kl = 0.5 * (p * (log_p - log_q)).sum(-1) + 0.5 * (p * (log_p - log_q2)).sum(-1)
+        return (kl * valid).sum() / n_valid
+    if case_name == "tip":  # the half of the valid tokens with the highest score h + d - h d (min-max scaled)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(-1)
+        valid_b = mask.bool()
+
+        def minmax(x):
+            lo = torch.where(valid_b, x, float("inf")).amin()
+            span = torch.where(valid_b, x, float("-inf")).amax() - lo
+            return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1.0), 0.0)
+
+        h, d = minmax(-(p * log_p).sum(-1).detach()), minmax(kl.detach().abs())
+        score = torch.where(valid_b, h + d - h * d, float("-inf")).reshape(-1)
+        k = torch.ceil(0.5 * valid_b.sum().double() - 1e-9).long().clamp(min=1)
+        threshold = score.sort(descending=True).values.gather(0, (k - 1).reshape(1))
+        keep = (valid_b.reshape(-1) & (score >= threshold)).reshape(kl.shape).float()
+        return (keep * kl).sum() / n_valid
     if case_name == "iw_opd":
         log_p_y = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         log_q_y = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -115,6 +141,8 @@ def unavailable(provider: str, case: Case, device: str) -> str | None:
             return "TRL has no position x confidence x disagreement weighting"
         if case.name == "topk":
             return "TRL's server top-k loss is a method of a trainer with a teacher client; eager restates it"
+        if case.name in ("power_opd", "tip", "mopd"):
+            return "TRL has no PowerOPD, TIP or multi-teacher loss"
     if provider == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
@@ -139,15 +167,20 @@ def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable
         if provider == "compiled":
             fn = _compiled_topk(backward)
             return lambda: fn(s, ids, logprobs, mask)
+    second = inputs.second_teacher() if case.teachers == 2 else None  # made before timing: an input, not a cost
     if provider in ("wpkl", "wpkl-torch"):
         backend = "triton" if provider == "wpkl" else "torch"
+        if case.teachers == 2:
+            return lambda: wpkl.multi_teacher_loss(s, teachers=[t, second], mask=mask, tokens=tokens,
+                                                   weighting=case.weighting, divergence=case.divergence,
+                                                   backend=backend, **dict(case.options))
         return lambda: wpkl.weighted_kl_loss(s, t, mask=mask, tokens=tokens, weighting=case.weighting,
-                                             divergence=case.divergence, backend=backend)
+                                             divergence=case.divergence, backend=backend, **dict(case.options))
     if provider == "eager":
-        return lambda: eager_loss(s, t, mask, tokens, case.name)
+        return lambda: eager_loss(s, t, mask, tokens, case.name, second)
     if provider == "compiled":
         fn = _compiled_loss(backward)
-        return lambda: fn(s, t, mask, tokens, case.name)
+        return lambda: fn(s, t, mask, tokens, case.name, second)
     if provider == "trl":
         labels = inputs.labels
         if case.name == "iw_opd":
