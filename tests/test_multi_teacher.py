@@ -286,7 +286,7 @@ def test_bad_input():
         (dict(teachers=[t, t], mixing=torch.ones(2, 4)), ValueError, "prefix of the tokens' leading shape"),
         (dict(teachers=[t, t], mixing=torch.ones(2, 3, dtype=torch.long)), TypeError, "floating point"),
         (dict(teachers=[t], weighting=wpkl.Weighting(accumulated=0.5), sequence_ids=torch.zeros(LEADING, dtype=torch.long)),
-         ValueError, "teacher-independent weighting"),
+         ValueError, "sequence_ids needs positions"),
         (dict(teachers=[t, t], inplace_backward=True), ValueError, "inplace_backward=True would overwrite"),
         (dict(teachers=[t, t], mixing=[0, 0.0]), ValueError, "all 0"),
         (dict(teachers=[t, dict(teacher_logprobs=-torch.rand(LEADING))], tokens=torch.zeros(LEADING, dtype=torch.long),
@@ -377,8 +377,7 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(loss, whole, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(x.grad, y.grad[..., sl], rtol=1e-9, atol=1e-11)
 
-    def sequences():
-        weighting = wpkl.Weighting(position=wpkl.ExpDecay(0.3), w_max=1.2)
+    def sequences(weighting):
         flat = torch.arange(B * T)
         mine = flat[flat % world == rank]  # tokens dealt round-robin: non-contiguous chunks
         positions = torch.arange(T).expand(B, T).reshape(-1)
@@ -444,7 +443,10 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
 
     case("vocabulary shards", shards)
-    case("sequence split", sequences)
+    case("sequence split", lambda: sequences(wpkl.Weighting(position=wpkl.ExpDecay(0.3), w_max=1.2)))
+    # weights that read the teachers: IW-OPD's prefix share of the mixed divergence, across the ranks' chunks
+    case("sequence split, weights on the mixture", lambda: sequences(wpkl.Weighting(accumulated=0.5, w_max=1.5,
+                                                                                    normalize=True)))
     case("eopd vocabulary shards", eopd_shards)
     case("eopd sequence split", eopd_sequences)
     return results
@@ -467,5 +469,5 @@ def _worker(rank, world, port, out_dir):
 def test_vocabulary_and_sequence_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=300)[world]
     assert_ranks_passed(results)
-    assert all(set(r["results"]) == {"vocabulary shards", "sequence split", "eopd vocabulary shards",
-                                     "eopd sequence split"} for r in results)
+    assert all(set(r["results"]) == {"vocabulary shards", "sequence split", "sequence split, weights on the mixture",
+                                     "eopd vocabulary shards", "eopd sequence split"} for r in results)

@@ -7,14 +7,15 @@ The other variants are options of one call: PowerOPD is ``sampled_power=``, PW-O
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..reference import compute_weights, entropy_gate, mix_teachers
-from .functional import fused_linear_kl_loss, weighted_kl_loss
+from ..backends.projection import gather_full
+from ..engine.run import mixture_loss
+from ..reference import entropy_gate, mix_teachers
+from .functional import fused_linear_kl_loss, split, weighted_kl_loss
 
 # Options of the on-policy term that the gated forward-KL term does not take (unless ``gate_options`` gives them).
 _SAMPLED_ONLY = ("rollout_logprobs", "sampled_power", "teacher_logprobs")
@@ -116,31 +117,6 @@ def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
     return values
 
 
-def _exclusion_coefficient(shared: dict, valid: torch.Tensor, leading) -> torch.Tensor | None:
-    """d reduce / d (w_i L_i) per token, for calls that mask the tokens a teacher is routed away from; None where
-    the layout hides the denominators (a sequence group's whole batch, packed sequences for "seq_mean")."""
-    reduction = shared.get("reduction", "mean")
-    if shared.get("sequence_group") is not None:
-        return None
-    dtype = torch.float64  # the engine takes the token weights in its own precision
-    if reduction in ("none", "sum"):
-        return torch.ones(leading, dtype=dtype, device=valid.device)
-    if reduction == "mean":
-        count = shared.get("num_items_in_batch")
-        if count is None:
-            count = valid.sum().clamp_min(1)
-        elif not isinstance(count, torch.Tensor) and not count > 0:
-            raise ValueError(f"num_items_in_batch must be a positive count, got {count!r}")
-        count = torch.as_tensor(count, dtype=dtype, device=valid.device).reshape(())
-        # no valid token: the loss is 0 whatever the count (as one call's)
-        return torch.ones(leading, dtype=dtype, device=valid.device) / torch.where(valid.any(), count, 1.0)
-    if reduction == "seq_mean" and len(leading) == 2 and shared.get("sequence_ids") is None:
-        counts = valid.sum(dim=-1, keepdim=True)
-        sequences = (counts > 0).sum().clamp_min(1)
-        return (1.0 / (counts.clamp_min(1) * sequences).to(dtype)).expand(leading)
-    return None
-
-
 def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False, **options):
     """MOPD: the student against several teachers, each token's divergences mixed,
 
@@ -159,18 +135,13 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
     ``process_group``, ``sequence_group``, ...) is shared.
 
-    Cost: one fused call per teacher with the gradient, plus one no-grad call per teacher when the weights read the
-    teachers (``confidence``, ``disagreement``, ``accumulated``, ``prefix_confidence``, ``token_importance``) or with
-    ``return_stats``, and one no-grad call when they only normalize, cap (``normalize``, ``w_max``) or follow a
-    routing tensor. Each call reads the student's rows once: the student is read K to 2K + 1 times, not once (no kernel reads K teachers in one
-    pass yet). Weights that read the teachers are computed from the mixed stats on one sequence per row ([B, T]
-    inputs, or flat inputs when the weighting needs no sequences): with ``sequence_ids`` or ``sequence_group`` only
-    teacher-independent weightings (position kinds, ``token_weights``, ``normalize``, ``w_max``) are supported.
-    The weights are computed from the float32 ``TokenStats`` (as every wpkl weight is from float32 terms). A
-    teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
-    divergence, an unknown confidence): its call masks the token, the reduction's denominators kept in the token
-    weights (not with ``sequence_group``, nor "seq_mean" on packed sequences: there 0 * inf is NaN). Returns the loss, or with ``return_stats=True`` ``(loss, stats)`` with the
-    mixed stats.
+    Cost: one pass of the kernels per teacher (the student's rows are read K times forward and K times backward;
+    no kernel reads K teachers in one pass yet), then the weights and the reduction once, in torch, on the mixed
+    per-token terms: on every layout (``sequence_ids``, ``sequence_group``, ``process_group``), with every
+    weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher whose mixing
+    weight is 0 on a token contributes nothing there, whatever its values (an infinite divergence, an unknown
+    confidence): it does not see the token, and the reduction's denominators are the call's. Returns the loss, or
+    with ``return_stats=True`` ``(loss, stats)`` with the mixed stats.
     """
     fn = fused_linear_kl_loss if fused_linear else weighted_kl_loss
     names = _teacher_names(fn)
@@ -197,19 +168,8 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     student = shared[next(iter(inspect.signature(fn).parameters))]
     leading = student.shape[:-1]
     weights = _mixing(mixing, len(sources), leading, student.device)
-    return_stats = shared.pop("return_stats", False)
-    weighting = shared.pop("weighting", None)
-    user = shared.pop("token_weights", None)
-    reads_teachers = weighting is not None and bool(
-        weighting.confidence or weighting.disagreement or weighting.accumulated
-        or weighting.prefix_confidence is not None or weighting.token_importance is not None)
-    if reads_teachers and (shared.get("sequence_group") is not None or shared.get("sequence_ids") is not None
-                           or len(leading) not in (1, 2) or (len(leading) == 1 and weighting.needs_sequences)):
-        raise ValueError(
-            "multi_teacher_loss: weights that read the teachers (confidence, disagreement, accumulated, "
-            "prefix_confidence, token_importance) are computed on [B, T] batches (or flat ones when the weighting "
-            "needs no sequences); with sequence_ids or sequence_group use a teacher-independent weighting")
-    if reads_teachers and weighting.confidence:
+    weighting = shared.get("weighting")
+    if weighting is not None and weighting.confidence:
         blind = [k for k, source in enumerate(sources)
                  if source[names[0]] is None and source.get("teacher_topk_ids") is None]
         if blind:
@@ -221,69 +181,39 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             raise ValueError("multi_teacher_loss: give teacher_token_logprobs either once (the mixed teacher's "
                              "log q(y)) or in every teacher's dict (mixed by the mixing weights), not both or some")
         shared["teacher_token_logprobs"] = mix_teachers(own, weights)
-    if reads_teachers and weighting.prefix_confidence is not None and shared.get("teacher_token_logprobs") is None:
+    if weighting is not None and weighting.needs_teacher_token_logprobs and shared.get("teacher_token_logprobs") is None:
         raise ValueError("multi_teacher_loss with prefix_confidence needs teacher_token_logprobs: the mixed "
-                         "teacher's log q(y) of the sampled tokens, or one per teacher")
+                         "teacher's log q(y) of the sampled tokens, or one per teacher (the engine would compute "
+                         "it from the first teacher alone)")
 
     # teacher_weight, ...: the projection of hidden-state teachers, shared or their own; the others get its default
     parameters = inspect.signature(fn).parameters
     unprojected = {name: None if parameters[name].default is inspect.Parameter.empty else parameters[name].default
                    for name in names[1:] if name not in _TEACHER_DATA}
+    bound.apply_defaults()
+    full = {**{name: None for name in parameters}, **bound.arguments,  # (the teacher: required, given below)
+            **{k: v for k, v in shared.items() if k == "teacher_token_logprobs"}}
+    spec, data = split(full, linear=fused_linear)
+    if fused_linear and spec.process_group is None:
+        for name in ("student_weight", "student_bias"):
+            data[name] = gather_full(data.get(name))
 
-    def call(source, **extra):
+    def teacher_data(source, mask):
         own = {k: v for k, v in source.items() if k != "teacher_token_logprobs"}
-        base = shared if source[names[0]] is not None else {**shared, **unprojected}
-        return fn(**{**base, **own, **extra})
+        projection = {} if source[names[0]] is not None else {k: v for k, v in unprojected.items() if k in data}
+        merged = {**data, **projection, **{k: v for k, v in own.items() if k in data}, "mask": mask}
+        if fused_linear and spec.process_group is None:
+            for name in ("teacher_weight", "teacher_bias"):
+                merged[name] = gather_full(merged.get(name))
+        return merged
 
-    stats = w = None
-    nonlinear = weighting is not None and (weighting.normalize or weighting.w_max is not None)
-    if reads_teachers or return_stats:
-        # teacher-independent rules weigh here as in the loss; rules that read the teachers weigh the mixture below
-        rule = None if reads_teachers else weighting
-        with torch.no_grad():
-            per_teacher = [call(source, weighting=rule, token_weights=user, return_stats=True)[1] for source in sources]
-        mixed = {field: mix_teachers([getattr(s, field) for s in per_teacher], weights)
-                 for field in ("divergence", "teacher_confidence", "teacher_entropy")}
-        stats = dataclasses.replace(per_teacher[0], **mixed)
-        w = stats.weight if nonlinear else None
-    if reads_teachers:
-        rows = (lambda x: x) if len(leading) == 2 else (lambda x: x.reshape(1, -1))
-        positions = shared.get("positions")
-        token_logprobs = shared.get("teacher_token_logprobs")
-        w = compute_weights(
-            weighting, valid=rows(stats.mask), divergence=rows(stats.divergence),
-            confidence=rows(stats.teacher_confidence),
-            user_weights=None if user is None else rows(user.detach().float()),
-            positions=None if positions is None else rows(positions),
-            teacher_token_logprobs=None if token_logprobs is None else rows(token_logprobs.detach().float()),
-            student_entropy=rows(stats.student_entropy)).reshape(leading)
-        stats = dataclasses.replace(stats, weight=w)
-    routed = isinstance(mixing, torch.Tensor)  # a tensor may route tokens away from a teacher (weight 0)
-    valid = (torch.ones(leading, dtype=torch.bool, device=student.device) if shared.get("mask") is None
-             else shared["mask"].bool())
-    if w is None and (nonlinear or routed):
-        if weighting is None:
-            w = torch.where(valid, 1.0 if user is None else user.detach().float(), 0.0)
-        else:
-            with torch.no_grad():
-                w = call(sources[0], weighting=weighting, token_weights=user, return_stats=True)[1].weight
-    # Where a teacher's weight is 0 its call masks the token (0 * an infinite divergence would be NaN), with the
-    # reduction's coefficients in the token weights (the masks differ, the denominators must not).
-    coefficient = _exclusion_coefficient(shared, valid, leading) if routed else None
-    loss = None
-    for source, m in zip(sources, weights, strict=True):
-        if not isinstance(m, torch.Tensor) and m == 0:
-            continue  # this teacher counts nowhere
-        if coefficient is not None:
-            term = call(source, weighting=None, token_weights=w * m * coefficient, mask=valid & (m != 0),
-                        reduction="none" if shared.get("reduction", "mean") == "none" else "sum",
-                        num_items_in_batch=None)
-        elif w is not None:  # the weights are known: the calls only mix
-            term = call(source, weighting=None, token_weights=w * m)
-        else:  # the rule is linear in the token weights: each call weighs by itself
-            scaled = m if user is None else user * m
-            if not isinstance(scaled, torch.Tensor):
-                scaled = torch.full(leading, scaled, dtype=torch.float64, device=student.device)
-            term = call(source, weighting=weighting, token_weights=scaled.expand(leading))
-        loss = term if loss is None else loss + term
-    return (loss, stats) if return_stats else loss
+    valid = (torch.ones(leading, dtype=torch.bool, device=student.device) if data.get("mask") is None
+             else data["mask"].bool())
+    kept = [(source, m) for source, m in zip(sources, weights, strict=True)
+            if isinstance(m, torch.Tensor) or m != 0]  # a teacher of weight 0 counts nowhere
+    base = teacher_data(kept[0][0], data.get("mask"))
+    # a teacher's own mask drops the tokens its weight is 0 on (0 * an infinite divergence would be NaN)
+    per_teacher = [teacher_data(source, valid & (m != 0) if isinstance(m, torch.Tensor) else data.get("mask"))
+                   for source, m in kept]
+    return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept])
+

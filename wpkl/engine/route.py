@@ -129,12 +129,14 @@ def _schedule(problem: Problem, backend: str) -> str:
     return "eager" if eager else "two-phase"
 
 
-def route(problem: Problem) -> Route:
-    """The one decision of a call (module docstring). Raises a ValueError for a backend that cannot run it."""
+def route(problem: Problem, mixture: bool = False) -> Route:
+    """The one decision of a call (module docstring). Raises a ValueError for a backend that cannot run it.
+    ``mixture``: the terms of several teachers are mixed before the weights (wpkl.multi_teacher_loss), so the
+    weights run in torch on the mixture: no fused op, and the fused-linear form runs two-phase."""
     spec = problem.spec
     backend, reason = _backend(problem)
     linear = isinstance(problem.student, StudentLinear)
-    schedule = _schedule(problem, backend) if linear else None
+    schedule = ("two-phase" if mixture else _schedule(problem, backend)) if linear else None
     topk = problem.teacher_topk is not None
     if backend in ("torch", "reference"):
         terms = "torch pass" if backend == "torch" else "reference"
@@ -156,6 +158,8 @@ def route(problem: Problem) -> Route:
     inplace = spec.inplace_backward
     if topk:
         return Route("triton", "kernels", "torch", None, inplace, f"{reason}; a top-k teacher weighs in torch")
+    if mixture:
+        return Route("triton", "kernels", "torch", None, inplace, f"{reason}; several teachers' mixture weighs in torch")
     unsupported = torch_only_weighting(spec.weighting)
     if unsupported:  # the kernels' vocabulary pass, then the torch weights on its [N] per-token terms
         names = ", ".join(f"{name}=..." for name in unsupported)

@@ -15,41 +15,68 @@ from ..inputs.data import Problem
 from ..inputs.values import check_values
 from ..spec import LossSpec
 from .route import Route, route
-from .weigh import EagerCoefficients, sequences, weigh_and_reduce
+from .weigh import EagerCoefficients, mix_terms, sequences, weigh_and_reduce
 
 
-def _routed(spec: LossSpec, prepare) -> tuple[Problem, Route]:
+def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values) -> tuple[Problem, Route]:
     def prepare_and_route():
         problem = prepare()
-        return problem, route(problem)
+        return problem, route(problem, mixture)
 
     step = prepare_and_route
     if spec.process_group is not None:
         from ..parallel.agree import agree
 
         def step():
-            return agree(spec.process_group, prepare_and_route, check_values)
+            return agree(spec.process_group, prepare_and_route, check)
     if spec.sequence_group is not None:  # around the vocabulary agreement: a rank it rejects is heard here too
         from ..parallel.sequence import agree_sequences
 
-        return agree_sequences(spec.sequence_group, step, check_values if spec.process_group is None else None)
+        return agree_sequences(spec.sequence_group, step, check if spec.process_group is None else None)
     return step()
+
+
+def _terms(problem: Problem, chosen: Route, seq):
+    if problem.linear:
+        from .linear import linear_terms
+
+        coefficients = EagerCoefficients(problem, seq) if chosen.eager else None
+        return linear_terms(problem, chosen, coefficients)
+    from .terms import logits_terms
+
+    return logits_terms(problem, chosen)
 
 
 def _finish(problem: Problem, chosen: Route):
     if not problem.spec.groups:  # a grouped call checked its values in the agreement
         check_values(problem)
     seq = sequences(problem)
-    if problem.linear:
-        from .linear import linear_terms
+    return weigh_and_reduce(problem, _terms(problem, chosen, seq), seq)
 
-        coefficients = EagerCoefficients(problem, seq) if chosen.eager else None
-        terms = linear_terms(problem, chosen, coefficients)
-    else:
-        from .terms import logits_terms
 
-        terms = logits_terms(problem, chosen)
-    return weigh_and_reduce(problem, terms, seq)
+def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[dict], mixing):
+    """Several teachers (wpkl.multi_teacher_loss): ``base`` holds the call's data (the agreement, the weights and
+    the reduction see its Problem: the first teacher, the whole mask), ``teachers`` each teacher's data (its mask
+    without the tokens its mixing weight is 0 on). Each teacher's per-token terms, then their mixture (weigh.py:
+    ``mix_terms``), then the weights and the reduction once, on the mixture."""
+    make = build.linear if linear else build.materialized
+    others = []
+
+    def prepare():
+        others[:] = [make(spec, **data) for data in teachers]
+        return make(spec, **base)
+
+    def check(problem):  # inside the agreement (a rank whose teacher is rejected makes every rank raise), each
+        for one in (problem, *others):  # teacher seen with the call's vocabulary shard
+            check_values(one.replace(shard=problem.shard))
+
+    problem, chosen = _routed(spec, prepare, mixture=True, check=check)
+    if not problem.spec.groups:
+        check(problem)
+    seq = sequences(problem)
+    terms = [_terms(other.replace(shard=problem.shard, sequences=problem.sequences), chosen, None)
+             for other in others]
+    return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 
 def materialized_loss(spec: LossSpec, student_logits, teacher_logits, **data):

@@ -17,7 +17,7 @@ from ..inputs.checks import run_checks
 from ..inputs.data import Problem
 from ..inputs.layout import SequenceLayout
 from ..parallel.sequence import GatheredSequences
-from ..reference import TokenTerms, compute_weights, reduce_loss, sequence_positions
+from ..reference import TokenTerms, compute_weights, mix_teachers, reduce_loss, sequence_positions
 from ..stats import TokenStats
 from ..weighting import Weighting
 
@@ -78,6 +78,26 @@ def token_stats(problem: Problem, divergence, weight, confidence, teacher_entrop
     return TokenStats(divergence=per_token(divergence), weight=per_token(weight),
                       teacher_confidence=per_token(confidence), teacher_entropy=per_token(teacher_entropy),
                       student_entropy=per_token(student_entropy), position=per_token(position), mask=leading(valid))
+
+
+def mix_terms(terms: list[TokenTerms], mixing: list, valids: list[torch.Tensor]) -> TokenTerms:
+    """Several teachers' per-token terms as one (wpkl/reference: ``mix_teachers``): the loss, the divergence, the
+    teacher's confidence and entropy mixed by the weights (numbers, or tensors broadcastable to the tokens'
+    leading shape), each teacher's terms taken where its own mask holds the token; the student's entropy is the
+    same under every teacher that saw the token."""
+    def rows(m, like):
+        return m.expand(valids[0].shape).reshape(like.shape) if isinstance(m, torch.Tensor) else m
+
+    def mixed(field):
+        values = [torch.where(v.reshape(t.loss.shape), getattr(t, field), 0.0) for t, v in zip(terms, valids,
+                                                                                              strict=True)]
+        return mix_teachers(values, [rows(m, t.loss) for m, t in zip(mixing, terms, strict=True)])
+
+    entropy = torch.stack([torch.where(v.reshape(t.loss.shape), t.student_entropy, float("-inf"))
+                           for t, v in zip(terms, valids, strict=True)]).amax(0)
+    return TokenTerms(mixed("loss"), mixed("divergence").detach(), mixed("confidence").detach(),
+                      torch.where(torch.isfinite(entropy), entropy, 0.0).detach(),
+                      mixed("teacher_entropy").detach())
 
 
 def sequences(problem: Problem) -> Sequences | GatheredSequences:
