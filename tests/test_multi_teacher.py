@@ -471,3 +471,49 @@ def test_vocabulary_and_sequence_shards(world, tmp_path):
     assert_ranks_passed(results)
     assert all(set(r["results"]) == {"vocabulary shards", "sequence split", "sequence split, weights on the mixture",
                                      "eopd vocabulary shards", "eopd sequence split"} for r in results)
+
+
+@pytest.mark.parametrize("routing", ("per sequence", "per token", "dense"))
+def test_the_student_rows_each_pass_reads(routing, monkeypatch):
+    """The kernels read a row only where its token is valid for the pass's teacher (a masked row reads nothing):
+    under one-hot routing, the paper's deployment, each valid student row is read once forward and once backward
+    over all the teachers' passes; with dense mixing once per teacher."""
+    from wpkl.backends.triton_pass import TritonPass
+
+    K = 3
+    g = _gen(31)
+    student = torch.randn(*LEADING, V, generator=g, requires_grad=True)
+    teachers = [torch.randn(*LEADING, V, generator=g) for _ in range(K)]
+    mask = random_mask(LEADING)
+    if routing == "per sequence":
+        mixing = torch.nn.functional.one_hot(torch.tensor([0, 2, 1]), K).T.float()
+    elif routing == "per token":
+        mixing = torch.nn.functional.one_hot(torch.randint(0, K, LEADING, generator=g), K).permute(2, 0, 1).float()
+    else:
+        mixing = [0.2, 0.3, 0.5]
+    rows = {"forward": 0, "backward": 0}
+    forward, backward = TritonPass.forward, TritonPass.backward
+
+    def counted_forward(student, teacher, valid, *rest):
+        rows["forward"] += int(valid.sum())
+        return forward(student, teacher, valid, *rest)
+
+    def counted_backward(saved, coef, out):
+        rows["backward"] += int(saved.valid_bytes.sum())
+        return backward(saved, coef, out)
+
+    monkeypatch.setattr(TritonPass, "forward", staticmethod(counted_forward))
+    monkeypatch.setattr(TritonPass, "backward", staticmethod(counted_backward))
+    loss = wpkl.multi_teacher_loss(student, teachers=teachers, mixing=mixing, mask=mask,
+                                   weighting=wpkl.Weighting(accumulated=0.5), backend="triton")
+    loss.backward()
+    valid = int(mask.sum())
+    expected = valid * (K if routing == "dense" else 1)
+    assert rows == {"forward": expected, "backward": expected}
+    monkeypatch.undo()
+    y = student.detach().clone().requires_grad_(True)
+    whole = wpkl.multi_teacher_loss(y, teachers=teachers, mixing=mixing, mask=mask,
+                                    weighting=wpkl.Weighting(accumulated=0.5), backend="reference")
+    whole.backward()
+    torch.testing.assert_close(loss, whole.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad, y.grad.float(), rtol=1e-4, atol=1e-6)

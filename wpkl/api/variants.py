@@ -135,10 +135,11 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
     ``process_group``, ``sequence_group``, ...) is shared.
 
-    Cost: one pass of the kernels per teacher (the student's rows are read K times forward and K times backward;
-    no kernel reads K teachers in one pass yet), then the weights and the reduction once, in torch, on the mixed
-    per-token terms: on every layout (``sequence_ids``, ``sequence_group``, ``process_group``), with every
-    weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher whose mixing
+    Cost: one pass of the kernels per teacher, each reading only the rows its teacher has a nonzero weight on (a
+    masked row reads nothing): under one-hot routing each student row is read once forward and once backward in
+    all, with dense mixing K times each (no kernel reads K teachers in one pass yet). Then the weights and the
+    reduction run once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``,
+    ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher whose mixing
     weight is 0 on a token contributes nothing there, whatever its values (an infinite divergence, an unknown
     confidence): it does not see the token, and the reduction's denominators are the call's. Returns the loss, or
     with ``return_stats=True`` ``(loss, stats)`` with the mixed stats.
