@@ -377,6 +377,15 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(loss, whole, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(x.grad, y.grad[..., sl], rtol=1e-9, atol=1e-11)
 
+    def triton_shards():  # float32 on the Triton backend: the logits teacher's pass is the sharded kernels, the
+        sl = slice(rank * 4, rank * 4 + 4)  # top-k teacher's its own
+        sources = [teacher.float(), dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq.float())]
+        loss = wpkl.multi_teacher_loss(student[..., sl].float(), teachers=[sources[0][..., sl], sources[1]],
+                                       mixing=mixing.float(), mask=mask, process_group=group, backend="triton")
+        whole = wpkl.multi_teacher_loss(student.float(), teachers=sources, mixing=mixing.float(), mask=mask,
+                                        backend="triton")
+        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
+
     def sequences(weighting):
         flat = torch.arange(B * T)
         mine = flat[flat % world == rank]  # tokens dealt round-robin: non-contiguous chunks
@@ -443,6 +452,7 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
 
     case("vocabulary shards", shards)
+    case("vocabulary shards, Triton", triton_shards)
     case("sequence split", lambda: sequences(wpkl.Weighting(position=wpkl.ExpDecay(0.3), w_max=1.2)))
     # weights that read the teachers: IW-OPD's prefix share of the mixed divergence, across the ranks' chunks
     case("sequence split, weights on the mixture", lambda: sequences(wpkl.Weighting(accumulated=0.5, w_max=1.5,
@@ -469,7 +479,8 @@ def _worker(rank, world, port, out_dir):
 def test_vocabulary_and_sequence_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=300)[world]
     assert_ranks_passed(results)
-    assert all(set(r["results"]) == {"vocabulary shards", "sequence split", "sequence split, weights on the mixture",
+    assert all(set(r["results"]) == {"vocabulary shards", "vocabulary shards, Triton", "sequence split",
+                                     "sequence split, weights on the mixture",
                                      "eopd vocabulary shards", "eopd sequence split"} for r in results)
 
 
@@ -517,3 +528,61 @@ def test_the_student_rows_each_pass_reads(routing, monkeypatch):
     whole.backward()
     torch.testing.assert_close(loss, whole.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(student.grad, y.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_no_teacher_weighs_keep_the_students_entropy():
+    """A valid token whose mixing is 0 for every teacher: loss 0 there, but the student's entropy is its own (TIP
+    min-max scales it over every valid token)."""
+    g = _gen(41)
+    student = torch.randn(*LEADING, V, generator=g, dtype=torch.float64)
+    teachers = [torch.randn(*LEADING, V, generator=g, dtype=torch.float64) for _ in range(2)]
+    mask = torch.ones(LEADING, dtype=torch.bool)
+    mixing = torch.nn.functional.one_hot(torch.randint(0, 2, LEADING, generator=g), 2).permute(2, 0, 1).double()
+    mixing[:, 0, 1] = mixing[:, 2, 4] = 0.0
+    weighting = wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5))
+    for backend in ("torch", "triton"):
+        x = student.clone().requires_grad_(True)
+        loss, stats = wpkl.multi_teacher_loss(x if backend == "torch" else x.float(),
+                                              teachers=[t if backend == "torch" else t.float() for t in teachers],
+                                              mixing=mixing, mask=mask, weighting=weighting, return_stats=True,
+                                              backend=backend)
+        y = student.clone().requires_grad_(True)
+        expected = mopd_reference(y, [dict(teacher_logits=t) for t in teachers], list(mixing), weighting=weighting,
+                                  mask=mask, tokens=None, divergence="reverse_kl", temperature=1.0,
+                                  reduction="mean")[0]
+        entropy = -(torch.softmax(student, -1) * torch.log_softmax(student, -1)).sum(-1)
+        torch.testing.assert_close(stats.student_entropy.double(), entropy, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+        loss.backward()
+        expected.backward()
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_teachers_own_options_apply_to_it():
+    """teacher_softcap given in one teacher's dict (fused_linear) applies to that teacher only."""
+    g = _gen(43)
+    B, T, H = 2, 4, 8
+    h, w = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    th, tw = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g)
+    loss = wpkl.multi_teacher_loss(h, w, teachers=[dict(teacher_hidden=th, teacher_softcap=0.5), th], mixing=[0.3, 0.7],
+                                   teacher_weight=tw, fused_linear=True)
+    one = [wpkl.fused_linear_kl_loss(h, w, th, tw, teacher_softcap=cap) for cap in (0.5, None)]
+    torch.testing.assert_close(loss, 0.3 * one[0] + 0.7 * one[1], rtol=1e-5, atol=1e-7)
+
+
+def test_a_teachers_values_are_checked_only_where_it_is_weighed():
+    """teacher_logprobs NaN on a sequence routed to the other teacher is never read; on its own sequence it is
+    rejected."""
+    g = _gen(45)
+    student = torch.randn(*LEADING, V, generator=g)
+    tokens = torch.randint(0, V, LEADING, generator=g)
+    logprobs = -torch.rand(LEADING, generator=g)
+    logprobs[1] = float("nan")
+    routing = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    other = torch.randn(*LEADING, V, generator=g)
+    loss = wpkl.multi_teacher_loss(student, teachers=[dict(teacher_logprobs=logprobs), other], mixing=routing,
+                                   tokens=tokens, divergence="sampled")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="teacher_logprobs must be finite"):
+        wpkl.multi_teacher_loss(student, teachers=[dict(teacher_logprobs=logprobs), other], mixing=routing.flip(0),
+                                tokens=tokens, divergence="sampled")

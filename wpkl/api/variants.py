@@ -200,21 +200,30 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             data[name] = gather_full(data.get(name))
 
     def teacher_data(source, mask):
+        """(the teacher's spec: the call's, with the teacher's own options such as teacher_softcap, its data)."""
         own = {k: v for k, v in source.items() if k != "teacher_token_logprobs"}
-        projection = {} if source[names[0]] is not None else {k: v for k, v in unprojected.items() if k in data}
-        merged = {**data, **projection, **{k: v for k, v in own.items() if k in data}, "mask": mask}
+        projection = {} if source[names[0]] is not None else unprojected
+        merged = {**data, **{k: v for k, v in {**projection, **own}.items() if k in data}, "mask": mask}
         if fused_linear and spec.process_group is None:
             for name in ("teacher_weight", "teacher_bias"):
                 merged[name] = gather_full(merged.get(name))
-        return merged
+        options = {**{k: v for k, v in projection.items() if k not in data},
+                   **{k: v for k, v in own.items() if k not in data}}
+        return (split({**full, **options}, linear=fused_linear)[0] if options else spec), merged
 
     valid = (torch.ones(leading, dtype=torch.bool, device=student.device) if data.get("mask") is None
              else data["mask"].bool())
     kept = [(source, m) for source, m in zip(sources, weights, strict=True)
             if isinstance(m, torch.Tensor) or m != 0]  # a teacher of weight 0 counts nowhere
-    base = teacher_data(kept[0][0], data.get("mask"))
-    # a teacher's own mask drops the tokens its weight is 0 on (0 * an infinite divergence would be NaN)
-    per_teacher = [teacher_data(source, valid & (m != 0) if isinstance(m, torch.Tensor) else data.get("mask"))
-                   for source, m in kept]
+    base = teacher_data(kept[0][0], data.get("mask"))[1]
+    # A teacher's own mask drops the tokens its weight is 0 on (0 * an infinite divergence would be NaN). Tokens
+    # no teacher weighs stay with the first (its weight 0 there), so that their student entropy is known.
+    masks = [valid & (m != 0) if isinstance(m, torch.Tensor) else data.get("mask") for _, m in kept]
+    if isinstance(masks[0], torch.Tensor):
+        unseen = valid.clone()
+        for m in masks:
+            unseen &= ~m
+        masks[0] = masks[0] | unseen
+    per_teacher = [teacher_data(source, mask) for (source, _), mask in zip(kept, masks, strict=True)]
     return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept])
 

@@ -54,28 +54,30 @@ def _finish(problem: Problem, chosen: Route):
     return weigh_and_reduce(problem, _terms(problem, chosen, seq), seq)
 
 
-def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[dict], mixing):
+def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[LossSpec, dict]], mixing):
     """Several teachers (wpkl.multi_teacher_loss): ``base`` holds the call's data (the agreement, the weights and
-    the reduction see its Problem: the first teacher, the whole mask), ``teachers`` each teacher's data (its mask
-    without the tokens its mixing weight is 0 on). Each teacher's per-token terms, then their mixture (weigh.py:
-    ``mix_terms``), then the weights and the reduction once, on the mixture."""
+    the reduction see its Problem: the first teacher, the whole mask), ``teachers`` each teacher's spec (the call's,
+    with the teacher's own options) and data (its mask without the tokens its mixing weight is 0 on). Each
+    teacher's per-token terms on its own route, then their mixture (weigh.py: ``mix_terms``), then the weights and
+    the reduction once, on the mixture."""
     make = build.linear if linear else build.materialized
-    others = []
+    others, routes = [], []
 
     def prepare():
-        others[:] = [make(spec, **data) for data in teachers]
+        others[:] = [make(own, **data) for own, data in teachers]
+        routes[:] = [route(other, mixture=True) for other in others]  # a teacher's form picks its pass
         return make(spec, **base)
 
-    def check(problem):  # inside the agreement (a rank whose teacher is rejected makes every rank raise), each
-        for one in (problem, *others):  # teacher seen with the call's vocabulary shard
+    def check(problem):  # inside the agreement (a rank whose teacher is rejected makes every rank raise): each
+        for one in others:  # teacher on its own tokens (together: every valid token), with the call's shard
             check_values(one.replace(shard=problem.shard))
 
-    problem, chosen = _routed(spec, prepare, mixture=True, check=check)
+    problem, _ = _routed(spec, prepare, mixture=True, check=check)
     if not problem.spec.groups:
         check(problem)
     seq = sequences(problem)
-    terms = [_terms(other.replace(shard=problem.shard, sequences=problem.sequences), chosen, None)
-             for other in others]
+    terms = [_terms(other.replace(shard=problem.shard, sequences=problem.sequences), own, None)
+             for other, own in zip(others, routes, strict=True)]
     return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 
