@@ -139,10 +139,13 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     masked row reads nothing): under one-hot routing each student row is read once forward and once backward in
     all, with dense mixing K times each (no kernel reads K teachers in one pass yet). Then the weights and the
     reduction run once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``,
-    ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher whose mixing
-    weight is 0 on a token contributes nothing there, whatever its values (an infinite divergence, an unknown
-    confidence): it does not see the token, and the reduction's denominators are the call's. Returns the loss, or
-    with ``return_stats=True`` ``(loss, stats)`` with the mixed stats.
+    ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The
+    fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).
+    A teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
+    divergence, an unknown confidence): it does not see the token (nor are its values checked there), and the
+    reduction's denominators are the call's. A valid token no teacher weighs has loss 0; the first teacher computes
+    its student entropy (for TIP and the stats), at weight 0. Returns the loss, or with ``return_stats=True``
+    ``(loss, stats)`` with the mixed stats.
     """
     fn = fused_linear_kl_loss if fused_linear else weighted_kl_loss
     names = _teacher_names(fn)
@@ -217,7 +220,8 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             if isinstance(m, torch.Tensor) or m != 0]  # a teacher of weight 0 counts nowhere
     base = teacher_data(kept[0][0], data.get("mask"))[1]
     # A teacher's own mask drops the tokens its weight is 0 on (0 * an infinite divergence would be NaN). Tokens
-    # no teacher weighs stay with the first (its weight 0 there), so that their student entropy is known.
+    # no teacher weighs stay with the first (its weight 0 there): their student entropy is known, their values
+    # (tokens, positions) checked.
     masks = [valid & (m != 0) if isinstance(m, torch.Tensor) else data.get("mask") for _, m in kept]
     if isinstance(masks[0], torch.Tensor):
         unseen = valid.clone()
