@@ -12,10 +12,13 @@ backward of ``wpkl.weighted_kl_loss`` on materialized logits (the Triton backend
   (``wpkl.distributed.megatron_bshd``) with no group: the work a rank does, with weights that are wrong for
   sequence-global weightings (the ideal time of a split);
 - "R ranks, sequence_group": the same slices with ``sequence_group``: exact weights. Its time over the row
-  above is the cost of the sequence-parallel call (two all-gathers and the whole-batch weights).
+  above is the cost of the sequence-parallel call (the agreement's all-gather and host read, the layout's
+  all-reduce and the whole-batch weights);
+- "R ranks, sequence_group + bounds": the same with ``sequence_bounds=(B, T)``: the all-reduce alone, no host
+  sync.
 
-Bytes: what each rank sends per call, counted by recording the all-gathers' tensors during one call (it
-receives R - 1 times as much). Timing and memory as bench/sharded.py (whose harness this reuses). Writes
+Bytes: the tensors each rank hands to the collectives in one call, recorded: the all-gathers' (each rank sends
+this, and receives R - 1 times as much) and the all-reduces' (a ring sends about twice this per rank). Timing and memory as bench/sharded.py (whose harness this reuses). Writes
 ``sequence-<device>-<date>.json`` and ``.md`` to ``--out``.
 """
 
@@ -39,20 +42,25 @@ DEFAULT_SHAPES = {"cuda": ["4096x128256", "16384x151936"], "cpu": ["512x4096:flo
 CASE_NAMES = ("uniform", "iw_opd", "combined")
 
 
-def sent_bytes(fn) -> int:
-    """Bytes this rank sends in the all-gathers of one call of ``fn``."""
-    original, total = dist.all_gather, [0]
+def sent_bytes(fn) -> dict[str, int]:
+    """Bytes of the tensors this rank hands to each collective in one call of ``fn``, by collective."""
+    originals, total = {"all_gather": dist.all_gather, "all_reduce": dist.all_reduce}, {}
 
-    def recording(tensors, tensor, *args, **kwargs):
-        total[0] += tensor.numel() * tensor.element_size()
-        return original(tensors, tensor, *args, **kwargs)
+    def recorder(name):
+        def recording(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else args[0]
+            total[name] = total.get(name, 0) + tensor.numel() * tensor.element_size()
+            return originals[name](*args, **kwargs)
+        return recording
 
-    dist.all_gather = recording
+    for name in originals:
+        setattr(dist, name, recorder(name))
     try:
         fn()
     finally:
-        dist.all_gather = original
-    return total[0]
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return total
 
 
 class SequenceBench(sharded.Bench):
@@ -72,20 +80,21 @@ class SequenceBench(sharded.Bench):
         mine = megatron_bshd(B, T, self.world, part)
         return (*(mine.take(x) for x in (student, teacher, tokens)), mine.positions.to(self.device))
 
-    def call(self, case, student, teacher, tokens, positions, group):
+    def call(self, case, student, teacher, tokens, positions, group, bounds=None):
         import wpkl
 
         def fn():
             loss = wpkl.weighted_kl_loss(student, teacher, weighting=case.weighting, divergence=case.divergence,
                                          tokens=tokens, positions=positions, backend=self.wpkl_backend,
-                                         sequence_group=group)
+                                         sequence_group=group, sequence_bounds=bounds)
             loss.backward()
             return loss
 
         return fn
 
-    def measure_call(self, case, shape, layout, data, group, collective):
-        self.loss_fn = lambda case_, student, teacher, mask, _group: self.call(case_, student, *data[1:], group)
+    def measure_call(self, case, shape, layout, data, group, collective, bounds=None):
+        self.loss_fn = lambda case_, student, teacher, mask, _group: self.call(case_, student, *data[1:], group,
+                                                                              bounds)
         row = self.measure(case, shape, data[0], data[1], None, sharded=collective)
         row.layout, row.ranks = layout, self.world if collective else 1
         return row
@@ -113,25 +122,30 @@ class SequenceBench(sharded.Bench):
                 self.barrier()
                 mine = self.inputs(shape, self.rank)
                 alone = self.measure_call(case, shape, f"{self.world} ranks, own chunks alone", mine, None, True)
-                grouped = self.measure_call(case, shape, f"{self.world} ranks, sequence_group", mine, self.group,
-                                            True)
-                mine[0].requires_grad_(True)
-                sent = sent_bytes(self.call(case, *mine, self.group))
-                mine[0].requires_grad_(False)
-                mine[0].grad = None
-                if grouped.loss is not None:
-                    total = torch.tensor([grouped.loss], dtype=torch.float64)
+                grouped = [self.measure_call(case, shape, f"{self.world} ranks, sequence_group", mine, self.group,
+                                             True),
+                           self.measure_call(case, shape, f"{self.world} ranks, sequence_group + bounds", mine,
+                                             self.group, True, bounds=(B, T))]
+                for row, bounds in zip(grouped, (None, (B, T)), strict=True):
+                    mine[0].requires_grad_(True)
+                    sent = sent_bytes(self.call(case, *mine, self.group, bounds))
+                    mine[0].requires_grad_(False)
+                    mine[0].grad = None
+                    if row.loss is None:
+                        continue
+                    total = torch.tensor([row.loss], dtype=torch.float64)
                     dist.all_reduce(total, group=self.group)  # the ranks' shares: the whole batch's loss
-                    grouped.note = f"sends {sent / 1024:.1f} KiB per rank per call; loss {float(total):.6g}"
+                    row.note = ", ".join(f"{name} {n / 1024:.1f} KiB" for name, n in sorted(sent.items()))
+                    row.note += f" per rank per call; loss {float(total):.6g}"
                     if whole is not None and whole.loss is not None:
                         tol = 1e-4 if shape.dtype == "float32" else 2e-2
                         if abs(float(total) - whole.loss) > tol * max(1.0, abs(whole.loss)):
-                            grouped.status = "mismatch"
-                        grouped.note += f" (1 rank {whole.loss:.6g})"
-                if alone.ms and grouped.ms:
-                    grouped.note += f"; +{grouped.ms - alone.ms:.3f} ms over its chunks alone"
+                            row.status = "mismatch"
+                        row.note += f" (1 rank {whole.loss:.6g})"
+                    if alone.ms and row.ms:
+                        row.note += f"; +{row.ms - alone.ms:.3f} ms over its chunks alone"
                 if self.rank == 0:
-                    rows += [whole, alone, grouped]
+                    rows += [whole, alone, *grouped]
                 self.barrier()
         return rows
 

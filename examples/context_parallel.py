@@ -9,11 +9,13 @@ computes its own tokens' hidden states; a real model's attention would exchange 
 and leave the loss as it is here. Each step, every rank calls
 
     wpkl.fused_linear_kl_loss(hidden, lm_head, teacher_hidden, teacher_lm_head, mask=..., positions=...,
-                              sequence_ids=..., weighting=IW-OPD, sequence_group=group)
+                              sequence_ids=..., weighting=IW-OPD, sequence_group=group,
+                              sequence_bounds=mine.bounds)
 
 IW-OPD's weight of a token depends on the divergence of every earlier token of its sequence, most of which sit
-on the other rank: with ``sequence_group`` wpkl gathers the per-token vectors (a few floats per token) and gives
-each rank its share of the whole batch's loss. The gradients are then all-reduced as a data-parallel trainer does
+on the other rank: with ``sequence_group`` wpkl all-reduces the whole batch's per-token vectors (a few floats
+per token) and gives each rank its share of the whole batch's loss; ``sequence_bounds`` (the batch's number of
+sequences and length) spares the host sync of its agreement. The gradients are then all-reduced as a data-parallel trainer does
 (averaged over the ranks), so the loss is multiplied by the group's size first, as Megatron does for context
 parallelism. At the end the last step's loss and gradients are checked against one process on the whole batch
 (the script exits non-zero if they differ), and the loss each rank would compute without ``sequence_group``
@@ -110,7 +112,7 @@ def main(argv=None):
             teacher_hidden = teacher(local_tokens, positions)
         loss = wpkl.fused_linear_kl_loss(hidden, lm_head, teacher_hidden, teacher_lm_head, mask=local_mask,
                                          positions=positions, sequence_ids=sequence_ids, weighting=WEIGHTING,
-                                         sequence_group=group)
+                                         sequence_group=group, sequence_bounds=mine.bounds)
         optimizer.zero_grad(set_to_none=True)
         (loss * cp).backward()  # the all-reduce below averages over the cp ranks: undo its 1 / cp
         for p in params:  # what DDP / Megatron's data-and-context-parallel gradient all-reduce does

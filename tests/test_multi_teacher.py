@@ -386,7 +386,7 @@ def _world_case(rank, world, group):
                                         backend="triton")
         torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
 
-    def sequences(weighting):
+    def sequences(weighting, bounded=False):
         flat = torch.arange(B * T)
         mine = flat[flat % world == rank]  # tokens dealt round-robin: non-contiguous chunks
         positions = torch.arange(T).expand(B, T).reshape(-1)
@@ -400,7 +400,7 @@ def _world_case(rank, world, group):
                                                                          teacher_topk_logprobs=local(lq))],
                                        mixing=local(mixing.permute(1, 2, 0)).T.contiguous(), weighting=weighting,
                                        mask=local(mask), positions=positions[mine], sequence_ids=sequence_ids[mine],
-                                       sequence_group=group)
+                                       sequence_group=group, sequence_bounds=(B, T) if bounded else None)
         loss.backward()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total, group=group)
@@ -457,6 +457,7 @@ def _world_case(rank, world, group):
     # weights that read the teachers: IW-OPD's prefix share of the mixed divergence, across the ranks' chunks
     case("sequence split, weights on the mixture", lambda: sequences(wpkl.Weighting(accumulated=0.5, w_max=1.5,
                                                                                     normalize=True)))
+    case("sequence split, bounded", lambda: sequences(wpkl.Weighting(accumulated=0.5, normalize=True), bounded=True))
     case("eopd vocabulary shards", eopd_shards)
     case("eopd sequence split", eopd_sequences)
     return results
@@ -480,7 +481,7 @@ def test_vocabulary_and_sequence_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=300)[world]
     assert_ranks_passed(results)
     assert all(set(r["results"]) == {"vocabulary shards", "vocabulary shards, Triton", "sequence split",
-                                     "sequence split, weights on the mixture",
+                                     "sequence split, weights on the mixture", "sequence split, bounded",
                                      "eopd vocabulary shards", "eopd sequence split"} for r in results)
 
 

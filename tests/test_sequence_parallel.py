@@ -2,7 +2,8 @@
 gives on each rank its share of the whole batch's loss (the ranks' losses sum to the single-process loss), its
 rows of the whole gradient, of ``reduction="none"`` and of the stats, for every input form, weighting kind,
 divergence and reduction; the trainers' layouts (wpkl.distributed) reassemble the batch; bad input raises on
-every rank; a call makes two all-gathers and its backward none.
+every rank; a call makes an all-gather and an all-reduce (with ``sequence_bounds`` the all-reduce alone, and no
+host sync) and its backward none.
 
 Each world size (2, 3, 4) spawns one gloo group on the CPU that runs every case: each rank builds the same whole
 batch from the case's seed, computes the single-process result, then its own tokens' and compares.
@@ -124,9 +125,10 @@ def _arguments(d, form, divergence, weighting, token_weights, num_items):
 
 def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_kl", reduction="mean",
                weighting=None, token_weights=False, num_items=None, backend="torch", dtype=torch.float64,
-               use_module=False, shift=False, inference=False, extra=None):
+               use_module=False, shift=False, inference=False, extra=None, bounded=False):
     """A random split of the whole batch's places (padding included) over the ranks, each rank's tokens shuffled
-    and passed packed, against the single-process call on the [S, L] batch."""
+    and passed packed, against the single-process call on the [S, L] batch. ``bounded``: with
+    ``sequence_bounds`` (no host sync), a little larger than the batch."""
     import wpkl
 
     g = _gen(seed)
@@ -149,7 +151,8 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
     ref_wgrad = None if form != "linear" else ws.grad.clone()
     mine = _split(_gen(seed + 2), S * L, world)[rank]
     if shift:  # each sequence's positions start elsewhere, below 0 too (a prompt at negative positions)
-        d["positions"] = d["positions"] + torch.randint(-5, 6, (S, 1), generator=_gen(seed + 3))
+        d["positions"] = d["positions"] + torch.randint(-5 * (not bounded), 6, (S, 1), generator=_gen(seed + 3))
+    bounds = dict(sequence_bounds=(S + 2, L + 6)) if bounded else {}
 
     def local(x):
         return None if x is None else x.reshape(S * L, *x.shape[2:])[mine]
@@ -158,7 +161,7 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
         with torch.inference_mode():
             loss = fn(**{**{k: local(v) for k, v in rows.items()}}, **{k: local(v) for k, v in per_token.items()},
                       positions=local(d["positions"]), sequence_ids=local(d["sequence_ids"]), sequence_group=group,
-                      **{**common, "return_stats": False})
+                      **{**common, "return_stats": False}, **bounds)
         if reduction == "none":
             _close(loss, local(ref_loss).detach(), "inference-mode rows", dtype)
         else:
@@ -175,10 +178,10 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
         module = wpkl.WeightedKLLoss(weighting=weighting, divergence=divergence, reduction=reduction,
                                      backend=backend, temperature=0.8, sequence_group=group)
         loss, stats = module(**local_rows, **local_tokens, positions=local(d["positions"]),
-                             sequence_ids=local(d["sequence_ids"]), return_stats=True, **options)
+                             sequence_ids=local(d["sequence_ids"]), return_stats=True, **options, **bounds)
     else:
         loss, stats = fn(**local_rows, **local_tokens, positions=local(d["positions"]),
-                         sequence_ids=local(d["sequence_ids"]), sequence_group=group, **common)
+                         sequence_ids=local(d["sequence_ids"]), sequence_group=group, **common, **bounds)
     if reduction == "none":
         _close(loss, local(ref_loss), "loss rows", dtype)
         (loss * local(upstream)).sum().backward()
@@ -193,8 +196,10 @@ def split_case(rank, world, group, *, seed, form="logits", divergence="reverse_k
     assert torch.equal(stats.mask, local(ref_stats.mask))
 
 
-def layout_case(rank, world, group, *, seed, layout="megatron_bshd", weighting=None, reduction="mean"):
-    """A trainer's layout (wpkl.distributed): the rank's slice from the helper, against the whole batch."""
+def layout_case(rank, world, group, *, seed, layout="megatron_bshd", weighting=None, reduction="mean",
+                bounded=False):
+    """A trainer's layout (wpkl.distributed): the rank's slice from the helper, against the whole batch
+    (``bounded``: with the helper's ``bounds`` as ``sequence_bounds``)."""
     import wpkl
     from wpkl import distributed as wd
 
@@ -224,7 +229,8 @@ def layout_case(rank, world, group, *, seed, layout="megatron_bshd", weighting=N
     x = part.take(whole["s"]).clone().requires_grad_(True)
     loss = wpkl.weighted_kl_loss(x, part.take(whole["t"]), mask=part.take(whole["mask"], False) & part.valid,
                                  positions=part.positions, sequence_ids=part.sequence_ids, sequence_group=group,
-                                 tokens=part.take(whole["tokens"]), **kw)
+                                 tokens=part.take(whole["tokens"]), **kw,
+                                 **(dict(sequence_bounds=part.bounds) if bounded else {}))
     _close(_sum_over_ranks(loss, group), ref.detach(), f"{layout}: the ranks' losses")
     loss.backward()
     _close(x.grad[part.valid], part.take(ref_grad)[part.valid], f"{layout}: gradient rows")
@@ -287,8 +293,9 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
         raise AssertionError("shifted sequence ids on one tensor-parallel rank: no error on this rank")
 
 
-def collectives_case(rank, world, group, *, seed):
-    """Two all-gathers per call, nothing else; none in backward."""
+def collectives_case(rank, world, group, *, seed, bounded=False):
+    """An all-gather (the agreement) and an all-reduce (the layout) per call, or with ``sequence_bounds`` the
+    all-reduce alone; nothing else, none in backward."""
     import torch.distributed as dist
 
     import wpkl
@@ -316,13 +323,14 @@ def collectives_case(rank, world, group, *, seed):
     try:
         loss = wpkl.weighted_kl_loss(x, local(d["t"]), mask=local(d["mask"]), positions=local(d["positions"]),
                                      sequence_ids=local(d["sequence_ids"]), sequence_group=group, backend="torch",
-                                     weighting=wpkl.Weighting(accumulated=0.5, normalize=True))
+                                     weighting=wpkl.Weighting(accumulated=0.5, normalize=True),
+                                     **(dict(sequence_bounds=(S, L)) if bounded else {}))
         forward = list(calls)
         loss.backward()
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
-    assert forward == ["all_gather", "all_gather"], forward
+    assert forward == (["all_reduce"] if bounded else ["all_gather", "all_reduce"]), forward
     assert calls == forward, calls  # nothing in backward
 
 
@@ -387,6 +395,27 @@ def good_cases():
     cases.append(("mesh torch", mesh_case, dict(seed=seed, weighting=weightings[3])))
     cases.append(("mesh triton", mesh_case, dict(seed=seed + 1, backend="triton", weighting=weightings[1])))
     cases.append(("collectives", collectives_case, dict(seed=seed + 2)))
+    cases.append(("collectives bounded", collectives_case, dict(seed=seed + 2, bounded=True)))
+    cases.append(("deferred agreement", deferred_case, dict(seed=seed + 2)))
+    # sequence_bounds (no host sync): the same results, whatever the split
+    bounded = [("logits w3", dict(weighting=weightings[3], reduction="seq_mean")),
+               ("logits jsd w5", dict(weighting=weightings[5], divergence="jsd", token_weights=True)),
+               ("logits sampled none w6", dict(weighting=weightings[6], divergence="sampled", reduction="none")),
+               ("num_items", dict(weighting=weightings[4], num_items=37.0)),
+               ("shifted positions", dict(weighting=weightings[2], shift=True, reduction="sum")),
+               ("topk w1", dict(form="topk", divergence="forward_kl", weighting=weightings[1])),
+               ("linear w4", dict(form="linear", weighting=weightings[4], divergence="forward_kl")),
+               ("module", dict(use_module=True, weighting=weightings[5])),
+               ("inference mode", dict(inference=True, weighting=weightings[3])),
+               ("triton w3", dict(backend="triton", dtype=torch.float32, weighting=weightings[3])),
+               ("tip", dict(weighting=wpkl.Weighting(token_importance=wpkl.TokenImportance(0.4))))]
+    for name, options in bounded:
+        seed += 1
+        cases.append((f"bounded {name}", split_case, dict(seed=seed + 3, bounded=True, **options)))
+    for layout in ("megatron_bshd", "megatron_thd", "contiguous"):
+        seed += 1
+        cases.append((f"bounded layout {layout}", layout_case, dict(seed=seed + 3, layout=layout, bounded=True,
+                                                                    weighting=weightings[3])))
     # the OPD variants (tests/test_variants.py): TIP's batch-wide selection and PW-OPSD's schedule need the whole
     # batch; PowerOPD changes the terms only
     tip = wpkl.Weighting(token_importance=wpkl.TokenImportance(0.4))
@@ -412,14 +441,16 @@ def good_cases():
 
 # ------------------------------------------------------------------------------------------------ bad inputs
 
-def bad_input_cases(rank, world, group) -> dict:
+def bad_input_cases(rank, world, group, bounded=False) -> dict:
     """Each bad input must raise a ValueError on every rank (naming the problem on the rank that has it); after
-    each, a good call checks that the ranks are still in step."""
+    each, a good call checks that the ranks are still in step. ``bounded``: the calls pass ``sequence_bounds``
+    (one collective, no host read: on the CPU every rank still raises at once; CUDA defers, below)."""
     import wpkl
 
     d = _batch(_gen(7))
     S, L = d["mask"].shape
     parts = _split(_gen(8), S * L, world)
+    bounds = dict(sequence_bounds=(S, L)) if bounded else {}
 
     def local(x, idx=None):
         return x.reshape(S * L, *x.shape[2:])[parts[rank] if idx is None else idx]
@@ -427,7 +458,7 @@ def bad_input_cases(rank, world, group) -> dict:
     def call(idx=None, **changes):
         kw = dict(mask=local(d["mask"], idx), positions=local(d["positions"], idx),
                   sequence_ids=local(d["sequence_ids"], idx), sequence_group=group, backend="torch",
-                  weighting=wpkl.Weighting(accumulated=0.5))
+                  weighting=wpkl.Weighting(accumulated=0.5), **bounds)
         kw.update(changes)
         return wpkl.weighted_kl_loss(local(d["s"], idx), local(d["t"], idx), **kw)
 
@@ -445,9 +476,20 @@ def bad_input_cases(rank, world, group) -> dict:
         "negative id": (lambda: call(sequence_ids=local(d["sequence_ids"]) - (S if rank == 0 else 0)), None),
         "num_items differs": (lambda: call(num_items_in_batch=10.0 + rank), "num_items_in_batch"),
     }
+    if bounded:
+        cases.update({
+            "position beyond the bounds": (lambda: call(positions=local(d["positions"]) + (L if rank == 0 else 0)),
+                                           None),
+            "id beyond the bounds": (lambda: call(sequence_bounds=(S - 1, L)), "sequence_bounds"),
+            "bounds not ints": (lambda: call(sequence_bounds=(S, 2.5)), "sequence_bounds"),
+            "bad shape one rank": (lambda: call(mask=torch.cat([local(d["mask"]), torch.ones(int(rank == 1),
+                                                                                              dtype=torch.bool)])),
+                                   None),
+        })
     results = {}
+    prefix = "bad bounded: " if bounded else "bad: "
     for name, (bad, words) in cases.items():
-        key = f"bad: {name}"
+        key = prefix + name
         try:
             bad()
             results[key] = "no error"
@@ -460,6 +502,84 @@ def bad_input_cases(rank, world, group) -> dict:
         except Exception:  # noqa: BLE001
             results[key] = (results[key] or "") + " | then a good call failed: " + traceback.format_exc(limit=4)
     return results
+
+
+def deferred_case(rank, world, group, *, seed):
+    """With ``sequence_bounds`` on CUDA the agreement is checked without a host read: forced here (the checks'
+    CUDA branch on gloo; the Triton route, the one without host syncs). A rank whose inputs are rejected raises at once; the others return and raise at
+    ``wpkl.check_errors()``; a bad layout (a duplicate place) raises there on every rank; no host sync."""
+    import test_host_sync as hs
+
+    import wpkl
+    import wpkl.inputs.checks as checks
+
+    d = _batch(_gen(seed), dtype=torch.float32)
+    S, L = d["mask"].shape
+    parts = _split(_gen(seed + 1), S * L, world)
+    x = d["s"].reshape(S * L, -1)
+
+    def call(idx=None, **changes):
+        idx = parts[rank] if idx is None else idx
+        kw = dict(mask=d["mask"].reshape(-1)[idx], positions=d["positions"].reshape(-1)[idx],
+                  sequence_ids=d["sequence_ids"].reshape(-1)[idx], sequence_group=group, backend="triton",
+                  weighting=wpkl.Weighting(accumulated=0.5), sequence_bounds=(S, L))
+        kw.update(changes)
+        return wpkl.weighted_kl_loss(x[idx], d["t"].reshape(S * L, -1)[idx], **kw)
+
+    saved = (checks._deferred, checks._pinned, torch.cuda.Event)
+    checks._deferred = lambda flags: True
+    checks._pinned = lambda shape, dtype: torch.empty(shape, dtype=dtype)
+    torch.cuda.Event = hs._FakeEvent
+    syncs, originals = [], {name: getattr(torch.Tensor, name) for name in hs.SYNCS}
+
+    def spy(name):
+        def record(self, *args, **kwargs):
+            if hs._from_wpkl(2) and sys._getframe(1).f_code.co_name != "_raise_from":
+                syncs.append(name)
+            return originals[name](self, *args, **kwargs)
+        return record
+
+    try:
+        checks._pending.clear()
+        for name in hs.SYNCS:
+            setattr(torch.Tensor, name, spy(name))
+        good = call()
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        assert syncs == [], syncs
+        wpkl.check_errors()  # nothing pending is wrong
+        ref = wpkl.weighted_kl_loss(x, d["t"].reshape(S * L, -1), mask=d["mask"].reshape(-1),
+                                    positions=d["positions"].reshape(-1), sequence_ids=d["sequence_ids"].reshape(-1),
+                                    weighting=wpkl.Weighting(accumulated=0.5), backend="torch")
+        _close(_sum_over_ranks(good, group), ref, "deferred agreement: the ranks' losses", torch.float32)
+        # one rank's mask of the wrong shape: it raises now, the others at check_errors
+        try:
+            call(mask=torch.cat([d["mask"].reshape(-1)[parts[rank]], torch.ones(int(rank == 1), dtype=torch.bool)]))
+            raised_now = False
+        except ValueError:
+            raised_now = True
+        assert raised_now == (rank == 1), (rank, raised_now)
+        if rank != 1:
+            try:
+                wpkl.check_errors()
+                raise AssertionError("a rejected rank: no deferred error on this rank")
+            except wpkl.DeferredCheckError as e:
+                assert "rejected their inputs" in str(e), e
+        # a duplicate place: every rank's error waits for check_errors
+        donor = next(r for r in range(world) if len(parts[r]))
+        call(idx=torch.cat([parts[rank], parts[donor][:1]]) if rank == world - 1 else None)
+        try:
+            wpkl.check_errors()
+            raise AssertionError("a duplicate place: no deferred error")
+        except wpkl.DeferredCheckError as e:
+            assert "claim the same" in str(e), e
+        call()  # in step
+        wpkl.check_errors()
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+        checks._deferred, checks._pinned, torch.cuda.Event = saved
+        checks._pending.clear()
 
 
 # ------------------------------------------------------------------------------------------ the process group
@@ -481,6 +601,7 @@ def _worker(rank, world, port, out_dir):
         timings[name] = time.perf_counter() - start
         dist.barrier(group=group)
     results.update(bad_input_cases(rank, world, group))
+    results.update(bad_input_cases(rank, world, group, bounded=True))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(results=results, timings=timings), f)
     dist.destroy_process_group()
@@ -496,14 +617,17 @@ def worlds(tmp_path_factory):
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_every_split_matches_one_process(worlds, world):
-    ran = [n for n in worlds[world][0]["results"] if not n.startswith("bad: ")]
+    ran = [n for n in worlds[world][0]["results"] if not n.startswith(("bad: ", "bad bounded: "))]
     assert ran == [name for name, _, _ in good_cases()]
-    assert_ranks_passed(worlds[world], skip_prefix="bad: ")
+    assert_ranks_passed(worlds[world], skip_prefix="bad")
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_bad_inputs_raise_on_every_rank(worlds, world):
     assert_bad_inputs_raised(worlds[world], 9)
+    for rank, result in enumerate(worlds[world]):  # with sequence_bounds: the same, and its own four
+        bad = {k: v for k, v in result["results"].items() if k.startswith("bad bounded: ")}
+        assert len(bad) == 13 and all(v is None for v in bad.values()), (rank, bad)
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -574,6 +698,12 @@ def test_layouts_reassemble_the_batch():
                 idx = index[real]
                 assert (cu[ids] + pos == idx).all() and all(pos[ids == s].max() < n for s, n in enumerate(lengths)
                                                              if n), (name, size)
+            assert len({p.bounds for p in parts}) == 1, (name, size)  # every rank's bounds the same, and bounding
+            S_, L_ = parts[0].bounds
+            assert all(int(p.sequence_ids.max()) < S_ and int(p.positions.max()) < L_ and int(p.positions.min()) >= 0
+                       for p in parts if p.index.numel()), (name, size)
+            assert L_ == {"bshd": 8 * size, "thd": max(-(-n // (2 * size)) * 2 * size for n in lengths),
+                          "contiguous": max(lengths)}[name], (name, size)
             sizes = {p.index.numel() for p in parts}
             assert len(sizes) == 1, (name, size, sizes)  # the trainers' layouts give every rank as many tokens
     # tensor parallelism too (verl, Megatron-Bridge: each sequence padded to tp * cp * 2): a length of 10 at
@@ -602,10 +732,11 @@ def one_rank_group():
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("bounded", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
-def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed):
-    """The Triton route with a sequence group reads the host once (the agreement's table), with the value and
-    layout checks deferred as on CUDA; the stats hold no graph."""
+def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed, bounded):
+    """The Triton route with a sequence group reads the host once (the agreement's table), or with
+    ``sequence_bounds`` never, with the value and layout checks deferred as on CUDA; the stats hold no graph."""
     import test_host_sync as hs
 
     import wpkl
@@ -634,10 +765,12 @@ def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed):
     loss, stats = wpkl.weighted_kl_loss(x, args["t"], mask=args["mask"], positions=args["positions"],
                                         sequence_ids=args["sequence_ids"], sequence_group=one_rank_group,
                                         backend="triton", return_stats=True,
-                                        weighting=wpkl.Weighting(accumulated=0.5, normalize=True))
+                                        weighting=wpkl.Weighting(accumulated=0.5, normalize=True),
+                                        sequence_bounds=(S, L) if bounded else None)
     loss.backward()
+    assert len(wpkl.inputs.checks._pending) >= 2  # (the value and the layout checks ran, deferred)
     wpkl.inputs.checks._pending.clear()
-    assert calls == ["cpu", "tolist"], calls
+    assert calls == ([] if bounded else ["cpu", "tolist"]), calls
     assert not any(t.requires_grad for t in (stats.weight, stats.divergence, stats.position))
     ref = wpkl.weighted_kl_loss(args["s"], args["t"], mask=args["mask"], positions=args["positions"],
                                 sequence_ids=args["sequence_ids"], backend="torch",

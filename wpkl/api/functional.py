@@ -16,11 +16,11 @@ from ..weighting import Weighting
 def split(arguments: dict, linear: bool) -> tuple[LossSpec, dict]:
     """A call's arguments (its ``locals()``) as (the spec of its options, the rest by name)."""
     names = LossSpec.option_names(linear)
-    return (spec_or_agree(linear, {name: arguments[name] for name in names}),
+    return (spec_or_agree(linear, {name: arguments[name] for name in names}, arguments.get("sequence_bounds")),
             {name: value for name, value in arguments.items() if name not in names})
 
 
-def spec_or_agree(linear: bool, options: dict) -> LossSpec:
+def spec_or_agree(linear: bool, options: dict, bounds=None) -> LossSpec:
     """``LossSpec.from_options``; with a process or sequence group, a rejected option still joins the cross-rank
     agreements, so that every rank raises (wpkl/parallel/agree.py: ``reject``; sequence.py: ``reject_sequences``),
     never leaving the others in a collective."""
@@ -36,7 +36,8 @@ def spec_or_agree(linear: bool, options: dict) -> LossSpec:
         from ..parallel.agree import reject
         from ..parallel.sequence import reject_sequences
 
-        for name, rejecter in (("process_group", reject), ("sequence_group", reject_sequences)):
+        rejecters = (("process_group", reject), ("sequence_group", lambda g, e: reject_sequences(g, e, bounds)))
+        for name, rejecter in rejecters:
             if options.get(name) is not None:
                 try:
                     rejecter(options[name], error)
@@ -74,6 +75,7 @@ def weighted_kl_loss(
     process_group=None,
     sequence_ids: torch.Tensor | None = None,
     sequence_group=None,
+    sequence_bounds: tuple[int, int] | None = None,
 ):
     """Weighted token-level divergence between student and teacher next-token distributions.
 
@@ -139,9 +141,17 @@ def weighted_kl_loss(
             single-process loss of the whole batch and each rank's gradient is its rows of the whole gradient
             (``reduction="none"`` and the stats: the rank's tokens' rows). ``wpkl.distributed`` has the layout
             helpers of the trainers (Megatron's load-balanced chunks, Ulysses/verl's contiguous slices). Costs:
-            two all-gathers per call (eight int64 per rank; 5 to 8 float64 per token), none in backward, one host
-            sync (the fused-linear form adds its compaction's). Combines with ``process_group`` (a tensor x context mesh). Every rank of the group must make the
-            call. Details: wpkl/parallel/sequence.py and docs/recipes.md.
+            an all-gather of eight float64 per rank (the agreement, read on the host: one host sync) and an
+            all-reduce of the whole batch's [S, L] layout (7 float64 per place) per call, none in backward; with
+            ``sequence_bounds``, the all-reduce alone and no host sync (the fused-linear form adds its
+            compaction's). Combines with ``process_group`` (a tensor x context mesh). Every rank of the group
+            must make the call. Details: wpkl/parallel/sequence.py and docs/recipes.md.
+        sequence_bounds: with a ``sequence_group``: ``(S, L)``, the whole batch's number of sequences and a bound
+            on its positions (every sequence id < S, every position in [0, L)), the same on every rank
+            (``wpkl.distributed``'s helpers give it: ``part.bounds``; Megatron's padded [B, T]: ``(B, T)``). The
+            call then reads nothing on the host: the agreement travels with the layout's all-reduce, and its
+            errors are raised at once on the CPU and deferred on CUDA (a rank whose own inputs were rejected
+            raises at once; the others at a later call or ``wpkl.check_errors()``).
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with
@@ -188,6 +198,7 @@ def fused_linear_kl_loss(
     process_group=None,
     sequence_ids: torch.Tensor | None = None,
     sequence_group=None,
+    sequence_bounds: tuple[int, int] | None = None,
 ):
     """``weighted_kl_loss`` from hidden states and lm_head weights, never materializing [N, V] logits.
 
@@ -221,7 +232,8 @@ def fused_linear_kl_loss(
             all-reduces it over the group (the all-reduce Megatron's column-parallel layer makes in its backward),
             so do not pass hidden states through ``copy_to_tensor_model_parallel_region`` (or all-reduce their
             gradient) again.
-        sequence_ids, sequence_group: as in ``weighted_kl_loss`` (the fused-linear form then runs two-phase).
+        sequence_ids, sequence_group, sequence_bounds: as in ``weighted_kl_loss`` (the fused-linear form then runs
+            two-phase).
 
     Memory and GEMMs: wpkl/engine/linear.py and chunks.py (module docstrings) and docs/design.md. Valid tokens are compacted
     first, which costs one host sync.

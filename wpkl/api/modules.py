@@ -67,13 +67,14 @@ class WeightedKLLoss(_SpecModule):
 
     def forward(self, student_logits, teacher_logits, mask=None, token_weights=None, positions=None, tokens=None,
                 return_stats=False, num_items_in_batch=None, teacher_token_logprobs=None, *, teacher_logprobs=None,
-                rollout_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
+                rollout_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None,
+                sequence_bounds=None):
         return materialized_loss(
             self._spec_for(return_stats), student_logits, teacher_logits, mask=mask, token_weights=token_weights,
             positions=positions, tokens=tokens, num_items_in_batch=num_items_in_batch,
             teacher_token_logprobs=teacher_token_logprobs, teacher_logprobs=teacher_logprobs,
             rollout_logprobs=rollout_logprobs, teacher_topk_ids=teacher_topk_ids,
-            teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids)
+            teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids, sequence_bounds=sequence_bounds)
 
 
 class FusedLinearWeightedKLLoss(_SpecModule):
@@ -98,14 +99,14 @@ class FusedLinearWeightedKLLoss(_SpecModule):
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask=None, token_weights=None,
                 positions=None, tokens=None, return_stats=False, *, student_bias=None, teacher_bias=None,
                 num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None, teacher_token_logprobs=None,
-                teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
+                teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None, sequence_bounds=None):
         data = dict(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
                     teacher_weight=teacher_weight, mask=mask, token_weights=token_weights, positions=positions,
                     tokens=tokens, student_bias=student_bias, teacher_bias=teacher_bias,
                     num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
                     rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
                     teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
-                    sequence_ids=sequence_ids)
+                    sequence_ids=sequence_ids, sequence_bounds=sequence_bounds)
         return linear_call(self._spec_for(return_stats), data)
 
 

@@ -18,7 +18,8 @@ from .route import Route, route
 from .weigh import EagerCoefficients, mix_terms, sequences, weigh_and_reduce
 
 
-def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values) -> tuple[Problem, Route]:
+def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values,
+            bounds=None) -> tuple[Problem, Route]:
     def prepare_and_route():
         problem = prepare()
         return problem, route(problem, mixture)
@@ -32,7 +33,7 @@ def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values) 
     if spec.sequence_group is not None:  # around the vocabulary agreement: a rank it rejects is heard here too
         from ..parallel.sequence import agree_sequences
 
-        return agree_sequences(spec.sequence_group, step, check if spec.process_group is None else None)
+        return agree_sequences(spec.sequence_group, step, check if spec.process_group is None else None, bounds)
     return step()
 
 
@@ -72,7 +73,7 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
         for one in others:  # teacher on its own tokens (together: every valid token), with the call's shard
             check_values(one.replace(shard=problem.shard))
 
-    problem, _ = _routed(spec, prepare, mixture=True, check=check)
+    problem, _ = _routed(spec, prepare, mixture=True, check=check, bounds=base.get("sequence_bounds"))
     if not problem.spec.groups:
         check(problem)
     seq = sequences(problem)
@@ -83,7 +84,8 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
 
 def materialized_loss(spec: LossSpec, student_logits, teacher_logits, **data):
     """``weighted_kl_loss``'s work: ``data`` holds its per-token and teacher arguments by name."""
-    problem, chosen = _routed(spec, lambda: build.materialized(spec, student_logits, teacher_logits, **data))
+    problem, chosen = _routed(spec, lambda: build.materialized(spec, student_logits, teacher_logits, **data),
+                              bounds=data.get("sequence_bounds"))
     if chosen.terms == "fused op":
         from .fused import fused_loss
 
@@ -94,7 +96,8 @@ def materialized_loss(spec: LossSpec, student_logits, teacher_logits, **data):
 def linear_loss(spec: LossSpec, student_hidden, student_weight, teacher_hidden, teacher_weight, **data):
     """``fused_linear_kl_loss``'s work (the lm_head weights as given: gathered by the caller when sharded)."""
     problem, chosen = _routed(spec, lambda: build.linear(spec, student_hidden, student_weight, teacher_hidden,
-                                                         teacher_weight, **data))
+                                                         teacher_weight, **data),
+                              bounds=data.get("sequence_bounds"))
     return _finish(problem, chosen)
 
 

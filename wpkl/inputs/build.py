@@ -29,7 +29,7 @@ def _contiguous_vocab(x):
 def materialized(spec: LossSpec, student_logits, teacher_logits, *, mask=None, token_weights=None, positions=None,
                  tokens=None, num_items_in_batch=None, teacher_logprobs=None, rollout_logprobs=None,
                  teacher_token_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
-                 sequence_ids=None) -> Problem:
+                 sequence_ids=None, sequence_bounds=None) -> Problem:
     student = tensors.logits("student_logits", student_logits)
     teacher = None
     if teacher_logits is not None:
@@ -48,7 +48,8 @@ def materialized(spec: LossSpec, student_logits, teacher_logits, *, mask=None, t
         spec, leading, student.device, "teacher_logits", given, mask=mask, token_weights=token_weights,
         positions=positions, tokens=tokens, num_items_in_batch=num_items_in_batch, teacher_logprobs=teacher_logprobs,
         rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
-        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids)
+        teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs, sequence_ids=sequence_ids,
+        sequence_bounds=sequence_bounds)
     return Problem(spec, StudentLogits(_contiguous_vocab(_rows_view(student, packed))), source, batch,
                    vocab=student.shape[-1], device=student.device)
 
@@ -126,6 +127,27 @@ def _sequence_ids(spec: LossSpec, ids, positions, leading, device):
     return ids.long()
 
 
+def sequence_bounds_of(bounds) -> tuple[int, int]:
+    """``sequence_bounds`` as (S, L), two ints >= 1, or a ValueError."""
+    try:
+        S, L = bounds
+    except (TypeError, ValueError):
+        S = L = None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (S, L)):
+        raise ValueError(f"sequence_bounds must be (num_sequences, max_length), two ints >= 1: every sequence id "
+                         f"< num_sequences, every position in [0, max_length); got {bounds!r}")
+    return S, L
+
+
+def _sequence_bounds(spec: LossSpec, bounds):
+    if bounds is None:
+        return None
+    if spec.sequence_group is None:
+        raise ValueError("sequence_bounds bounds the whole batch's layout of a sequence_group call (it spares its "
+                         "host sync); without a sequence_group, pass none")
+    return sequence_bounds_of(bounds)
+
+
 def _num_items(spec: LossSpec, count):
     if count is None:
         return None
@@ -142,7 +164,7 @@ def _num_items(spec: LossSpec, count):
 
 def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *, mask, token_weights, positions,
                        tokens, num_items_in_batch, teacher_logprobs, rollout_logprobs, teacher_token_logprobs,
-                       teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None):
+                       teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None, sequence_bounds=None):
     """The checks both input forms share: the per-token tensors and the teacher source, against the spec.
     Their values: wpkl/inputs/values.py."""
     weighting = spec.weighting
@@ -192,6 +214,7 @@ def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *
             raise ValueError("Weighting(prefix_confidence=...) on [N, V] input needs positions (or pass [B, T, V] "
                              "logits): its window looks back within each sequence")
     num_items_in_batch = _num_items(spec, num_items_in_batch)
+    sequence_bounds = _sequence_bounds(spec, sequence_bounds)
 
     valid = mask if mask is not None else torch.ones(leading, dtype=torch.bool, device=device)
 
@@ -203,7 +226,7 @@ def _batch_and_teacher(spec: LossSpec, leading, device, teacher_name, teacher, *
         positions=rows(None if positions is None else positions.long()), token_weights=rows(token_weights),
         tokens=rows(None if tokens is None else tokens.long()), rollout_logprobs=rows(rollout_logprobs),
         teacher_token_logprobs=rows(teacher_token_logprobs), num_items_in_batch=num_items_in_batch,
-        sequence_ids=rows(sequence_ids))
+        sequence_ids=rows(sequence_ids), sequence_bounds=sequence_bounds)
     if topk is not None:
         teacher = TeacherTopK(rows(topk[0]), rows(topk[1]))
     elif teacher is None:

@@ -78,6 +78,7 @@ class TokenBatch:
     teacher_token_logprobs: torch.Tensor | None = None  # float: log q(y), for the weights that need it
     num_items_in_batch: torch.Tensor | float | None = None  # the denominator of "mean" (a scalar)
     sequence_ids: torch.Tensor | None = None  # int64: the sequence each token belongs to (wpkl/inputs/layout.py)
+    sequence_bounds: tuple[int, int] | None = None  # a sequence group's (S, L): ids < S, positions in [0, L)
 
     def given(self) -> tuple[str, ...]:
         """The names of the optional inputs that were given (what decides a call's work and collectives)."""

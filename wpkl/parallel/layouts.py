@@ -29,12 +29,15 @@ import torch
 @dataclass(frozen=True)
 class LocalTokens:
     """Rank r's tokens: ``index`` into the flattened whole batch (-1: padding the layout adds), ``positions`` and
-    ``sequence_ids`` (int64, the local leading shape), ``valid`` = index >= 0."""
+    ``sequence_ids`` (int64, the local leading shape), ``valid`` = index >= 0, and ``bounds``: the whole batch's
+    (number of sequences, longest padded sequence), every rank's the same: pass it as ``sequence_bounds`` and the
+    call makes no host sync (wpkl/parallel/sequence.py)."""
 
     index: torch.Tensor
     positions: torch.Tensor
     sequence_ids: torch.Tensor
     batch_dims: int = 1  # the whole batch's leading dimensions: 2 for [B, T], 1 for a packed [N]
+    bounds: tuple[int, int] = (1, 1)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -72,7 +75,8 @@ def megatron_bshd(batch: int, seq_len: int, cp_size: int, rank: int) -> LocalTok
         raise ValueError(f"seq_len ({seq_len}) must be a multiple of 2 * cp_size ({2 * cp_size}): pad the batch")
     pos = _chunk_pair(seq_len, cp_size, rank).expand(batch, -1)
     ids = torch.arange(batch).unsqueeze(1).expand_as(pos)
-    return LocalTokens(ids * seq_len + pos, pos.clone(), ids.clone(), batch_dims=2)
+    return LocalTokens(ids * seq_len + pos, pos.clone(), ids.clone(), batch_dims=2,
+                       bounds=(max(batch, 1), seq_len))
 
 
 def _lengths(cu_seqlens) -> list[int]:
@@ -91,16 +95,18 @@ def megatron_thd(cu_seqlens, cp_size: int, rank: int, pad_multiple: int | None =
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1 or multiple % (2 * cp_size):
         raise ValueError(f"pad_multiple must be a positive multiple of 2 * cp_size ({2 * cp_size}), got {multiple!r}")
     lengths, start = _lengths(cu_seqlens), 0
-    index, positions, ids = [], [], []
+    index, positions, ids, longest = [], [], [], 1
     for s, length in enumerate(lengths):
         padded = -(-length // multiple) * multiple
+        longest = max(longest, padded)
         pos = _chunk_pair(padded, cp_size, rank)
         index.append(torch.where(pos < length, start + pos, -1))
         positions.append(pos)
         ids.append(torch.full_like(pos, s))
         start += length
     empty = torch.zeros(0, dtype=torch.int64)
-    return LocalTokens(*(torch.cat(x) if x else empty for x in (index, positions, ids)))
+    return LocalTokens(*(torch.cat(x) if x else empty for x in (index, positions, ids)),
+                       bounds=(max(len(lengths), 1), longest))
 
 
 def contiguous(cu_seqlens, sp_size: int, rank: int) -> LocalTokens:
@@ -118,4 +124,6 @@ def contiguous(cu_seqlens, sp_size: int, rank: int) -> LocalTokens:
     safe = flat.clamp_max(max(total - 1, 0))
     ids = torch.where(real, ids_of[safe] if total else 0, len(lengths))
     positions = torch.where(real, flat - (starts[ids_of[safe]] if total else 0), flat - total)
-    return LocalTokens(torch.where(real, flat, -1), positions, ids)
+    # (the padding at the end is an extra sequence, id S, of padded - total tokens)
+    return LocalTokens(torch.where(real, flat, -1), positions, ids,
+                       bounds=(len(lengths) + 1, max(max(lengths, default=0), padded - total, 1)))
