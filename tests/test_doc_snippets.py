@@ -113,7 +113,8 @@ def test_recipes_snippets(in_tmp, single_process_group):
                      # the context-parallel recipe (after "From hidden states": [2, 7] tokens), on a one-rank
                      # group (the whole batch is the rank's)
                      local_mask=response_mask[:2], local_positions=torch.arange(T).expand(2, T),
-                     local_sequence_ids=torch.arange(2).unsqueeze(1).expand(2, T), cp_group=_world())
+                     local_sequence_ids=torch.arange(2).unsqueeze(1).expand(2, T), cp_group=_world(),
+                     num_sequences=2, max_seq_len=T)
     blocks = python_blocks(ROOT / "docs" / "recipes.md")
     assert len(blocks) >= 5
     for i, code in enumerate(blocks):
