@@ -47,10 +47,10 @@ class _FakeEvent:
         pass
 
 
-@pytest.fixture
-def syncs(monkeypatch):
-    """Every host-syncing tensor method called from wpkl, with the CUDA branch of the value checks forced on."""
-    calls = []
+def install_spies(monkeypatch, calls: list) -> None:
+    """Record in ``calls`` every host-syncing tensor method called from wpkl, and every tensor made from host
+    data (``torch.tensor``/``as_tensor`` of numbers: on CUDA a host-to-device copy, which waits for the GPU), with
+    the CUDA branch of the value checks forced on."""
     for name in SYNCS:
         original = getattr(torch.Tensor, name)
 
@@ -65,9 +65,27 @@ def syncs(monkeypatch):
     original_nonzero = torch.nonzero
     monkeypatch.setattr(torch, "nonzero", lambda *a, **k: (calls.append("torch.nonzero") if _from_wpkl(2) else None)
                         or original_nonzero(*a, **k))
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def made(data, *args, _original=original, _name=name, **kwargs):
+            # (the position tables are copied once per device and cached: _device_table)
+            if not isinstance(data, torch.Tensor) and _from_wpkl(2) and \
+                    sys._getframe(1).f_code.co_name != "_device_table":
+                calls.append(f"torch.{_name}")
+            return _original(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, made)
     monkeypatch.setattr(wpkl.inputs.checks, "_deferred", lambda flags: True)
     monkeypatch.setattr(wpkl.inputs.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+
+
+@pytest.fixture
+def syncs(monkeypatch):
+    """Every host-syncing tensor method called from wpkl, with the CUDA branch of the value checks forced on."""
+    calls = []
+    install_spies(monkeypatch, calls)
     wpkl.inputs.checks._pending.clear()
     yield calls
     wpkl.inputs.checks._pending.clear()
@@ -100,6 +118,8 @@ def test_no_host_sync_on_the_triton_path(syncs, weighting, reduction, extras):
                       tokens=torch.randint(0, 40, (2, 5)), divergence="sampled")
         if reduction == "mean":
             kwargs["num_items_in_batch"] = torch.tensor(9)
+    elif reduction == "mean":  # a number: a fill on the device, never a host-to-device copy
+        kwargs["num_items_in_batch"] = 9.0
     loss, stats = wpkl.weighted_kl_loss(student, teacher, **kwargs)
     (loss * torch.ones_like(loss)).sum().backward()
     assert syncs == [], Counter(syncs)

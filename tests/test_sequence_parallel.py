@@ -247,7 +247,7 @@ def layout_case(rank, world, group, *, seed, layout="megatron_bshd", weighting=N
     assert sorted(every[every >= 0].tolist()) == list(range(total)), layout
 
 
-def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_kl", weighting=None):
+def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_kl", weighting=None, bounded=False):
     """A tensor x context mesh (world 4: 2 x 2; other worlds skip it): vocabulary shards over one group, sequence
     shards over the other, against one process on the whole batch and vocabulary."""
     import torch.distributed as dist
@@ -268,6 +268,7 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
     ref = wpkl.weighted_kl_loss(full, d["t"], mask=d["mask"], **kw)
     ref.backward()
     mine = _split(_gen(seed + 2), S * L, 2)[sp_rank]
+    bounds = dict(sequence_bounds=(S, L)) if bounded else {}
 
     def local(x):
         return x.reshape(S * L, *x.shape[2:])[mine]
@@ -277,7 +278,7 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
     loss = wpkl.weighted_kl_loss(x, local(d["t"])[:, vocab].contiguous(), mask=local(d["mask"]),
                                  positions=local(d["positions"]), sequence_ids=local(d["sequence_ids"]),
                                  process_group=tp_group, sequence_group=sp_group,
-                                 **{**kw, "tokens": local(d["tokens"])})
+                                 **{**kw, "tokens": local(d["tokens"])}, **bounds)
     _close(_sum_over_ranks(loss, sp_group), ref.detach(), "the mesh's loss", torch.float32)
     loss.backward()
     _close(x.grad, full.grad.reshape(S * L, -1)[mine][:, vocab], "the mesh's gradient block", torch.float32)
@@ -286,7 +287,7 @@ def mesh_case(rank, world, group, *, seed, backend="torch", divergence="reverse_
         wpkl.weighted_kl_loss(x.detach(), local(d["t"])[:, vocab].contiguous(), mask=local(d["mask"]),
                               positions=local(d["positions"]), process_group=tp_group, sequence_group=sp_group,
                               sequence_ids=local(d["sequence_ids"]) + (1 if rank == 1 else 0),
-                              **{**kw, "tokens": local(d["tokens"])})
+                              **{**kw, "tokens": local(d["tokens"])}, **bounds)
     except ValueError:
         pass
     else:
@@ -394,6 +395,8 @@ def good_cases():
     seed += 1
     cases.append(("mesh torch", mesh_case, dict(seed=seed, weighting=weightings[3])))
     cases.append(("mesh triton", mesh_case, dict(seed=seed + 1, backend="triton", weighting=weightings[1])))
+    cases.append(("mesh triton bounded", mesh_case, dict(seed=seed + 4, backend="triton", weighting=weightings[3],
+                                                         bounded=True)))
     cases.append(("collectives", collectives_case, dict(seed=seed + 2)))
     cases.append(("collectives bounded", collectives_case, dict(seed=seed + 2, bounded=True)))
     cases.append(("deferred agreement", deferred_case, dict(seed=seed + 2)))
@@ -475,6 +478,10 @@ def bad_input_cases(rank, world, group, bounded=False) -> dict:
                                     None),
         "negative id": (lambda: call(sequence_ids=local(d["sequence_ids"]) - (S if rank == 0 else 0)), None),
         "num_items differs": (lambda: call(num_items_in_batch=10.0 + rank), "num_items_in_batch"),
+        # a module whose forward rejects return_stats on one rank (its spec joins the call's agreement)
+        "module return_stats one rank": (lambda: wpkl.WeightedKLLoss(sequence_group=group, backend="torch")(
+            local(d["s"]), local(d["t"]), mask=local(d["mask"]), positions=local(d["positions"]),
+            sequence_ids=local(d["sequence_ids"]), return_stats="yes" if rank == 0 else False, **bounds), None),
     }
     if bounded:
         cases.update({
@@ -493,7 +500,7 @@ def bad_input_cases(rank, world, group, bounded=False) -> dict:
         try:
             bad()
             results[key] = "no error"
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # (a TypeError: the rank whose own argument has the wrong type)
             results[key] = None if words is None or words in str(e) or "rank(s)" in str(e) else f"message: {e}"
         except Exception:  # noqa: BLE001
             results[key] = traceback.format_exc(limit=4)
@@ -507,7 +514,8 @@ def bad_input_cases(rank, world, group, bounded=False) -> dict:
 def deferred_case(rank, world, group, *, seed):
     """With ``sequence_bounds`` on CUDA the agreement is checked without a host read: forced here (the checks'
     CUDA branch on gloo; the Triton route, the one without host syncs). A rank whose inputs are rejected raises at once; the others return and raise at
-    ``wpkl.check_errors()``; a bad layout (a duplicate place) raises there on every rank; no host sync."""
+    ``wpkl.check_errors()`` (not at their next call: the ranks' flags arrive at their own times); a bad layout
+    (a duplicate place) raises there on every rank; no host sync."""
     import test_host_sync as hs
 
     import wpkl
@@ -559,6 +567,9 @@ def deferred_case(rank, world, group, *, seed):
         except ValueError:
             raised_now = True
         assert raised_now == (rank == 1), (rank, raised_now)
+        # the next good call, before any check_errors: every rank returns the right loss (an earlier call's
+        # failure is held for check_errors, not raised by one rank mid-call, which would reject this call too)
+        _close(_sum_over_ranks(call(), group), ref, "the good call after a rejected rank", torch.float32)
         if rank != 1:
             try:
                 wpkl.check_errors()
@@ -624,10 +635,10 @@ def test_every_split_matches_one_process(worlds, world):
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_bad_inputs_raise_on_every_rank(worlds, world):
-    assert_bad_inputs_raised(worlds[world], 9)
+    assert_bad_inputs_raised(worlds[world], 10)
     for rank, result in enumerate(worlds[world]):  # with sequence_bounds: the same, and its own four
         bad = {k: v for k, v in result["results"].items() if k.startswith("bad bounded: ")}
-        assert len(bad) == 13 and all(v is None for v in bad.values()), (rank, bad)
+        assert len(bad) == 14 and all(v is None for v in bad.values()), (rank, bad)
 
 
 # ------------------------------------------------------------------------------------------ one process
@@ -742,19 +753,7 @@ def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed, b
     import wpkl
 
     calls = []
-    for name in hs.SYNCS:
-        original = getattr(torch.Tensor, name)
-
-        def spy(self, *args, _original=original, _name=name, **kwargs):
-            # (reading flags that have arrived in pinned host memory, _raise_from, waits for nothing)
-            if hs._from_wpkl(2) and sys._getframe(1).f_code.co_name != "_raise_from":
-                calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
-    monkeypatch.setattr(wpkl.inputs.checks, "_deferred", lambda flags: True)
-    monkeypatch.setattr(wpkl.inputs.checks, "_pinned", lambda shape, dtype: torch.empty(shape, dtype=dtype))
-    monkeypatch.setattr(torch.cuda, "Event", hs._FakeEvent)
+    hs.install_spies(monkeypatch, calls)
     d = _batch(_gen(11), dtype=torch.float32)
     S, L = d["mask"].shape
     args = {k: d[k] for k in ("s", "t", "mask", "positions", "sequence_ids")}
@@ -766,7 +765,8 @@ def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed, b
                                         sequence_ids=args["sequence_ids"], sequence_group=one_rank_group,
                                         backend="triton", return_stats=True,
                                         weighting=wpkl.Weighting(accumulated=0.5, normalize=True),
-                                        sequence_bounds=(S, L) if bounded else None)
+                                        sequence_bounds=(S, L) if bounded else None,
+                                        num_items_in_batch=7.0)  # (a number: a fill, no host-to-device copy)
     loss.backward()
     assert len(wpkl.inputs.checks._pending) >= 2  # (the value and the layout checks ran, deferred)
     wpkl.inputs.checks._pending.clear()
@@ -774,5 +774,5 @@ def test_one_host_sync_and_detached_stats(one_rank_group, monkeypatch, packed, b
     assert not any(t.requires_grad for t in (stats.weight, stats.divergence, stats.position))
     ref = wpkl.weighted_kl_loss(args["s"], args["t"], mask=args["mask"], positions=args["positions"],
                                 sequence_ids=args["sequence_ids"], backend="torch",
-                                weighting=wpkl.Weighting(accumulated=0.5, normalize=True))
+                                weighting=wpkl.Weighting(accumulated=0.5, normalize=True), num_items_in_batch=7.0)
     _close(loss, ref, "one rank", torch.float32)

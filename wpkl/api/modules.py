@@ -22,14 +22,15 @@ class _SpecModule(nn.Module):
         super().__init__()
         self.spec = LossSpec.from_options(linear=self._linear, **options)
 
-    def _spec_for(self, return_stats) -> LossSpec:
-        """The spec of one forward: ``return_stats`` is the only option a forward sets (its True variant is kept)."""
+    def _spec_for(self, return_stats, sequence_bounds=None) -> LossSpec:
+        """The spec of one forward: ``return_stats`` is the only option a forward sets (its True variant is kept).
+        ``sequence_bounds``: the forward's, so that a rejected ``return_stats`` joins the same agreement."""
         if return_stats is self.spec.return_stats:
             return self.spec
         cached = self.__dict__.get("_stats_spec")
         if return_stats is True and cached is not None and cached[0] is self.spec:
             return cached[1]
-        spec = spec_or_agree(self._linear, {**self.spec.options(), "return_stats": return_stats})
+        spec = spec_or_agree(self._linear, {**self.spec.options(), "return_stats": return_stats}, sequence_bounds)
         if return_stats is True:
             self.__dict__["_stats_spec"] = (self.spec, spec)
         return spec
@@ -70,7 +71,7 @@ class WeightedKLLoss(_SpecModule):
                 rollout_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None, sequence_ids=None,
                 sequence_bounds=None):
         return materialized_loss(
-            self._spec_for(return_stats), student_logits, teacher_logits, mask=mask, token_weights=token_weights,
+            self._spec_for(return_stats, sequence_bounds), student_logits, teacher_logits, mask=mask, token_weights=token_weights,
             positions=positions, tokens=tokens, num_items_in_batch=num_items_in_batch,
             teacher_token_logprobs=teacher_token_logprobs, teacher_logprobs=teacher_logprobs,
             rollout_logprobs=rollout_logprobs, teacher_topk_ids=teacher_topk_ids,
@@ -107,7 +108,7 @@ class FusedLinearWeightedKLLoss(_SpecModule):
                     rollout_logprobs=rollout_logprobs, teacher_token_logprobs=teacher_token_logprobs,
                     teacher_topk_ids=teacher_topk_ids, teacher_topk_logprobs=teacher_topk_logprobs,
                     sequence_ids=sequence_ids, sequence_bounds=sequence_bounds)
-        return linear_call(self._spec_for(return_stats), data)
+        return linear_call(self._spec_for(return_stats, sequence_bounds), data)
 
 
 for _cls in (WeightedKLLoss, FusedLinearWeightedKLLoss):

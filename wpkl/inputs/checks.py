@@ -10,6 +10,8 @@ bounds on bad input meanwhile: an out-of-range token gives a NaN loss for its ro
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _pending: list[tuple[torch.cuda.Event, torch.Tensor, list[str]]] = []
@@ -68,22 +70,52 @@ def _pinned(shape, dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def _raise_from(entries) -> None:
-    for _, host, messages in entries:
+def _raise_from(entries, hold: bool = False) -> list:
+    """Raise the first failure of ``entries`` (their flags have arrived in host memory: reading them waits for
+    nothing). ``hold``: return the failed entries instead, still pending (the others' buffers are freed)."""
+    held = []
+    for entry in entries:
+        _, host, messages = entry
         values = host.tolist()
+        if hold:
+            if any(values):
+                held.append(entry)
+            else:
+                _free_pinned.append(host)
+            continue
         _free_pinned.append(host)
         for message, failed in zip(messages, values, strict=True):
             if failed:
                 raise DeferredCheckError(
                     f"{message} (found by a check on the GPU that does not stall the host: raised by a later wpkl "
                     "call or by wpkl.check_errors(); the loss of the call that received this input is not valid)")
+    return held
+
+
+_holding = [0]
+
+
+@contextlib.contextmanager
+def holding_earlier():
+    """Within: an earlier call's failed checks are not raised (they stay pending for ``check_errors()`` or a
+    later call outside). A sequence-parallel call without a host read (``sequence_bounds``) holds them: each
+    rank's flags arrive at its own time, and a rank raising alone mid-call would leave its peers with a loss."""
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
 
 
 def raise_arrived() -> None:
-    """Raise the first failure among pending checks whose flags have arrived; never waits."""
+    """Raise the first failure among pending checks whose flags have arrived; never waits. While holding
+    (``holding_earlier``) the failures stay pending and only the passed checks' buffers are freed."""
     arrived = []
     while _pending and _pending[0][0].query():
         arrived.append(_pending.pop(0))
+    if _holding[0]:
+        _pending[:0] = _raise_from(arrived, hold=True)
+        return
     _raise_from(arrived)
 
 

@@ -84,6 +84,8 @@ def check_values(problem: Problem) -> None:
         bad["topk_logprobs_range"] = atoms & (logprobs > LOGPROB_TOLERANCE)
     if batch.num_items_in_batch is not None:
         # With no valid token the loss is 0 whatever the count (an empty micro-batch); otherwise it divides.
-        count = torch.as_tensor(batch.num_items_in_batch, device=valid.device)
+        count = batch.num_items_in_batch  # (a number: a fill on the device, not a host-to-device copy)
+        count = count.to(valid.device) if isinstance(count, torch.Tensor) else \
+            torch.full((), float(count), dtype=torch.float64, device=valid.device)
         bad["num_items_in_batch"] = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
     run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS + TORCH_CHECKS if name in bad])

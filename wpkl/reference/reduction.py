@@ -18,7 +18,10 @@ def reduce_loss(weighted: torch.Tensor, valid: torch.Tensor, reduction: str, num
     if reduction == "mean":
         if num_items_in_batch is None:
             return weighted.sum() / valid.sum().clamp_min(1)
-        count = torch.as_tensor(num_items_in_batch, device=weighted.device, dtype=weighted.dtype).reshape(())
+        if isinstance(num_items_in_batch, torch.Tensor):
+            count = num_items_in_batch.to(weighted.device, weighted.dtype).reshape(())
+        else:  # a fill, not a host-to-device copy (which would wait for the GPU)
+            count = weighted.new_full((), float(num_items_in_batch))
         # No valid token: 0 with a zero gradient, whatever the count (0 for an empty step's own count).
         return weighted.sum() / torch.where(valid.any(), count, 1.0)
     if reduction == "seq_mean":

@@ -39,7 +39,7 @@ def topk_atom_terms(x, lse, atoms, teacher_logprobs, *, mode, divergence, beta, 
     teacher entropy is over the mode's atoms (a support estimate). Rows with no atom give D = 0. Differentiable
     in x and lse (the kernels use autograd of this function for their gradient's per-row coefficients).
     """
-    neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    neg_inf = x.new_full((), float("-inf"))  # (a fill: no host-to-device copy)
     log_p = torch.where(atoms, x - lse.unsqueeze(-1), neg_inf)
     log_q = torch.where(atoms, teacher_logprobs.to(x.dtype), neg_inf)
     if mode == "raw" and logprob_floor is not None:
