@@ -149,9 +149,11 @@ def weighted_kl_loss(
         sequence_bounds: with a ``sequence_group``: ``(S, L)``, the whole batch's number of sequences and a bound
             on its positions (every sequence id < S, every position in [0, L)), the same on every rank
             (``wpkl.distributed``'s helpers give it: ``part.bounds``; Megatron's padded [B, T]: ``(B, T)``). The
-            call then reads nothing on the host: the agreement travels with the layout's all-reduce, and its
-            errors are raised at once on the CPU and deferred on CUDA (a rank whose own inputs were rejected
-            raises at once; the others at a later call or ``wpkl.check_errors()``).
+            call then reads nothing on the host (with ``process_group`` too, the vocabulary agreement still
+            does, once): the agreement travels with the layout's all-reduce, and its errors are raised at once
+            on the CPU and deferred on CUDA: a rank whose own inputs were rejected raises at once, the others at
+            ``wpkl.check_errors()`` (call it on every rank, e.g. when logging) or a later call without
+            ``sequence_bounds``; such calls never raise an earlier call's failure mid-call.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with

@@ -15,7 +15,8 @@ and the reduction's denominators need the whole batch. So, in named stages:
               and every rank raises in step. With ``sequence_bounds=(S, L)`` (every id < S, every position in
               [0, L): ``wpkl.distributed``'s helpers give them) nothing is read: the row travels with the
               exchange and is checked there, raised at once on the CPU and deferred on CUDA
-              (wpkl/inputs/checks.py; a rank whose own inputs were rejected joins the exchange, then raises).
+              (wpkl/inputs/checks.py; a rank whose own inputs were rejected joins the exchange, then raises;
+              an earlier call's deferred failure is held meanwhile, wpkl/engine/run.py: ``_held``).
     exchange  (``SequenceShards.reduce``, after the terms) one all-reduce of the whole batch's [S, L] layout of
               ``COLUMNS`` (7 float64 per place: each rank writes its tokens' places, zeros elsewhere, so each sum
               is its one token's value, exactly, in any order); never [N, V] or [N, K] data.
