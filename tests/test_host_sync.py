@@ -157,6 +157,27 @@ def test_bad_values_surface_later_on_the_gpu_path(syncs):
     wpkl.check_errors()  # nothing pending any more
 
 
+def test_no_deferred_failure_is_lost_or_raised_while_held(syncs):
+    """Two failures pending: check_errors raises the first, then the second (none dropped); while held
+    (``holding_earlier``: a sync-free sequence-parallel call) a call raises neither, and they stay pending."""
+    from wpkl.inputs.checks import holding_earlier
+
+    student, teacher, mask = _inputs()
+    tokens = torch.randint(0, 40, (2, 5))
+    tokens[0, 0] = 40
+    mask[0, 0] = True
+    wpkl.weighted_kl_loss(student, teacher, mask=mask, token_weights=-torch.ones(2, 5), backend="triton")
+    with holding_earlier():  # the earlier failure is not raised here
+        wpkl.weighted_kl_loss(student, teacher, mask=mask, tokens=tokens, divergence="sampled", backend="triton")
+        wpkl.weighted_kl_loss(student, teacher, mask=mask, backend="triton")
+    with pytest.raises(wpkl.DeferredCheckError, match="token_weights must be finite and >= 0"):
+        wpkl.check_errors()
+    with pytest.raises(wpkl.DeferredCheckError, match=r"tokens must lie in \[0, V\)"):
+        wpkl.check_errors()
+    wpkl.check_errors()
+    assert syncs == []
+
+
 @pytest.fixture
 def unpoisoned(monkeypatch):
     """The real allocators (conftest fills output buffers with NaN, a test-only kernel per buffer)."""

@@ -576,6 +576,21 @@ def deferred_case(rank, world, group, *, seed):
                 raise AssertionError("a rejected rank: no deferred error on this rank")
             except wpkl.DeferredCheckError as e:
                 assert "rejected their inputs" in str(e), e
+        # a bad value on one rank (a negative token weight: a deferred value check there, no host error): it
+        # travels in the agreement, so every rank raises at check_errors (rank 1 its own message)
+        weights = torch.ones(len(parts[rank]))
+        bad = bool(d["mask"].reshape(-1)[parts[1]].any())  # rank 1 has a valid token to give a bad weight
+        if rank == 1 and bad:
+            weights[d["mask"].reshape(-1)[parts[1]].nonzero()[0]] = -1.0
+        call(token_weights=weights)
+        expected = [] if not bad else ["token_weights", "rejected"] if rank == 1 else ["rejected"]
+        for words in expected:  # (rank 1: its value check's message, then the agreement's: none is lost)
+            try:
+                wpkl.check_errors()
+                raise AssertionError(f"a bad value on rank 1: no deferred error ({words}) on this rank")
+            except wpkl.DeferredCheckError as e:
+                assert words in str(e), e
+        wpkl.check_errors()
         # a duplicate place: every rank's error waits for check_errors
         donor = next(r for r in range(world) if len(parts[r]))
         call(idx=torch.cat([parts[rank], parts[donor][:1]]) if rank == world - 1 else None)

@@ -95,7 +95,8 @@ def weighted_kl_loss(
         return_stats: also return a ``wpkl.TokenStats``.
         backend: "auto", "triton", "torch" or "reference" (wpkl/engine/route.py says which runs when).
         num_items_in_batch: for "mean", divide by this count (e.g. the valid tokens of all micro-batches and
-            ranks, for gradient accumulation) instead of the local valid-token count.
+            ranks, for gradient accumulation) instead of the local valid-token count: a number, or a tensor on
+            the logits' device (a CPU tensor with CUDA logits is copied to the GPU: a host sync).
         teacher_logprobs: "sampled" only, leading shape: log q(y) of the sampled tokens, given instead of
             ``teacher_logits`` (pass None for those), e.g. from a teacher server. No confidence weighting then.
         rollout_logprobs: "sampled" only, leading shape: log p(y) under the policy that sampled y (e.g. vLLM's),
@@ -152,8 +153,8 @@ def weighted_kl_loss(
             call then reads nothing on the host (with ``process_group`` too, the vocabulary agreement still
             does, once): the agreement travels with the layout's all-reduce, and its errors are raised at once
             on the CPU and deferred on CUDA: a rank whose own inputs were rejected raises at once, the others at
-            ``wpkl.check_errors()`` (call it on every rank, e.g. when logging) or a later call without
-            ``sequence_bounds``; such calls never raise an earlier call's failure mid-call.
+            ``wpkl.check_errors()`` (call it on every rank, e.g. when logging: a bad value on one rank fails
+            every rank's agreement); such calls never raise an earlier call's failure mid-call.
 
     Returns:
         The loss (float32, or float64 for float64 input): a scalar, or the leading shape for "none"; with

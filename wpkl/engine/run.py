@@ -84,8 +84,8 @@ def _mixture(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[Loss
         return make(spec, **base)
 
     def check(problem):  # inside the agreement (a rank whose teacher is rejected makes every rank raise): each
-        for one in others:  # teacher on its own tokens (together: every valid token), with the call's shard
-            check_values(one.replace(shard=problem.shard))
+        # teacher on its own tokens (together: every valid token), with the call's shard; returns the flags
+        return [check_values(one.replace(shard=problem.shard)) for one in others]
 
     problem, _ = _routed(spec, prepare, mixture=True, check=check, bounds=base.get("sequence_bounds"))
     if not problem.spec.groups:

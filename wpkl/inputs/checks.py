@@ -22,16 +22,19 @@ class DeferredCheckError(ValueError):
     ``wpkl.check_errors()``."""
 
 
-def run_checks(checks: list[tuple[str, torch.Tensor]], raise_earlier: bool = True) -> None:
+def run_checks(checks: list[tuple[str, torch.Tensor]], raise_earlier: bool = True) -> torch.Tensor | None:
     """``checks``: (message, a bool tensor that is True where the input is bad). Raises now on the CPU; on CUDA
     queues the flags and raises the first failure of an earlier call whose flags have arrived (unless
     ``raise_earlier=False``: a check made after a collective, where one rank raising alone would leave the
-    others with a loss; the earlier failure then surfaces at the next call's agreement, on every rank)."""
+    others with a loss; the earlier failure then surfaces at the next call's agreement, on every rank).
+    Returns the flags (one per check; None without checks): a deferred failure can travel in an agreement."""
     if not checks:
         if raise_earlier:
             raise_arrived()
-        return
-    run_flags(torch.stack([bad.any() for _, bad in checks]), [message for message, _ in checks], raise_earlier)
+        return None
+    flags = torch.stack([bad.any() for _, bad in checks])
+    run_flags(flags, [message for message, _ in checks], raise_earlier)
+    return flags
 
 
 def run_flags(flags: torch.Tensor, messages: list[str], raise_earlier: bool = True) -> None:
@@ -72,9 +75,10 @@ def _pinned(shape, dtype) -> torch.Tensor:
 
 def _raise_from(entries, hold: bool = False) -> list:
     """Raise the first failure of ``entries`` (their flags have arrived in host memory: reading them waits for
-    nothing). ``hold``: return the failed entries instead, still pending (the others' buffers are freed)."""
+    nothing); the entries after it go back to the front of the pending ones (raised by the next look: none is
+    lost). ``hold``: return the failed entries instead, still pending (the others' buffers are freed)."""
     held = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         _, host, messages = entry
         values = host.tolist()
         if hold:
@@ -86,6 +90,7 @@ def _raise_from(entries, hold: bool = False) -> list:
         _free_pinned.append(host)
         for message, failed in zip(messages, values, strict=True):
             if failed:
+                _pending[:0] = entries[i + 1:]
                 raise DeferredCheckError(
                     f"{message} (found by a check on the GPU that does not stall the host: raised by a later wpkl "
                     "call or by wpkl.check_errors(); the loss of the call that received this input is not valid)")

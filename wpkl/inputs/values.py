@@ -53,9 +53,10 @@ def check_message(check: str, vocab: int) -> str:
             "probabilities passed?")
 
 
-def check_values(problem: Problem) -> None:
+def check_values(problem: Problem) -> torch.Tensor | None:
     """The checks that need the data, as torch ops: at once on the CPU, without a host sync on CUDA
-    (wpkl/inputs/checks.py). The fused route makes the same checks inside its weights kernel instead."""
+    (wpkl/inputs/checks.py). The fused route makes the same checks inside its weights kernel instead.
+    Returns the flags (on CUDA, deferred: a sync-free agreement carries them to the other ranks)."""
     batch = problem.batch
     valid = batch.valid
     vocab = problem.global_vocab  # token ids are global
@@ -88,4 +89,5 @@ def check_values(problem: Problem) -> None:
         count = count.to(valid.device) if isinstance(count, torch.Tensor) else \
             torch.full((), float(count), dtype=torch.float64, device=valid.device)
         bad["num_items_in_batch"] = valid.any() & ~(torch.isfinite(count) & (count > 0)).reshape(())
-    run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS + TORCH_CHECKS if name in bad])
+    return run_checks([(check_message(name, vocab), bad[name]) for name in CHECKS + TOPK_CHECKS + TORCH_CHECKS
+                       if name in bad])

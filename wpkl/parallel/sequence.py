@@ -138,9 +138,11 @@ def _digest(problem: Problem) -> int:
     return zlib.crc32(repr(facts).encode()) & 0x7FFFFFFF
 
 
-def _row(problem: Problem | None, error, values_error, device) -> torch.Tensor:
+def _row(problem: Problem | None, error, values_error, device, flags=None) -> torch.Tensor:
     """This rank's agreement row (``ROW``), float64 (every entry exact), on ``device``: made there (a fill per
-    host number, device ops for the rest: no host-to-device copy, which would wait for the GPU)."""
+    host number, device ops for the rest: no host-to-device copy, which would wait for the GPU). ``flags``: the
+    value checks' (a tensor, a list of them, or None): deferred on CUDA, they set "values ok" on the device, so
+    that a bad value on one rank fails every rank's sync-free agreement."""
     ok = error is None
     row = torch.zeros(len(ROW), dtype=torch.float64, device=device)
     host = (int(ok), int(values_error is None), problem.batch.valid.numel() if ok else 0, _digest(problem) if ok else 0)
@@ -149,6 +151,9 @@ def _row(problem: Problem | None, error, values_error, device) -> torch.Tensor:
             row[i] = value
     if ok:
         batch = problem.batch
+        given = [f for f in (flags if isinstance(flags, list) else [flags]) if f is not None]
+        if given and values_error is None:
+            row[1] = (~torch.stack([f.bool().any() for f in given]).any()).to(torch.float64)
         if batch.valid.numel():
             pos = batch.positions
             row[4:7] = torch.stack([batch.sequence_ids.max() + 1, pos.max(), pos.min()]).to(device, torch.float64)
@@ -178,19 +183,19 @@ def agree_sequences(group, prepare, check_values, bounds=None):
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("sequence_group needs torch.distributed initialized (init_process_group)")
-    error, values_error, problem, route = None, None, None, None
+    error, values_error, problem, route, flags = None, None, None, None, None
     try:
         problem, route = prepare()
         if check_values is not None:
             try:
-                check_values(problem)
+                flags = check_values(problem)
             except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
                 values_error = e
     except Exception as e:  # noqa: BLE001 - as above
         error = e
     ok = error is None
     device = _device(group, problem.device if ok else None)
-    mine = _row(problem, error, values_error, device)
+    mine = _row(problem, error, values_error, device, flags)
     shape = _bounds(bounds)
     if shape is not None:  # no host read: the row travels with the layout's all-reduce (one collective)
         shards = SequenceShards(group, dist.get_rank(group), dist.get_world_size(group), shape, 0, mine)
