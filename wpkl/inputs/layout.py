@@ -36,11 +36,9 @@ class SequenceLayout:
         self.shape = (start_index.numel(), int(offset.max()) + 1)
 
     @classmethod
-    def by_ids(cls, sequence_ids: torch.Tensor, positions: torch.Tensor, what: str = "tokens",
-               shape: tuple[int, int] | None = None) -> SequenceLayout:
-        """The layout of tokens with ``sequence_ids`` (int >= 0) at ``positions`` (module docstring). ``shape``:
-        bounds (S > every id, L > every position) known already; else read from the data (a host sync).
-        ``checks``: (message, bad-flag tensor) pairs for wpkl/inputs/checks.py."""
+    def by_ids(cls, sequence_ids: torch.Tensor, positions: torch.Tensor) -> SequenceLayout:
+        """The layout of tokens with ``sequence_ids`` (int >= 0) at ``positions`` (module docstring; its bounds
+        read from the data: a host sync). ``checks``: ``place_checks``'s, for wpkl/inputs/checks.py."""
         self = cls(False, None)
         # a negative id (an error the value checks report, later on CUDA) must not index from the end meanwhile
         ids, pos = sequence_ids.reshape(-1).long().clamp_min(0), positions.reshape(-1).long()
@@ -49,22 +47,15 @@ class SequenceLayout:
             self.index = (ids, pos)
             self.shape = (0, 0)
             return self
-        rows = int(ids.max()) + 1 if shape is None else shape[0]  # host sync without a shape
+        rows = int(ids.max()) + 1  # host sync
         first = torch.full((rows,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
         first = first.scatter_reduce(0, ids, pos, "amin")
         column = pos - first[ids]
-        length = torch.zeros(rows, dtype=torch.int64, device=device).scatter_reduce(0, ids, column + 1, "amax")
-        self.shape = (rows, int(length.max()) if shape is None else shape[1])  # host sync without a shape
+        self.shape = (rows, int(column.max()) + 1)  # host sync
         self.index = (ids, column)
         count = torch.zeros(self.shape, dtype=torch.int32, device=device).index_put(
             self.index, torch.ones_like(ids, dtype=torch.int32), accumulate=True)
-        inside = torch.arange(self.shape[1], device=device) < length.unsqueeze(1)
-        self.checks = [
-            (f"sequence_ids and positions: two {what} claim the same (sequence, position); every token, masked or "
-             "not, has its own place (give padding its own positions or its own sequence id)", count > 1),
-            (f"sequence_ids and positions: a sequence's positions have a gap (no {what} at a position between its "
-             "first and its last): every token of a sequence must be passed, masked or not", (count == 0) & inside),
-        ]
+        self.checks = place_checks(count)
         return self
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,3 +69,19 @@ class SequenceLayout:
         if self.index is None:
             return x
         return x[self.index].unsqueeze(0)
+
+
+def place_checks(count: torch.Tensor, what: str = "tokens") -> list[tuple[str, torch.Tensor]]:
+    """The checks of a layout from how many tokens claim each place ([S, L]): (message, bad-flag tensor) pairs
+    for wpkl/inputs/checks.py. Two tokens in one place, or a place left empty between a sequence's first and last
+    token, is an error."""
+    occupied, column = count > 0, torch.arange(count.shape[1], device=count.device)
+    first = torch.where(occupied, column, count.shape[1]).amin(1, keepdim=True)
+    last = torch.where(occupied, column, -1).amax(1, keepdim=True)
+    return [
+        (f"sequence_ids and positions: two {what} claim the same (sequence, position); every token, masked or not, "
+         "has its own place (give padding its own positions or its own sequence id)", count > 1),
+        (f"sequence_ids and positions: a sequence's positions have a gap (no {what} at a position between its first "
+         "and its last): every token of a sequence must be passed, masked or not",
+         (column >= first) & (column <= last) & ~occupied),
+    ]

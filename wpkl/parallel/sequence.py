@@ -46,6 +46,7 @@ import torch
 from ..inputs.build import sequence_bounds_of
 from ..inputs.checks import run_checks
 from ..inputs.data import Problem
+from ..inputs.layout import place_checks
 from ..reference import compute_weights, reduce_loss, sequence_positions
 from .agree import _device
 
@@ -264,18 +265,8 @@ class GatheredSequences:
         local = torch.stack([x.reshape(-1).to(torch.float64) for x in columns], dim=1).reshape(n, len(COLUMNS))
         places = shards.places(batch.sequence_ids, batch.positions)
         whole, table = shards.reduce(local, places)  # stage "exchange"
-        count = whole[..., 0]  # stage "weigh": how many tokens claim each place (one, or none)
-        occupied, column = count > 0, torch.arange(whole.shape[1], device=whole.device)
-        first = torch.where(occupied, column, whole.shape[1]).amin(1, keepdim=True)
-        last = torch.where(occupied, column, -1).amax(1, keepdim=True)
-        what = "tokens (of one or more ranks)"
-        checks = [
-            (f"sequence_ids and positions: two {what} claim the same (sequence, position); every token, masked or "
-             "not, has its own place (give padding its own positions or its own sequence id)", count > 1),
-            (f"sequence_ids and positions: a sequence's positions have a gap (no {what} at a position between its "
-             "first and its last): every token of a sequence must be passed, masked or not",
-             (column >= first) & (column <= last) & ~occupied),
-        ]
+        # stage "weigh": how many tokens claim each place (one, or none), and the layout's checks
+        checks = place_checks(whole[..., 0], "tokens (of one or more ranks)")
         if table is not None:
             checks = shards.agreement_checks(table) + checks
         run_checks(checks, raise_earlier=False)  # every rank the same flags; earlier ones: at a later call
