@@ -10,10 +10,7 @@ The public functions and modules (wpkl/api) call ``materialized_loss`` or ``line
 
 from __future__ import annotations
 
-import contextlib
-
 from ..inputs import build
-from ..inputs.checks import holding_earlier
 from ..inputs.data import Problem
 from ..inputs.values import check_values
 from ..spec import LossSpec
@@ -40,12 +37,6 @@ def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values,
     return step()
 
 
-def _held(spec: LossSpec, bounds):
-    """A sequence-parallel call without a host read (``sequence_bounds``) raises no earlier call's deferred
-    failure: the ranks would each raise at their own call (wpkl/inputs/checks.py: ``holding_earlier``)."""
-    return holding_earlier() if spec.sequence_group is not None and bounds is not None else contextlib.nullcontext()
-
-
 def _terms(problem: Problem, chosen: Route, seq):
     if problem.linear:
         from .linear import linear_terms
@@ -70,11 +61,6 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
     with the teacher's own options) and data (its mask without the tokens its mixing weight is 0 on). Each
     teacher's per-token terms on its own route, then their mixture (weigh.py: ``mix_terms``), then the weights and
     the reduction once, on the mixture."""
-    with _held(spec, base.get("sequence_bounds")):
-        return _mixture(spec, linear, base, teachers, mixing)
-
-
-def _mixture(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[LossSpec, dict]], mixing):
     make = build.linear if linear else build.materialized
     others, routes = [], []
 
@@ -98,11 +84,6 @@ def _mixture(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[Loss
 
 def materialized_loss(spec: LossSpec, student_logits, teacher_logits, **data):
     """``weighted_kl_loss``'s work: ``data`` holds its per-token and teacher arguments by name."""
-    with _held(spec, data.get("sequence_bounds")):
-        return _materialized(spec, student_logits, teacher_logits, data)
-
-
-def _materialized(spec: LossSpec, student_logits, teacher_logits, data):
     problem, chosen = _routed(spec, lambda: build.materialized(spec, student_logits, teacher_logits, **data),
                               bounds=data.get("sequence_bounds"))
     if chosen.terms == "fused op":
@@ -114,11 +95,6 @@ def _materialized(spec: LossSpec, student_logits, teacher_logits, data):
 
 def linear_loss(spec: LossSpec, student_hidden, student_weight, teacher_hidden, teacher_weight, **data):
     """``fused_linear_kl_loss``'s work (the lm_head weights as given: gathered by the caller when sharded)."""
-    with _held(spec, data.get("sequence_bounds")):
-        return _linear(spec, student_hidden, student_weight, teacher_hidden, teacher_weight, data)
-
-
-def _linear(spec: LossSpec, student_hidden, student_weight, teacher_hidden, teacher_weight, data):
     problem, chosen = _routed(spec, lambda: build.linear(spec, student_hidden, student_weight, teacher_hidden,
                                                          teacher_weight, **data),
                               bounds=data.get("sequence_bounds"))

@@ -37,7 +37,7 @@ class LocalTokens:
     positions: torch.Tensor
     sequence_ids: torch.Tensor
     batch_dims: int = 1  # the whole batch's leading dimensions: 2 for [B, T], 1 for a packed [N]
-    bounds: tuple[int, int] = (1, 1)
+    bounds: tuple[int, int] | None = None  # (the helpers below always give it)
 
     @property
     def valid(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ and the reduction's denominators need the whole batch. So, in named stages:
               [0, L): ``wpkl.distributed``'s helpers give them) nothing is read: the row travels with the
               exchange and is checked there, raised at once on the CPU and deferred on CUDA
               (wpkl/inputs/checks.py; a rank whose own inputs were rejected joins the exchange, then raises;
-              an earlier call's deferred failure is held meanwhile, wpkl/engine/run.py: ``_held``).
+              an earlier call's deferred failure is held meanwhile: ``holding_earlier``).
     exchange  (``SequenceShards.reduce``, after the terms) one all-reduce of the whole batch's [S, L] layout of
               ``COLUMNS`` (7 float64 per place: each rank writes its tokens' places, zeros elsewhere, so each sum
               is its one token's value, exactly, in any order); never [N, V] or [N, K] data.
@@ -38,13 +38,14 @@ group's size first, as Megatron does for its own loss (docs/recipes.md).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
 import torch
 
 from ..inputs.build import sequence_bounds_of
-from ..inputs.checks import run_checks
+from ..inputs.checks import holding_earlier, run_checks
 from ..inputs.data import Problem
 from ..inputs.layout import place_checks
 from ..reference import compute_weights, reduce_loss, sequence_positions
@@ -185,19 +186,23 @@ def agree_sequences(group, prepare, check_values, bounds=None):
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("sequence_group needs torch.distributed initialized (init_process_group)")
     error, values_error, problem, route, flags = None, None, None, None, None
-    try:
-        problem, route = prepare()
-        if check_values is not None:
-            try:
-                flags = check_values(problem)
-            except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
-                values_error = e
-    except Exception as e:  # noqa: BLE001 - as above
-        error = e
+    shape = _bounds(bounds)
+    # Without a host read, an earlier call's deferred failure is held (its flags arrive on each rank at its own
+    # time: raised here, one rank would reject this call alone); the value checks, the only ones of the call that
+    # raise earlier failures, run here, inside ``prepare`` (the vocabulary agreement's) or below.
+    with holding_earlier() if shape is not None else contextlib.nullcontext():
+        try:
+            problem, route = prepare()
+            if check_values is not None:
+                try:
+                    flags = check_values(problem)
+                except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+                    values_error = e
+        except Exception as e:  # noqa: BLE001 - as above
+            error = e
     ok = error is None
     device = _device(group, problem.device if ok else None)
     mine = _row(problem, error, values_error, device, flags)
-    shape = _bounds(bounds)
     if shape is not None:  # no host read: the row travels with the layout's all-reduce (one collective)
         shards = SequenceShards(group, dist.get_rank(group), dist.get_world_size(group), shape, 0, mine)
         if error is not None or values_error is not None:
