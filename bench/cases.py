@@ -55,7 +55,7 @@ CASES = {
     "tip": Case("tip", "reverse_kl", wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5), normalize=False),
                 "TIP: reverse KL on the half of the batch's tokens with the highest entropy-and-divergence score"),
     "mopd": Case("mopd", "reverse_kl", None, "MOPD: reverse KL against two teachers, 1/2 each "
-                 "(wpkl.multi_teacher_loss: one fused call per teacher)", teachers=2),
+                 "(wpkl.multi_teacher_loss: one pass reads both teachers)", teachers=2),
 }
 
 # The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.

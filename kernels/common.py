@@ -226,23 +226,24 @@ def xlogy_term(prob, value):
 
 
 @device_function
-def lane_softmax_step(x, scale, m, z, h):
-    """Fold a [VEC, LANES] block of raw logits into per-lane partials (m, z, h), each [LANES].
+def lane_softmax_step(x, scale, m, z, h, AXIS: tl.constexpr = 0):
+    """Fold a [VEC, LANES] block of raw logits into per-lane partials (m, z, h), each [LANES] (AXIS = 1: a
+    [K, VEC, LANES] block of K teachers into [K, LANES] partials).
 
     Returns the new (m, z, h), the factor that rescaled the old sums, and 2^((x - m) c) of the block (for the
     cross sums). The block maximum is an in-thread reduction (a lane's VEC logits live in one thread), so
     the loop needs no barrier and no shuffle. While a lane has seen only -inf its shift is 0, since
     2^(-inf - -inf) would be NaN; a NaN logit makes z NaN (maxima ignore NaN, sums do not).
     """
-    new_m = tl.maximum(m, reduce_max(x, 0))
+    new_m = tl.maximum(m, reduce_max(x, AXIS))
     shift = tl.where(new_m == NEG_INF, 0.0, new_m)
     delta = m - shift  # <= 0; -inf while the lane had seen only -inf (then z = h = 0)
     alpha = exp2_approx(delta * scale)
-    d = x - shift[None, :]
+    d = x - tl.expand_dims(shift, AXIS)
     e = exp2_approx(d * scale)
     # h rescales as sum e' (x - m') = alpha (h + (m - m') z); the clamps keep 0 * -inf out of both products.
-    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + reduce_sum(e * tl.maximum(d, FLT_LOWEST), 0)
-    z = alpha * z + reduce_sum(e, 0)
+    h = alpha * (h + tl.maximum(delta, FLT_LOWEST) * z) + reduce_sum(e * tl.maximum(d, FLT_LOWEST), AXIS)
+    z = alpha * z + reduce_sum(e, AXIS)
     return new_m, z, h, alpha, e
 
 
@@ -261,11 +262,11 @@ def rescale_partials(m, z, h, new_max, scale):
 
 
 @device_function
-def merge_lanes(m, z, h, scale):
-    """Merge per-lane partials ([LANES] each) into the row's (scalars); also returns the lanes' factors."""
-    row_max = reduce_max(m, 0)
-    z, h, factor = rescale_partials(m, z, h, row_max, scale)
-    return row_max, reduce_sum(z, 0), reduce_sum(h, 0), factor
+def merge_lanes(m, z, h, scale, AXIS: tl.constexpr = 0):
+    """Merge per-lane partials ([LANES] each; AXIS = 1: [K, LANES]) into the row's (scalars; [K]), and the factors."""
+    row_max = reduce_max(m, AXIS)
+    z, h, factor = rescale_partials(m, z, h, tl.expand_dims(row_max, AXIS), scale)
+    return row_max, reduce_sum(z, AXIS), reduce_sum(h, AXIS), factor
 
 
 @device_function
@@ -339,10 +340,7 @@ def mixture_log2_ratios(r, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
     a = log2_1m_beta
     b = log2_beta + r
     e = 1.0 + exp2_approx(-tl.abs(a - b))
-    if PRECISE_LOG2:
-        tail = tl.math.log2(e)
-    else:
-        tail = log2_approx(e)
+    tail = tl.math.log2(e) if PRECISE_LOG2 else log2_approx(e)
     return tl.maximum(a, b) + tail, tl.maximum(log2_beta, a - r) + tail
 
 

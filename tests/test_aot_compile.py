@@ -38,9 +38,9 @@ def _row(record: dict) -> Row:
     return Row(**{**fields, "loops": [Loop(**loop) for loop in record["loops"]]})
 
 
-def _find(rows, kernel, divergence, dtype="bfloat16", vocab=128256, arch=90):
+def _find(rows, kernel, divergence, dtype="bfloat16", vocab=128256, arch=90, variant=""):
     found = [r for r in rows if (r["kernel"], r["divergence"], r["dtype"], r["arch"], r["variant"]) ==
-             (kernel, divergence, dtype, arch, "") and str(vocab) in r["vocabs"].split()]
+             (kernel, divergence, dtype, arch, variant) and str(vocab) in r["vocabs"].split()]
     assert len(found) == 1, (kernel, divergence, dtype, vocab, arch)
     return found[0]
 
@@ -52,7 +52,11 @@ def test_everything_compiles_for_sm80_and_sm90(report):
     vocabulary = [r for r in rows if r["kernel"] in ("fwd", "bwd")]
     assert {r["divergence"] for r in vocabulary} == {"reverse_kl", "forward_kl", "jsd", "sampled"}
     assert {r["dtype"] for r in vocabulary} == {"float32", "bfloat16", "float16"}
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd"}
+    # Several teachers' pass (kernels/token_mixture.py): both divergences, every logits dtype, four teachers.
+    mixture = [r for r in rows if r["kernel"].startswith("mixture")]
+    assert {(r["divergence"], r["dtype"], r["variant"]) for r in mixture} == {
+        (d, t, "K=4") for d in ("reverse_kl", "forward_kl") for t in ("float32", "bfloat16", "float16")}
     # The top-k teacher's atom fix-up (kernels/token_topk.py), in every gradient dtype.
     assert {r["dtype"] for r in rows if r["kernel"] == "topk"} == {"float32", "bfloat16", "float16"}
     # The weights kernel (kernels/token_weights.py): every reduction, every option on, [B, T] and packed layouts.
@@ -78,6 +82,11 @@ def test_targets_for_bf16_on_sm90(report):
     assert per_element["bwd", "jsd"][0] <= 40
     for divergence in ("reverse_kl", "forward_kl", "jsd"):
         assert _find(rows, "fwd", divergence)["ctas_per_sm"] >= TARGET_FORWARD_CTAS
+    # Four teachers in one pass: below four single-teacher passes' 4 x 32 and 4 x 24 per student element.
+    for divergence in ("reverse_kl", "forward_kl"):
+        fwd, bwd = (_find(rows, f"mixture_{k}", divergence, variant="K=4") for k in ("fwd", "bwd"))
+        assert fwd["loops"][0]["per_element"] <= 80 and bwd["loops"][0]["per_element"] <= 40
+        assert fwd["ctas_per_sm"] >= 2 and fwd["spill_bytes"] == bwd["spill_bytes"] == 0
 
 
 def test_no_spills_and_no_barriers_or_shuffles_in_vocabulary_loops(report):

@@ -411,6 +411,31 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(total, whole, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
 
+    def sequences_one_read():  # dense mixing on the Triton backend: both logits teachers in one pass per rank
+        flat = torch.arange(B * T)
+        mine = flat[flat % world == rank]
+        second = student - torch.randn(B, T, Vw, generator=_gen(23), dtype=torch.float64)
+        weighting = wpkl.Weighting(accumulated=0.5)
+
+        def local(x):
+            return x.reshape(B * T, *x.shape[2:])[mine].float()
+
+        x = local(student).requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=[local(teacher), local(second)], mixing=[0.3, 0.9],
+                                       weighting=weighting, mask=local(mask).bool(), backend="triton",
+                                       positions=torch.arange(T).expand(B, T).reshape(-1)[mine],
+                                       sequence_ids=torch.arange(B)[:, None].expand(B, T).reshape(-1)[mine],
+                                       sequence_group=group)
+        loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total, group=group)
+        y = student.clone().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[teacher, second], mixing=[0.3, 0.9], weighting=weighting,
+                                        mask=mask, backend="reference")
+        whole.backward()
+        torch.testing.assert_close(total.double(), whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), local(y.grad).double(), rtol=1e-4, atol=1e-6)
+
     log_q = torch.log_softmax(teacher, -1)
     threshold = float(-(log_q.exp() * log_q).sum(-1)[mask].median())  # the gate opens on about half the tokens
 
@@ -458,6 +483,7 @@ def _world_case(rank, world, group):
     case("sequence split, weights on the mixture", lambda: sequences(wpkl.Weighting(accumulated=0.5, w_max=1.5,
                                                                                     normalize=True)))
     case("sequence split, bounded", lambda: sequences(wpkl.Weighting(accumulated=0.5, normalize=True), bounded=True))
+    case("sequence split, one read of the student", sequences_one_read)
     case("eopd vocabulary shards", eopd_shards)
     case("eopd sequence split", eopd_sequences)
     return results
@@ -482,6 +508,7 @@ def test_vocabulary_and_sequence_shards(world, tmp_path):
     assert_ranks_passed(results)
     assert all(set(r["results"]) == {"vocabulary shards", "vocabulary shards, Triton", "sequence split",
                                      "sequence split, weights on the mixture", "sequence split, bounded",
+                                     "sequence split, one read of the student",
                                      "eopd vocabulary shards", "eopd sequence split"} for r in results)
 
 
@@ -489,7 +516,9 @@ def test_vocabulary_and_sequence_shards(world, tmp_path):
 def test_the_student_rows_each_pass_reads(routing, monkeypatch):
     """The kernels read a row only where its token is valid for the pass's teacher (a masked row reads nothing):
     under one-hot routing, the paper's deployment, each valid student row is read once forward and once backward
-    over all the teachers' passes; with dense mixing once per teacher."""
+    over all the teachers' passes; with dense mixing once too, by the pass that reads all the teachers at once
+    (kernels/token_mixture.py)."""
+    from wpkl.backends.triton_mixture import TritonMixturePass
     from wpkl.backends.triton_pass import TritonPass
 
     K = 3
@@ -514,14 +543,25 @@ def test_the_student_rows_each_pass_reads(routing, monkeypatch):
         rows["backward"] += int(saved.valid_bytes.sum())
         return backward(saved, coef, out)
 
+    mixture_forward, mixture_backward = TritonMixturePass.forward, TritonMixturePass.backward
+
+    def counted_mixture_forward(student, teachers, valids, spec):
+        rows["forward"] += int(valids.any(0).sum())
+        return mixture_forward(student, teachers, valids, spec)
+
+    def counted_mixture_backward(saved, coef, out):
+        rows["backward"] += int(saved.valid.bool().any(0).sum())
+        return mixture_backward(saved, coef, out)
+
     monkeypatch.setattr(TritonPass, "forward", staticmethod(counted_forward))
     monkeypatch.setattr(TritonPass, "backward", staticmethod(counted_backward))
+    monkeypatch.setattr(TritonMixturePass, "forward", staticmethod(counted_mixture_forward))
+    monkeypatch.setattr(TritonMixturePass, "backward", staticmethod(counted_mixture_backward))
     loss = wpkl.multi_teacher_loss(student, teachers=teachers, mixing=mixing, mask=mask,
                                    weighting=wpkl.Weighting(accumulated=0.5), backend="triton")
     loss.backward()
     valid = int(mask.sum())
-    expected = valid * (K if routing == "dense" else 1)
-    assert rows == {"forward": expected, "backward": expected}
+    assert rows == {"forward": valid, "backward": valid}
     monkeypatch.undo()
     y = student.detach().clone().requires_grad_(True)
     whole = wpkl.multi_teacher_loss(y, teachers=teachers, mixing=mixing, mask=mask,

@@ -8,7 +8,7 @@ it is then only a namespace portion, and an installed distribution of the same i
 ``__path__`` points at kernels/ in a checkout (or an editable install) and at wpkl/kernels/ in an installed wheel
 (pyproject.toml maps the folder there). Nothing here imports Triton until a kernel is used.
 
-Launch logic lives in wpkl/backends (triton_pass.py, triton_topk.py, weights_kernel.py), the autograd in
+Launch logic lives in wpkl/backends (triton_pass.py, triton_topk.py, triton_mixture.py, weights_kernel.py), the autograd in
 wpkl/engine and wpkl/backends/ops.py; the math they implement is specified by wpkl/reference.
 """
 
@@ -25,6 +25,8 @@ _EXPORTS = {
     "NUM_STATS": "common",
     "token_divergence_bwd_kernel": "token_divergence_bwd",
     "token_divergence_fwd_kernel": "token_divergence_fwd",
+    "token_mixture_bwd_kernel": "token_mixture",
+    "token_mixture_fwd_kernel": "token_mixture",
     "topk_atoms_bwd_kernel": "token_topk",
     "NUM_CHECKS": "token_weights",
     "token_weights_kernel": "token_weights",

@@ -135,9 +135,11 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
     ``process_group``, ``sequence_group``, ...) is shared.
 
-    Cost: one pass of the kernels per teacher, each reading only the rows its teacher has a nonzero weight on (a
-    masked row reads nothing): under one-hot routing each student row is read once forward and once backward in
-    all, with dense mixing K times each (no kernel reads K teachers in one pass yet). Then the weights and the
+    Cost: each student row is read once forward and once backward. With mixing numbers (dense), logits teachers
+    of one dtype, reverse or forward KL and the Triton backend, one pass reads the student row with up to four
+    teachers' rows (kernels/token_mixture.py; groups of four beyond). Otherwise one pass per teacher, each
+    reading only the rows its teacher has a nonzero weight on (a masked row reads nothing): under one-hot routing
+    (a mixing tensor) the rows are read once in all, with dense mixing then once per teacher. Then the weights and the
     reduction run once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``,
     ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The
     fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).

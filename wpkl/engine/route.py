@@ -11,6 +11,7 @@ cross-rank agreement compares its ``key``, and ``str(route)`` is the one line er
                                  chunk of the fused-linear form)
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
                "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
+               "mixed kernels"   several teachers' logits in one Triton pass (``mixture_route``)
                "reference"       the specification
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
@@ -127,6 +128,29 @@ def _schedule(problem: Problem, backend: str) -> str:
     eager = (spec.reduction != "none" and not by_ids and not batch_weights and student.trainable and torch.is_grad_enabled() and backend != "reference"
              and projection_dtype(student.hidden) != torch.float16)
     return "eager" if eager else "two-phase"
+
+
+def mixture_route(problems: list[Problem], routes: list[Route], dense: bool) -> Route | None:
+    """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: the one pass that reads the
+    student row once for up to MAX_TEACHERS teachers' logits (wpkl/backends/triton_mixture.py), or None (each
+    teacher its own pass). It needs dense mixing (numbers: a per-sequence or per-token mixing tensor is routing,
+    where each teacher's own pass already reads a row once in all), the kernels' route for every teacher, logits
+    teachers of one dtype, reverse or forward KL, and one specification for all."""
+    from ..backends.triton_mixture import MAX_TEACHERS
+
+    spec = problems[0].spec
+    if len(problems) < 2 or not dense or any(r.key != ("triton", "kernels", "torch", None, r.inplace) for r in routes):
+        return None
+    teachers = [p.teacher_logits for p in problems]
+    if any(p.linear or t is None or t.dtype != teachers[0].dtype or p.spec != spec for p, t in zip(problems, teachers,
+                                                                                                  strict=True)):
+        return None
+    if spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+        return None
+    groups = -(-len(problems) // MAX_TEACHERS)
+    return Route("triton", "mixed kernels", "torch", None, False,
+                 f"{routes[0].reason}; {len(problems)} teachers' logits, the student read once per "
+                 f"{'group of ' + str(MAX_TEACHERS) if groups > 1 else 'pass'}")
 
 
 def route(problem: Problem, mixture: bool = False) -> Route:

@@ -10,11 +10,13 @@ The public functions and modules (wpkl/api) call ``materialized_loss`` or ``line
 
 from __future__ import annotations
 
+import torch
+
 from ..inputs import build
 from ..inputs.data import Problem
 from ..inputs.values import check_values
 from ..spec import LossSpec
-from .route import Route, route
+from .route import Route, mixture_route, route
 from .weigh import EagerCoefficients, mix_terms, sequences, weigh_and_reduce
 
 
@@ -77,8 +79,14 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
     if not problem.spec.groups:
         check(problem)
     seq = sequences(problem)
-    terms = [_terms(other.replace(shard=problem.shard, sequences=problem.sequences), own, None)
-             for other, own in zip(others, routes, strict=True)]
+    local = [other.replace(shard=problem.shard, sequences=problem.sequences) for other in others]
+    shared = mixture_route(local, routes, dense=not any(isinstance(m, torch.Tensor) for m in mixing))
+    if shared is not None:
+        from .mixture import mixture_terms
+
+        terms = mixture_terms(local, routes, shared)
+    else:
+        terms = [_terms(other, own, None) for other, own in zip(local, routes, strict=True)]
     return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 

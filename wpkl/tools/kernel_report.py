@@ -58,6 +58,10 @@ TARGET_INSTRUCTIONS = {  # (kernel, divergence, loop index) -> max SASS instruct
     ("bwd", "jsd", 0): 40,
 }
 TARGET_FORWARD_CTAS = 3
+# Several teachers' pass (kernels/token_mixture.py) with K = 4 teachers, per element of the student row: against
+# 4 x 32 and 4 x 24 for four single-teacher passes; its forward holds K + 1 vectors per thread.
+TARGET_MIXTURE_INSTRUCTIONS = {"mixture_fwd": 80, "mixture_bwd": 40}
+TARGET_MIXTURE_CTAS = 2
 LOADS_16B_VOCABS = (32000, 128256, 151665, 151936, 262144)
 
 
@@ -162,7 +166,18 @@ def gate_failures(rows: list[Row]) -> list[str]:
                 failures.append(f"{where}: loop {i} has {loop.bar} BAR and {loop.shfl} SHFL")
         if vocabs & set(LOADS_16B_VOCABS) and not (r.loads_16b and r.stores_16b):
             failures.append(f"{where}: vocabulary loop loads or stores are not all 16 bytes wide")
-        if (r.dtype, r.arch) != ("bfloat16", 90) or TARGET_VOCAB not in vocabs or r.variant:
+        if (r.dtype, r.arch) != ("bfloat16", 90) or TARGET_VOCAB not in vocabs:
+            continue
+        if r.kernel in TARGET_MIXTURE_INSTRUCTIONS:
+            limit = TARGET_MIXTURE_INSTRUCTIONS[r.kernel]
+            if not r.loops or r.loops[0].per_element > limit:
+                failures.append(f"{where}: {r.loops[0].per_element if r.loops else 'no'} instructions per element "
+                                f"in its loop, target {limit}")
+            if r.kernel == "mixture_fwd" and r.ctas_per_sm < TARGET_MIXTURE_CTAS:
+                failures.append(f"{where}: {r.registers} registers allow {r.ctas_per_sm} CTAs per SM, target "
+                                f"{TARGET_MIXTURE_CTAS}")
+            continue
+        if r.variant:
             continue
         for (kernel, divergence, index), limit in TARGET_INSTRUCTIONS.items():
             if (kernel, divergence) == (r.kernel, r.divergence):

@@ -1,0 +1,293 @@
+"""Several teachers, one read of the student: the forward and backward kernels of reverse and forward KL against
+K teachers' logits (wpkl.multi_teacher_loss with dense mixing), one token per program as in
+token_divergence_fwd.py / token_divergence_bwd.py, whose math and numerics they share (kernels/common.py).
+
+Forward: per token, the student's partials (m_s, z_s, h_s) once and each teacher k's (m_k, z_k, h_k, cross_k) in
+[K, LANES] rows; the teachers' blocks are [K, VEC, LANES] (each teacher's 16-byte vectors, the student's block
+broadcast over K), so that every block of the student row is loaded once for all K teachers. finalize_token runs
+once on [K] rows. Out: per teacher k its loss L_k and the statistics ([K, N], [K, NUM_STATS, N], as the
+single-teacher kernel writes them; the student's own statistics repeated per teacher), so that the mixture
+and the autograd of wpkl/engine/weigh.py: ``mix_terms`` give each teacher its d loss / d L_k.
+Backward, by linearity, with c_k = d loss / d L_k of the token:
+    reverse_kl  d loss / d s_j = p_j / T^2 * sum_k c_k ((s_j - u_kj) - E_p[s - u_k])
+    forward_kl  d loss / d s_j = (p_j sum_k c_k - sum_k c_k q_kj) / T
+Each teacher's rows are located by a table ([3, KB] int64: the element offset of its first element from
+``teacher_ptr``, then its two leading strides; KB = K rounded up to a power of two, the extra rows copies of
+teacher 0's, never read). ``valid`` is [K, N]: teacher k reads token i's row only where valid[k, i] (its mixing
+weight is nonzero there); a token no teacher sees reads nothing and writes zeros.
+Memory per token: reads V * (bytes(student) + sum of the seeing teachers' bytes) forward and backward (the
+single-teacher kernels read the student row K times), writes V * bytes(student) backward.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import NUM_STATS as _NUM_STATS
+from .common import (
+    FORWARD_KL,
+    NEG_INF,
+    REVERSE_KL,
+    STAT_AUX,
+    STAT_CONFIDENCE,
+    STAT_DIVERGENCE,
+    STAT_LSE_GAP,
+    STAT_STUDENT_ENTROPY,
+    STAT_STUDENT_LSE,
+    STAT_TEACHER_ENTROPY,
+    STAT_TEACHER_LSE,
+    aligned_split,
+    assume_multiple,
+    device_function,
+    edge_columns,
+    exp2_approx,
+    finalize_token,
+    into_lane0,
+    lane_softmax_step,
+    merge_lanes,
+    reduce_max,
+    reduce_sum,
+    row_offset,
+    to_float,
+    xlogy_term,
+)
+
+STATS: tl.constexpr = tl.constexpr(_NUM_STATS)  # rows of the statistics per teacher
+
+
+@device_function
+def _teacher_rows(table_ptr, row, T, KB: tl.constexpr):
+    """[KB] element offsets of token ``row``'s row in each teacher, from teacher_ptr."""
+    ks = tl.arange(0, KB)
+    first = tl.load(table_ptr + ks)
+    return first + row_offset(row, T, tl.load(table_ptr + KB + ks), tl.load(table_ptr + 2 * KB + ks))
+
+
+@device_function
+def _load_teachers(teacher_ptr, rows, start, cols, on, in_block, other, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+                   MASKED: tl.constexpr):
+    """The [KB, *cols] teachers' logits at columns start + cols as fp32 (``other`` where a teacher does not see
+    the token, or, if MASKED, outside ``in_block``); 16 bytes per access where ALIGNED."""
+    starts = rows + start
+    if ALIGNED:
+        starts = assume_multiple(starts, VEC)
+    if len(cols.shape) == 1:
+        offsets = starts[:, None] + cols[None, :]
+        mask = on[:, None]
+        if MASKED:
+            mask = mask & in_block[None, :]
+    else:
+        offsets = starts[:, None, None] + cols[None, :, :]
+        mask = on[:, None, None]
+        if MASKED:
+            mask = mask & in_block[None, :, :]
+    return to_float(tl.load(teacher_ptr + offsets, mask=mask, other=other))
+
+
+@device_function
+def _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross, DIVERGENCE: tl.constexpr):
+    """Fold a [VEC, LANES] student block and its [KB, VEC, LANES] teachers' block into the partials."""
+    m_s, z_s, h_s, alpha_s, e_s = lane_softmax_step(s, scale, m_s, z_s, h_s)
+    m_u, z_u, h_u, alpha_u, e_u = lane_softmax_step(u, scale, m_u, z_u, h_u, 1)
+    if DIVERGENCE == REVERSE_KL:
+        cross = alpha_s[None, :] * cross + reduce_sum(xlogy_term(e_s[None, :, :], s[None, :, :] - u), 1)
+    if DIVERGENCE == FORWARD_KL:
+        cross = alpha_u * cross + reduce_sum(xlogy_term(e_u, u - s[None, :, :]), 1)
+    return m_s, z_s, h_s, m_u, z_u, h_u, cross
+
+
+@triton.jit
+def token_mixture_fwd_kernel(
+    student_ptr,  # [B, T, V] logits (16-byte aligned base, see student_shift)
+    teacher_ptr,  # teacher 0's 16-byte aligned base; the table locates every teacher from it
+    table_ptr,  # [3, KB] int64: each teacher's first element (from teacher_ptr), stride_b, stride_t
+    valid_ptr,  # [K, N] int8: teacher k sees token i
+    loss_ptr,  # [K, N] fp32 out
+    stats_ptr,  # [K, NUM_STATS, N] fp32 out
+    student_shift,
+    stride_student_b,
+    stride_student_t,
+    T,
+    V,
+    N,
+    K,
+    scale,  # log2(e) / T
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,  # REVERSE_KL or FORWARD_KL
+    KB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every teacher's rows share the student's misalignment
+):
+    row = tl.program_id(0)
+    ks = tl.arange(0, KB)
+    in_k = ks < K
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    rows = _teacher_rows(table_ptr, row, T, KB)
+    on = tl.load(valid_ptr + ks.to(tl.int64) * N + row, mask=in_k, other=0) != 0  # [KB]
+    is_valid = reduce_max(on.to(tl.int32), 0) != 0
+    row_v = tl.where(is_valid, V, 0)  # a token no teacher sees has no columns
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC  # [VEC, LANES]
+    lane0 = tl.arange(0, LANES)[None, :] == 0
+
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, row_v, VEC)
+    s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+    u_edge = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, NEG_INF, VEC, False, True)
+    init = tl.full([1], NEG_INF, tl.float32)
+    zero = tl.full([1], 0, tl.float32)
+    k_init = tl.full([KB, 1], NEG_INF, tl.float32)
+    k_zero = tl.full([KB, 1], 0, tl.float32)
+    m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s_edge, u_edge, scale, init, zero, zero, k_init, k_zero, k_zero, k_zero,
+                                                    DIVERGENCE)
+    m_s = into_lane0(reduce_max(m_s, 0), LANES, NEG_INF)
+    z_s = into_lane0(reduce_sum(z_s, 0), LANES, 0.0)
+    h_s = into_lane0(reduce_sum(h_s, 0), LANES, 0.0)
+    m_u = tl.where(lane0, m_u, NEG_INF)  # [KB, 1] into lane 0 of [KB, LANES]
+    z_u = tl.where(lane0, z_u, 0.0)
+    h_u = tl.where(lane0, h_u, 0.0)
+    cross = tl.where(lane0, cross, 0.0)
+    for block in range(0, num_full):
+        start = peel + block * BLOCK_V
+        s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+        u = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
+        m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
+                                                        DIVERGENCE)
+    if tail_len > 0:
+        in_tail = cols < tail_len
+        s = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
+                             other=NEG_INF))
+        u = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, NEG_INF, VEC, ALIGNED, True)
+        m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
+                                                        DIVERGENCE)
+
+    m_s, z_s, h_s, factor_s = merge_lanes(m_s, z_s, h_s, scale)
+    m_u, z_u, h_u, factor_u = merge_lanes(m_u, z_u, h_u, scale, 1)
+    if DIVERGENCE == REVERSE_KL:
+        cross = reduce_sum(factor_s[None, :] * cross, 1)
+    if DIVERGENCE == FORWARD_KL:
+        cross = reduce_sum(factor_u * cross, 1)
+    loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux = finalize_token(
+        scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, 0.0, 0.0, 0.0, 0.0, 0.0,
+        DIVERGENCE, True, False, False)
+
+    k64 = ks.to(tl.int64)
+    tl.store(loss_ptr + k64 * N + row, tl.where(on, loss, 0.0), mask=in_k)
+    stats = stats_ptr + k64 * (STATS * N) + row
+    tl.store(stats + STAT_DIVERGENCE * N, tl.where(on, divergence, 0.0), mask=in_k)
+    tl.store(stats + STAT_CONFIDENCE * N, tl.where(on, confidence, 0.0), mask=in_k)
+    tl.store(stats + STAT_STUDENT_ENTROPY * N, tl.where(on, student_entropy, 0.0), mask=in_k)
+    tl.store(stats + STAT_TEACHER_ENTROPY * N, tl.where(on, teacher_entropy, 0.0), mask=in_k)
+    tl.store(stats + STAT_STUDENT_LSE * N, tl.where(on, lse_s, 0.0), mask=in_k)
+    tl.store(stats + STAT_TEACHER_LSE * N, tl.where(on, lse_u, 0.0), mask=in_k)
+    tl.store(stats + STAT_AUX * N, tl.where(on, aux, 0.0), mask=in_k)
+    tl.store(stats + STAT_LSE_GAP * N, tl.where(on, lse_gap, 0.0), mask=in_k)
+
+
+@device_function
+def _grad(s, u, scale, lse_s, lse_u, aux, c, total, inv_temperature, DIVERGENCE: tl.constexpr):
+    """d loss / d s_raw of a student block ``s`` from its [KB, *s.shape] teachers' block ``u``; ``c``, ``aux`` and
+    ``lse_u`` expanded to u's rank (c = 0 for a teacher that does not see the token), ``total`` = sum_k c_k."""
+    p = exp2_approx((s - lse_s) * scale)
+    if DIVERGENCE == REVERSE_KL:
+        # the logits subtracted first, per teacher; 0 where c_k = 0 (its u may be anything)
+        inner = reduce_sum(tl.where(c != 0, c * ((tl.expand_dims(s, 0) - u) - aux), 0.0), 0)
+        grad = xlogy_term(p, inner) * (inv_temperature * inv_temperature)
+    if DIVERGENCE == FORWARD_KL:
+        q = exp2_approx((u - lse_u) * scale)
+        grad = (total * p - reduce_sum(tl.where(c != 0, c * q, 0.0), 0)) * inv_temperature
+    return grad
+
+
+@triton.jit
+def token_mixture_bwd_kernel(
+    student_ptr,  # [B, T, V] logits
+    teacher_ptr,
+    table_ptr,  # [3, KB] int64 (the forward's)
+    valid_ptr,  # [K, N] int8
+    grad_loss_ptr,  # [K, N] fp32: d loss / d L_k,i
+    stats_ptr,  # [K, NUM_STATS, N] fp32 from the forward kernel
+    grad_ptr,  # [B, T, V] out, student dtype
+    student_shift,
+    grad_shift,
+    stride_student_b,
+    stride_student_t,
+    stride_grad_b,
+    stride_grad_t,
+    T,
+    V,
+    N,
+    K,
+    scale,
+    inv_temperature,
+    DIVERGENCE: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    TEACHER_ALIGNED: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    ks = tl.arange(0, KB)
+    k64 = ks.to(tl.int64)
+    in_k = ks < K
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    grad_row = grad_shift + row_offset(row, T, stride_grad_b, stride_grad_t)
+    rows = _teacher_rows(table_ptr, row, T, KB)
+    on = tl.load(valid_ptr + k64 * N + row, mask=in_k, other=0) != 0
+    is_valid = reduce_max(on.to(tl.int32), 0) != 0
+    cols = tl.arange(0, BLOCK_V)
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, V, VEC, BLOCK_V)
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, V, VEC)
+    takes_tail = split == num_full % num_splits
+    out_dtype = grad_ptr.dtype.element_ty
+
+    if is_valid:
+        stats = stats_ptr + k64 * (STATS * N) + row
+        c = tl.where(on, tl.load(grad_loss_ptr + k64 * N + row, mask=on, other=0.0), 0.0)
+        total = reduce_sum(c, 0)
+        lse_s = reduce_max(tl.where(on, tl.load(stats + STAT_STUDENT_LSE * N, mask=on, other=0.0), NEG_INF), 0)
+        aux = tl.load(stats + STAT_AUX * N, mask=on, other=0.0)
+        lse_u = tl.load(stats + STAT_TEACHER_LSE * N, mask=on, other=0.0)
+        c1, aux1, lse_u1 = c[:, None], aux[:, None], lse_u[:, None]
+        for block in range(split, num_full, num_splits):
+            start = peel + block * BLOCK_V
+            s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+            u = _load_teachers(teacher_ptr, rows, start, cols, on, None, 0.0, VEC, TEACHER_ALIGNED, False)
+            grad = _grad(s, u, scale, lse_s, lse_u1, aux1, c1, total, inv_temperature, DIVERGENCE)
+            grad_start = grad_row + start
+            if GRAD_ALIGNED:
+                grad_start = assume_multiple(grad_start, VEC)
+            tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype))
+        if takes_tail:
+            if tail_len > 0:
+                in_tail = cols < tail_len
+                s = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
+                                     mask=in_tail, other=NEG_INF))
+                u = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, 0.0, VEC, TEACHER_ALIGNED, True)
+                grad = _grad(s, u, scale, lse_s, lse_u1, aux1, c1, total, inv_temperature, DIVERGENCE)
+                grad_start = grad_row + tail_start
+                if GRAD_ALIGNED:
+                    grad_start = assume_multiple(grad_start, VEC)
+                tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype), mask=in_tail)
+            s = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+            u = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, 0.0, VEC, False, True)
+            grad = _grad(s, u, scale, lse_s, lse_u1[:, :, None], aux1[:, :, None], c1[:, :, None], total,
+                         inv_temperature, DIVERGENCE)
+            tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
+    else:
+        zeros = tl.full([BLOCK_V], 0, out_dtype)
+        for block in range(split, num_full, num_splits):
+            grad_start = grad_row + peel + block * BLOCK_V
+            if GRAD_ALIGNED:
+                grad_start = assume_multiple(grad_start, VEC)
+            tl.store(grad_ptr + grad_start + cols, zeros)
+        if takes_tail:
+            if tail_len > 0:
+                grad_start = grad_row + tail_start
+                if GRAD_ALIGNED:
+                    grad_start = assume_multiple(grad_start, VEC)
+                tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
+            tl.store(grad_ptr + grad_row + edge_col, tl.full([2 * VEC, 1], 0, out_dtype), mask=edge_mask)

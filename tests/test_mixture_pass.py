@@ -1,0 +1,186 @@
+"""Several teachers' logits in one Triton pass (kernels/token_mixture.py, wpkl/backends/triton_mixture.py): the
+student row read once for up to four teachers, forward and backward, as wpkl.multi_teacher_loss runs dense mixing.
+
+The pass itself against the float64 reference, teacher by teacher (wpkl.reference's ``token_terms``; the gradient
+against sum_k c_k d L_k / d student by autograd through it), on fresh random inputs: every kernel dtype, V = 1, a
+prime and several blocks, K = 2, 3 (a padded teacher slot) and 4, per-teacher masks (a token no teacher sees, a
+teacher that sees none of a sequence), teachers with a padded vocabulary, a shifted time axis and a misaligned
+start (16-byte loads off), -inf vocabulary padding, a temperature; outputs poisoned (conftest.py). Then the route:
+which calls take the pass, groups of four, and how often each student row is read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wpkl
+from utils import DTYPES, assert_grad_close, assert_values_close
+from wpkl.backends.triton_mixture import TritonMixturePass
+from wpkl.backends.triton_pass import TritonPass
+from wpkl.reference import token_terms
+from wpkl.spec import LossSpec
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+B, T = 2, 5
+
+
+def _teachers(g, student64, K):
+    """K teachers in the layouts a trainer hands over, each near or far from the student."""
+    V = student64.shape[-1]
+    out = []
+    for k in range(K):
+        noise = (0.3, 1.5, 3.0, 0.8)[k] * torch.randn(B, T + 1, V + 3, generator=g, dtype=torch.float64)
+        base = torch.nn.functional.pad(student64.nan_to_num(neginf=0.0), (0, 3))  # (the -inf set below)
+        full = torch.cat([base, base[:, :1]], 1) + noise  # [B, T + 1, V + 3]
+        if k == 1:
+            out.append(full[:, :T, :V])  # a padded teacher vocabulary, rows V + 3 apart
+        elif k == 2 and K == 3:
+            out.append(full[:, 1:, 1: V + 1])  # a shifted time axis, a start one element past a 16-byte boundary
+        else:
+            out.append(full[:, :T, :V].contiguous())
+    return out
+
+
+def _valids(g, K):
+    valids = torch.rand(K, B, T, generator=g) < 0.8
+    valids[:, 0, 2] = False  # no teacher sees this token
+    valids[K - 1, 1] = False  # the last teacher sees none of sequence 1
+    valids[0, 1, 3] = True
+    return valids
+
+
+@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 4)])
+def test_matches_each_teachers_reference(divergence, dtype, V, K, small_blocks):
+    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype))
+    student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    if V > 1:  # vocabulary padding: -inf in the student and every teacher (0 log 0 = 0)
+        student64[0, :, -1] = float("-inf")
+    teachers64 = _teachers(g, student64, K)
+    for teacher in teachers64:  # (in place: a view's storage)
+        teacher.masked_fill_(torch.isinf(student64), float("-inf"))
+    student = student64.to(dtype)
+    teachers = [t.to(dtype) if t.is_contiguous() else _like(t, dtype) for t in teachers64]
+    valids = _valids(g, K)
+    spec = LossSpec(divergence=divergence, temperature=0.7)
+    loss, stats, saved = TritonMixturePass.forward(student, teachers, valids, spec)
+    coef = torch.rand(K, B, T, generator=g) + 0.5
+    grad = TritonMixturePass.backward(saved, coef, torch.full_like(student, float("nan")))
+
+    x = student.double().requires_grad_(True)
+    low = student.clone().requires_grad_(True)  # plain torch in the inputs' dtype: the gradient rule's yardstick
+    truth_total, low_total = 0.0, 0.0
+    for k, teacher in enumerate(teachers):
+        v = valids[k]
+        ref = token_terms(x, teacher.double(), divergence=divergence, temperature=0.7)
+        for field, got in zip(("divergence", "confidence", "student_entropy", "teacher_entropy"), stats[k],
+                              strict=True):
+            expected = torch.where(v, getattr(ref, field).detach(), 0.0)
+            assert_values_close(got, expected)
+        assert_values_close(loss[k], torch.where(v, ref.loss.detach(), 0.0))
+        assert torch.equal(loss[k][~v], torch.zeros_like(loss[k][~v]))  # written, and 0, where unseen
+        truth_total = truth_total + torch.where(v, coef[k].double() * ref.loss, 0.0).sum()
+        plain = token_terms(low, teacher, divergence=divergence, temperature=0.7)
+        low_total = low_total + torch.where(v, coef[k].to(dtype) * plain.loss, 0.0).sum()
+    (truth,) = torch.autograd.grad(truth_total, x)
+    (same_dtype,) = torch.autograd.grad(low_total, low)
+    assert_grad_close(grad, truth, same_dtype.double(), dtype)
+    unseen = ~valids.any(0)
+    assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
+
+
+def _like(view64, dtype):
+    """The same strided view, in ``dtype``: the storage converted, the view taken again."""
+    storage = view64._base if view64._base is not None else view64
+    converted = storage.to(dtype)
+    return converted.as_strided(view64.shape, view64.stride(), view64.storage_offset())
+
+
+def _counting(monkeypatch):
+    calls = {"mixture": [], "single": 0}
+    forward, single = TritonMixturePass.forward, TritonPass.forward
+
+    def mixture(student, teachers, valids, spec):
+        calls["mixture"].append((len(teachers), int(valids.any(0).sum())))
+        return forward(student, teachers, valids, spec)
+
+    def one(*args, **kwargs):
+        calls["single"] += 1
+        return single(*args, **kwargs)
+
+    monkeypatch.setattr(TritonMixturePass, "forward", staticmethod(mixture))
+    monkeypatch.setattr(TritonPass, "forward", staticmethod(one))
+    return calls
+
+
+def _call(student, teachers, mixing, backend="triton", **options):
+    return wpkl.multi_teacher_loss(student, teachers=teachers, mixing=mixing, backend=backend,
+                                   weighting=wpkl.Weighting(accumulated=0.5), **options)
+
+
+@pytest.mark.parametrize("K", (2, 5, 9))
+def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, small_blocks):
+    """K = 5: a group of four and a lone teacher on its own pass; K = 9: two groups and one."""
+    g = torch.Generator().manual_seed(K)
+    V = 29
+    student64 = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    teachers64 = [student64 + (k % 4 + 1) * 0.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+                  for k in range(K)]
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mixing = [float(k + 1) / K for k in range(K)]
+    calls = _counting(monkeypatch)
+    x = student64.float().requires_grad_(True)
+    loss = _call(x, [t.float() for t in teachers64], mixing, mask=mask, divergence="forward_kl", temperature=1.3)
+    loss.backward()
+    groups = [min(4, K - first) for first in range(0, K, 4)]
+    assert calls == {"mixture": [(n, int(mask.sum())) for n in groups if n > 1],
+                     "single": sum(1 for n in groups if n == 1)}
+    monkeypatch.undo()
+    y = student64.clone().requires_grad_(True)
+    expected = _call(y, teachers64, mixing, backend="reference", mask=mask, divergence="forward_kl", temperature=1.3)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["routing", "jsd", "sampled", "dtypes", "top-k teacher", "torch backend"])
+def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    V = 17
+    student = torch.randn(B, T, V, generator=g)
+    teachers = [torch.randn(B, T, V, generator=g) for _ in range(3)]
+    mixing, options, backend = [0.2, 0.3, 0.5], {}, "triton"
+    if case == "routing":
+        mixing = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).T.float()
+    elif case in ("jsd", "sampled"):
+        options = dict(divergence=case, tokens=torch.randint(0, V, (B, T), generator=g))
+        if case == "jsd":
+            options = dict(divergence="jsd")
+    elif case == "dtypes":
+        teachers[1] = teachers[1].bfloat16()
+    elif case == "top-k teacher":
+        values, ids = torch.log_softmax(teachers[2], -1).topk(4, -1)
+        teachers[2] = dict(teacher_topk_ids=ids, teacher_topk_logprobs=values)
+    else:
+        backend = "torch"
+    calls = _counting(monkeypatch)
+    _call(student, teachers, mixing, backend=backend, **options)
+    assert calls["mixture"] == []
+
+
+def test_the_route_says_so():
+    from wpkl.backends.triton_mixture import MAX_TEACHERS
+    from wpkl.engine.route import Route, mixture_route
+    from wpkl.inputs import build
+
+    spec = LossSpec(backend="triton")
+    student = torch.randn(B, T, 11)
+    problems = [build.materialized(spec, student, torch.randn(B, T, 11)) for _ in range(6)]
+    own = Route("triton", "kernels", "torch", None, False, "backend='triton'")
+    shared = mixture_route(problems, [own] * 6, dense=True)
+    assert shared.terms == "mixed kernels" and f"group of {MAX_TEACHERS}" in str(shared)
+    assert mixture_route(problems, [own] * 6, dense=False) is None
+    assert mixture_route(problems[:1], [own], dense=True) is None
