@@ -11,9 +11,11 @@ and the autograd of wpkl/engine/weigh.py: ``mix_terms`` give each teacher its d 
 Backward, by linearity, with c_k = d loss / d L_k of the token:
     reverse_kl  d loss / d s_j = p_j / T^2 * sum_k c_k ((s_j - u_kj) - E_p[s - u_k])
     forward_kl  d loss / d s_j = (p_j sum_k c_k - sum_k c_k q_kj) / T
-Each teacher's rows are located by a table ([3, KB] int64: the element offset of its first element from
-``teacher_ptr``, then its two leading strides; KB = K rounded up to a power of two, the extra rows copies of
-teacher 0's, never read). ``valid`` is [K, N]: teacher k reads token i's row only where valid[k, i] (its mixing
+Each teacher k comes as its own pointer (16-byte aligned: the host passes the aligned base), the element shift of
+its first element from there and its two leading strides: four teachers' slots (KB = K rounded up to a power of
+two; unused slots repeat teacher 0 and are never read), turned once per program into [KB] element offsets from
+teacher 0's pointer, so that no table travels to the device (nothing is copied from the host). ``valid`` is
+[K, N]: teacher k reads token i's row only where valid[k, i] (its mixing
 weight is nonzero there); a token no teacher sees reads nothing and writes zeros.
 Memory per token: reads V * (bytes(student) + sum of the seeing teachers' bytes) forward and backward (the
 single-teacher kernels read the student row K times), writes V * bytes(student) backward.
@@ -55,11 +57,25 @@ STATS: tl.constexpr = tl.constexpr(_NUM_STATS)  # rows of the statistics per tea
 
 
 @device_function
-def _teacher_rows(table_ptr, row, T, KB: tl.constexpr):
-    """[KB] element offsets of token ``row``'s row in each teacher, from teacher_ptr."""
+def _pick(ks, a, b, c, d):
+    """[KB] of the four teachers' scalars (slot k: the k-th)."""
+    return tl.where(ks == 0, a, tl.where(ks == 1, b, tl.where(ks == 2, c, d)))
+
+
+@device_function
+def _teachers(t0, t1, t2, t3, f0, f1, f2, f3, b0, b1, b2, b3, s0, s1, s2, s3, row, T, KB: tl.constexpr):
+    """[KB] element offsets of token ``row``'s row in each teacher from teacher 0's pointer: teacher k's pointer
+    t_k, shift f_k, strides b_k and s_k. The loads then address one scalar pointer (t0) with [KB] offsets, whose
+    16-byte alignment the compiler sees (a [KB] vector of pointers it does not: 2-byte loads and shuffles)."""
     ks = tl.arange(0, KB)
-    first = tl.load(table_ptr + ks)
-    return first + row_offset(row, T, tl.load(table_ptr + KB + ks), tl.load(table_ptr + 2 * KB + ks))
+    ES: tl.constexpr = t0.dtype.element_ty.primitive_bitwidth // 8
+    base = t0.to(tl.int64)
+    # whole elements apart (the host checks it: wpkl/backends/triton_mixture.py, ``locatable``)
+    apart = _pick(ks, 0, (t1.to(tl.int64) - base) // ES, (t2.to(tl.int64) - base) // ES,
+                  (t3.to(tl.int64) - base) // ES)
+    first = apart + _pick(ks, f0, f1, f2, f3).to(tl.int64)
+    stride_b = _pick(ks, b0, b1, b2, b3).to(tl.int64)
+    return first + row_offset(row, T, stride_b, _pick(ks, s0, s1, s2, s3).to(tl.int64))
 
 
 @device_function
@@ -71,16 +87,16 @@ def _load_teachers(teacher_ptr, rows, start, cols, on, in_block, other, VEC: tl.
     if ALIGNED:
         starts = assume_multiple(starts, VEC)
     if len(cols.shape) == 1:
-        offsets = starts[:, None] + cols[None, :]
+        pointers = teacher_ptr + (starts[:, None] + cols[None, :])
         mask = on[:, None]
         if MASKED:
             mask = mask & in_block[None, :]
     else:
-        offsets = starts[:, None, None] + cols[None, :, :]
+        pointers = teacher_ptr + (starts[:, None, None] + cols[None, :, :])
         mask = on[:, None, None]
         if MASKED:
             mask = mask & in_block[None, :, :]
-    return to_float(tl.load(teacher_ptr + offsets, mask=mask, other=other))
+    return to_float(tl.load(pointers, mask=mask, other=other))
 
 
 @device_function
@@ -98,14 +114,19 @@ def _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross, DIVERGENCE: tl.c
 @triton.jit
 def token_mixture_fwd_kernel(
     student_ptr,  # [B, T, V] logits (16-byte aligned base, see student_shift)
-    teacher_ptr,  # teacher 0's 16-byte aligned base; the table locates every teacher from it
-    table_ptr,  # [3, KB] int64: each teacher's first element (from teacher_ptr), stride_b, stride_t
+    teacher0_ptr,  # [B, T, V_t >= V] logits of each teacher (16-byte aligned bases, see the shifts)
+    teacher1_ptr,
+    teacher2_ptr,
+    teacher3_ptr,
     valid_ptr,  # [K, N] int8: teacher k sees token i
     loss_ptr,  # [K, N] fp32 out
     stats_ptr,  # [K, NUM_STATS, N] fp32 out
     student_shift,
     stride_student_b,
     stride_student_t,
+    shift0, shift1, shift2, shift3,  # the teachers' element shifts (< VEC)
+    stride_b0, stride_b1, stride_b2, stride_b3,
+    stride_t0, stride_t1, stride_t2, stride_t3,
     T,
     V,
     N,
@@ -122,7 +143,10 @@ def token_mixture_fwd_kernel(
     ks = tl.arange(0, KB)
     in_k = ks < K
     student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
-    rows = _teacher_rows(table_ptr, row, T, KB)
+    teacher_ptr = teacher0_ptr
+    rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
+                                  stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
+                                  row, T, KB)
     on = tl.load(valid_ptr + ks.to(tl.int64) * N + row, mask=in_k, other=0) != 0  # [KB]
     is_valid = reduce_max(on.to(tl.int32), 0) != 0
     row_v = tl.where(is_valid, V, 0)  # a token no teacher sees has no columns
@@ -147,17 +171,19 @@ def token_mixture_fwd_kernel(
     z_u = tl.where(lane0, z_u, 0.0)
     h_u = tl.where(lane0, h_u, 0.0)
     cross = tl.where(lane0, cross, 0.0)
-    for block in range(0, num_full):
-        start = peel + block * BLOCK_V
-        s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-        u = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
-        m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
-                                                        DIVERGENCE)
+    # The tail block before the loop (the order of the blocks does not matter to the partials): nothing of the
+    # row's addressing then lives past the loop, which keeps every specialization free of spills.
     if tail_len > 0:
         in_tail = cols < tail_len
         s = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols, mask=in_tail,
                              other=NEG_INF))
         u = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, NEG_INF, VEC, ALIGNED, True)
+        m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
+                                                        DIVERGENCE)
+    for block in range(0, num_full):
+        start = peel + block * BLOCK_V
+        s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+        u = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
         m_s, z_s, h_s, m_u, z_u, h_u, cross = _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
                                                         DIVERGENCE)
 
@@ -202,8 +228,10 @@ def _grad(s, u, scale, lse_s, lse_u, aux, c, total, inv_temperature, DIVERGENCE:
 @triton.jit
 def token_mixture_bwd_kernel(
     student_ptr,  # [B, T, V] logits
-    teacher_ptr,
-    table_ptr,  # [3, KB] int64 (the forward's)
+    teacher0_ptr,  # as the forward's
+    teacher1_ptr,
+    teacher2_ptr,
+    teacher3_ptr,
     valid_ptr,  # [K, N] int8
     grad_loss_ptr,  # [K, N] fp32: d loss / d L_k,i
     stats_ptr,  # [K, NUM_STATS, N] fp32 from the forward kernel
@@ -214,6 +242,9 @@ def token_mixture_bwd_kernel(
     stride_student_t,
     stride_grad_b,
     stride_grad_t,
+    shift0, shift1, shift2, shift3,
+    stride_b0, stride_b1, stride_b2, stride_b3,
+    stride_t0, stride_t1, stride_t2, stride_t3,
     T,
     V,
     N,
@@ -235,7 +266,10 @@ def token_mixture_bwd_kernel(
     in_k = ks < K
     student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
     grad_row = grad_shift + row_offset(row, T, stride_grad_b, stride_grad_t)
-    rows = _teacher_rows(table_ptr, row, T, KB)
+    teacher_ptr = teacher0_ptr
+    rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
+                                  stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
+                                  row, T, KB)
     on = tl.load(valid_ptr + k64 * N + row, mask=in_k, other=0) != 0
     is_valid = reduce_max(on.to(tl.int32), 0) != 0
     cols = tl.arange(0, BLOCK_V)

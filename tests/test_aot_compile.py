@@ -53,10 +53,11 @@ def test_everything_compiles_for_sm80_and_sm90(report):
     assert {r["divergence"] for r in vocabulary} == {"reverse_kl", "forward_kl", "jsd", "sampled"}
     assert {r["dtype"] for r in vocabulary} == {"float32", "bfloat16", "float16"}
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd"}
-    # Several teachers' pass (kernels/token_mixture.py): both divergences, every logits dtype, four teachers.
+    # Several teachers' pass (kernels/token_mixture.py): both divergences, every logits dtype, two and four teachers.
     mixture = [r for r in rows if r["kernel"].startswith("mixture")]
     assert {(r["divergence"], r["dtype"], r["variant"]) for r in mixture} == {
-        (d, t, "K=4") for d in ("reverse_kl", "forward_kl") for t in ("float32", "bfloat16", "float16")}
+        (d, t, f"K={k}") for d in ("reverse_kl", "forward_kl") for t in ("float32", "bfloat16", "float16")
+        for k in (2, 4)}
     # The top-k teacher's atom fix-up (kernels/token_topk.py), in every gradient dtype.
     assert {r["dtype"] for r in rows if r["kernel"] == "topk"} == {"float32", "bfloat16", "float16"}
     # The weights kernel (kernels/token_weights.py): every reduction, every option on, [B, T] and packed layouts.

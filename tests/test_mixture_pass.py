@@ -26,17 +26,17 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 B, T = 2, 5
 
 
-def _teachers(g, student64, K):
-    """K teachers in the layouts a trainer hands over, each near or far from the student."""
+def _teachers(g, student64, K, strided=True):
+    """K teachers in the layouts a trainer hands over (``strided``; else contiguous), near or far from the student."""
     V = student64.shape[-1]
     out = []
     for k in range(K):
         noise = (0.3, 1.5, 3.0, 0.8)[k] * torch.randn(B, T + 1, V + 3, generator=g, dtype=torch.float64)
         base = torch.nn.functional.pad(student64.nan_to_num(neginf=0.0), (0, 3))  # (the -inf set below)
         full = torch.cat([base, base[:, :1]], 1) + noise  # [B, T + 1, V + 3]
-        if k == 1:
+        if k == 1 and strided:
             out.append(full[:, :T, :V])  # a padded teacher vocabulary, rows V + 3 apart
-        elif k == 2 and K == 3:
+        elif k == 2 and K == 3 and strided:
             out.append(full[:, 1:, 1: V + 1])  # a shifted time axis, a start one element past a 16-byte boundary
         else:
             out.append(full[:, :T, :V].contiguous())
@@ -51,20 +51,36 @@ def _valids(g, K):
     return valids
 
 
+LAYOUTS = ("strided teachers", "aligned", "offset student, float32 teachers")
+
+
 @pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 4)])
-def test_matches_each_teachers_reference(divergence, dtype, V, K, small_blocks):
-    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_each_teachers_reference(divergence, dtype, V, K, layout, small_blocks):
+    """``layout``: teachers with padded rows and a shifted, misaligned start (the 16-byte teacher loads off); all
+    contiguous (16-byte loads for every teacher: ALIGNED); a student one element past a 16-byte boundary with
+    rows V + 1 apart, and float32 teachers (the wider dtype sets the vector)."""
+    from wpkl.backends.triton_mixture import forward_launch
+
+    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype) + 100 * LAYOUTS.index(layout))
     student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
     if V > 1:  # vocabulary padding: -inf in the student and every teacher (0 log 0 = 0)
         student64[0, :, -1] = float("-inf")
-    teachers64 = _teachers(g, student64, K)
+    teachers64 = _teachers(g, student64, K, strided=layout == LAYOUTS[0])
     for teacher in teachers64:  # (in place: a view's storage)
         teacher.masked_fill_(torch.isinf(student64), float("-inf"))
     student = student64.to(dtype)
-    teachers = [t.to(dtype) if t.is_contiguous() else _like(t, dtype) for t in teachers64]
+    teacher_dtype = torch.float32 if layout == LAYOUTS[2] else dtype
+    teachers = [t.to(teacher_dtype) if t.is_contiguous() else _like(t, teacher_dtype) for t in teachers64]
+    if layout == LAYOUTS[2]:
+        student = torch.nn.functional.pad(student, (1, 0))[..., 1:]
+        assert student.data_ptr() % 16 == student.element_size()
     valids = _valids(g, K)
+    meta = forward_launch(student, teachers, valids.reshape(K, -1).to(torch.int8), None, None, 0, 1.0)[2]
+    if layout == LAYOUTS[1] or K == 3 or layout == LAYOUTS[2]:  # (K = 3: its teacher 2 starts misaligned)
+        assert meta["ALIGNED"] == (layout == LAYOUTS[1])
     spec = LossSpec(divergence=divergence, temperature=0.7)
     loss, stats, saved = TritonMixturePass.forward(student, teachers, valids, spec)
     coef = torch.rand(K, B, T, generator=g) + 0.5
@@ -146,7 +162,8 @@ def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, s
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["routing", "jsd", "sampled", "dtypes", "top-k teacher", "torch backend"])
+@pytest.mark.parametrize("case", ["routing", "jsd", "sampled", "dtypes", "top-k teacher", "torch backend",
+                                  "a teacher between elements"])
 def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
     g = torch.Generator().manual_seed(3)
     V = 17
@@ -161,6 +178,10 @@ def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
             options = dict(divergence="jsd")
     elif case == "dtypes":
         teachers[1] = teachers[1].bfloat16()
+    elif case == "a teacher between elements":  # a storage one byte past an element boundary: not addressable
+        raw = bytearray(1) + bytearray(teachers[1].numpy().tobytes())
+        teachers[1] = torch.frombuffer(raw, dtype=torch.float32, offset=1).view(B, T, V)
+        assert (teachers[1].data_ptr() - teachers[0].data_ptr()) % 4 != 0
     elif case == "top-k teacher":
         values, ids = torch.log_softmax(teachers[2], -1).topk(4, -1)
         teachers[2] = dict(teacher_topk_ids=ids, teacher_topk_logprobs=values)
@@ -184,3 +205,50 @@ def test_the_route_says_so():
     assert shared.terms == "mixed kernels" and f"group of {MAX_TEACHERS}" in str(shared)
     assert mixture_route(problems, [own] * 6, dense=False) is None
     assert mixture_route(problems[:1], [own], dense=True) is None
+
+
+@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))
+@pytest.mark.parametrize("K", (3, 5))
+def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeypatch, small_blocks):
+    """The fused-linear form with dense mixing: each chunk's student logits are projected once for a group of up to
+    four teachers (forward, and once more in the two-phase backward), against the float64 reference with a bias,
+    a logit scale, a softcap, teachers of their own widths and padded heads, a weighting and a temperature."""
+    import wpkl.engine.linear as linear
+
+    g = torch.Generator().manual_seed(K)
+    H, V, chunk = 8, 37, 3
+    h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
+    heads = [(torch.randn(B, T, H + k, generator=g, dtype=torch.float64),
+              torch.randn(V + k, H + k, generator=g, dtype=torch.float64)) for k in range(K)]
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[1, 1] = False
+    options = dict(mixing=[0.2 + 0.3 * k for k in range(K)], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
+                   divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
+                   fused_linear=True)
+    projected = []
+    project = linear.project
+
+    def counted(hidden, weight, *args):
+        projected.append(weight.data_ptr())
+        return project(hidden, weight, *args)
+
+    monkeypatch.setattr(linear, "project", counted)
+    calls = _counting(monkeypatch)
+    x = [t.float().requires_grad_(True) for t in (h, w, b)]
+    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=th.float(), teacher_weight=tw.float())
+                                                         for th, tw in heads],
+                                   student_bias=x[2], backend="triton", chunk_size=chunk, **options)
+    loss.backward()
+    chunks = -(-int(mask.sum()) // chunk)
+    groups = [min(4, K - first) for first in range(0, K, 4)]
+    assert [n for n, _ in calls["mixture"]] == [n for n in groups if n > 1 for _ in range(chunks)]
+    assert projected.count(x[1].data_ptr()) == 2 * chunks * len(groups)  # forward and backward, once per group
+    monkeypatch.undo()
+    y = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=th, teacher_weight=tw)
+                                                             for th, tw in heads],
+                                       student_bias=y[2], backend="reference", **options)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    for got, truth in zip(x, y, strict=True):
+        torch.testing.assert_close(got.grad.double(), truth.grad, rtol=2e-4, atol=2e-6)

@@ -135,11 +135,12 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
     ``process_group``, ``sequence_group``, ...) is shared.
 
-    Cost: each student row is read once forward and once backward. With mixing numbers (dense), logits teachers
-    of one dtype, reverse or forward KL and the Triton backend, one pass reads the student row with up to four
-    teachers' rows (kernels/token_mixture.py; groups of four beyond). Otherwise one pass per teacher, each
-    reading only the rows its teacher has a nonzero weight on (a masked row reads nothing): under one-hot routing
-    (a mixing tensor) the rows are read once in all, with dense mixing then once per teacher. Then the weights and the
+    Cost, in reads of each student row (forward and backward each): with mixing numbers (dense), logits teachers
+    of one dtype (or, fused_linear, hidden-state teachers: the student's chunk projected once for them), reverse
+    or forward KL and the Triton backend, one pass reads it with up to four teachers' rows (kernels/token_mixture.py):
+    once, or once per group of four. Otherwise one pass per teacher, each reading only the rows its teacher has a
+    nonzero weight on (a masked row reads nothing): once in all under one-hot routing, K times under dense mixing
+    (jsd, "sampled", top-k or log q(y) teachers, mixed dtypes, a soft mixing tensor). Then the weights and the
     reduction run once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``,
     ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The
     fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).

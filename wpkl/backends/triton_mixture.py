@@ -5,14 +5,14 @@ all K teachers, forward and backward (wpkl.multi_teacher_loss with dense mixing,
             stats [K, 4, B, T], saved
     backward(saved, coef [K, B, T], out [B, T, V])   writes  out = d(sum_k,i coef_k,i L_k,i) / d student
 
-The kernels find each teacher's rows through a small int64 table (its first element from teacher 0's aligned base,
-its two leading strides), made from host numbers and copied to the device without a host synchronization
-(pinned memory, non-blocking). Teachers share one dtype (the route checks it).
+Each teacher is passed as its own pointer (its 16-byte aligned base), element shift and two leading strides, in
+four slots (MAX_TEACHERS): nothing is copied from the host, and ``saved`` may drop its logits after forward and
+attach others (the fused-linear form recomputes them chunk by chunk). Teachers share one dtype and lie whole
+elements apart (the route checks both: ``locatable``).
 """
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,30 +23,30 @@ from .common import LOG2E, divergence_id, kernels, launch
 from .launch import LaunchConfig, backward_splits, launch_config
 from .triton_pass import aligned_base, co_aligned
 
-MAX_TEACHERS = 4  # the kernels hold K + 1 vectors of logits per thread: more teachers make groups of 4 (at 8,
-# bf16 forward spills on sm_90)
+MAX_TEACHERS = 4  # the kernels' teacher slots: a thread holds K + 1 vectors of logits (at 8, the bf16 forward
+# spills on sm_90); more teachers make groups of four
 
 
 def _rows(x, first):
     return (first, x.stride(0), x.stride(1))
 
 
-def teacher_table(teachers, device):
-    """(teacher 0's aligned base, the [3, KB] int64 table of every teacher's (first element from it, stride_b,
-    stride_t), the teachers' row layouts as the host sees them, and whether the base is 16-byte aligned)."""
-    base, shift = aligned_base(teachers[0])
-    size = teachers[0].element_size()
-    rows = [_rows(teachers[0], shift)] + [_rows(t, (t.data_ptr() - base.data_ptr()) // size) for t in teachers[1:]]
-    kb = 1 << (len(teachers) - 1).bit_length()
-    rows += [rows[0]] * (kb - len(teachers))  # the padding rows: teacher 0's, never read
-    flat = array("q", [row[i] for i in range(3) for row in rows])
-    table = torch.frombuffer(flat, dtype=torch.int64).clone().view(3, kb)
-    if device.type == "cuda":  # pinned: the copy does not wait for the GPU
-        table = table.pin_memory().to(device, non_blocking=True)
-    elif device.type != "cpu":
-        table = table.to(device)
-    aligned_base_ok = device.type == "meta" or base.data_ptr() % 16 == 0
-    return base, table, rows[: len(teachers)], aligned_base_ok
+def locatable(teachers) -> bool:
+    """Whether the kernels can address every teacher from teacher 0's pointer: their aligned bases whole elements
+    apart (not so for a storage that starts between two elements, a byte offset of ``torch.frombuffer``)."""
+    first, size = aligned_base(teachers[0])[0].data_ptr(), teachers[0].element_size()
+    return all(t.device.type == "meta" or (aligned_base(t)[0].data_ptr() - first) % size == 0 for t in teachers)
+
+
+def teacher_args(teachers):
+    """(the four slots' pointers, their (shift, stride_b, stride_t) rows, whether every base is 16-byte aligned):
+    unused slots repeat teacher 0."""
+    bases = [aligned_base(t) for t in teachers]
+    rows = [_rows(t, shift) for t, (_, shift) in zip(teachers, bases, strict=True)]
+    base_ok = all(t.device.type == "meta" or base.data_ptr() % 16 == 0 for t, (base, _) in zip(teachers, bases,
+                                                                                                strict=True))
+    pad = MAX_TEACHERS - len(teachers)
+    return [b for b, _ in bases] + [bases[0][0]] * pad, rows + [rows[0]] * pad, base_ok
 
 
 def mixture_config(vocab: int, element_size: int) -> LaunchConfig:
@@ -61,50 +61,61 @@ def _config(student, teachers):
     return mixture_config(student.shape[-1], max(student.element_size(), teachers[0].element_size()))
 
 
+def _slots(teachers) -> int:
+    return 1 << (len(teachers) - 1).bit_length()  # K rounded up to a power of two
+
+
 def _aligned(student_rows, teacher_rows, base_ok, leading, vec) -> bool:
     return base_ok and all(co_aligned(student_rows, rows, leading, vec) for rows in teacher_rows)
 
 
 @dataclass
 class MixtureSaved:
-    student: torch.Tensor
-    teachers: list
-    base: torch.Tensor
-    table: torch.Tensor
+    """What backward needs; ``student``/``teachers`` may be dropped after forward and attached again."""
+
+    student: torch.Tensor | None
+    teachers: list | None
     valid: torch.Tensor  # [K, N] int8
     stats: torch.Tensor  # [K, NUM_STATS, N] fp32
-    aligned: bool
     div_id: int
     spec: LossSpec
 
 
-def forward_launch(student, teachers, valid, loss, stats, div_id, temperature, table=None):
-    """(grid, args, meta, (base, table, aligned)) of the forward kernel: one program per token."""
+def _located(student, teachers, vec):
+    """(student base, shift, the teachers' kernel arguments, whether every teacher's 16-byte boundaries are the
+    student's)."""
+    B, T, _ = student.shape
+    student_base, student_shift = aligned_base(student)
+    pointers, rows, base_ok = teacher_args(teachers)
+    aligned = _aligned(_rows(student, student_shift), rows[: len(teachers)], base_ok, (B, T), vec)
+    columns = [row[i] for i in range(3) for row in rows]  # the shifts, then the stride_b, then the stride_t
+    return student_base, student_shift, pointers, columns, aligned
+
+
+def forward_launch(student, teachers, valid, loss, stats, div_id, temperature):
+    """(grid, args, meta) of the forward kernel: one program per token."""
     B, T, V = student.shape
     config = _config(student, teachers)
-    student_base, student_shift = aligned_base(student)
-    base, table_, teacher_rows, base_ok = teacher_table(teachers, student.device)
-    table = table_ if table is None else table
-    aligned = _aligned(_rows(student, student_shift), teacher_rows, base_ok, (B, T), config.vec)
-    K = len(teachers)
-    args = (student_base, base, table, valid, loss, stats, student_shift, student.stride(0), student.stride(1),
-            T, V, B * T, K, LOG2E / temperature, 1.0 / temperature)
-    meta = dict(DIVERGENCE=div_id, KB=table.shape[1], BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
+    student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
+    args = (student_base, *pointers, valid, loss, stats, student_shift, student.stride(0), student.stride(1),
+            *columns, T, V, B * T, len(teachers), LOG2E / temperature, 1.0 / temperature)
+    meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
                 num_warps=config.num_warps)
-    return (B * T,), args, meta, (base, table, aligned)
+    return (B * T,), args, meta
 
 
-def backward_launch(student, base, table, aligned, K, valid, grad_loss, stats, grad, div_id, temperature):
+def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature):
+    """(grid, args, meta) of the backward kernel: one program per (token, split of the vocabulary)."""
     B, T, V = student.shape
-    config = mixture_config(V, max(student.element_size(), base.element_size()))
-    student_base, student_shift = aligned_base(student)
+    config = _config(student, teachers)
+    student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
     grad_base, grad_shift = aligned_base(grad)
     student_rows, grad_rows = _rows(student, student_shift), _rows(grad, grad_shift)
-    args = (student_base, base, table, valid, grad_loss, stats, grad_base, student_shift, grad_shift,
-            student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), T, V, B * T, K,
+    args = (student_base, *pointers, valid, grad_loss, stats, grad_base, student_shift, grad_shift,
+            student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, B * T, len(teachers),
             LOG2E / temperature, 1.0 / temperature)
     grid = (B * T, backward_splits(B * T, V, config.block_v))
-    meta = dict(DIVERGENCE=div_id, KB=table.shape[1], BLOCK_V=config.block_v, VEC=config.vec,
+    meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec,
                 TEACHER_ALIGNED=aligned, GRAD_ALIGNED=co_aligned(student_rows, grad_rows, (B, T), config.vec),
                 num_warps=config.num_warps)
     return grid, args, meta
@@ -120,12 +131,11 @@ class TritonMixturePass:
         stats = common.new_buffer(K, k.NUM_STATS, N, dtype=torch.float32, device=student.device)
         valid = valids.reshape(K, N).to(torch.int8)
         div_id = divergence_id(spec.exact_divergence)
-        grid, args, meta, (base, table, aligned) = forward_launch(student, teachers, valid, loss, stats, div_id,
-                                                                  spec.temperature)
         if N > 0:
+            grid, args, meta = forward_launch(student, teachers, valid, loss, stats, div_id, spec.temperature)
             launch(k.token_mixture_fwd_kernel, grid, args, meta)
         public = stats[:, : k.NUM_PUBLIC_STATS].view(K, k.NUM_PUBLIC_STATS, B, T)
-        saved = MixtureSaved(student, list(teachers), base, table, valid, stats, aligned, div_id, spec)
+        saved = MixtureSaved(student, list(teachers), valid, stats, div_id, spec)
         return loss.view(K, B, T), public, saved
 
     @staticmethod
@@ -134,7 +144,7 @@ class TritonMixturePass:
         K, N = len(saved.teachers), B * T
         if N > 0:
             coef = coef.reshape(K, N).to(torch.float32).contiguous()
-            grid, args, meta = backward_launch(saved.student, saved.base, saved.table, saved.aligned, K, saved.valid,
-                                               coef, saved.stats, out, saved.div_id, saved.spec.temperature)
+            grid, args, meta = backward_launch(saved.student, saved.teachers, saved.valid, coef, saved.stats, out,
+                                               saved.div_id, saved.spec.temperature)
             launch(kernels().token_mixture_bwd_kernel, grid, args, meta)
         return out

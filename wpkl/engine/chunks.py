@@ -6,7 +6,9 @@ Memory beyond the inputs and the returned gradients, per call (wpkl/engine/linea
     chunk buffers   chunk_size * (b V + 8 H) bytes      b = 16 with the Triton kernels (student and teacher logits
                                                         fp32, the logits-gradient, its cast to the compute dtype),
                                                         b = 48 with the torch pass (the reference math's
-                                                        temporaries); 8 H: the hidden rows and their gradient
+                                                        temporaries), 4 more per further teacher of
+                                                        several teachers' pass (mixture.py); 8 H: the hidden rows
+                                                        and their gradient
     accumulators    4 (V H + N H + V) bytes: grad_W, grad_h, grad_b in float32 (those that are asked for)
     casts           V H * bytes(compute dtype) per weight not already in the compute dtype (once per pass: the
                     two-phase schedule casts again in backward)
@@ -50,14 +52,15 @@ def weights_context():
     return _weights_context.get()
 
 
-def chunk_bytes(chunk_size: int, vocab: int, hidden: int, backend: str) -> int:
-    """The chunk buffers' bytes (module docstring)."""
-    return chunk_size * (BYTES_PER_LOGIT[backend] * vocab + 8 * hidden)
+def chunk_bytes(chunk_size: int, vocab: int, hidden: int, backend: str, teachers: int = 1) -> int:
+    """The chunk buffers' bytes (module docstring); ``teachers`` > 1: several teachers' pass (mixture.py), whose
+    further teachers' float32 logits add 4 bytes per logit each."""
+    return chunk_size * ((BYTES_PER_LOGIT[backend] + 4 * (teachers - 1)) * vocab + 8 * hidden)
 
 
-def chunk_size_for(vocab: int, hidden: int, backend: str, budget: int | None = None) -> int:
+def chunk_size_for(vocab: int, hidden: int, backend: str, budget: int | None = None, teachers: int = 1) -> int:
     """Tokens per chunk from the memory budget (module docstring)."""
-    return max(1, (CHUNK_BYTES if budget is None else budget) // chunk_bytes(1, vocab, hidden, backend))
+    return max(1, (CHUNK_BYTES if budget is None else budget) // chunk_bytes(1, vocab, hidden, backend, teachers))
 
 
 def plan_chunks(valid: torch.Tensor, chunk_size: int, whole_rows: bool):

@@ -51,20 +51,29 @@ class _Projector:
     """The per-chunk projections of both models, with the weights cast once per pass to the compute dtypes."""
 
     def __init__(self, options, dtypes, h_s, w_s, b_s, h_t, w_t, b_t):
-        self.options, (self.dtype_s, self.dtype_t) = options, dtypes
-        vocab = w_s.shape[0]
+        self.options, self.dtype_s = options, dtypes[0]
         self.h_s, self.b_s = h_s.detach(), None if b_s is None else b_s.detach()
         self.w_s = w_s.detach().to(self.dtype_s)  # a no-op when the weight is in the compute dtype
-        self.h_t = h_t
-        self.w_t = None if w_t is None else w_t.detach()[:vocab].to(self.dtype_t)
+        self.set_teacher(dtypes[1], h_t, w_t, b_t)
+
+    def set_teacher(self, dtype_t, h_t, w_t, b_t) -> _Projector:
+        vocab = self.w_s.shape[0]
+        self.dtype_t, self.h_t = dtype_t, h_t
+        self.w_t = None if w_t is None else w_t.detach()[:vocab].to(dtype_t)
         self.b_t = None if b_t is None else b_t.detach()[:vocab]
+        return self
+
+    def student(self, ids):
+        o = self.options
+        return project(self.h_s[ids], self.w_s, self.b_s, o.student_logit_scale, o.student_softcap, self.dtype_s)
+
+    def teacher(self, ids):
+        o = self.options
+        return None if self.h_t is None else project(self.h_t[ids], self.w_t, self.b_t, o.teacher_logit_scale,
+                                                     o.teacher_softcap, self.dtype_t)
 
     def __call__(self, ids):
-        o = self.options
-        s = project(self.h_s[ids], self.w_s, self.b_s, o.student_logit_scale, o.student_softcap, self.dtype_s)
-        t = None if self.h_t is None else project(self.h_t[ids], self.w_t, self.b_t, o.teacher_logit_scale,
-                                                  o.teacher_softcap, self.dtype_t)
-        return s, t
+        return self.student(ids), self.teacher(ids)
 
 
 class LinearAdapter:
@@ -155,21 +164,27 @@ class LinearAdapter:
         return (*grads.finish(None, self.shard), *nones)
 
     def _logits_grad(self, saved, s: torch.Tensor, coef: torch.Tensor, row_grad) -> torch.Tensor:
-        """d (sum_i coef_i L_i) / d (h W^T + b) for one chunk, [n, V] in the accumulation dtype.
+        return logits_grad(self.options, s, coef, row_grad, lambda c, out: self.passes.backward(saved, c[None], out))
 
-        The logit scale is folded into the per-token coefficient; the softcap's derivative needs the logits, so
-        the gradient overwrites them (one buffer) only without a softcap."""
-        softcap = self.options.student_softcap
-        coef = coef * self.options.student_logit_scale
-        if row_grad is not None:  # the torch pass wrote d L_i / d z during the forward pass
-            out = row_grad[0].mul_(coef.unsqueeze(-1).to(row_grad.dtype))
-        else:
-            out = s if softcap is None else torch.empty_like(s)
-            self.passes.backward(saved, coef[None], out[None])
-        if softcap is not None:
-            # d softcap / d x = 1 - (z / c)^2, computed in place in the logits' buffer (no longer needed).
-            out.mul_(s.div_(softcap).square_().neg_().add_(1.0))
-        return out
+
+def logits_grad(options, s: torch.Tensor, coef: torch.Tensor, row_grad, backward) -> torch.Tensor:
+    """d (sum_i coef_i L_i) / d (h W^T + b) for one chunk, [n, V] in the accumulation dtype; ``backward(coef,
+    out [1, n, V])`` writes the pass's d (sum_i coef_i L_i) / d logits (``coef`` [n], or [K, n] for several
+    teachers' pass).
+
+    The logit scale is folded into the per-token coefficient; the softcap's derivative needs the logits, so
+    the gradient overwrites them (one buffer) only without a softcap."""
+    softcap = options.student_softcap
+    coef = coef * options.student_logit_scale
+    if row_grad is not None:  # the torch pass wrote d L_i / d z during the forward pass
+        out = row_grad[0].mul_(coef.unsqueeze(-1).to(row_grad.dtype))
+    else:
+        out = s if softcap is None else torch.empty_like(s)
+        backward(coef, out[None])
+    if softcap is not None:
+        # d softcap / d x = 1 - (z / c)^2, computed in place in the logits' buffer (no longer needed).
+        out.mul_(s.div_(softcap).square_().neg_().add_(1.0))
+    return out
 
 
 def _common_scalar(grad_loss: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

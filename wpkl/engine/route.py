@@ -1,6 +1,7 @@
 """The route table: from a call's specification and inputs, which backend, vocabulary pass, weights and schedule
-run, and why. ``route(problem)`` is the only place that decides; the engine follows the ``Route`` it returns, the
-cross-rank agreement compares its ``key``, and ``str(route)`` is the one line errors and the CLI print.
+run, and why. ``route(problem)`` is the only place that decides (for several teachers, ``mixture_route`` then
+decides whether one pass serves them); the engine follows the ``Route`` it returns, the cross-rank agreement
+compares its ``key``, and ``str(route)`` is the one line errors and the CLI print.
 
     backend    "triton"   the kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
                "torch"    the chunked torch pass: any device, bounded memory
@@ -11,7 +12,8 @@ cross-rank agreement compares its ``key``, and ``str(route)`` is the one line er
                                  chunk of the fused-linear form)
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
                "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
-               "mixed kernels"   several teachers' logits in one Triton pass (``mixture_route``)
+               "mixed kernels"   several teachers in one Triton pass (``mixture_route``: logits, or each fused-linear
+                                 chunk's projected logits)
                "reference"       the specification
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
@@ -132,24 +134,31 @@ def _schedule(problem: Problem, backend: str) -> str:
 
 def mixture_route(problems: list[Problem], routes: list[Route], dense: bool) -> Route | None:
     """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: the one pass that reads the
-    student row once for up to MAX_TEACHERS teachers' logits (wpkl/backends/triton_mixture.py), or None (each
-    teacher its own pass). It needs dense mixing (numbers: a per-sequence or per-token mixing tensor is routing,
-    where each teacher's own pass already reads a row once in all), the kernels' route for every teacher, logits
-    teachers of one dtype, reverse or forward KL, and one specification for all."""
-    from ..backends.triton_mixture import MAX_TEACHERS
+    student row once for up to MAX_TEACHERS teachers (wpkl/backends/triton_mixture.py; the fused-linear form
+    projects the student's chunk once for them), or None (each teacher its own pass). It needs dense mixing
+    (numbers; a mixing tensor is taken as routing, where each teacher's own pass reads a one-hot routed row once in
+    all: which rows are shared is data, not read here, and a soft tensor's rows are read K times), the kernels' route for every teacher (one device, no vocabulary shards), teachers of the
+    student's form (logits of one dtype, or hidden states and a weight), reverse or forward KL, and one
+    specification for all."""
+    from ..backends.triton_mixture import MAX_TEACHERS, locatable
 
-    spec = problems[0].spec
-    if len(problems) < 2 or not dense or any(r.key != ("triton", "kernels", "torch", None, r.inplace) for r in routes):
+    spec, linear = problems[0].spec, problems[0].linear
+    if len(problems) < 2 or not dense or spec.exact_divergence not in ("reverse_kl", "forward_kl"):
         return None
-    teachers = [p.teacher_logits for p in problems]
-    if any(p.linear or t is None or t.dtype != teachers[0].dtype or p.spec != spec for p, t in zip(problems, teachers,
-                                                                                                  strict=True)):
+    if any(r.backend != "triton" or r.terms != "kernels" or p.spec != spec for p, r in zip(problems, routes,
+                                                                                          strict=True)):
         return None
-    if spec.exact_divergence not in ("reverse_kl", "forward_kl"):
-        return None
+    if linear:
+        if not all(isinstance(p.teacher, TeacherLinear) for p in problems):
+            return None
+    else:
+        teachers = [p.teacher_logits for p in problems]
+        if any(t is None or t.dtype != teachers[0].dtype for t in teachers) or not locatable(teachers):
+            return None
     groups = -(-len(problems) // MAX_TEACHERS)
-    return Route("triton", "mixed kernels", "torch", None, False,
-                 f"{routes[0].reason}; {len(problems)} teachers' logits, the student read once per "
+    what = "hidden states, the student projected" if linear else "logits, the student read"
+    return Route("triton", "mixed kernels", "torch", routes[0].schedule, False,
+                 f"{routes[0].reason}; {len(problems)} teachers' {what} once per "
                  f"{'group of ' + str(MAX_TEACHERS) if groups > 1 else 'pass'}")
 
 

@@ -14,7 +14,7 @@ SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logpr
 WEIGHTS_REDUCTIONS = ("mean", "sum", "seq_mean", "none")
 TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
 MIXTURE_DIVERGENCES = ("reverse_kl", "forward_kl")
-MIXTURE_TEACHERS, MIXTURE_VOCAB = 4, 128256  # the largest group of teachers one pass reads (KB = 4)
+MIXTURE_TEACHERS, MIXTURE_VOCAB = (2, 4), 128256  # two teachers (KB = 2), and the largest group (KB = 4: 3 or 4)
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 
@@ -82,10 +82,10 @@ def launch(job: Job):
         teachers = [meta_tensor(B, T, job.vocabs[0]) for _ in range(K)]
         f32 = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
         valid, per_token, stats = f32(K, B * T, dt=torch.int8), f32(K, B * T), f32(K, kernels.NUM_STATS, B * T)
-        _, args, meta, (base, table, aligned) = mixture_fwd(student, teachers, valid, per_token, stats, div_id, 1.0)
         if job.kernel == "mixture_fwd":
+            _, args, meta = mixture_fwd(student, teachers, valid, per_token, stats, div_id, 1.0)
             return kernels.token_mixture_fwd_kernel, args, meta
-        _, args, meta = mixture_bwd(student, base, table, aligned, K, valid, per_token, stats, student, div_id, 1.0)
+        _, args, meta = mixture_bwd(student, teachers, valid, per_token, stats, student, div_id, 1.0)
         return kernels.token_mixture_bwd_kernel, args, meta
     if job.kernel == "fwd":
         _, args, meta = forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
@@ -144,9 +144,9 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
         out += [Job("topk", "atoms", dtype, (151936,), arch, f"K={K}") for K in TOPK_SIZES for arch in archs]
         for vocabs in sorted(by_key.values(), key=max):
             if MIXTURE_VOCAB in vocabs:  # several teachers' pass, at the one vocabulary its gates name
-                out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, f"K={MIXTURE_TEACHERS}")
+                out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, f"K={K}")
                         for kernel in ("mixture_fwd", "mixture_bwd") for divergence in MIXTURE_DIVERGENCES
-                        for arch in archs]
+                        for K in MIXTURE_TEACHERS for arch in archs]
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
                     # Only the sampled forward reads its teacher and behaviour log-probs in several ways.
