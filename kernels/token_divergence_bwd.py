@@ -71,6 +71,27 @@ def _grad_block(s, u, col, token, scale, lse_s, lse_u, lse_gap, aux, coef, log2_
     return grad
 
 
+@device_function
+def zero_row(grad_ptr, grad_row, cols, peel, num_full, tail_start, tail_len, edge_col, edge_mask, split, num_splits,
+             takes_tail, BLOCK_V: tl.constexpr, VEC: tl.constexpr, GRAD_ALIGNED: tl.constexpr):
+    """A masked token's gradient row: this program's share of zeros (its blocks; the tail and the edges if it
+    takes them), the same accesses as a valid row's stores (also kernels/token_mixture.py's)."""
+    out_dtype = grad_ptr.dtype.element_ty
+    zeros = tl.full([BLOCK_V], 0, out_dtype)
+    for block in range(split, num_full, num_splits):
+        grad_start = grad_row + peel + block * BLOCK_V
+        if GRAD_ALIGNED:
+            grad_start = assume_multiple(grad_start, VEC)
+        tl.store(grad_ptr + grad_start + cols, zeros)
+    if takes_tail:
+        if tail_len > 0:
+            grad_start = grad_row + tail_start
+            if GRAD_ALIGNED:
+                grad_start = assume_multiple(grad_start, VEC)
+            tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
+        tl.store(grad_ptr + grad_row + edge_col, tl.full([2 * VEC, 1], 0, out_dtype), mask=edge_mask)
+
+
 @triton.jit
 def token_divergence_bwd_kernel(
     # pointers (16-byte aligned: the host passes the aligned base and the element shift below)
@@ -178,16 +199,5 @@ def token_divergence_bwd_kernel(
             tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
     else:
         # A masked token: zeros, and nothing read.
-        zeros = tl.full([BLOCK_V], 0, out_dtype)
-        for block in range(split, num_full, num_splits):
-            grad_start = grad_row + peel + block * BLOCK_V
-            if GRAD_ALIGNED:
-                grad_start = assume_multiple(grad_start, VEC)
-            tl.store(grad_ptr + grad_start + cols, zeros)
-        if takes_tail:
-            if tail_len > 0:
-                grad_start = grad_row + tail_start
-                if GRAD_ALIGNED:
-                    grad_start = assume_multiple(grad_start, VEC)
-                tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
-            tl.store(grad_ptr + grad_row + edge_col, tl.full([2 * VEC, 1], 0, out_dtype), mask=edge_mask)
+        zero_row(grad_ptr, grad_row, cols, peel, num_full, tail_start, tail_len, edge_col, edge_mask, split, num_splits,
+                 takes_tail, BLOCK_V, VEC, GRAD_ALIGNED)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import NUM_STATS as _NUM_STATS
+from .token_divergence_bwd import zero_row
 from .common import (
     FORWARD_KL,
     NEG_INF,
@@ -312,16 +313,5 @@ def token_mixture_bwd_kernel(
                          inv_temperature, DIVERGENCE)
             tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
     else:
-        zeros = tl.full([BLOCK_V], 0, out_dtype)
-        for block in range(split, num_full, num_splits):
-            grad_start = grad_row + peel + block * BLOCK_V
-            if GRAD_ALIGNED:
-                grad_start = assume_multiple(grad_start, VEC)
-            tl.store(grad_ptr + grad_start + cols, zeros)
-        if takes_tail:
-            if tail_len > 0:
-                grad_start = grad_row + tail_start
-                if GRAD_ALIGNED:
-                    grad_start = assume_multiple(grad_start, VEC)
-                tl.store(grad_ptr + grad_start + cols, zeros, mask=cols < tail_len)
-            tl.store(grad_ptr + grad_row + edge_col, tl.full([2 * VEC, 1], 0, out_dtype), mask=edge_mask)
+        zero_row(grad_ptr, grad_row, cols, peel, num_full, tail_start, tail_len, edge_col, edge_mask, split, num_splits,
+                 takes_tail, BLOCK_V, VEC, GRAD_ALIGNED)
