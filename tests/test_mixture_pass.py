@@ -212,19 +212,21 @@ def test_the_route_says_so():
 def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeypatch, small_blocks):
     """The fused-linear form with dense mixing: each chunk's student logits are projected once for a group of up to
     four teachers (forward, and once more in the two-phase backward), against the float64 reference with a bias,
-    a logit scale, a softcap, teachers of their own widths and padded heads, a weighting and a temperature."""
+    a logit scale and a softcap on both sides, teachers of their own widths, padded heads and biases, a weighting
+    and a temperature."""
     import wpkl.engine.linear as linear
 
     g = torch.Generator().manual_seed(K)
     H, V, chunk = 8, 37, 3
     h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
     heads = [(torch.randn(B, T, H + k, generator=g, dtype=torch.float64),
-              torch.randn(V + k, H + k, generator=g, dtype=torch.float64)) for k in range(K)]
+              torch.randn(V + k, H + k, generator=g, dtype=torch.float64),
+              torch.randn(V + k, generator=g, dtype=torch.float64)) for k in range(K)]
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[1, 1] = False
     options = dict(mixing=[0.2 + 0.3 * k for k in range(K)], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
                    divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
-                   fused_linear=True)
+                   teacher_softcap=6.0, teacher_logit_scale=1.2, fused_linear=True)
     projected = []
     project = linear.project
 
@@ -235,8 +237,8 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
     monkeypatch.setattr(linear, "project", counted)
     calls = _counting(monkeypatch)
     x = [t.float().requires_grad_(True) for t in (h, w, b)]
-    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=th.float(), teacher_weight=tw.float())
-                                                         for th, tw in heads],
+    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=th.float(), teacher_weight=tw.float(),
+                                                              teacher_bias=tb.float()) for th, tw, tb in heads],
                                    student_bias=x[2], backend="triton", chunk_size=chunk, **options)
     loss.backward()
     chunks = -(-int(mask.sum()) // chunk)
@@ -245,10 +247,30 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
     assert projected.count(x[1].data_ptr()) == 2 * chunks * len(groups)  # forward and backward, once per group
     monkeypatch.undo()
     y = [t.clone().requires_grad_(True) for t in (h, w, b)]
-    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=th, teacher_weight=tw)
-                                                             for th, tw in heads],
+    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=th, teacher_weight=tw, teacher_bias=tb)
+                                                             for th, tw, tb in heads],
                                        student_bias=y[2], backend="reference", **options)
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     for got, truth in zip(x, y, strict=True):
         torch.testing.assert_close(got.grad.double(), truth.grad, rtol=2e-4, atol=2e-6)
+
+
+def test_a_teacher_below_teacher_0_in_memory():
+    """The kernels address every teacher from teacher 0's pointer: a negative distance (teacher 1 stored before
+    teacher 0, an odd number of elements away) gives the result of separate tensors, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    V = 23
+    student = torch.randn(B, T, V, generator=g)
+    storage = torch.randn(2 * B * T * V + 3, generator=g)
+    below, above = storage[: B * T * V].view(B, T, V), storage[B * T * V + 3:].view(B, T, V)
+    assert below.data_ptr() < above.data_ptr()
+    valids = torch.ones(2, B, T, dtype=torch.bool)
+    spec = LossSpec(divergence="reverse_kl")
+    coef = torch.rand(2, B, T, generator=g)
+    results = []
+    for teachers in ([above, below], [above.clone(), below.clone()]):
+        loss, stats, saved = TritonMixturePass.forward(student, teachers, valids, spec)
+        results.append((loss, stats, TritonMixturePass.backward(saved, coef, torch.empty_like(student))))
+    for got, separate in zip(*results, strict=True):
+        assert torch.equal(got, separate)
