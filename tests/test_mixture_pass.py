@@ -162,9 +162,15 @@ def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, s
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["routing", "jsd", "sampled", "dtypes", "top-k teacher", "torch backend",
-                                  "a teacher between elements"])
+OTHER_CALLS = {"routing": [], "jsd": [], "sampled": [], "dtypes": [2], "top-k teacher": [2], "torch backend": [],
+               "a teacher between elements": [], "soft mixing tensor": [3]}
+
+
+@pytest.mark.parametrize("case", OTHER_CALLS)
 def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
+    """Which teachers share the logits pass: a one-hot mixing tensor on the host is a routing (each teacher its own
+    pass), a soft one is not; teachers of another dtype or form and teachers the kernels cannot address from
+    teacher 0 run alone; jsd, sampled and the torch backend have no shared logits pass."""
     g = torch.Generator().manual_seed(3)
     V = 17
     student = torch.randn(B, T, V, generator=g)
@@ -172,6 +178,8 @@ def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
     mixing, options, backend = [0.2, 0.3, 0.5], {}, "triton"
     if case == "routing":
         mixing = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).T.float()
+    elif case == "soft mixing tensor":
+        mixing = torch.rand(3, B, T, generator=g)
     elif case in ("jsd", "sampled"):
         options = dict(divergence=case, tokens=torch.randint(0, V, (B, T), generator=g))
         if case == "jsd":
@@ -189,7 +197,16 @@ def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
         backend = "torch"
     calls = _counting(monkeypatch)
     _call(student, teachers, mixing, backend=backend, **options)
-    assert calls["mixture"] == []
+    assert [n for n, _ in calls["mixture"]] == OTHER_CALLS[case]
+
+
+def test_a_mixing_tensor_is_a_routing_only_where_the_host_sees_it():
+    from wpkl.api.variants import _routes
+
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 2, 1], [1, 1, 0]]), 3).permute(2, 0, 1).float()
+    assert _routes(one_hot) and _routes(0.3 * one_hot) and not _routes(one_hot + 0.1)
+    assert not _routes(one_hot.to("meta"))  # a device tensor is not read on the host: the shared pass
+    assert not _routes([1.0, 0.0, 0.0]) and not _routes(None)
 
 
 def test_the_route_says_so():
@@ -201,8 +218,13 @@ def test_the_route_says_so():
     student = torch.randn(B, T, 11)
     problems = [build.materialized(spec, student, torch.randn(B, T, 11)) for _ in range(6)]
     own = Route("triton", "kernels", "torch", None, False, "backend='triton'")
-    shared = mixture_route(problems, [own] * 6, dense=True)
-    assert shared.terms == "mixed kernels" and f"group of {MAX_TEACHERS}" in str(shared)
+    plan = mixture_route(problems, [own] * 6, dense=True)
+    assert plan.route.terms == "mixed kernels" and "6 teachers in 2 passes" in str(plan.route)
+    assert plan.groups == (("logits", tuple(range(MAX_TEACHERS))), ("logits", (4, 5)))
+    topk = [build.materialized(spec, student, None, teacher_topk_ids=torch.randint(0, 11, (B, T, 3)),
+                               teacher_topk_logprobs=-torch.rand(B, T, 3)) for _ in range(5)]
+    plan = mixture_route(problems[:1] + topk, [own] * 6, dense=True)  # top-k teachers: any number in one pass
+    assert plan.groups == (("top-k", (1, 2, 3, 4, 5)),) and "6 teachers in 2 passes" in str(plan.route)
     assert mixture_route(problems, [own] * 6, dense=False) is None
     assert mixture_route(problems[:1], [own], dense=True) is None
 

@@ -117,6 +117,15 @@ def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
     return values
 
 
+def _routes(mixing) -> bool:
+    """Whether a mixing tensor is a routing that the host can see without a device sync: given on the CPU, with
+    at most one teacher nonzero per token (then each teacher's own pass does one teacher's work per element and
+    reads each row once in all). A tensor on the GPU is not read on the host: its tokens may have several
+    teachers, and the shared pass serves them."""
+    return isinstance(mixing, torch.Tensor) and mixing.device.type == "cpu" and bool(
+        ((mixing.detach() != 0).sum(0) <= 1).all())
+
+
 def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False, **options):
     """MOPD: the student against several teachers, each token's divergences mixed,
 
@@ -135,15 +144,18 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Every other argument (``args``, ``options``: mask, tokens, divergence, temperature, reduction,
     ``process_group``, ``sequence_group``, ...) is shared.
 
-    Cost, in reads of each student row (forward and backward each): with mixing numbers (dense), logits teachers
-    of one dtype (or, fused_linear, hidden-state teachers: the student's chunk projected once for them), reverse
-    or forward KL and the Triton backend, one pass reads it with up to four teachers' rows (kernels/token_mixture.py):
-    once, or once per group of four. Otherwise one pass per teacher, each reading only the rows its teacher has a
-    nonzero weight on (a masked row reads nothing): once in all under one-hot routing, K times under dense mixing
-    (jsd, "sampled", top-k or log q(y) teachers, mixed dtypes, a soft mixing tensor). Then the weights and the
-    reduction run once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``,
-    ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad passes. The
-    fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).
+    Cost, in reads of each student row (forward and backward each), on the Triton backend: teachers of one form
+    share one pass that reads it once (wpkl/engine/mixture.py): logits of one dtype (or, fused_linear,
+    hidden-state teachers: the student's chunk projected once for them) with reverse or forward KL, up to four
+    per pass (kernels/token_mixture.py); top-k teachers, any number, every divergence (their atoms merged in one
+    backward). Every other teacher (jsd or "sampled" against logits, log q(y) teachers, the only teacher of its
+    form or logits dtype, vocabulary shards, the torch backend) runs its own pass, reading only the rows its
+    teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers and mixing tensors on the GPU (not
+    read on the host) take the shared passes; a mixing tensor given on the CPU that is one-hot (a routing: one
+    teacher per token) runs one pass per teacher, which reads each row once in all and does one teacher's work per
+    element. Then the weights and the reduction run once, in torch, on the mixed per-token terms: on every layout
+    (``sequence_ids``, ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad
+    passes. The fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).
     A teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
     divergence, an unknown confidence): it does not see the token (nor are its values checked there), and the
     reduction's denominators are the call's. A valid token no teacher weighs has loss 0; the first teacher computes
@@ -232,5 +244,5 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             unseen &= ~m
         masks[0] = masks[0] | unseen
     per_teacher = [teacher_data(source, mask) for (source, _), mask in zip(kept, masks, strict=True)]
-    return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept])
+    return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept], routing=_routes(mixing))
 

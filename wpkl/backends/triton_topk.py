@@ -1,6 +1,22 @@
-"""A top-k teacher on the Triton kernels: the student row is read once forward (the forward kernel as "sampled"
-without teacher logits), the atom math of the specification runs on [N, K] tensors, and backward is the sampled
-backward kernel plus kernels/token_topk.py's fix-up of the K atoms."""
+"""Top-k teachers on the Triton kernels: the student row is read once forward (the forward kernel as "sampled"
+without teacher logits gives the student's log-normalizer and entropy, which no top-k teacher changes), the atom
+math of the specification runs on [N, K] tensors, and backward is the sampled backward kernel (the dense part)
+plus kernels/token_topk.py's fix-up of the atoms.
+
+    TritonTopKPass         one teacher: the Triton pass's contract (triton_pass.py)
+    TritonTopKMixturePass  several teachers (wpkl.multi_teacher_loss with dense mixing), one read of the student
+                           for all of them: forward(student, teachers [K of TopK], valids [K, B, T], spec) ->
+                           loss [K, B, T], stats [K, 4, B, T], saved; backward(saved, coef [K, B, T], out)
+
+Several teachers' gradient, by linearity, with c_k = d loss / d L_k of the token and each teacher's
+A_k = dF_k/dx, Lambda_k = dF_k/dlse (kernels/token_topk.py):
+
+    d loss / d s_v = (p_v sum_k c_k Lambda_k + sum_k [v in S_k] c_k A_k,v) / T
+
+one dense pass with Lambda = sum_k c_k Lambda_k and the atoms of all teachers as one list, an id that several
+teachers give merged into one atom with its summed c_k A_k (``merge_atoms``), so that each column is written
+once and rounded once.
+"""
 
 from __future__ import annotations
 
@@ -24,73 +40,97 @@ class TopKSaved:
     atom_grad: torch.Tensor  # fp32 A = dF/dx
 
 
+def _stat(name: str) -> int:
+    from ..kernels import common as rows
 
-def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollout_logprobs, spec: LossSpec,
-                 shard=None):
-    """A top-k teacher on the kernels: one pass over each student row (the forward kernel as "sampled" without
-    teacher logits gives the student's log-normalizer and entropy), then the atom math of the specification
-    (wpkl/reference/topk.py ``topk_atom_terms``) on [N, K] tensors under autograd, for the loss, the divergence, the
-    statistics and the per-row backward inputs A = dF/dx and Lambda = dF/dlse. No [N, V] tensor is made.
+    return int(getattr(rows, name).value)
 
-    The stats buffer then holds what the backward kernels read: the student's T lse (STAT_STUDENT_LSE) and
-    -Lambda in the sampled multiplier's slot (STAT_AUX), so that the "sampled" backward kernel with no sampled token writes the dense
-    part of the gradient, p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms)."""
+
+def student_pass(student, valid_bytes, first_ids, spec: LossSpec):
+    """The forward kernel as "sampled" without teacher logits on the rows where ``valid_bytes`` [N] is set: the
+    stats buffer [NUM_STATS, N] with the student's T lse (STAT_STUDENT_LSE) and entropy. ``first_ids`` [N]: the
+    kernel's sampled-token slot, any in-range column (its loss is discarded; it reads the unused log q(y) slot
+    from the loss buffer)."""
     k = kernels()
     B, T, V = student.shape
-    N, K = B * T, teacher.ids.shape[-1]
+    N = B * T
     loss = common.new_buffer(N, dtype=torch.float32, device=student.device)
     stats = common.new_buffer(k.NUM_STATS, N, dtype=torch.float32, device=student.device)
-    valid_bytes = valid.reshape(N).to(torch.int8)
-    ids = teacher.ids.reshape(N, K).to(torch.int64).contiguous()  # the atoms kernel indexes row * K + k
     if N > 0:
-        # The kernel's sampled-token slot: any in-range column (its loss is discarded; it reads the unused
-        # log q(y) slot from ``loss``, which is overwritten below).
-        slot = (ids[:, 0].clamp(0, max(V - 1, 0)).contiguous() if K > 0
-                else torch.zeros_like(valid_bytes, dtype=torch.int64))
+        slot = first_ids.clamp(0, max(V - 1, 0)).contiguous()
         grid, args, meta = forward_launch(student, None, valid_bytes, slot, loss, None, loss, stats,
                                           divergence_id("sampled"), spec.beta, spec.temperature)
         launch(k.token_divergence_fwd_kernel, grid, args, meta)
+    return stats
+
+
+def _slot(ids, valid_bytes):
+    return ids[:, 0] if ids.shape[-1] > 0 else torch.zeros_like(valid_bytes, dtype=torch.int64)
+
+
+def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec):
+    """One teacher's atom math (wpkl/reference/topk.py ``topk_atom_terms``) on [N, K] tensors under autograd, on
+    the rows where ``valid`` [B, T] is set, from the student pass's ``stats``: (loss [N], public stats [4, N],
+    TopKSaved, Lambda [N]), each 0 on the other rows. No [N, V] tensor is made."""
+    B, T, V = student.shape
+    N, K = B * T, teacher.ids.shape[-1]
+    ids = teacher.ids.reshape(N, K).to(torch.int64).contiguous()  # the atoms kernel indexes row * K + k
     valid_flat = valid.reshape(N, 1)
     in_range = (ids >= -1) & (ids < V)
     gathered = student.gather(-1, ids.clamp(0, max(V - 1, 0)).view(B, T, K)).reshape(N, K).to(torch.float32)
     # An id >= V (the value checks report it) gives its row a NaN loss, never a number from another column; ids
     # below -1 are padding, as in the specification (and reported by the checks too).
     x = torch.where(in_range | ~valid_flat, gathered / spec.temperature, float("nan"))
-    lse = stats[4] / spec.temperature  # STAT_STUDENT_LSE holds T lse(s / T)
+    lse = stats[_stat("STAT_STUDENT_LSE")] / spec.temperature  # T lse(s / T)
     atoms = valid_flat & (ids >= 0)
     options = spec.topk
-    divergence, beta = spec.exact_divergence, spec.beta
     with torch.enable_grad():
         x_leaf, lse_leaf = x.detach().requires_grad_(True), lse.detach().requires_grad_(True)
         terms = topk_atom_terms(x_leaf, lse_leaf, atoms, teacher.logprobs.reshape(N, K), mode=options.mode,
-                                divergence=divergence, beta=beta, logprob_floor=options.logprob_floor,
-                                loss_max=options.loss_max, stats=True)
+                                divergence=spec.exact_divergence, beta=spec.beta,
+                                logprob_floor=options.logprob_floor, loss_max=options.loss_max, stats=True)
         atom_grad, lam = torch.autograd.grad(terms[0].sum(), (x_leaf, lse_leaf))
     row_valid = valid.reshape(N)
-    public = torch.stack([terms[1], terms[2], stats[2], terms[3]])
-    public = torch.where(row_valid, public, 0.0).to(torch.float32).view(4, B, T)
+    public = torch.stack([terms[1], terms[2], stats[_stat("STAT_STUDENT_ENTROPY")], terms[3]])
+    public = torch.where(row_valid, public, 0.0).to(torch.float32)
     loss = torch.where(row_valid, terms[0].detach(), 0.0).to(torch.float32)
-    from ..kernels import common as rows
-
-    stats[int(rows.STAT_AUX.value)] = torch.where(row_valid, -lam, 0.0)  # the backward kernel's multiplier slot
-    no_token = torch.full((N,), -1, dtype=torch.int64, device=student.device)  # the dense part: no one-hot
-    saved = TritonSaved(student, None, valid_bytes, no_token, stats, divergence_id("sampled"), spec,
-                        TopKSaved(ids, x, atom_grad))
-    return loss.view(B, T), public, saved
+    return loss, public, TopKSaved(ids, x, atom_grad), torch.where(row_valid, lam, 0.0)
 
 
-def topk_backward(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The sampled backward kernel with no sampled token (the dense p_v Lambda / T), then the K atoms' terms."""
+def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollout_logprobs, spec: LossSpec,
+                 shard=None):
+    """A top-k teacher: ``student_pass`` then ``topk_atoms``. The stats buffer then holds what the backward
+    kernels read: the student's T lse (STAT_STUDENT_LSE) and -Lambda in the sampled multiplier's slot (STAT_AUX),
+    so that the "sampled" backward kernel with no sampled token writes the dense part of the gradient,
+    p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms)."""
+    B, T, _ = student.shape
+    N = B * T
+    valid_bytes = valid.reshape(N).to(torch.int8)
+    ids = teacher.ids.reshape(N, -1).to(torch.int64)
+    stats = student_pass(student, valid_bytes, _slot(ids, valid_bytes), spec)
+    loss, public, atoms, lam = topk_atoms(student, stats, teacher, valid, spec)
+    stats[_stat("STAT_AUX")] = -lam  # the backward kernel's multiplier slot
+    saved = TritonSaved(student, None, valid_bytes, _no_token(N, student.device), stats, divergence_id("sampled"),
+                        spec, atoms)
+    return loss.view(B, T), public.view(4, B, T), saved
+
+
+def _no_token(N, device):
+    return torch.full((N,), -1, dtype=torch.int64, device=device)  # the dense part: no one-hot
+
+
+def dense_and_atoms(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The sampled backward kernel with no sampled token (the dense coef p_v Lambda / T, Lambda from the stats'
+    STAT_AUX), then the atoms' fix-up (``saved.topk``: distinct ids per row) writing coef (A_j + p_j Lambda) / T."""
     TritonPass.backward(saved, coef, out)
     B, T, V = saved.student.shape
     N, K = saved.topk.ids.shape
     if N == 0 or K == 0:
         return out
     coef = coef.reshape(N).to(torch.float32).contiguous()
-    grid = (N,)
     args = (saved.topk.ids, saved.topk.atom_grad, saved.topk.x, saved.stats, coef, saved.valid_bytes, out,
             N, K, T, V, out.stride(0), out.stride(1), 1.0 / saved.spec.temperature)
-    launch(kernels().topk_atoms_bwd_kernel, grid, args, topk_atoms_meta(K))
+    launch(kernels().topk_atoms_bwd_kernel, (N,), args, topk_atoms_meta(K))
     return out
 
 
@@ -98,7 +138,7 @@ class TritonTopKPass:
     """The Triton pass's contract for a top-k teacher (``teacher`` a ``TopK``)."""
 
     forward = staticmethod(topk_forward)
-    backward = staticmethod(topk_backward)
+    backward = staticmethod(dense_and_atoms)
 
 
 def topk_atoms_meta(K: int) -> dict:
@@ -106,3 +146,70 @@ def topk_atoms_meta(K: int) -> dict:
     return dict(BLOCK_K=1 << max(0, (K - 1).bit_length()), num_warps=1)
 
 
+def merge_atoms(ids: torch.Tensor, a: torch.Tensor, x: torch.Tensor, teachers: int):
+    """Several teachers' atoms [N, M] of one token row as a list of distinct ids: an id given by several
+    teachers (at most ``teachers`` times, each teacher's ids being distinct: the value checks) keeps one atom,
+    with the sum of their ``a`` (in a fixed order: deterministic); the others become padding (-1). ``x`` (the
+    student's value at the id) is the same for every copy."""
+    order = ids.argsort(dim=1, stable=True)
+    ids, a, x = ids.gather(1, order), a.gather(1, order), x.gather(1, order)
+    total = a.clone()
+    for d in range(1, min(teachers, ids.shape[1])):  # the copies of an id are adjacent, at most ``teachers``
+        same = ids[:, d:] == ids[:, :-d]
+        total[:, d:] += torch.where(same, a[:, :-d], 0.0)
+    last = torch.ones_like(ids, dtype=torch.bool)
+    last[:, :-1] = ids[:, 1:] != ids[:, :-1]
+    return torch.where(last, ids, -1), torch.where(last, total, 0.0), x
+
+
+@dataclass
+class TopKMixtureSaved:
+    """Several top-k teachers' backward inputs: the student pass's stats and valid rows (any teacher's), and per
+    teacher its atoms, Lambda and rows."""
+
+    student: torch.Tensor | None
+    valid_bytes: torch.Tensor  # [N] int8: some teacher sees the token
+    stats: torch.Tensor  # [NUM_STATS, N] fp32
+    atoms: list  # of TopKSaved
+    lams: torch.Tensor  # [K, N] fp32
+    valids: torch.Tensor  # [K, N] bool
+    spec: LossSpec
+    teachers: None = None  # (the fused-linear form drops and attaches ``student`` and ``teachers``, as for logits)
+
+
+class TritonTopKMixturePass:
+    @staticmethod
+    def forward(student, teachers, valids, spec: LossSpec):
+        B, T, _ = student.shape
+        K, N = len(teachers), B * T
+        valids = valids.reshape(K, N)
+        valid_bytes = valids.any(0).to(torch.int8)
+        first = torch.stack([_slot(t.ids.reshape(N, -1).to(torch.int64), valid_bytes) for t in teachers])
+        # each token's slot from a teacher that sees it (an in-range id there, by the value checks)
+        slot = first.gather(0, valids.to(torch.int8).argmax(0, keepdim=True))[0]
+        stats = student_pass(student, valid_bytes, slot, spec)
+        parts = [topk_atoms(student, stats, t, valid.view(B, T), spec) for t, valid in zip(teachers, valids,
+                                                                                             strict=True)]
+        loss = torch.stack([p[0] for p in parts]).view(K, B, T)
+        public = torch.stack([p[1] for p in parts]).view(K, 4, B, T)
+        saved = TopKMixtureSaved(student, valid_bytes, stats, [p[2] for p in parts],
+                                 torch.stack([p[3] for p in parts]).to(torch.float32), valids, spec)
+        return loss, public, saved
+
+    @staticmethod
+    def backward(saved: TopKMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, T, _ = saved.student.shape
+        K, N = saved.valids.shape
+        c = torch.where(saved.valids, coef.reshape(K, N).to(torch.float32), 0.0)
+        stats = saved.stats.clone()
+        stats[_stat("STAT_AUX")] = -(c * saved.lams).sum(0)  # -sum_k c_k Lambda_k: the dense part's multiplier
+        seen = saved.valids[:, :, None]
+        ids = torch.cat([torch.where(seen[k], a.ids, -1) for k, a in enumerate(saved.atoms)], dim=1)
+        a = torch.cat([torch.where(seen[k], c[k, :, None] * a.atom_grad, 0.0) for k, a in enumerate(saved.atoms)],
+                      dim=1)
+        x = torch.cat([a.x for a in saved.atoms], dim=1)
+        ids, a, x = merge_atoms(ids, a, x, K)
+        one = TritonSaved(saved.student, None, saved.valid_bytes, _no_token(N, out.device), stats,
+                          divergence_id("sampled"), saved.spec, TopKSaved(ids.contiguous(), x.contiguous(),
+                                                                           a.contiguous()))
+        return dense_and_atoms(one, saved.valid_bytes.to(torch.float32).view(B, T), out)

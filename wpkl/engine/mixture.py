@@ -1,8 +1,12 @@
-"""Several teachers' per-token terms (wpkl.multi_teacher_loss): on the route ``mixture_route`` gives (route.py), the
-student row is read once for each group of up to MAX_TEACHERS teachers, through the engine's one autograd Function
-(terms.py: ``TokenDivergence``) with ``MixtureAdapter`` (materialized logits) or ``LinearMixtureAdapter`` (the
-fused-linear form: per chunk the student's logits are projected once for the group, two-phase schedule as
-linear.py's); otherwise each teacher runs its own route.
+"""Several teachers' per-token terms (wpkl.multi_teacher_loss): on the plan ``mixture_route`` gives (route.py), each
+group of teachers shares one pass that reads the student row once (the fused-linear form: projects each chunk of
+the student's logits once), through the engine's one autograd Function (terms.py: ``TokenDivergence``):
+
+    "logits"  MixtureAdapter, TritonMixturePass (kernels/token_mixture.py), up to MAX_TEACHERS teachers
+    "top-k"   MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
+    "hidden"  and top-k teachers of the fused-linear form: LinearMixtureAdapter (two-phase schedule as linear.py's)
+
+every other teacher on its own route.
 """
 
 from __future__ import annotations
@@ -14,47 +18,66 @@ import dataclasses
 import torch
 
 from ..backends.projection import projection_dtype
-from ..backends.triton_mixture import MAX_TEACHERS, TritonMixturePass
+from ..backends.triton_mixture import TritonMixturePass
+from ..backends.triton_topk import TritonTopKMixturePass
 from ..inputs.data import Problem
-from ..reference import TokenTerms
+from ..reference import TokenTerms, TopK
 from .chunks import chunk_size_for, plan_chunks, weights_context
 from .linear import _Grads, _Projector, linear_terms, logits_grad
-from .route import Route
+from .route import MixturePlan, Route
 from .terms import TokenDivergence, logits_terms
 
 
-class MixtureAdapter:
-    """tensors: (student logits, valids [K, B, T], teacher logits 1..K)."""
+def _top_k(tensors, rows=None):
+    """TopK teachers from their (ids, log q) tensors, optionally the flattened ``rows`` of each as [1, n]."""
+    pairs = zip(tensors[0::2], tensors[1::2], strict=True)
+    return [TopK(i, q) if rows is None else TopK(i[rows][None], q[rows][None]) for i, q in pairs]
 
-    def __init__(self, problem: Problem):
-        self.spec = problem.spec
+
+class MixtureAdapter:
+    """Materialized logits. tensors: (student logits, valids [K, B, T], then each teacher's logits, or with
+    ``topk`` its ids and log q)."""
+
+    def __init__(self, problem: Problem, topk: bool):
+        self.spec, self.topk = problem.spec, topk
+        self.passes = TritonTopKMixturePass if topk else TritonMixturePass
 
     def forward(self, tensors, needs_grad):
-        student, valids, *teachers = tensors
-        loss, stats, saved = TritonMixturePass.forward(student, teachers, valids, self.spec)
+        student, valids, *rest = tensors
+        teachers = _top_k(rest) if self.topk else rest
+        loss, stats, saved = self.passes.forward(student, teachers, valids, self.spec)
         return loss, stats, saved, ()
 
     def backward(self, saved, saved_tensors, grad_loss):
-        out = TritonMixturePass.backward(saved, grad_loss, torch.empty_like(saved.student))
-        return (out, None, *(None,) * len(saved.teachers))
+        out = self.passes.backward(saved, grad_loss, torch.empty_like(saved.student))
+        return (out, None, *(None,) * (2 * len(saved.atoms) if self.topk else len(saved.teachers)))
 
 
 class LinearMixtureAdapter:
-    """tensors: (h_s, w_s, b_s, valids [K, N], then each teacher's h_t, w_t, b_t), over the flattened tokens."""
+    """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then each teacher's h_t, w_t, b_t, or with
+    ``topk`` its ids and log q), over the flattened tokens."""
 
-    def __init__(self, problem: Problem, chunks, count: int):
-        self.spec, self.options, self.chunks, self.count = problem.spec, problem.spec.linear, chunks, count
+    def __init__(self, problem: Problem, chunks, count: int, topk: bool):
+        self.spec, self.options, self.chunks, self.count, self.topk = (problem.spec, problem.spec.linear, chunks,
+                                                                        count, topk)
+        self.passes = TritonTopKMixturePass if topk else TritonMixturePass
+
+    def _dtypes(self, tensors):
+        return [projection_dtype(tensors[0])] + ([] if self.topk else [projection_dtype(h) for h in tensors[4::3]])
 
     def _projectors(self, tensors, dtypes):
+        if self.topk:
+            return [_Projector(self.options, (dtypes[0], None), *tensors[:3], None, None, None)]
         first = _Projector(self.options, dtypes[:2], *tensors[:3], *tensors[4:7])
         return [first] + [_teacher_of(first, dtypes[k + 1], tensors[4 + 3 * k: 7 + 3 * k]) for k in range(1, self.count)]
 
-    def _chunk(self, projectors, ids):
-        return projectors[0].student(ids), [p.teacher(ids)[None] for p in projectors]
+    def _chunk(self, projectors, ids, tensors):
+        s = projectors[0].student(ids)
+        return s, _top_k(tensors[4:], ids) if self.topk else [p.teacher(ids)[None] for p in projectors]
 
     def forward(self, tensors, needs_grad):
         h_s, valids = tensors[0], tensors[3]
-        dtypes = [projection_dtype(h_s)] + [projection_dtype(h) for h in tensors[4::3]]
+        dtypes = self._dtypes(tensors)
         N, K = h_s.shape[0], self.count
         loss = h_s.new_zeros(K, N, dtype=torch.float32)
         stats = h_s.new_zeros(K, 4, N, dtype=torch.float32)
@@ -62,9 +85,8 @@ class LinearMixtureAdapter:
         with torch.autocast(h_s.device.type, enabled=False):  # (linear.py: the projections choose their precision)
             projectors = self._projectors(tensors, dtypes)
             for ids in self.chunks:
-                s, teachers = self._chunk(projectors, ids)
-                loss_c, stats_c, saved = TritonMixturePass.forward(s[None], teachers, valids[:, ids][:, None],
-                                                                   self.spec)
+                s, teachers = self._chunk(projectors, ids, tensors)
+                loss_c, stats_c, saved = self.passes.forward(s[None], teachers, valids[:, ids][:, None], self.spec)
                 loss[:, ids], stats[:, :, ids] = loss_c[:, 0], stats_c[:, :, 0]
                 kept.append(dataclasses.replace(saved, student=None, teachers=None))
                 del s, teachers, saved
@@ -78,13 +100,13 @@ class LinearMixtureAdapter:
         with gather, torch.autocast(tensors[0].device.type, enabled=False):
             projectors = self._projectors(tensors, state["dtypes"])
             for ids, kept in zip(self.chunks, state["kept"], strict=True):
-                s, teachers = self._chunk(projectors, ids)
-                saved = dataclasses.replace(kept, student=s[None], teachers=teachers)
+                s, teachers = self._chunk(projectors, ids, tensors)
+                saved = dataclasses.replace(kept, student=s[None], teachers=None if self.topk else teachers)
                 grads.add(logits_grad(self.options, s, grad_loss[:, ids].float(), None,
-                                      lambda c, out, saved=saved: TritonMixturePass.backward(saved, c[:, None], out)),
+                                      lambda c, out, saved=saved: self.passes.backward(saved, c[:, None], out)),
                           ids, projectors[0])
                 del s, teachers, saved
-        return (*grads.finish(None), None, *(None,) * (3 * self.count))
+        return (*grads.finish(None), None, *(None,) * (len(tensors) - 4))
 
 
 def _teacher_of(first: _Projector, dtype, teacher) -> _Projector:
@@ -92,39 +114,48 @@ def _teacher_of(first: _Projector, dtype, teacher) -> _Projector:
     return copy.copy(first).set_teacher(dtype, *teacher)
 
 
-def _linear_group(group: list[Problem]) -> list[TokenTerms]:
+def _teacher_tensors(problem: Problem, flat) -> list:
+    teacher = problem.teacher
+    if isinstance(teacher, TopK):
+        return [flat(teacher.ids), flat(teacher.logprobs)]
+    return [flat(teacher.hidden), teacher.weight, teacher.bias]
+
+
+def _linear_group(group: list[Problem], topk: bool) -> list[TokenTerms]:
     first = group[0]
     student, batch = first.student, first.batch
     B, T = batch.valid.shape
     valids = torch.stack([p.batch.valid for p in group])
     chunk = first.spec.linear.chunk_size or chunk_size_for(first.vocab, student.hidden.shape[-1], "triton",
-                                                           teachers=len(group))
+                                                           teachers=1 if topk else len(group))
     chunks = plan_chunks(valids.any(0), chunk, whole_rows=False)
 
     def flat(x):
         return None if x is None else x.reshape(B * T, *x.shape[2:])
 
-    teachers = [x for p in group for x in (flat(p.teacher.hidden), p.teacher.weight, p.teacher.bias)]
-    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(first, chunks, len(group)), flat(student.hidden),
+    teachers = [x for p in group for x in _teacher_tensors(p, flat)]
+    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(first, chunks, len(group), topk), flat(student.hidden),
                                         student.weight, student.bias, valids.reshape(len(group), B * T), *teachers)
     return [TokenTerms(loss[k].view(B, T), *stats[k].view(4, B, T).unbind(0)) for k in range(len(group))]
 
 
-def mixture_terms(problems: list[Problem], routes: list[Route], shared: Route | None) -> list[TokenTerms]:
-    """Each teacher's [B, T] terms: by groups through the mixture pass on the ``shared`` route, else each alone."""
+def _logits_group(group: list[Problem], topk: bool) -> list[TokenTerms]:
+    valids = torch.stack([p.batch.valid for p in group])
+    teachers = ([x for p in group for x in (p.teacher_topk.ids, p.teacher_topk.logprobs)] if topk
+                else [p.teacher_logits for p in group])
+    loss, stats = TokenDivergence.apply(MixtureAdapter(group[0], topk), group[0].student.logits, valids, *teachers)
+    return [TokenTerms(loss[k], *stats[k].unbind(0)) for k in range(len(group))]
+
+
+def mixture_terms(problems: list[Problem], routes: list[Route], plan: MixturePlan | None) -> list[TokenTerms]:
+    """Each teacher's [B, T] terms, in the teachers' order: each group of the plan through its shared pass, every
+    other teacher alone."""
     alone = linear_terms if problems[0].linear else logits_terms
-    if shared is None:
-        return [alone(problem, own) for problem, own in zip(problems, routes, strict=True)]
-    terms = []
-    for first in range(0, len(problems), MAX_TEACHERS):
-        group = problems[first: first + MAX_TEACHERS]
-        if len(group) == 1:
-            terms.append(alone(group[0], routes[first]))
-        elif group[0].linear:
-            terms += _linear_group(group)
-        else:
-            valids = torch.stack([p.batch.valid for p in group])
-            loss, stats = TokenDivergence.apply(MixtureAdapter(group[0]), group[0].student.logits, valids,
-                                                *(p.teacher_logits for p in group))
-            terms += [TokenTerms(loss[k], *stats[k].unbind(0)) for k in range(len(group))]
-    return terms
+    terms: list = [None] * len(problems)
+    for form, members in () if plan is None else plan.groups:
+        group = [problems[k] for k in members]
+        run = _linear_group if group[0].linear else _logits_group
+        for k, one in zip(members, run(group, form == "top-k"), strict=True):
+            terms[k] = one
+    return [one if one is not None else alone(problem, own)
+            for one, problem, own in zip(terms, problems, routes, strict=True)]

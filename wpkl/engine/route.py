@@ -12,8 +12,8 @@ compares its ``key``, and ``str(route)`` is the one line errors and the CLI prin
                                  chunk of the fused-linear form)
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
                "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
-               "mixed kernels"   several teachers in one Triton pass (``mixture_route``: logits, or each fused-linear
-                                 chunk's projected logits)
+               "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states or
+                                 top-k teachers, the student read or projected once per pass)
                "reference"       the specification
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
@@ -132,34 +132,68 @@ def _schedule(problem: Problem, backend: str) -> str:
     return "eager" if eager else "two-phase"
 
 
-def mixture_route(problems: list[Problem], routes: list[Route], dense: bool) -> Route | None:
-    """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: the one pass that reads the
-    student row once for up to MAX_TEACHERS teachers (wpkl/backends/triton_mixture.py; the fused-linear form
-    projects the student's chunk once for them), or None (each teacher its own pass). It needs dense mixing
-    (numbers; a mixing tensor is taken as routing, where each teacher's own pass reads a one-hot routed row once in
-    all: which rows are shared is data, not read here, and a soft tensor's rows are read K times), the kernels' route for every teacher (one device, no vocabulary shards), teachers of the
-    student's form (logits of one dtype, or hidden states and a weight), reverse or forward KL, and one
-    specification for all."""
+@dataclass(frozen=True)
+class MixturePlan:
+    """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
+    (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
+    "top-k"); a teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
+
+    route: Route
+    groups: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def _mixture_form(problem: Problem, own: Route, spec) -> tuple | None:
+    """The shared pass a teacher can join, as a key (its form and what the form's group must share), or None."""
+    if own.backend != "triton" or own.terms != "kernels" or problem.spec != spec:
+        return None  # the kernels' route of one device (no vocabulary shards), one specification for all
+    if problem.teacher_topk is not None:
+        return ("top-k",)  # every divergence: the atom math is the specification's, on [N, K] atoms
+    if spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+        return None
+    if isinstance(problem.teacher, TeacherLinear):
+        return ("hidden",)
+    teacher = problem.teacher_logits
+    return None if teacher is None or problem.linear else ("logits", teacher.dtype)
+
+
+def mixture_route(problems: list[Problem], routes: list[Route], dense: bool) -> MixturePlan | None:
+    """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: which of them share one pass
+    that reads the student row once (or, fused-linear, projects the student's chunk once), or None (each teacher
+    its own pass). Teachers group by form: logits of one dtype lying whole elements apart (``locatable``) or
+    hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL
+    (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
+    (wpkl/backends/triton_topk.py). Each needs the kernels' route (one device, no vocabulary shards) and the one
+    specification of the call. ``dense``: every token may have several teachers; False for a routing mixing
+    tensor known to be one-hot (each teacher's own pass then reads each row once in all, and its kernel does one
+    teacher's work per element)."""
     from ..backends.triton_mixture import MAX_TEACHERS, locatable
 
-    spec, linear = problems[0].spec, problems[0].linear
-    if len(problems) < 2 or not dense or spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+    spec = problems[0].spec
+    if len(problems) < 2 or not dense:
         return None
-    if any(r.backend != "triton" or r.terms != "kernels" or p.spec != spec for p, r in zip(problems, routes,
-                                                                                          strict=True)):
+    forms: dict[tuple, list[int]] = {}
+    for k, (problem, own) in enumerate(zip(problems, routes, strict=True)):
+        form = _mixture_form(problem, own, spec)
+        if form is not None:
+            forms.setdefault(form, []).append(k)
+    groups = []
+    for form, members in forms.items():
+        size = len(members) if form[0] == "top-k" else MAX_TEACHERS
+        for first in range(0, len(members), size):
+            group = members[first: first + size]
+            if form[0] == "logits" and not locatable([problems[k].teacher_logits for k in group]):
+                continue
+            if len(group) > 1:
+                groups.append((form[0], tuple(group)))
+    if not groups:
         return None
-    if linear:
-        if not all(isinstance(p.teacher, TeacherLinear) for p in problems):
-            return None
-    else:
-        teachers = [p.teacher_logits for p in problems]
-        if any(t is None or t.dtype != teachers[0].dtype for t in teachers) or not locatable(teachers):
-            return None
-    groups = -(-len(problems) // MAX_TEACHERS)
-    what = "hidden states, the student projected" if linear else "logits, the student read"
-    return Route("triton", "mixed kernels", "torch", routes[0].schedule, False,
-                 f"{routes[0].reason}; {len(problems)} teachers' {what} once per "
-                 f"{'group of ' + str(MAX_TEACHERS) if groups > 1 else 'pass'}")
+    shared = sum(len(g) for _, g in groups)
+    passes = len(groups) + len(problems) - shared
+    what = "projected" if problems[0].linear else "read"
+    forms_line = ", ".join(f"{len(g)} {form}" for form, g in groups)
+    return MixturePlan(Route("triton", "mixed kernels", "torch", routes[0].schedule, False,
+                             f"{routes[0].reason}; {len(problems)} teachers in {passes} passes, the student {what} "
+                             f"once per pass ({forms_line} teachers sharing one)"), tuple(groups))
 
 
 def route(problem: Problem, mixture: bool = False) -> Route:

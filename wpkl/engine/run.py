@@ -10,12 +10,12 @@ The public functions and modules (wpkl/api) call ``materialized_loss`` or ``line
 
 from __future__ import annotations
 
-import torch
 
 from ..inputs import build
 from ..inputs.data import Problem
 from ..inputs.values import check_values
 from ..spec import LossSpec
+from .mixture import mixture_terms
 from .route import Route, mixture_route, route
 from .weigh import EagerCoefficients, mix_terms, sequences, weigh_and_reduce
 
@@ -57,12 +57,14 @@ def _finish(problem: Problem, chosen: Route):
     return weigh_and_reduce(problem, _terms(problem, chosen, seq), seq)
 
 
-def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[LossSpec, dict]], mixing):
+def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[LossSpec, dict]], mixing,
+                 routing: bool = False):
     """Several teachers (wpkl.multi_teacher_loss): ``base`` holds the call's data (the agreement, the weights and
     the reduction see its Problem: the first teacher, the whole mask), ``teachers`` each teacher's spec (the call's,
-    with the teacher's own options) and data (its mask without the tokens its mixing weight is 0 on). Each
-    teacher's per-token terms on its own route, then their mixture (weigh.py: ``mix_terms``), then the weights and
-    the reduction once, on the mixture."""
+    with the teacher's own options) and data (its mask without the tokens its mixing weight is 0 on). The
+    teachers' per-token terms (mixture.py: groups of them sharing one pass where ``mixture_route`` finds them,
+    unless ``routing``: the mixing is one-hot, each token has one teacher), then their mixture (weigh.py:
+    ``mix_terms``), then the weights and the reduction once, on the mixture."""
     make = build.linear if linear else build.materialized
     others, routes = [], []
 
@@ -80,13 +82,8 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
         check(problem)
     seq = sequences(problem)
     local = [other.replace(shard=problem.shard, sequences=problem.sequences) for other in others]
-    shared = mixture_route(local, routes, dense=not any(isinstance(m, torch.Tensor) for m in mixing))
-    if shared is not None:
-        from .mixture import mixture_terms
 
-        terms = mixture_terms(local, routes, shared)
-    else:
-        terms = [_terms(other, own, None) for other, own in zip(local, routes, strict=True)]
+    terms = mixture_terms(local, routes, mixture_route(local, routes, dense=not routing))
     return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 

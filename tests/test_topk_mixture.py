@@ -1,0 +1,215 @@
+"""Several top-k teachers in one pass (wpkl/backends/triton_topk.py: TritonTopKMixturePass), as
+wpkl.multi_teacher_loss runs them with dense mixing: the student row read once forward (its log-normalizer and
+entropy, which no top-k teacher changes) and once backward (the dense part p_v sum_k c_k Lambda_k / T), the
+teachers' atoms merged where their ids overlap.
+
+The pass against the float64 reference teacher by teacher (``token_terms`` with ``teacher_topk``; the gradient
+against sum_k c_k d L_k / d student by autograd), on fresh random inputs: every kernel dtype, V = 1, a prime and
+several blocks, K = 2 and 3 teachers with overlapping, shuffled and padded lists of different lengths, every mode
+and divergence, per-teacher masks (a token no teacher sees), -inf vocabulary padding, a temperature; outputs
+poisoned (conftest.py). Then the engine: reads counted, mixing numbers and a soft tensor, a logits teacher beside
+the top-k ones, the fused-linear form's projections counted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wpkl
+from test_topk import topk_teacher
+from utils import DTYPES, assert_grad_close, assert_values_close
+from wpkl.backends import triton_topk
+from wpkl.backends.triton_topk import TritonTopKMixturePass, merge_atoms
+from wpkl.reference import TopK, token_terms
+from wpkl.spec import LossSpec
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+B, T = 2, 5
+
+
+def _lists(g, student64, K, width, seed):
+    """K teachers' top-k answers near the student (so that their lists overlap), of different lengths."""
+    V = student64.shape[-1]
+    out = []
+    for k in range(K):
+        logits = student64.nan_to_num(neginf=-30.0) + (0.5 + k) * torch.randn(B, T, V, generator=g,
+                                                                              dtype=torch.float64)
+        logits[torch.isinf(student64)] = float("-inf")  # the padded column is no teacher's atom
+        out.append(topk_teacher(logits, min(width + k, V), seed=seed + k))
+    return out
+
+
+def _valids(g, K):
+    valids = torch.rand(K, B, T, generator=g) < 0.8
+    valids[:, 0, 2] = False  # no teacher sees this token
+    valids[K - 1, 1] = False  # the last teacher sees none of sequence 1
+    valids[0, 1, 3] = True
+    return valids
+
+
+@pytest.mark.parametrize("mode,divergence,beta", [("tail", "reverse_kl", 0.5), ("renormalize", "forward_kl", 0.5),
+                                                  ("raw", "jsd", 0.3)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 2)])
+def test_matches_each_teachers_reference(mode, divergence, beta, dtype, V, K, small_blocks):
+    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype))
+    student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    if V > 1:
+        student64[0, :, -1] = float("-inf")  # vocabulary padding (0 log 0 = 0)
+    lists = _lists(g, student64, K, 4, seed=V)
+    student = student64.to(dtype)
+    teachers = [TopK(ids, lp.to(dtype)) for ids, lp in lists]
+    valids = _valids(g, K)
+    spec = LossSpec(divergence=divergence, beta=beta, temperature=0.7, topk_mode=mode)
+    options = spec.topk
+    loss, stats, saved = TritonTopKMixturePass.forward(student, teachers, valids, spec)
+    coef = torch.rand(K, B, T, generator=g) + 0.5
+    grad = TritonTopKMixturePass.backward(saved, coef, torch.full_like(student, float("nan")))
+
+    x = student.double().requires_grad_(True)
+    low = student.clone().requires_grad_(True)  # plain torch in the inputs' dtype: the gradient rule's yardstick
+    truth_total, low_total = 0.0, 0.0
+    for k, teacher in enumerate(teachers):
+        v = valids[k]
+        kw = dict(divergence=divergence, beta=beta, temperature=0.7, topk=options)
+        ref = token_terms(x, None, teacher_topk=TopK(teacher.ids, teacher.logprobs.double()), **kw)
+        for field, got in zip(("divergence", "confidence", "student_entropy", "teacher_entropy"), stats[k],
+                              strict=True):
+            assert_values_close(got, torch.where(v, getattr(ref, field).detach(), 0.0))
+        assert_values_close(loss[k], torch.where(v, ref.loss.detach(), 0.0))
+        assert torch.equal(loss[k][~v], torch.zeros_like(loss[k][~v]))
+        truth_total = truth_total + torch.where(v, coef[k].double() * ref.loss, 0.0).sum()
+        plain = token_terms(low, None, teacher_topk=teacher, **kw)
+        low_total = low_total + torch.where(v, coef[k].to(dtype) * plain.loss, 0.0).sum()
+    (truth,) = torch.autograd.grad(truth_total, x)
+    (same_dtype,) = torch.autograd.grad(low_total, low)
+    assert_grad_close(grad, truth, same_dtype.double(), dtype)
+    unseen = ~valids.any(0)
+    assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
+
+
+def test_merge_atoms_sums_the_copies_of_an_id():
+    ids = torch.tensor([[4, 1, -1, 1, 7, 4, 4], [2, -1, -1, 3, 9, 8, 2]])
+    a = torch.tensor([[1.0, 2.0, 5.0, 3.0, 4.0, 0.5, 0.25], [1.0, 7.0, 7.0, 2.0, 3.0, 4.0, 6.0]])
+    x = ids.float() / 10  # the student's value at the id: the same for every copy
+    merged, total, at = merge_atoms(ids, a, x, teachers=3)
+    for row in range(2):
+        kept = merged[row] >= 0
+        got = dict(zip(merged[row][kept].tolist(), total[row][kept].tolist(), strict=True))
+        expected = {}
+        for i, value in zip(ids[row].tolist(), a[row].tolist(), strict=True):
+            if i >= 0:
+                expected[i] = expected.get(i, 0.0) + value
+        assert got == expected  # each id once, with the sum of its copies (padding dropped)
+        assert torch.equal(at[row][kept], merged[row][kept].float() / 10)
+    again = merge_atoms(ids, a, x, teachers=3)
+    assert all(torch.equal(p, q) for p, q in zip(again, (merged, total, at), strict=True))
+
+
+def _counting(monkeypatch):
+    calls = {"student forward": 0, "dense backward": 0, "groups": []}
+    student_pass, backward, forward = (triton_topk.student_pass, triton_topk.TritonPass.backward,
+                                       TritonTopKMixturePass.forward)
+
+    def counted_pass(*args):
+        calls["student forward"] += 1
+        return student_pass(*args)
+
+    def counted_backward(*args):
+        calls["dense backward"] += 1
+        return backward(*args)
+
+    def counted_group(student, teachers, valids, spec):
+        calls["groups"].append(len(teachers))
+        return forward(student, teachers, valids, spec)
+
+    monkeypatch.setattr(triton_topk, "student_pass", counted_pass)
+    monkeypatch.setattr(triton_topk.TritonPass, "backward", staticmethod(counted_backward))
+    monkeypatch.setattr(TritonTopKMixturePass, "forward", staticmethod(counted_group))
+    return calls
+
+
+def _float(teacher: dict) -> dict:
+    return {**teacher, "teacher_topk_logprobs": teacher["teacher_topk_logprobs"].float()}
+
+
+def _dicts(lists):
+    return [dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp) for ids, lp in lists]
+
+
+@pytest.mark.parametrize("mixing", ["numbers", "soft tensor", "with a logits teacher"])
+def test_dense_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
+    """Five top-k teachers: one student pass forward and one dense pass backward for all of them, against the
+    float64 reference (loss and gradient) with a weighting, a mask and a temperature. A soft mixing tensor
+    (zero on some tokens for some teachers) takes the same pass; a logits teacher beside them runs its own."""
+    g = torch.Generator().manual_seed(11)
+    V, K = 41, 5
+    student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    teachers = _dicts(_lists(g, student64, K, 3, seed=7))
+    weights = [0.1 * (k + 1) for k in range(K)]
+    if mixing == "soft tensor":
+        weights = torch.rand(K, B, T, generator=g) * (torch.rand(K, B, T, generator=g) < 0.7)
+    if mixing == "with a logits teacher":
+        teachers.append(student64 + torch.randn(B, T, V, generator=g, dtype=torch.float64))
+        weights.append(0.3)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    options = dict(mixing=weights, mask=mask, divergence="forward_kl", temperature=1.3, topk_mode="tail",
+                   weighting=wpkl.Weighting(accumulated=0.5))
+    calls = _counting(monkeypatch)
+    x = student64.float().requires_grad_(True)
+    ours = [_float(t) if isinstance(t, dict) else t.float() for t in teachers]
+    loss = wpkl.multi_teacher_loss(x, teachers=ours, backend="triton", **options)
+    loss.backward()
+    assert calls == {"student forward": 1, "dense backward": 1 + (mixing == "with a logits teacher"),
+                     "groups": [K]}
+    monkeypatch.undo()
+    y = student64.clone().requires_grad_(True)
+    expected = wpkl.multi_teacher_loss(y, teachers=teachers, backend="reference", **options)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ("reverse_kl", "jsd"))
+def test_fused_linear_projects_the_student_once_per_chunk(divergence, monkeypatch, small_blocks):
+    """The fused-linear form with three top-k teachers: each chunk's student logits projected once for all of
+    them (forward, and once more in the two-phase backward), against the float64 reference with a bias, a logit
+    scale and a softcap."""
+    import wpkl.engine.linear as linear
+
+    g = torch.Generator().manual_seed(4)
+    H, V, K, chunk = 8, 37, 3, 3
+    h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
+    with torch.no_grad():
+        logits = linear.project(h, w, b, 0.7, 4.0)
+    teachers = _dicts(_lists(g, logits, K, 4, seed=3))
+    mask = torch.rand(B, T, generator=g) < 0.8
+    options = dict(mixing=[0.5, 0.3, 0.2], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
+                   divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
+                   fused_linear=True)
+    projected = []
+    project = linear.project
+
+    def counted(hidden, weight, *args):
+        projected.append(weight.data_ptr())
+        return project(hidden, weight, *args)
+
+    monkeypatch.setattr(linear, "project", counted)
+    calls = _counting(monkeypatch)
+    x = [t.float().requires_grad_(True) for t in (h, w, b)]
+    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[_float(t) for t in teachers],
+                                   student_bias=x[2], backend="triton", chunk_size=chunk, **options)
+    loss.backward()
+    chunks = -(-int(mask.sum()) // chunk)
+    assert calls["groups"] == [K] * chunks and calls["student forward"] == chunks
+    assert projected.count(x[1].data_ptr()) == 2 * chunks
+    monkeypatch.undo()
+    y = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=teachers, student_bias=y[2], backend="reference",
+                                       **options)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    for got, truth in zip(x, y, strict=True):
+        torch.testing.assert_close(got.grad.double(), truth.grad, rtol=2e-4, atol=2e-6)
