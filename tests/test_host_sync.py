@@ -57,8 +57,8 @@ def install_spies(monkeypatch, calls: list) -> None:
         def spy(self, *args, _original=original, _name=name, **kwargs):
             # (reading an earlier call's flags that have arrived in pinned host memory, _raise_from, waits for
             # nothing: a later wpkl call does it; nor does reading a mixing tensor the caller gave on the CPU,
-            # _routes, which never reads one on a device: tests/test_mixture_pass.py)
-            if _from_wpkl(2) and sys._getframe(1).f_code.co_name not in ("_raise_from", "_routes"):
+            # _mixing_kind, which never reads one on a device: tests/test_mixture_pass.py)
+            if _from_wpkl(2) and sys._getframe(1).f_code.co_name not in ("_raise_from", "_mixing_kind"):
                 calls.append(_name)
             return _original(self, *args, **kwargs)
 

@@ -163,7 +163,7 @@ def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, s
 
 
 OTHER_CALLS = {"routing": [], "jsd": [], "sampled": [], "dtypes": [2], "top-k teacher": [2], "torch backend": [],
-               "a teacher between elements": [], "soft mixing tensor": [3]}
+               "a teacher between elements": [2], "soft mixing tensor": [3]}
 
 
 @pytest.mark.parametrize("case", OTHER_CALLS)
@@ -201,12 +201,12 @@ def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
 
 
 def test_a_mixing_tensor_is_a_routing_only_where_the_host_sees_it():
-    from wpkl.api.variants import _routes
+    from wpkl.api.variants import _mixing_kind
 
     one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 2, 1], [1, 1, 0]]), 3).permute(2, 0, 1).float()
-    assert _routes(one_hot) and _routes(0.3 * one_hot) and not _routes(one_hot + 0.1)
-    assert not _routes(one_hot.to("meta"))  # a device tensor is not read on the host: the shared pass
-    assert not _routes([1.0, 0.0, 0.0]) and not _routes(None)
+    assert _mixing_kind(one_hot) == _mixing_kind(0.3 * one_hot) == _mixing_kind(one_hot[:, 0]) == "routing"
+    assert _mixing_kind(one_hot + 0.1) == _mixing_kind([1.0, 0.0, 0.0]) == _mixing_kind(None) == "dense"
+    assert _mixing_kind(one_hot.to("meta")) == "device"  # a device tensor is not read on the host
 
 
 def test_the_route_says_so():
@@ -218,15 +218,26 @@ def test_the_route_says_so():
     student = torch.randn(B, T, 11)
     problems = [build.materialized(spec, student, torch.randn(B, T, 11)) for _ in range(6)]
     own = Route("triton", "kernels", "torch", None, False, "backend='triton'")
-    plan = mixture_route(problems, [own] * 6, dense=True)
+    plan = mixture_route(problems, [own] * 6)
     assert plan.route.terms == "mixed kernels" and "6 teachers in 2 passes" in str(plan.route)
     assert plan.groups == (("logits", tuple(range(MAX_TEACHERS))), ("logits", (4, 5)))
+    assert mixture_route(problems, [own] * 6, "routing") is None
+    assert mixture_route(problems, [own] * 6, "device").groups == plan.groups  # the same bytes: shared
     topk = [build.materialized(spec, student, None, teacher_topk_ids=torch.randint(0, 11, (B, T, 3)),
                                teacher_topk_logprobs=-torch.rand(B, T, 3)) for _ in range(5)]
-    plan = mixture_route(problems[:1] + topk, [own] * 6, dense=True)  # top-k teachers: any number in one pass
-    assert plan.groups == (("top-k", (1, 2, 3, 4, 5)),) and "6 teachers in 2 passes" in str(plan.route)
-    assert mixture_route(problems, [own] * 6, dense=False) is None
-    assert mixture_route(problems[:1], [own], dense=True) is None
+    for mixing in ("dense", "routing", "device"):  # top-k teachers: any number in one pass, under every mixing
+        plan = mixture_route(problems[:1] + topk, [own] * 6, mixing)
+        assert plan.groups == (("top-k", (1, 2, 3, 4, 5)),) and "6 teachers in 2 passes" in str(plan.route)
+    owns = [build.materialized(LossSpec(backend="triton", temperature=0.5), student, torch.randn(B, T, 11))
+            for _ in range(2)]  # teachers of another specification share with each other, not with the rest
+    assert mixture_route(owns + problems[:2], [own] * 4).groups == (("logits", (0, 1)), ("logits", (2, 3)))
+    none = dict.fromkeys(("mask", "token_weights", "positions", "tokens", "num_items_in_batch", "teacher_logprobs",
+                          "rollout_logprobs", "teacher_token_logprobs"))
+    heads = [build.linear(spec, torch.randn(B, T, 4), torch.randn(11, 4), torch.randn(B, T, 4), torch.randn(11, 4),
+                          **none) for _ in range(2)]  # hidden-state teachers: shared chunks project each teacher on every token
+    assert mixture_route(heads, [own] * 2).groups == (("hidden", (0, 1)),)
+    assert mixture_route(heads, [own] * 2, "device") is None and mixture_route(heads, [own] * 2, "routing") is None
+    assert mixture_route(problems[:1], [own]) is None
 
 
 @pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))

@@ -682,6 +682,33 @@ def test_sequence_ids_without_a_group_lay_out_a_shuffled_packed_batch():
         _close(x.grad, full.grad.reshape(S * L, -1)[perm], f"grad {weighting}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_sequence_ids_with_stats_on_a_two_dimensional_batch(backend, reduction):
+    """sequence_ids on a [B, T] batch with return_stats: the stats (and a "none" loss) come back in the batch's
+    shape, the same values as the flattened batch's (the layout's [1, N] tokens are the [B, T] ones flattened)."""
+    import wpkl
+
+    d = _batch(_gen(6))
+    S, L = d["mask"].shape
+    names = ("s", "t", "mask", "positions", "sequence_ids", "teacher_logprobs")
+    results = []
+    for shape in ((S, L), (S * L,)):
+        kw = {k: d[k].reshape(*shape, *d[k].shape[2:]) for k in names}
+        kw["teacher_token_logprobs"] = kw.pop("teacher_logprobs")
+        if backend == "triton":
+            kw["s"], kw["t"] = kw["s"].float(), kw["t"].float()
+        x = kw.pop("s").clone().requires_grad_(True)
+        loss, stats = wpkl.weighted_kl_loss(x, kw.pop("t"), **kw, weighting=wpkl.Weighting(accumulated=0.5),
+                                            reduction=reduction, return_stats=True, backend=backend)
+        loss.sum().backward()
+        assert stats.weight.shape == stats.divergence.shape == shape
+        results.append((loss.reshape(-1), x.grad.reshape(S * L, -1),
+                        *(getattr(stats, n).reshape(-1) for n in ("divergence", "weight", "position"))))
+    for batch, flat in zip(*results, strict=True):
+        _close(batch, flat, "two-dimensional batch", batch.dtype)
+
+
 def test_sequence_ids_errors():
     import wpkl
 

@@ -90,11 +90,48 @@ def test_matches_each_teachers_reference(mode, divergence, beta, dtype, V, K, sm
     assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
 
 
+def test_what_a_teacher_does_not_see_is_never_read(small_blocks):
+    """Garbage on the tokens a teacher does not see (ids out of range, below -1, repeated, NaN log-probs) changes
+    nothing: the values and the gradient are those of the same call with clean lists there."""
+    g = torch.Generator().manual_seed(2)
+    V, K = 23, 3
+    student = 2 * torch.randn(B, T, V, generator=g)
+    lists = _lists(g, student.double(), K, 4, seed=5)
+    valids = _valids(g, K)
+    spec = LossSpec(divergence="forward_kl", temperature=0.8)
+    coef = torch.rand(K, B, T, generator=g) + 0.5
+    results = []
+    for dirty in (False, True):
+        teachers = []
+        for k, (ids, lp) in enumerate(lists):
+            ids, lp = ids.clone(), lp.float().clone()
+            if dirty:
+                unseen = ~valids[k]
+                ids[unseen] = torch.tensor([V + 5, -7, 3, 3, 3, 3])[: ids.shape[-1]]
+                lp[unseen] = float("nan")
+            teachers.append(TopK(ids, lp))
+        loss, stats, saved = TritonTopKMixturePass.forward(student, teachers, valids, spec)
+        results.append((loss, stats, TritonTopKMixturePass.backward(saved, coef, torch.full_like(student, 7.0))))
+    for clean, dirty in zip(*results, strict=True):
+        assert torch.equal(clean, dirty)
+
+
+def test_no_tokens(small_blocks):
+    """An empty batch: zero-size outputs and gradient, no launch, no error (one teacher and several)."""
+    student = torch.randn(2, 0, 19, requires_grad=True)
+    ids, lp = torch.zeros(2, 0, 3, dtype=torch.int64), torch.zeros(2, 0, 3)
+    teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+    for loss in (wpkl.weighted_kl_loss(student, None, **teacher, backend="triton", reduction="sum"),
+                 wpkl.multi_teacher_loss(student, teachers=[teacher, teacher], backend="triton", reduction="sum")):
+        loss.backward()
+        assert loss.item() == 0.0 and student.grad.shape == student.shape
+
+
 def test_merge_atoms_sums_the_copies_of_an_id():
     ids = torch.tensor([[4, 1, -1, 1, 7, 4, 4], [2, -1, -1, 3, 9, 8, 2]])
     a = torch.tensor([[1.0, 2.0, 5.0, 3.0, 4.0, 0.5, 0.25], [1.0, 7.0, 7.0, 2.0, 3.0, 4.0, 6.0]])
     x = ids.float() / 10  # the student's value at the id: the same for every copy
-    merged, total, at = merge_atoms(ids, a, x, teachers=3)
+    merged, total, at = merge_atoms(ids, a, x)
     for row in range(2):
         kept = merged[row] >= 0
         got = dict(zip(merged[row][kept].tolist(), total[row][kept].tolist(), strict=True))
@@ -104,7 +141,7 @@ def test_merge_atoms_sums_the_copies_of_an_id():
                 expected[i] = expected.get(i, 0.0) + value
         assert got == expected  # each id once, with the sum of its copies (padding dropped)
         assert torch.equal(at[row][kept], merged[row][kept].float() / 10)
-    again = merge_atoms(ids, a, x, teachers=3)
+    again = merge_atoms(ids, a, x)
     assert all(torch.equal(p, q) for p, q in zip(again, (merged, total, at), strict=True))
 
 
@@ -139,11 +176,13 @@ def _dicts(lists):
     return [dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp) for ids, lp in lists]
 
 
-@pytest.mark.parametrize("mixing", ["numbers", "soft tensor", "with a logits teacher"])
+@pytest.mark.parametrize("mixing", ["numbers", "soft tensor", "routing", "with a logits teacher", "none, by ids"])
 def test_dense_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
     """Five top-k teachers: one student pass forward and one dense pass backward for all of them, against the
     float64 reference (loss and gradient) with a weighting, a mask and a temperature. A soft mixing tensor
-    (zero on some tokens for some teachers) takes the same pass; a logits teacher beside them runs its own."""
+    (zero on some tokens for some teachers) and a one-hot routing take the same pass (it does no teacher's work
+    per element); a logits teacher beside them runs its own; reduction="none" with packed sequences
+    (``sequence_ids``) and the stats."""
     g = torch.Generator().manual_seed(11)
     V, K = 41, 5
     student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
@@ -151,25 +190,38 @@ def test_dense_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
     weights = [0.1 * (k + 1) for k in range(K)]
     if mixing == "soft tensor":
         weights = torch.rand(K, B, T, generator=g) * (torch.rand(K, B, T, generator=g) < 0.7)
+    if mixing == "routing":
+        weights = torch.nn.functional.one_hot(torch.randint(0, K, (B, T), generator=g), K).permute(2, 0, 1).double()
     if mixing == "with a logits teacher":
         teachers.append(student64 + torch.randn(B, T, V, generator=g, dtype=torch.float64))
         weights.append(0.3)
     mask = torch.rand(B, T, generator=g) < 0.8
     options = dict(mixing=weights, mask=mask, divergence="forward_kl", temperature=1.3, topk_mode="tail",
                    weighting=wpkl.Weighting(accumulated=0.5))
+    if mixing == "none, by ids":
+        options.update(reduction="none", return_stats=True,
+                       sequence_ids=torch.tensor([[0, 0, 1, 1, 1], [2, 3, 3, 4, 4]]),
+                       positions=torch.tensor([[0, 1, 0, 1, 2], [0, 0, 1, 0, 1]]))
+    upstream = torch.randn(B, T, generator=g, dtype=torch.float64)
     calls = _counting(monkeypatch)
     x = student64.float().requires_grad_(True)
     ours = [_float(t) if isinstance(t, dict) else t.float() for t in teachers]
     loss = wpkl.multi_teacher_loss(x, teachers=ours, backend="triton", **options)
-    loss.backward()
+    loss, stats = loss if isinstance(loss, tuple) else (loss, None)
+    (loss * (upstream.float() if loss.dim() else 1.0)).sum().backward()
     assert calls == {"student forward": 1, "dense backward": 1 + (mixing == "with a logits teacher"),
                      "groups": [K]}
     monkeypatch.undo()
     y = student64.clone().requires_grad_(True)
     expected = wpkl.multi_teacher_loss(y, teachers=teachers, backend="reference", **options)
-    expected.backward()
+    expected, expected_stats = expected if isinstance(expected, tuple) else (expected, None)
+    (expected * (upstream if expected.dim() else 1.0)).sum().backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
+    if stats is not None:
+        for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy"):
+            torch.testing.assert_close(getattr(stats, name).double(), getattr(expected_stats, name).double(),
+                                       rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("divergence", ("reverse_kl", "jsd"))

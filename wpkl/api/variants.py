@@ -117,13 +117,15 @@ def _mixing(mixing, count: int, leading: torch.Size, device) -> list:
     return values
 
 
-def _routes(mixing) -> bool:
-    """Whether a mixing tensor is a routing that the host can see without a device sync: given on the CPU, with
-    at most one teacher nonzero per token (then each teacher's own pass does one teacher's work per element and
-    reads each row once in all). A tensor on the GPU is not read on the host: its tokens may have several
-    teachers, and the shared pass serves them."""
-    return isinstance(mixing, torch.Tensor) and mixing.device.type == "cpu" and bool(
-        ((mixing.detach() != 0).sum(0) <= 1).all())
+def _mixing_kind(mixing) -> str:
+    """What the host knows of the mixing without a device sync (wpkl/engine/route.py: ``mixture_route``):
+    "dense" (numbers, or a tensor given on the CPU with some token of several teachers), "routing" (a tensor on
+    the CPU with at most one teacher nonzero per token), "device" (a tensor on a device: not read)."""
+    if not isinstance(mixing, torch.Tensor):
+        return "dense"
+    if mixing.device.type != "cpu":
+        return "device"
+    return "routing" if bool(((mixing.detach() != 0).sum(0) <= 1).all()) else "dense"
 
 
 def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False, **options):
@@ -149,13 +151,14 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     hidden-state teachers: the student's chunk projected once for them) with reverse or forward KL, up to four
     per pass (kernels/token_mixture.py); top-k teachers, any number, every divergence (their atoms merged in one
     backward). Every other teacher (jsd or "sampled" against logits, log q(y) teachers, the only teacher of its
-    form or logits dtype, vocabulary shards, the torch backend) runs its own pass, reading only the rows its
-    teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers and mixing tensors on the GPU (not
-    read on the host) take the shared passes; a mixing tensor given on the CPU that is one-hot (a routing: one
-    teacher per token) runs one pass per teacher, which reads each row once in all and does one teacher's work per
-    element. Then the weights and the reduction run once, in torch, on the mixed per-token terms: on every layout
-    (``sequence_ids``, ``sequence_group``, ``process_group``), with every weighting, one call, no extra no-grad
-    passes. The fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).
+    form or logits dtype, a teacher with its own options unless others share them, vocabulary shards, the torch
+    backend) runs its own pass, reading only the rows its teacher has a nonzero weight on (a masked row reads
+    nothing). Mixing numbers, and mixing tensors given on the CPU with tokens of several teachers, take every
+    shared pass; a mixing tensor on the GPU (not read on the host) the logits and top-k ones; a one-hot tensor
+    given on the CPU (a routing: one teacher per token) the top-k one only, the other teachers one pass each, which
+    reads each row once in all and does one teacher's work per element. Then the weights and the reduction run
+    once, in torch, on the mixed per-token terms: on every layout (``sequence_ids``, ``sequence_group``,
+    ``process_group``), with every weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher's dict may carry its own options (``teacher_softcap``, ...).
     A teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
     divergence, an unknown confidence): it does not see the token (nor are its values checked there), and the
     reduction's denominators are the call's. A valid token no teacher weighs has loss 0; the first teacher computes
@@ -244,5 +247,5 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
             unseen &= ~m
         masks[0] = masks[0] | unseen
     per_teacher = [teacher_data(source, mask) for (source, _), mask in zip(kept, masks, strict=True)]
-    return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept], routing=_routes(mixing))
+    return mixture_loss(spec, fused_linear, base, per_teacher, [m for _, m in kept], mixing_kind=_mixing_kind(mixing))
 

@@ -8,7 +8,7 @@ all K teachers, forward and backward (wpkl.multi_teacher_loss with dense mixing,
 Each teacher is passed as its own pointer (its 16-byte aligned base), element shift and two leading strides, in
 four slots (MAX_TEACHERS): nothing is copied from the host, and ``saved`` may drop its logits after forward and
 attach others (the fused-linear form recomputes them chunk by chunk). Teachers share one dtype and lie whole
-elements apart (the route checks both: ``locatable``).
+elements apart (the route groups them by both: ``element_grid``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ def _rows(x, first):
     return (first, x.stride(0), x.stride(1))
 
 
-def locatable(teachers) -> bool:
-    """Whether the kernels can address every teacher from teacher 0's pointer: their aligned bases whole elements
+def element_grid(teacher) -> int:
+    """Where the teacher's aligned base lies within an element (its address modulo the element size): the kernels
+    address every teacher from teacher 0's pointer, so the teachers of one pass share it, lying whole elements
     apart (not so for a storage that starts between two elements, a byte offset of ``torch.frombuffer``)."""
-    first, size = aligned_base(teachers[0])[0].data_ptr(), teachers[0].element_size()
-    return all(t.device.type == "meta" or (aligned_base(t)[0].data_ptr() - first) % size == 0 for t in teachers)
+    return 0 if teacher.device.type == "meta" else aligned_base(teacher)[0].data_ptr() % teacher.element_size()
 
 
 def teacher_args(teachers):

@@ -46,26 +46,22 @@ def _stat(name: str) -> int:
     return int(getattr(rows, name).value)
 
 
-def student_pass(student, valid_bytes, first_ids, spec: LossSpec):
+def student_pass(student, valid_bytes, spec: LossSpec):
     """The forward kernel as "sampled" without teacher logits on the rows where ``valid_bytes`` [N] is set: the
-    stats buffer [NUM_STATS, N] with the student's T lse (STAT_STUDENT_LSE) and entropy. ``first_ids`` [N]: the
-    kernel's sampled-token slot, any in-range column (its loss is discarded; it reads the unused log q(y) slot
-    from the loss buffer)."""
+    stats buffer [NUM_STATS, N] with the student's T lse (STAT_STUDENT_LSE) and entropy. The kernel's
+    sampled-token slot is column 0 (its loss is discarded; it reads the unused log q(y) slot from the loss
+    buffer)."""
     k = kernels()
     B, T, V = student.shape
     N = B * T
     loss = common.new_buffer(N, dtype=torch.float32, device=student.device)
     stats = common.new_buffer(k.NUM_STATS, N, dtype=torch.float32, device=student.device)
     if N > 0:
-        slot = first_ids.clamp(0, max(V - 1, 0)).contiguous()
+        slot = torch.zeros(N, dtype=torch.int64, device=student.device)
         grid, args, meta = forward_launch(student, None, valid_bytes, slot, loss, None, loss, stats,
                                           divergence_id("sampled"), spec.beta, spec.temperature)
         launch(k.token_divergence_fwd_kernel, grid, args, meta)
     return stats
-
-
-def _slot(ids, valid_bytes):
-    return ids[:, 0] if ids.shape[-1] > 0 else torch.zeros_like(valid_bytes, dtype=torch.int64)
 
 
 def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec):
@@ -106,8 +102,7 @@ def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollou
     B, T, _ = student.shape
     N = B * T
     valid_bytes = valid.reshape(N).to(torch.int8)
-    ids = teacher.ids.reshape(N, -1).to(torch.int64)
-    stats = student_pass(student, valid_bytes, _slot(ids, valid_bytes), spec)
+    stats = student_pass(student, valid_bytes, spec)
     loss, public, atoms, lam = topk_atoms(student, stats, teacher, valid, spec)
     stats[_stat("STAT_AUX")] = -lam  # the backward kernel's multiplier slot
     saved = TritonSaved(student, None, valid_bytes, _no_token(N, student.device), stats, divergence_id("sampled"),
@@ -128,9 +123,14 @@ def dense_and_atoms(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -
     if N == 0 or K == 0:
         return out
     coef = coef.reshape(N).to(torch.float32).contiguous()
-    args = (saved.topk.ids, saved.topk.atom_grad, saved.topk.x, saved.stats, coef, saved.valid_bytes, out,
-            N, K, T, V, out.stride(0), out.stride(1), 1.0 / saved.spec.temperature)
-    launch(kernels().topk_atoms_bwd_kernel, (N,), args, topk_atoms_meta(K))
+    atoms = saved.topk
+    for first in range(0, K, MAX_ATOM_BLOCK):  # (distinct ids: the blocks write disjoint columns)
+        cols = slice(first, first + MAX_ATOM_BLOCK)
+        ids, a, x = ((t if K <= MAX_ATOM_BLOCK else t[:, cols].contiguous()) for t in (atoms.ids, atoms.atom_grad,
+                                                                                         atoms.x))
+        args = (ids, a, x, saved.stats, coef, saved.valid_bytes, out, N, ids.shape[1], T, V, out.stride(0),
+                out.stride(1), 1.0 / saved.spec.temperature)
+        launch(kernels().topk_atoms_bwd_kernel, (N,), args, topk_atoms_meta(ids.shape[1]))
     return out
 
 
@@ -141,25 +141,32 @@ class TritonTopKPass:
     backward = staticmethod(dense_and_atoms)
 
 
+MAX_ATOM_BLOCK = 256  # atoms per fix-up launch (one warp: 8 per thread); wider lists (several teachers' merged
+# atoms, a server's top-1000) take several launches over column blocks
+
+
 def topk_atoms_meta(K: int) -> dict:
     """The atoms' fix-up kernel's meta: one block of K (a power of two) per token, one warp."""
     return dict(BLOCK_K=1 << max(0, (K - 1).bit_length()), num_warps=1)
 
 
-def merge_atoms(ids: torch.Tensor, a: torch.Tensor, x: torch.Tensor, teachers: int):
-    """Several teachers' atoms [N, M] of one token row as a list of distinct ids: an id given by several
-    teachers (at most ``teachers`` times, each teacher's ids being distinct: the value checks) keeps one atom,
-    with the sum of their ``a`` (in a fixed order: deterministic); the others become padding (-1). ``x`` (the
-    student's value at the id) is the same for every copy."""
+def merge_atoms(ids: torch.Tensor, a: torch.Tensor, x: torch.Tensor):
+    """Several teachers' atoms [N, M] of each token as a list of distinct ids: an id given several times (by
+    several teachers; or repeated within one, which the value checks report) keeps one atom with the sum of the
+    copies' ``a``, the others become padding (-1). The copies are made adjacent by a stable sort and summed as a
+    difference of float64 prefix sums (deterministic, no atomics, any number of copies). ``x`` (the student's
+    value at the id) is the same for every copy."""
     order = ids.argsort(dim=1, stable=True)
     ids, a, x = ids.gather(1, order), a.gather(1, order), x.gather(1, order)
-    total = a.clone()
-    for d in range(1, min(teachers, ids.shape[1])):  # the copies of an id are adjacent, at most ``teachers``
-        same = ids[:, d:] == ids[:, :-d]
-        total[:, d:] += torch.where(same, a[:, :-d], 0.0)
-    last = torch.ones_like(ids, dtype=torch.bool)
-    last[:, :-1] = ids[:, 1:] != ids[:, :-1]
-    return torch.where(last, ids, -1), torch.where(last, total, 0.0), x
+    prefix = a.double().cumsum(1)
+    columns = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    start = torch.where(first, columns, 0).cummax(1).values  # each copy's run's first column
+    before = torch.where(start > 0, prefix.gather(1, (start - 1).clamp_min(0)), 0.0)
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    return torch.where(last, ids, -1), torch.where(last, prefix - before, 0.0).to(a.dtype), x
 
 
 @dataclass
@@ -184,10 +191,7 @@ class TritonTopKMixturePass:
         K, N = len(teachers), B * T
         valids = valids.reshape(K, N)
         valid_bytes = valids.any(0).to(torch.int8)
-        first = torch.stack([_slot(t.ids.reshape(N, -1).to(torch.int64), valid_bytes) for t in teachers])
-        # each token's slot from a teacher that sees it (an in-range id there, by the value checks)
-        slot = first.gather(0, valids.to(torch.int8).argmax(0, keepdim=True))[0]
-        stats = student_pass(student, valid_bytes, slot, spec)
+        stats = student_pass(student, valid_bytes, spec)
         parts = [topk_atoms(student, stats, t, valid.view(B, T), spec) for t, valid in zip(teachers, valids,
                                                                                              strict=True)]
         loss = torch.stack([p[0] for p in parts]).view(K, B, T)
@@ -208,7 +212,7 @@ class TritonTopKMixturePass:
         a = torch.cat([torch.where(seen[k], c[k, :, None] * a.atom_grad, 0.0) for k, a in enumerate(saved.atoms)],
                       dim=1)
         x = torch.cat([a.x for a in saved.atoms], dim=1)
-        ids, a, x = merge_atoms(ids, a, x, K)
+        ids, a, x = merge_atoms(ids, a, x)
         one = TritonSaved(saved.student, None, saved.valid_bytes, _no_token(N, out.device), stats,
                           divergence_id("sampled"), saved.spec, TopKSaved(ids.contiguous(), x.contiguous(),
                                                                            a.contiguous()))

@@ -71,9 +71,12 @@ class LinearMixtureAdapter:
         first = _Projector(self.options, dtypes[:2], *tensors[:3], *tensors[4:7])
         return [first] + [_teacher_of(first, dtypes[k + 1], tensors[4 + 3 * k: 7 + 3 * k]) for k in range(1, self.count)]
 
-    def _chunk(self, projectors, ids, tensors):
+    def _chunk(self, projectors, ids, tensors, backward=False):
+        """The chunk's student logits and its teachers (backward: a top-k pass needs only the student's)."""
         s = projectors[0].student(ids)
-        return s, _top_k(tensors[4:], ids) if self.topk else [p.teacher(ids)[None] for p in projectors]
+        if self.topk:
+            return s, None if backward else _top_k(tensors[4:], ids)
+        return s, [p.teacher(ids)[None] for p in projectors]
 
     def forward(self, tensors, needs_grad):
         h_s, valids = tensors[0], tensors[3]
@@ -100,8 +103,8 @@ class LinearMixtureAdapter:
         with gather, torch.autocast(tensors[0].device.type, enabled=False):
             projectors = self._projectors(tensors, state["dtypes"])
             for ids, kept in zip(self.chunks, state["kept"], strict=True):
-                s, teachers = self._chunk(projectors, ids, tensors)
-                saved = dataclasses.replace(kept, student=s[None], teachers=None if self.topk else teachers)
+                s, teachers = self._chunk(projectors, ids, tensors, backward=True)
+                saved = dataclasses.replace(kept, student=s[None], teachers=teachers)
                 grads.add(logits_grad(self.options, s, grad_loss[:, ids].float(), None,
                                       lambda c, out, saved=saved: self.passes.backward(saved, c[:, None], out)),
                           ids, projectors[0])

@@ -142,49 +142,57 @@ class MixturePlan:
     groups: tuple[tuple[str, tuple[int, ...]], ...]
 
 
-def _mixture_form(problem: Problem, own: Route, spec) -> tuple | None:
-    """The shared pass a teacher can join, as a key (its form and what the form's group must share), or None."""
-    if own.backend != "triton" or own.terms != "kernels" or problem.spec != spec:
-        return None  # the kernels' route of one device (no vocabulary shards), one specification for all
+def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
+    """The shared pass a teacher can join, as a key (its form and what the form's group must share: the
+    specification, a logits dtype and an element grid), or None."""
+    from ..backends.triton_mixture import element_grid
+
+    spec = problem.spec
+    if own.backend != "triton" or own.terms != "kernels":
+        return None  # the kernels' route of one device (no vocabulary shards)
     if problem.teacher_topk is not None:
-        return ("top-k",)  # every divergence: the atom math is the specification's, on [N, K] atoms
-    if spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+        # every divergence (the atom math is the specification's, on [N, k] atoms), and every mixing: the shared
+        # pass does no teacher's work per element (one student pass, one dense backward)
+        return ("top-k", spec)
+    if spec.exact_divergence not in ("reverse_kl", "forward_kl") or mixing == "routing":
         return None
     if isinstance(problem.teacher, TeacherLinear):
-        return ("hidden",)
+        # each teacher projected on every token of the shared chunks: for numbers, or a tensor the host saw is dense
+        return ("hidden", spec) if mixing == "dense" else None
     teacher = problem.teacher_logits
-    return None if teacher is None or problem.linear else ("logits", teacher.dtype)
+    if teacher is None or problem.linear:
+        return None
+    return ("logits", spec, teacher.dtype, element_grid(teacher))
 
 
-def mixture_route(problems: list[Problem], routes: list[Route], dense: bool) -> MixturePlan | None:
+def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "dense") -> MixturePlan | None:
     """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: which of them share one pass
     that reads the student row once (or, fused-linear, projects the student's chunk once), or None (each teacher
-    its own pass). Teachers group by form: logits of one dtype lying whole elements apart (``locatable``) or
+    its own pass). Teachers group by form and specification: logits of one dtype lying whole elements apart or
     hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
-    (wpkl/backends/triton_topk.py). Each needs the kernels' route (one device, no vocabulary shards) and the one
-    specification of the call. ``dense``: every token may have several teachers; False for a routing mixing
-    tensor known to be one-hot (each teacher's own pass then reads each row once in all, and its kernel does one
-    teacher's work per element)."""
-    from ..backends.triton_mixture import MAX_TEACHERS, locatable
+    (wpkl/backends/triton_topk.py). Each needs the kernels' route (one device, no vocabulary shards).
 
-    spec = problems[0].spec
-    if len(problems) < 2 or not dense:
+    ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
+    several teachers), "routing" (a host tensor, one teacher per token: each logits or hidden-state teacher's own
+    pass reads each row once in all and does one teacher's work per element, where the shared kernel would do
+    every teacher's) or "device" (a tensor not read on the host: logits teachers share, the same bytes with
+    K-wide arithmetic; hidden-state teachers do not, whose shared chunks would project every teacher on every
+    token)."""
+    from ..backends.triton_mixture import MAX_TEACHERS
+
+    if len(problems) < 2:
         return None
     forms: dict[tuple, list[int]] = {}
     for k, (problem, own) in enumerate(zip(problems, routes, strict=True)):
-        form = _mixture_form(problem, own, spec)
+        form = _mixture_form(problem, own, mixing)
         if form is not None:
             forms.setdefault(form, []).append(k)
     groups = []
     for form, members in forms.items():
         size = len(members) if form[0] == "top-k" else MAX_TEACHERS
-        for first in range(0, len(members), size):
-            group = members[first: first + size]
-            if form[0] == "logits" and not locatable([problems[k].teacher_logits for k in group]):
-                continue
-            if len(group) > 1:
-                groups.append((form[0], tuple(group)))
+        groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
+                   if len(members[i: i + size]) > 1]
     if not groups:
         return None
     shared = sum(len(g) for _, g in groups)

@@ -58,13 +58,13 @@ def _finish(problem: Problem, chosen: Route):
 
 
 def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[LossSpec, dict]], mixing,
-                 routing: bool = False):
+                 mixing_kind: str = "dense"):
     """Several teachers (wpkl.multi_teacher_loss): ``base`` holds the call's data (the agreement, the weights and
     the reduction see its Problem: the first teacher, the whole mask), ``teachers`` each teacher's spec (the call's,
     with the teacher's own options) and data (its mask without the tokens its mixing weight is 0 on). The
-    teachers' per-token terms (mixture.py: groups of them sharing one pass where ``mixture_route`` finds them,
-    unless ``routing``: the mixing is one-hot, each token has one teacher), then their mixture (weigh.py:
-    ``mix_terms``), then the weights and the reduction once, on the mixture."""
+    teachers' per-token terms (mixture.py: groups of them sharing one pass where ``mixture_route`` finds them;
+    ``mixing_kind`` says what the host knows of the mixing, variants.py's ``_mixing_kind``), then their mixture
+    (weigh.py: ``mix_terms``), then the weights and the reduction once, on the mixture."""
     make = build.linear if linear else build.materialized
     others, routes = [], []
 
@@ -83,7 +83,7 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
     seq = sequences(problem)
     local = [other.replace(shard=problem.shard, sequences=problem.sequences) for other in others]
 
-    terms = mixture_terms(local, routes, mixture_route(local, routes, dense=not routing))
+    terms = mixture_terms(local, routes, mixture_route(local, routes, mixing_kind))
     return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 

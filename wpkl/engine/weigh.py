@@ -72,8 +72,8 @@ def token_stats(problem: Problem, divergence, weight, confidence, teacher_entrop
     def leading(x: torch.Tensor) -> torch.Tensor:
         return x.detach().reshape(problem.batch.leading_shape)
 
-    def per_token(x: torch.Tensor) -> torch.Tensor:
-        return leading(x) if zeroed else leading(torch.where(valid, x.detach(), 0.0).float())
+    def per_token(x: torch.Tensor) -> torch.Tensor:  # (a layout's [1, N] tokens are the [B, T] ones flattened)
+        return leading(x) if zeroed else leading(torch.where(valid, x.detach().reshape(valid.shape), 0.0).float())
 
     return TokenStats(divergence=per_token(divergence), weight=per_token(weight),
                       teacher_confidence=per_token(confidence), teacher_entropy=per_token(teacher_entropy),
