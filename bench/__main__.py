@@ -93,14 +93,16 @@ def interpreter_smoke(case) -> Row:
     out = {}
     for backend in ("triton", "reference"):
         leaf = inputs.student.detach().clone().requires_grad_(True)
-        teacher = dict(teacher_topk_ids=inputs.topk_ids, teacher_topk_logprobs=inputs.topk_logprobs) if (
-            case.name == "topk") else dict(tokens=inputs.tokens)
         options = dict(mask=inputs.mask, weighting=case.weighting, divergence=case.divergence, backend=backend,
-                       **teacher, **dict(case.options))
-        if case.teachers == 2:
-            loss = wpkl.multi_teacher_loss(leaf, teachers=[inputs.teacher, inputs.second_teacher()], **options)
+                       **({} if case.topk else dict(tokens=inputs.tokens)), **dict(case.options))
+        teachers = (inputs.topk_teachers(case.teachers) if case.topk
+                    else [inputs.teacher, inputs.second_teacher()][:case.teachers])
+        if case.teachers > 1:
+            loss = wpkl.multi_teacher_loss(leaf, teachers=teachers, **options)
+        elif case.topk:
+            loss = wpkl.weighted_kl_loss(leaf, None, **teachers[0], **options)
         else:
-            loss = wpkl.weighted_kl_loss(leaf, None if case.name == "topk" else inputs.teacher, **options)
+            loss = wpkl.weighted_kl_loss(leaf, teachers[0], **options)
         loss.backward()
         out[backend] = (loss.detach(), leaf.grad)
     ok = torch.allclose(*[v[0] for v in out.values()], rtol=1e-4, atol=1e-5) and torch.allclose(

@@ -38,6 +38,7 @@ class Case:
     description: str
     options: tuple = ()  # further wpkl options, (name, value) pairs (PowerOPD's sampled_power)
     teachers: int = 1  # mopd: the student against two teachers (wpkl.multi_teacher_loss)
+    topk: bool = False  # the teachers are teacher servers' top-k answers (no teacher logits)
 
 
 CASES = {
@@ -48,7 +49,8 @@ CASES = {
     "iw_opd": Case("iw_opd", "sampled", wpkl.Weighting(accumulated=GAMMA, normalize=False),
                    "sampled-token IW-OPD (TRL IWOPDTrainer's objective), gamma = 0.5"),
     "topk": Case("topk", "forward_kl", None,
-                 f"forward KL against a teacher server's top-{TOPK} log-probs with the tail atom (no teacher logits)"),
+                 f"forward KL against a teacher server's top-{TOPK} log-probs with the tail atom (no teacher logits)",
+                 topk=True),
     # the OPD variants (docs/recipes.md, "OPD variants")
     "power_opd": Case("power_opd", "sampled", None, "PowerOPD: sampled-token OPD with the advantage q(y)^5 - p(y)^5",
                       options=(("sampled_power", 5.0),)),
@@ -56,6 +58,9 @@ CASES = {
                 "TIP: reverse KL on the half of the batch's tokens with the highest entropy-and-divergence score"),
     "mopd": Case("mopd", "reverse_kl", None, "MOPD: reverse KL against two teachers, 1/2 each "
                  "(wpkl.multi_teacher_loss: one pass reads both teachers)", teachers=2),
+    "mopd_topk": Case("mopd_topk", "forward_kl", None, f"MOPD: forward KL against two teacher servers' top-{TOPK} "
+                      "log-probs with the tail atom, 1/2 each (wpkl.multi_teacher_loss: one student pass for both)",
+                      teachers=2, topk=True),
 }
 
 # The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.
@@ -93,6 +98,15 @@ class Inputs:
             self._second = self.teacher.flip(-1)
         return self._second
 
+    def second_topk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second teacher's top-k answer (ids, log-probs): the first one's of the reversed vocabulary."""
+        return self.teacher.shape[-1] - 1 - self.topk_ids, self.topk_logprobs
+
+    def topk_teachers(self, count: int) -> list[dict]:
+        """``count`` (1 or 2) top-k teachers as wpkl's teacher arguments."""
+        lists = [(self.topk_ids, self.topk_logprobs), self.second_topk()][:count]
+        return [dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp) for ids, lp in lists]
+
     @property
     def labels(self) -> torch.Tensor:
         """TRL's form of the mask: the token, or -100 where ignored."""
@@ -127,6 +141,6 @@ def minimal_bytes_for(case: Case, shape: Shape, backward: bool) -> int:
     """``minimal_bytes``, minus the teacher logits a top-k teacher does not have (its atoms are O(K) per token),
     plus the further teachers' logits of a multi-teacher case (each read once)."""
     size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
-    if case.name != "topk":
+    if not case.topk:
         return minimal_bytes(shape, backward) + (case.teachers - 1) * shape.tokens * shape.vocab * size
-    return (2 if backward else 1) * shape.tokens * shape.vocab * size + shape.tokens * TOPK * 12
+    return (2 if backward else 1) * shape.tokens * shape.vocab * size + case.teachers * shape.tokens * TOPK * 12

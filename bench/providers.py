@@ -139,10 +139,10 @@ def unavailable(provider: str, case: Case, device: str) -> str | None:
             return "trl is not installed"
         if case.name == "combined":
             return "TRL has no position x confidence x disagreement weighting"
-        if case.name == "topk":
-            return "TRL's server top-k loss is a method of a trainer with a teacher client; eager restates it"
-        if case.name in ("power_opd", "tip", "mopd"):
+        if case.name in ("power_opd", "tip") or case.teachers > 1:
             return "TRL has no PowerOPD, TIP or multi-teacher loss"
+        if case.topk:
+            return "TRL's server top-k loss is a method of a trainer with a teacher client; eager restates it"
     if provider == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
             return "liger-kernel is not installed"
@@ -156,17 +156,18 @@ def unavailable(provider: str, case: Case, device: str) -> str | None:
 def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable[[], torch.Tensor]:
     """A zero-argument function computing the case's loss with this provider."""
     s, t, mask, tokens = inputs.student, inputs.teacher, inputs.mask, inputs.tokens
-    if case.name == "topk":
-        ids, logprobs = inputs.topk_ids, inputs.topk_logprobs
+    if case.topk:
+        teachers = inputs.topk_teachers(case.teachers)  # made before timing: inputs, not costs
+        lists = [(t["teacher_topk_ids"], t["teacher_topk_logprobs"]) for t in teachers]
         if provider in ("wpkl", "wpkl-torch"):
-            backend = "triton" if provider == "wpkl" else "torch"
-            return lambda: wpkl.weighted_kl_loss(s, None, mask=mask, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs,
-                                                 topk_mode="tail", divergence="forward_kl", backend=backend)
-        if provider == "eager":
-            return lambda: eager_topk_loss(s, ids, logprobs, mask)
-        if provider == "compiled":
-            fn = _compiled_topk(backward)
-            return lambda: fn(s, ids, logprobs, mask)
+            options = dict(mask=mask, topk_mode="tail", divergence="forward_kl",
+                           backend="triton" if provider == "wpkl" else "torch")
+            if case.teachers > 1:
+                return lambda: wpkl.multi_teacher_loss(s, teachers=teachers, **options)
+            return lambda: wpkl.weighted_kl_loss(s, None, **teachers[0], **options)
+        if provider in ("eager", "compiled"):  # several teachers: 1/K each of the same masked mean
+            fn = eager_topk_loss if provider == "eager" else _compiled_topk(backward)
+            return lambda: sum(fn(s, ids, logprobs, mask) for ids, logprobs in lists) / len(lists)
     second = inputs.second_teacher() if case.teachers == 2 else None  # made before timing: an input, not a cost
     if provider in ("wpkl", "wpkl-torch"):
         backend = "triton" if provider == "wpkl" else "torch"
