@@ -108,6 +108,20 @@ def test_matches_each_teachers_reference(divergence, dtype, V, K, layout, small_
     assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
 
 
+def counting_projections(monkeypatch) -> list:
+    """The fused-linear form's projections, as the list of the weights' data pointers they used (in order)."""
+    import wpkl.engine.linear as linear
+
+    projected, project = [], linear.project
+
+    def counted(hidden, weight, *args):
+        projected.append(weight.data_ptr())
+        return project(hidden, weight, *args)
+
+    monkeypatch.setattr(linear, "project", counted)
+    return projected
+
+
 def _like(view64, dtype):
     """The same strided view, in ``dtype``: the storage converted, the view taken again."""
     storage = view64._base if view64._base is not None else view64
@@ -247,7 +261,6 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
     four teachers (forward, and once more in the two-phase backward), against the float64 reference with a bias,
     a logit scale and a softcap on both sides, teachers of their own widths, padded heads and biases, a weighting
     and a temperature."""
-    import wpkl.engine.linear as linear
 
     g = torch.Generator().manual_seed(K)
     H, V, chunk = 8, 37, 3
@@ -260,14 +273,7 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
     options = dict(mixing=[0.2 + 0.3 * k for k in range(K)], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
                    divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
                    teacher_softcap=6.0, teacher_logit_scale=1.2, fused_linear=True)
-    projected = []
-    project = linear.project
-
-    def counted(hidden, weight, *args):
-        projected.append(weight.data_ptr())
-        return project(hidden, weight, *args)
-
-    monkeypatch.setattr(linear, "project", counted)
+    projected = counting_projections(monkeypatch)
     calls = _counting(monkeypatch)
     x = [t.float().requires_grad_(True) for t in (h, w, b)]
     loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=th.float(), teacher_weight=tw.float(),

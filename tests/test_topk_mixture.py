@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import wpkl
+from test_mixture_pass import B, T, _valids, counting_projections
 from test_topk import topk_teacher
 from utils import DTYPES, assert_grad_close, assert_values_close
 from wpkl.backends import triton_topk
@@ -25,8 +26,6 @@ from wpkl.reference import TopK, token_terms
 from wpkl.spec import LossSpec
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
-
-B, T = 2, 5
 
 
 def _lists(g, student64, K, width, seed):
@@ -39,14 +38,6 @@ def _lists(g, student64, K, width, seed):
         logits[torch.isinf(student64)] = float("-inf")  # the padded column is no teacher's atom
         out.append(topk_teacher(logits, min(width + k, V), seed=seed + k))
     return out
-
-
-def _valids(g, K):
-    valids = torch.rand(K, B, T, generator=g) < 0.8
-    valids[:, 0, 2] = False  # no teacher sees this token
-    valids[K - 1, 1] = False  # the last teacher sees none of sequence 1
-    valids[0, 1, 3] = True
-    return valids
 
 
 @pytest.mark.parametrize("mode,divergence,beta", [("tail", "reverse_kl", 0.5), ("renormalize", "forward_kl", 0.5),
@@ -114,6 +105,31 @@ def test_what_a_teacher_does_not_see_is_never_read(small_blocks):
         results.append((loss, stats, TritonTopKMixturePass.backward(saved, coef, torch.full_like(student, 7.0))))
     for clean, dirty in zip(*results, strict=True):
         assert torch.equal(clean, dirty)
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_lists_wider_than_a_fix_up_block(teachers, small_blocks):
+    """More atoms per token than one fix-up launch holds (MAX_ATOM_BLOCK): a server's top-300, or two teachers'
+    top-150 merged, take several launches over column blocks, against the float64 reference."""
+    from wpkl.backends.triton_topk import MAX_ATOM_BLOCK
+
+    g = torch.Generator().manual_seed(teachers)
+    V, width = 307, 300 // teachers
+    assert width * teachers > MAX_ATOM_BLOCK
+    student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    lists = [topk_teacher(student64 + torch.randn(B, T, V, generator=g, dtype=torch.float64), width, seed=k)
+             for k in range(teachers)]
+    options = dict(divergence="forward_kl", temperature=0.9, topk_mode="tail", reduction="sum")
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        x = student64.to(dtype).requires_grad_(True)
+        given = [dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp.to(dtype)) for ids, lp in lists]
+        loss = (wpkl.weighted_kl_loss(x, None, **given[0], backend=backend, **options) if teachers == 1 else
+                wpkl.multi_teacher_loss(x, teachers=given, backend=backend, **options))
+        loss.backward()
+        results.append((loss.double(), x.grad.double()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
 
 
 def test_no_tokens(small_blocks):
@@ -241,14 +257,7 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, monkeypatc
     options = dict(mixing=[0.5, 0.3, 0.2], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
                    divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
                    fused_linear=True)
-    projected = []
-    project = linear.project
-
-    def counted(hidden, weight, *args):
-        projected.append(weight.data_ptr())
-        return project(hidden, weight, *args)
-
-    monkeypatch.setattr(linear, "project", counted)
+    projected = counting_projections(monkeypatch)
     calls = _counting(monkeypatch)
     x = [t.float().requires_grad_(True) for t in (h, w, b)]
     loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[_float(t) for t in teachers],

@@ -110,6 +110,10 @@ def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollou
     return loss.view(B, T), public.view(4, B, T), saved
 
 
+MAX_ATOM_BLOCK = 256  # atoms per fix-up launch (one warp: 8 per thread); wider lists (several teachers' merged
+# atoms, a server's top-1000) take several launches over column blocks
+
+
 def _no_token(N, device):
     return torch.full((N,), -1, dtype=torch.int64, device=device)  # the dense part: no one-hot
 
@@ -139,10 +143,6 @@ class TritonTopKPass:
 
     forward = staticmethod(topk_forward)
     backward = staticmethod(dense_and_atoms)
-
-
-MAX_ATOM_BLOCK = 256  # atoms per fix-up launch (one warp: 8 per thread); wider lists (several teachers' merged
-# atoms, a server's top-1000) take several launches over column blocks
 
 
 def topk_atoms_meta(K: int) -> dict:
