@@ -253,6 +253,22 @@ def test_no_host_sync_with_several_top_k_teachers(syncs, mixing):
     assert syncs == [], Counter(syncs)
 
 
+@pytest.mark.parametrize("mixing", ["numbers", "soft tensor"])
+def test_no_host_sync_with_several_sampled_token_teachers(syncs, mixing):
+    """Two logits teachers and a log q(y) answer of the sampled-token loss sharing one pass
+    (wpkl/backends/triton_sampled.py: TritonSampledMixturePass), with the rollout's log p(y) and PowerOPD's power:
+    the student pass, the teachers' passes and the gathers at the sampled tokens stay on the device."""
+    student, teacher, mask = _inputs()
+    tokens = torch.randint(0, 40, (2, 5))
+    teachers = [teacher, torch.randn(2, 5, 43), dict(teacher_logits=None, teacher_logprobs=-torch.rand(2, 5) * 3)]
+    weights = [0.2, 0.3, 0.5] if mixing == "numbers" else torch.rand(3, 2, 5)
+    loss = wpkl.multi_teacher_loss(student, teachers=teachers, mixing=weights, mask=mask, tokens=tokens,
+                                   divergence="sampled", sampled_power=5.0, rollout_logprobs=-torch.rand(2, 5),
+                                   weighting=wpkl.Weighting(accumulated=0.5), backend="triton")
+    loss.sum().backward()
+    assert syncs == [], Counter(syncs)
+
+
 @pytest.mark.parametrize("variant", ["power_opd", "tip", "eopd", "mopd iw-opd routed", "mopd position floats",
                                      "mopd none seq_mean routed"])
 def test_no_host_sync_in_the_opd_variants(syncs, variant):

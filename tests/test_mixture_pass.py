@@ -86,21 +86,33 @@ def test_matches_each_teachers_reference(divergence, dtype, V, K, layout, small_
     coef = torch.rand(K, B, T, generator=g) + 0.5
     grad = TritonMixturePass.backward(saved, coef, torch.full_like(student, float("nan")))
 
+    assert_each_teacher(loss, stats, grad, student, valids, coef,
+                        lambda x, k: token_terms(x, _truth(teachers[k], x), divergence=divergence, temperature=0.7))
+
+
+def _truth(teacher, x):
+    """The teacher in float64 for the float64 student (the truth), else as given (the yardstick)."""
+    return teacher.double() if x.dtype == torch.float64 else teacher
+
+
+def assert_each_teacher(loss, stats, grad, student, valids, coef, terms):
+    """A shared pass's outputs against each teacher's reference: ``terms(x, k)`` is teacher k's TokenTerms for
+    the student ``x`` (float64 for the truth, the student's dtype for the gradient rule's yardstick). The loss
+    and the stats match where the teacher sees a token and are 0 elsewhere; the gradient is that of
+    sum_k c_k L_k, and 0 on the tokens no teacher sees."""
+    dtype = student.dtype
     x = student.double().requires_grad_(True)
     low = student.clone().requires_grad_(True)  # plain torch in the inputs' dtype: the gradient rule's yardstick
     truth_total, low_total = 0.0, 0.0
-    for k, teacher in enumerate(teachers):
-        v = valids[k]
-        ref = token_terms(x, teacher.double(), divergence=divergence, temperature=0.7)
+    for k, v in enumerate(valids):
+        ref = terms(x, k)
         for field, got in zip(("divergence", "confidence", "student_entropy", "teacher_entropy"), stats[k],
                               strict=True):
-            expected = torch.where(v, getattr(ref, field).detach(), 0.0)
-            assert_values_close(got, expected)
+            assert_values_close(got, torch.where(v, getattr(ref, field).detach(), 0.0))
         assert_values_close(loss[k], torch.where(v, ref.loss.detach(), 0.0))
         assert torch.equal(loss[k][~v], torch.zeros_like(loss[k][~v]))  # written, and 0, where unseen
         truth_total = truth_total + torch.where(v, coef[k].double() * ref.loss, 0.0).sum()
-        plain = token_terms(low, teacher, divergence=divergence, temperature=0.7)
-        low_total = low_total + torch.where(v, coef[k].to(dtype) * plain.loss, 0.0).sum()
+        low_total = low_total + torch.where(v, coef[k].to(dtype) * terms(low, k).loss, 0.0).sum()
     (truth,) = torch.autograd.grad(truth_total, x)
     (same_dtype,) = torch.autograd.grad(low_total, low)
     assert_grad_close(grad, truth, same_dtype.double(), dtype)

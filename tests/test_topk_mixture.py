@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import wpkl
-from test_mixture_pass import B, T, _valids, counting_projections
+from test_mixture_pass import B, T, _truth, _valids, assert_each_teacher, counting_projections
 from test_topk import topk_teacher
-from utils import DTYPES, assert_grad_close, assert_values_close
+from utils import DTYPES
 from wpkl.backends import triton_topk
 from wpkl.backends.triton_topk import TritonTopKMixturePass, merge_atoms
 from wpkl.reference import TopK, token_terms
@@ -54,31 +54,16 @@ def test_matches_each_teachers_reference(mode, divergence, beta, dtype, V, K, sm
     teachers = [TopK(ids, lp.to(dtype)) for ids, lp in lists]
     valids = _valids(g, K)
     spec = LossSpec(divergence=divergence, beta=beta, temperature=0.7, topk_mode=mode)
-    options = spec.topk
     loss, stats, saved = TritonTopKMixturePass.forward(student, teachers, valids, spec)
     coef = torch.rand(K, B, T, generator=g) + 0.5
     grad = TritonTopKMixturePass.backward(saved, coef, torch.full_like(student, float("nan")))
 
-    x = student.double().requires_grad_(True)
-    low = student.clone().requires_grad_(True)  # plain torch in the inputs' dtype: the gradient rule's yardstick
-    truth_total, low_total = 0.0, 0.0
-    for k, teacher in enumerate(teachers):
-        v = valids[k]
-        kw = dict(divergence=divergence, beta=beta, temperature=0.7, topk=options)
-        ref = token_terms(x, None, teacher_topk=TopK(teacher.ids, teacher.logprobs.double()), **kw)
-        for field, got in zip(("divergence", "confidence", "student_entropy", "teacher_entropy"), stats[k],
-                              strict=True):
-            assert_values_close(got, torch.where(v, getattr(ref, field).detach(), 0.0))
-        assert_values_close(loss[k], torch.where(v, ref.loss.detach(), 0.0))
-        assert torch.equal(loss[k][~v], torch.zeros_like(loss[k][~v]))
-        truth_total = truth_total + torch.where(v, coef[k].double() * ref.loss, 0.0).sum()
-        plain = token_terms(low, None, teacher_topk=teacher, **kw)
-        low_total = low_total + torch.where(v, coef[k].to(dtype) * plain.loss, 0.0).sum()
-    (truth,) = torch.autograd.grad(truth_total, x)
-    (same_dtype,) = torch.autograd.grad(low_total, low)
-    assert_grad_close(grad, truth, same_dtype.double(), dtype)
-    unseen = ~valids.any(0)
-    assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
+    kw = dict(divergence=divergence, beta=beta, temperature=0.7, topk=spec.topk)
+
+    def terms(x, k):
+        return token_terms(x, None, teacher_topk=TopK(teachers[k].ids, _truth(teachers[k].logprobs, x)), **kw)
+
+    assert_each_teacher(loss, stats, grad, student, valids, coef, terms)
 
 
 def test_what_a_teacher_does_not_see_is_never_read(small_blocks):

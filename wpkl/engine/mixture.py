@@ -2,9 +2,12 @@
 group of teachers shares one pass that reads the student row once (the fused-linear form: projects each chunk of
 the student's logits once), through the engine's one autograd Function (terms.py: ``TokenDivergence``):
 
-    "logits"  MixtureAdapter, TritonMixturePass (kernels/token_mixture.py), up to MAX_TEACHERS teachers
-    "top-k"   MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
-    "hidden"  and top-k teachers of the fused-linear form: LinearMixtureAdapter (two-phase schedule as linear.py's)
+    "logits"   MixtureAdapter, TritonMixturePass (kernels/token_mixture.py), up to MAX_TEACHERS teachers
+    "top-k"    MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
+    "sampled"  MixtureAdapter, TritonSampledMixturePass (wpkl/backends/triton_sampled.py): logits and log q(y)
+               teachers of the sampled-token loss, any number
+    "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
+               schedule as linear.py's)
 
 every other teacher on its own route.
 """
@@ -19,6 +22,7 @@ import torch
 
 from ..backends.projection import projection_dtype
 from ..backends.triton_mixture import TritonMixturePass
+from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
 from ..inputs.data import Problem
 from ..reference import TokenTerms, TopK
@@ -28,39 +32,60 @@ from .route import MixturePlan, Route
 from .terms import TokenDivergence, logits_terms
 
 
+def _rows_of(x, rows):
+    """The flattened ``rows`` of a [N, ...] tensor as [1, n, ...] (None stays None); all of it when rows is None."""
+    return x if x is None or rows is None else x[rows][None]
+
+
 def _top_k(tensors, rows=None):
-    """TopK teachers from their (ids, log q) tensors, optionally the flattened ``rows`` of each as [1, n]."""
+    """TopK teachers from their (ids, log q) tensors."""
     pairs = zip(tensors[0::2], tensors[1::2], strict=True)
-    return [TopK(i, q) if rows is None else TopK(i[rows][None], q[rows][None]) for i, q in pairs]
+    return [TopK(_rows_of(i, rows), _rows_of(q, rows)) for i, q in pairs]
+
+
+def _sampled(tensors, rows=None):
+    """SampledTeacher teachers from (tokens, rollout log p(y) or None, then each teacher's logits or log q(y))."""
+    tokens, rollout, *teachers = (_rows_of(x, rows) for x in tensors)
+    return [SampledTeacher(tokens, rollout, *((t, None) if t.dim() == tokens.dim() + 1 else (None, t)))
+            for t in teachers]
+
+
+# A shared pass's form: (its pass, the teachers from the tensors after the student's and the valids; None: the
+# tensors are the teachers' logits). The student-only forms project only the student's chunk (fused-linear).
+_FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
+          "sampled": (TritonSampledMixturePass, _sampled)}
 
 
 class MixtureAdapter:
-    """Materialized logits. tensors: (student logits, valids [K, B, T], then each teacher's logits, or with
-    ``topk`` its ids and log q)."""
+    """Materialized logits. tensors: (student logits, valids [K, B, T], then the form's: each teacher's logits;
+    with "top-k" each teacher's ids and log q; with "sampled" the tokens, the rollout log p(y) (or None), then
+    each teacher's logits or log q(y))."""
 
-    def __init__(self, problem: Problem, topk: bool):
-        self.spec, self.topk = problem.spec, topk
-        self.passes = TritonTopKMixturePass if topk else TritonMixturePass
+    def __init__(self, problem: Problem, form: str):
+        self.spec = problem.spec
+        self.passes, self.teachers = _FORMS[form]
 
     def forward(self, tensors, needs_grad):
         student, valids, *rest = tensors
-        teachers = _top_k(rest) if self.topk else rest
+        self.count = len(tensors)
+        teachers = rest if self.teachers is None else self.teachers(rest)
         loss, stats, saved = self.passes.forward(student, teachers, valids, self.spec)
         return loss, stats, saved, ()
 
     def backward(self, saved, saved_tensors, grad_loss):
         out = self.passes.backward(saved, grad_loss, torch.empty_like(saved.student))
-        return (out, None, *(None,) * (2 * len(saved.atoms) if self.topk else len(saved.teachers)))
+        return (out, *(None,) * (self.count - 1))
 
 
 class LinearMixtureAdapter:
-    """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then each teacher's h_t, w_t, b_t, or with
-    ``topk`` its ids and log q), over the flattened tokens."""
+    """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then the form's: each teacher's h_t, w_t,
+    b_t ("hidden"), or as MixtureAdapter's ("top-k", "sampled": only the student is projected)), over the
+    flattened tokens."""
 
-    def __init__(self, problem: Problem, chunks, count: int, topk: bool):
-        self.spec, self.options, self.chunks, self.count, self.topk = (problem.spec, problem.spec.linear, chunks,
-                                                                        count, topk)
-        self.passes = TritonTopKMixturePass if topk else TritonMixturePass
+    def __init__(self, problem: Problem, chunks, count: int, form: str):
+        self.spec, self.options, self.chunks, self.count = problem.spec, problem.spec.linear, chunks, count
+        self.passes, self.teachers = _FORMS["logits" if form == "hidden" else form]
+        self.topk = self.teachers is not None  # the student only
 
     def _dtypes(self, tensors):
         return [projection_dtype(tensors[0])] + ([] if self.topk else [projection_dtype(h) for h in tensors[4::3]])
@@ -72,10 +97,11 @@ class LinearMixtureAdapter:
         return [first] + [_teacher_of(first, dtypes[k + 1], tensors[4 + 3 * k: 7 + 3 * k]) for k in range(1, self.count)]
 
     def _chunk(self, projectors, ids, tensors, backward=False):
-        """The chunk's student logits and its teachers (backward: a top-k pass needs only the student's)."""
+        """The chunk's student logits and its teachers (backward: a top-k or sampled pass needs only the
+        student's)."""
         s = projectors[0].student(ids)
         if self.topk:
-            return s, None if backward else _top_k(tensors[4:], ids)
+            return s, None if backward else self.teachers(tensors[4:], ids)
         return s, [p.teacher(ids)[None] for p in projectors]
 
     def forward(self, tensors, needs_grad):
@@ -118,35 +144,45 @@ def _teacher_of(first: _Projector, dtype, teacher) -> _Projector:
 
 
 def _teacher_tensors(problem: Problem, flat) -> list:
+    """A teacher's tensors in its form's layout (MixtureAdapter, LinearMixtureAdapter)."""
     teacher = problem.teacher
     if isinstance(teacher, TopK):
         return [flat(teacher.ids), flat(teacher.logprobs)]
+    if problem.teacher_logprobs is not None:
+        return [flat(problem.teacher_logprobs)]
+    if problem.teacher_logits is not None:
+        return [problem.teacher_logits]
     return [flat(teacher.hidden), teacher.weight, teacher.bias]
 
 
-def _linear_group(group: list[Problem], topk: bool) -> list[TokenTerms]:
+def _shared_tensors(form: str, problem: Problem, flat) -> list:
+    """The form's tensors before the teachers': the sampled tokens and the rollout log p(y)."""
+    batch = problem.batch
+    return [flat(batch.tokens), flat(batch.rollout_logprobs)] if form == "sampled" else []
+
+
+def _linear_group(group: list[Problem], form: str) -> list[TokenTerms]:
     first = group[0]
     student, batch = first.student, first.batch
     B, T = batch.valid.shape
     valids = torch.stack([p.batch.valid for p in group])
     chunk = first.spec.linear.chunk_size or chunk_size_for(first.vocab, student.hidden.shape[-1], "triton",
-                                                           teachers=1 if topk else len(group))
+                                                           teachers=len(group) if form == "hidden" else 1)
     chunks = plan_chunks(valids.any(0), chunk, whole_rows=False)
 
     def flat(x):
         return None if x is None else x.reshape(B * T, *x.shape[2:])
 
-    teachers = [x for p in group for x in _teacher_tensors(p, flat)]
-    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(first, chunks, len(group), topk), flat(student.hidden),
+    teachers = _shared_tensors(form, first, flat) + [x for p in group for x in _teacher_tensors(p, flat)]
+    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(first, chunks, len(group), form), flat(student.hidden),
                                         student.weight, student.bias, valids.reshape(len(group), B * T), *teachers)
     return [TokenTerms(loss[k].view(B, T), *stats[k].view(4, B, T).unbind(0)) for k in range(len(group))]
 
 
-def _logits_group(group: list[Problem], topk: bool) -> list[TokenTerms]:
+def _logits_group(group: list[Problem], form: str) -> list[TokenTerms]:
     valids = torch.stack([p.batch.valid for p in group])
-    teachers = ([x for p in group for x in (p.teacher_topk.ids, p.teacher_topk.logprobs)] if topk
-                else [p.teacher_logits for p in group])
-    loss, stats = TokenDivergence.apply(MixtureAdapter(group[0], topk), group[0].student.logits, valids, *teachers)
+    teachers = _shared_tensors(form, group[0], lambda x: x) + [x for p in group for x in _teacher_tensors(p, lambda x: x)]
+    loss, stats = TokenDivergence.apply(MixtureAdapter(group[0], form), group[0].student.logits, valids, *teachers)
     return [TokenTerms(loss[k], *stats[k].unbind(0)) for k in range(len(group))]
 
 
@@ -158,7 +194,7 @@ def mixture_terms(problems: list[Problem], routes: list[Route], plan: MixturePla
     for form, members in () if plan is None else plan.groups:
         group = [problems[k] for k in members]
         run = _linear_group if group[0].linear else _logits_group
-        for k, one in zip(members, run(group, form == "top-k"), strict=True):
+        for k, one in zip(members, run(group, form), strict=True):
             terms[k] = one
     return [one if one is not None else alone(problem, own)
             for one, problem, own in zip(terms, problems, routes, strict=True)]

@@ -12,8 +12,8 @@ compares its ``key``, and ``str(route)`` is the one line errors and the CLI prin
                                  chunk of the fused-linear form)
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
                "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
-               "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states or
-                                 top-k teachers, the student read or projected once per pass)
+               "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states,
+                                 top-k or sampled-token teachers, the student read or projected once per pass)
                "reference"       the specification
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
@@ -154,6 +154,11 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
         # every divergence (the atom math is the specification's, on [N, k] atoms), and every mixing: the shared
         # pass does no teacher's work per element (one student pass, one dense backward)
         return ("top-k", spec)
+    if spec.exact_divergence == "sampled":
+        # log q(y) teachers, and logits teachers of materialized logits, every mixing: one student pass, each
+        # teacher's row read once by its own pass, one dense backward (no teacher's work per element there)
+        logits = problem.teacher_logits is not None and not problem.linear
+        return ("sampled", spec) if logits or problem.teacher_logprobs is not None else None
     if spec.exact_divergence not in ("reverse_kl", "forward_kl") or mixing == "routing":
         return None
     if isinstance(problem.teacher, TeacherLinear):
@@ -171,7 +176,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     its own pass). Teachers group by form and specification: logits of one dtype lying whole elements apart or
     hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
-    (wpkl/backends/triton_topk.py). Each needs the kernels' route (one device, no vocabulary shards).
+    (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
+    (wpkl/backends/triton_sampled.py). Each needs the kernels' route (one device, no vocabulary shards).
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
     several teachers), "routing" (a host tensor, one teacher per token: each logits or hidden-state teacher's own
@@ -190,7 +196,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
             forms.setdefault(form, []).append(k)
     groups = []
     for form, members in forms.items():
-        size = len(members) if form[0] == "top-k" else MAX_TEACHERS
+        size = len(members) if form[0] in ("top-k", "sampled") else MAX_TEACHERS
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
                    if len(members[i: i + size]) > 1]
     if not groups:
@@ -199,8 +205,9 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     passes = len(groups) + len(problems) - shared
     what = "projected" if problems[0].linear else "read"
     forms_line = ", ".join(f"{len(g)} {form}" for form, g in groups)
+    passes_line = "1 pass" if passes == 1 else f"{passes} passes"
     return MixturePlan(Route("triton", "mixed kernels", "torch", routes[0].schedule, False,
-                             f"{routes[0].reason}; {len(problems)} teachers in {passes} passes, the student {what} "
+                             f"{routes[0].reason}; {len(problems)} teachers in {passes_line}, the student {what} "
                              f"once per pass ({forms_line} teachers sharing one)"), tuple(groups))
 
 
