@@ -1,5 +1,5 @@
-"""Several teachers, one read of the student: the forward and backward kernels of reverse and forward KL against
-K teachers' logits (wpkl.multi_teacher_loss with dense mixing), one token per program as in
+"""Several teachers, one read of the student: the forward kernel (here) and the backward (token_mixture_bwd.py)
+of reverse and forward KL and jsd against K teachers' logits (wpkl.multi_teacher_loss with dense mixing), one token per program as in
 token_divergence_fwd.py / token_divergence_bwd.py, whose math and numerics they share (kernels/common.py).
 
 Forward: per token, the student's partials (m_s, z_s, h_s) once and each teacher k's (m_k, z_k, h_k, cross_k) in
@@ -8,26 +8,30 @@ broadcast over K), so that every block of the student row is loaded once for all
 once on [K] rows. Out: per teacher k its loss L_k and the statistics ([K, N], [K, NUM_STATS, N], as the
 single-teacher kernel writes them; the student's own statistics repeated per teacher), so that the mixture
 and the autograd of wpkl/engine/weigh.py: ``mix_terms`` give each teacher its d loss / d L_k.
+jsd makes a second pass, as the single-teacher kernel does (log m_k needs teacher k's finished normalizers):
+per teacher the sums of p log2(m_k / p), q_k log2(m_k / q_k) and q_k in [K, LANES] rows, the student's mass once
+(``_jsd_partials``), finalize_jsd on [K] rows; two teachers per pass (MAX_JSD_TEACHERS, for the registers).
 Backward, by linearity, with c_k = d loss / d L_k of the token:
     reverse_kl  d loss / d s_j = p_j / T^2 * sum_k c_k ((s_j - u_kj) - E_p[s - u_k])
     forward_kl  d loss / d s_j = (p_j sum_k c_k - sum_k c_k q_kj) / T
+    jsd         d loss / d s_j = -(1 - beta) ln 2 / T * p_j sum_k c_k (log2(p_j / m_kj) - KL2(p || m_k))
 Each teacher k comes as its own pointer (16-byte aligned: the host passes the aligned base), the element shift of
 its first element from there and its two leading strides: four teachers' slots (KB = K rounded up to a power of
 two; unused slots repeat teacher 0 and are never read), turned once per program into [KB] element offsets from
 teacher 0's pointer, so that no table travels to the device (nothing is copied from the host). ``valid`` is
 [K, N]: teacher k reads token i's row only where valid[k, i] (its mixing
 weight is nonzero there); a token no teacher sees reads nothing and writes zeros.
-Memory per token: reads V * (bytes(student) + sum of the seeing teachers' bytes) forward and backward (the
-single-teacher kernels read the student row K times), writes V * bytes(student) backward.
+Memory per token: reads V * (bytes(student) + sum of the seeing teachers' bytes) forward (twice for jsd) and
+backward (the single-teacher kernels read the student row K times), writes V * bytes(student) backward.
 """
 
 import triton
 import triton.language as tl
 
 from .common import NUM_STATS as _NUM_STATS
-from .token_divergence_bwd import zero_row
 from .common import (
     FORWARD_KL,
+    JSD,
     NEG_INF,
     REVERSE_KL,
     STAT_AUX,
@@ -43,10 +47,13 @@ from .common import (
     device_function,
     edge_columns,
     exp2_approx,
+    finalize_jsd,
     finalize_token,
     into_lane0,
     lane_softmax_step,
     merge_lanes,
+    mixture_log2_ratios,
+    mixture_r,
     reduce_max,
     reduce_sum,
     row_offset,
@@ -112,6 +119,20 @@ def _partials(s, u, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross, DIVERGENCE: tl.c
     return m_s, z_s, h_s, m_u, z_u, h_u, cross
 
 
+@device_function
+def _jsd_partials(s, u, scale, lse_s, lse_u, lse_gap, log2_1m_beta, log2_beta, PRECISE_LOG2: tl.constexpr):
+    """jsd's second pass over a student block ``s`` and its [KB, *s.shape] teachers' block ``u`` (``lse_u`` and
+    ``lse_gap`` expanded to u's rank): per teacher the sums of p log2(m_k / p) and q_k log2(m_k / q_k) and the
+    mass of q_k over the block's vector axis ([KB, ...]), and the student's mass (kernels/common.py:
+    lane_jsd_step, per teacher)."""
+    log2_m_p, log2_m_q = mixture_log2_ratios(mixture_r(tl.expand_dims(s, 0), u, scale, lse_gap), log2_1m_beta,
+                                             log2_beta, PRECISE_LOG2)
+    p = exp2_approx((s - lse_s) * scale)
+    q = exp2_approx((u - lse_u) * scale)
+    return (reduce_sum(xlogy_term(tl.expand_dims(p, 0), log2_m_p), 1), reduce_sum(xlogy_term(q, log2_m_q), 1),
+            reduce_sum(p, 0), reduce_sum(q, 1))
+
+
 @triton.jit
 def token_mixture_fwd_kernel(
     student_ptr,  # [B, T, V] logits (16-byte aligned base, see student_shift)
@@ -134,11 +155,13 @@ def token_mixture_fwd_kernel(
     K,
     scale,  # log2(e) / T
     inv_temperature,
-    DIVERGENCE: tl.constexpr,  # REVERSE_KL or FORWARD_KL
+    beta,  # jsd's
+    DIVERGENCE: tl.constexpr,  # REVERSE_KL, FORWARD_KL or JSD
     KB: tl.constexpr,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     ALIGNED: tl.constexpr,  # every teacher's rows share the student's misalignment
+    PRECISE_LOG2: tl.constexpr,  # jsd with an fp32 student: the mixture's precise log2 (kernels/common.py)
 ):
     row = tl.program_id(0)
     ks = tl.arange(0, KB)
@@ -197,6 +220,44 @@ def token_mixture_fwd_kernel(
     loss, divergence, confidence, student_entropy, teacher_entropy, lse_s, lse_u, lse_gap, aux = finalize_token(
         scale, inv_temperature, m_s, z_s, h_s, m_u, z_u, h_u, cross, 0.0, 0.0, 0.0, 0.0, 0.0,
         DIVERGENCE, True, False, False)
+    if DIVERGENCE == JSD:
+        # Second pass (as token_divergence_fwd.py's): log m_k needs both finished normalizers of each teacher.
+        beta = tl.cast(beta, tl.float32)
+        log2_1m_beta = tl.math.log2(1.0 - beta)
+        log2_beta = tl.math.log2(beta)
+        s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+        u_edge = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, NEG_INF, VEC, False, True)
+        lse_u2, lse_gap2 = lse_u[:, None, None], lse_gap[:, None, None]
+        d_mp, d_mq, d_p, d_q = _jsd_partials(s_edge, u_edge, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta, log2_beta,
+                                             PRECISE_LOG2)
+        m_p_sum = tl.where(lane0, d_mp, 0.0)  # [KB, 1] into lane 0 of [KB, LANES]: sum p log2(m_k / p)
+        m_q_sum = tl.where(lane0, d_mq, 0.0)  # sum q_k log2(m_k / q_k)
+        mass_q = tl.where(lane0, d_q, 0.0)
+        mass_p = into_lane0(d_p, LANES, 0.0)  # [LANES]
+        if tail_len > 0:
+            in_tail = cols < tail_len
+            s_tail = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
+                                      mask=in_tail, other=NEG_INF))
+            u_tail = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, NEG_INF, VEC, ALIGNED, True)
+            t_mp, t_mq, t_p, t_q = _jsd_partials(s_tail, u_tail, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta,
+                                                 log2_beta, PRECISE_LOG2)
+            m_p_sum += t_mp
+            m_q_sum += t_mq
+            mass_p += t_p
+            mass_q += t_q
+        for block in range(0, num_full):
+            start = peel + block * BLOCK_V
+            s_block = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+            u_block = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
+            e_mp, e_mq, e_p, e_q = _jsd_partials(s_block, u_block, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta, log2_beta,
+                                                 PRECISE_LOG2)
+            m_p_sum += e_mp
+            m_q_sum += e_mq
+            mass_p += e_p
+            mass_q += e_q
+        divergence, aux = finalize_jsd(beta, reduce_sum(m_p_sum, 1), reduce_sum(m_q_sum, 1), reduce_sum(mass_p, 0),
+                                       reduce_sum(mass_q, 1))
+        loss = divergence
 
     k64 = ks.to(tl.int64)
     tl.store(loss_ptr + k64 * N + row, tl.where(on, loss, 0.0), mask=in_k)
@@ -209,109 +270,3 @@ def token_mixture_fwd_kernel(
     tl.store(stats + STAT_TEACHER_LSE * N, tl.where(on, lse_u, 0.0), mask=in_k)
     tl.store(stats + STAT_AUX * N, tl.where(on, aux, 0.0), mask=in_k)
     tl.store(stats + STAT_LSE_GAP * N, tl.where(on, lse_gap, 0.0), mask=in_k)
-
-
-@device_function
-def _grad(s, u, scale, lse_s, lse_u, aux, c, total, inv_temperature, DIVERGENCE: tl.constexpr):
-    """d loss / d s_raw of a student block ``s`` from its [KB, *s.shape] teachers' block ``u``; ``c``, ``aux`` and
-    ``lse_u`` expanded to u's rank (c = 0 for a teacher that does not see the token), ``total`` = sum_k c_k."""
-    p = exp2_approx((s - lse_s) * scale)
-    if DIVERGENCE == REVERSE_KL:
-        # the logits subtracted first, per teacher; 0 where c_k = 0 (its u may be anything)
-        inner = reduce_sum(tl.where(c != 0, c * ((tl.expand_dims(s, 0) - u) - aux), 0.0), 0)
-        grad = xlogy_term(p, inner) * (inv_temperature * inv_temperature)
-    if DIVERGENCE == FORWARD_KL:
-        q = exp2_approx((u - lse_u) * scale)
-        grad = (total * p - reduce_sum(tl.where(c != 0, c * q, 0.0), 0)) * inv_temperature
-    return grad
-
-
-@triton.jit
-def token_mixture_bwd_kernel(
-    student_ptr,  # [B, T, V] logits
-    teacher0_ptr,  # as the forward's
-    teacher1_ptr,
-    teacher2_ptr,
-    teacher3_ptr,
-    valid_ptr,  # [K, N] int8
-    grad_loss_ptr,  # [K, N] fp32: d loss / d L_k,i
-    stats_ptr,  # [K, NUM_STATS, N] fp32 from the forward kernel
-    grad_ptr,  # [B, T, V] out, student dtype
-    student_shift,
-    grad_shift,
-    stride_student_b,
-    stride_student_t,
-    stride_grad_b,
-    stride_grad_t,
-    shift0, shift1, shift2, shift3,
-    stride_b0, stride_b1, stride_b2, stride_b3,
-    stride_t0, stride_t1, stride_t2, stride_t3,
-    T,
-    V,
-    N,
-    K,
-    scale,
-    inv_temperature,
-    DIVERGENCE: tl.constexpr,
-    KB: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    VEC: tl.constexpr,
-    TEACHER_ALIGNED: tl.constexpr,
-    GRAD_ALIGNED: tl.constexpr,
-):
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    ks = tl.arange(0, KB)
-    k64 = ks.to(tl.int64)
-    in_k = ks < K
-    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
-    grad_row = grad_shift + row_offset(row, T, stride_grad_b, stride_grad_t)
-    teacher_ptr = teacher0_ptr
-    rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
-                                  stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
-                                  row, T, KB)
-    on = tl.load(valid_ptr + k64 * N + row, mask=in_k, other=0) != 0
-    is_valid = reduce_max(on.to(tl.int32), 0) != 0
-    cols = tl.arange(0, BLOCK_V)
-    peel, num_full, tail_start, tail_len = aligned_split(student_row, V, VEC, BLOCK_V)
-    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, V, VEC)
-    takes_tail = split == num_full % num_splits
-    out_dtype = grad_ptr.dtype.element_ty
-
-    if is_valid:
-        stats = stats_ptr + k64 * (STATS * N) + row
-        c = tl.where(on, tl.load(grad_loss_ptr + k64 * N + row, mask=on, other=0.0), 0.0)
-        total = reduce_sum(c, 0)
-        lse_s = reduce_max(tl.where(on, tl.load(stats + STAT_STUDENT_LSE * N, mask=on, other=0.0), NEG_INF), 0)
-        aux = tl.load(stats + STAT_AUX * N, mask=on, other=0.0)
-        lse_u = tl.load(stats + STAT_TEACHER_LSE * N, mask=on, other=0.0)
-        c1, aux1, lse_u1 = c[:, None], aux[:, None], lse_u[:, None]
-        for block in range(split, num_full, num_splits):
-            start = peel + block * BLOCK_V
-            s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-            u = _load_teachers(teacher_ptr, rows, start, cols, on, None, 0.0, VEC, TEACHER_ALIGNED, False)
-            grad = _grad(s, u, scale, lse_s, lse_u1, aux1, c1, total, inv_temperature, DIVERGENCE)
-            grad_start = grad_row + start
-            if GRAD_ALIGNED:
-                grad_start = assume_multiple(grad_start, VEC)
-            tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype))
-        if takes_tail:
-            if tail_len > 0:
-                in_tail = cols < tail_len
-                s = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
-                                     mask=in_tail, other=NEG_INF))
-                u = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, 0.0, VEC, TEACHER_ALIGNED, True)
-                grad = _grad(s, u, scale, lse_s, lse_u1, aux1, c1, total, inv_temperature, DIVERGENCE)
-                grad_start = grad_row + tail_start
-                if GRAD_ALIGNED:
-                    grad_start = assume_multiple(grad_start, VEC)
-                tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype), mask=in_tail)
-            s = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
-            u = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, 0.0, VEC, False, True)
-            grad = _grad(s, u, scale, lse_s, lse_u1[:, :, None], aux1[:, :, None], c1[:, :, None], total,
-                         inv_temperature, DIVERGENCE)
-            tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
-    else:
-        zero_row(grad_ptr, grad_row, cols, peel, num_full, tail_start, tail_len, edge_col, edge_mask, split, num_splits,
-                 takes_tail, BLOCK_V, VEC, GRAD_ALIGNED)

@@ -54,17 +54,20 @@ def _valids(g, K):
 LAYOUTS = ("strided teachers", "aligned", "offset student, float32 teachers")
 
 
-@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))
+DIVERGENCES = (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2))
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 4)])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_matches_each_teachers_reference(divergence, dtype, V, K, layout, small_blocks):
+def test_matches_each_teachers_reference(divergence, beta, dtype, V, K, layout, small_blocks):
     """``layout``: teachers with padded rows and a shifted, misaligned start (the 16-byte teacher loads off); all
     contiguous (16-byte loads for every teacher: ALIGNED); a student one element past a 16-byte boundary with
     rows V + 1 apart, and float32 teachers (the wider dtype sets the vector)."""
     from wpkl.backends.triton_mixture import forward_launch
 
-    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype) + 100 * LAYOUTS.index(layout))
+    g = torch.Generator().manual_seed(V * 10 + K + DTYPES.index(dtype) + 100 * LAYOUTS.index(layout) + int(1000 * beta))
     student64 = 2 * torch.randn(B, T, V, generator=g, dtype=torch.float64)
     if V > 1:  # vocabulary padding: -inf in the student and every teacher (0 log 0 = 0)
         student64[0, :, -1] = float("-inf")
@@ -81,13 +84,14 @@ def test_matches_each_teachers_reference(divergence, dtype, V, K, layout, small_
     meta = forward_launch(student, teachers, valids.reshape(K, -1).to(torch.int8), None, None, 0, 1.0)[2]
     if layout == LAYOUTS[1] or K == 3 or layout == LAYOUTS[2]:  # (K = 3: its teacher 2 starts misaligned)
         assert meta["ALIGNED"] == (layout == LAYOUTS[1])
-    spec = LossSpec(divergence=divergence, temperature=0.7)
+    spec = LossSpec(divergence=divergence, beta=beta, temperature=0.7)
     loss, stats, saved = TritonMixturePass.forward(student, teachers, valids, spec)
     coef = torch.rand(K, B, T, generator=g) + 0.5
     grad = TritonMixturePass.backward(saved, coef, torch.full_like(student, float("nan")))
 
     assert_each_teacher(loss, stats, grad, student, valids, coef,
-                        lambda x, k: token_terms(x, _truth(teachers[k], x), divergence=divergence, temperature=0.7))
+                        lambda x, k: token_terms(x, _truth(teachers[k], x), divergence=divergence, beta=beta,
+                                                 temperature=0.7))
 
 
 def _truth(teacher, x):
@@ -163,9 +167,10 @@ def _call(student, teachers, mixing, backend="triton", **options):
                                    weighting=wpkl.Weighting(accumulated=0.5), **options)
 
 
-@pytest.mark.parametrize("K", (2, 5, 9))
-def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, small_blocks):
-    """K = 5: a group of four and a lone teacher on its own pass; K = 9: two groups and one."""
+@pytest.mark.parametrize("K,divergence", [(2, "forward_kl"), (5, "forward_kl"), (9, "forward_kl"), (5, "jsd")])
+def test_dense_mixing_reads_the_student_once_per_group_of_four(K, divergence, monkeypatch, small_blocks):
+    """K = 5: a group of four and a lone teacher on its own pass; K = 9: two groups and one; jsd (beta 0.3) in
+    groups of two (MAX_JSD_TEACHERS): two groups and one."""
     g = torch.Generator().manual_seed(K)
     V = 29
     student64 = torch.randn(B, T, V, generator=g, dtype=torch.float64)
@@ -175,20 +180,22 @@ def test_dense_mixing_reads_the_student_once_per_group_of_four(K, monkeypatch, s
     mixing = [float(k + 1) / K for k in range(K)]
     calls = _counting(monkeypatch)
     x = student64.float().requires_grad_(True)
-    loss = _call(x, [t.float() for t in teachers64], mixing, mask=mask, divergence="forward_kl", temperature=1.3)
+    options = dict(mask=mask, divergence=divergence, beta=0.3, temperature=1.3)
+    loss = _call(x, [t.float() for t in teachers64], mixing, **options)
     loss.backward()
-    groups = [min(4, K - first) for first in range(0, K, 4)]
+    size = 2 if divergence == "jsd" else 4
+    groups = [min(size, K - first) for first in range(0, K, size)]
     assert calls == {"mixture": [(n, int(mask.sum())) for n in groups if n > 1],
                      "single": sum(1 for n in groups if n == 1)}
     monkeypatch.undo()
     y = student64.clone().requires_grad_(True)
-    expected = _call(y, teachers64, mixing, backend="reference", mask=mask, divergence="forward_kl", temperature=1.3)
+    expected = _call(y, teachers64, mixing, backend="reference", **options)
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
 
 
-OTHER_CALLS = {"routing": [], "jsd": [], "sampled": [], "dtypes": [2], "top-k teacher": [2], "torch backend": [],
+OTHER_CALLS = {"routing": [], "jsd": [2], "sampled": [], "dtypes": [2], "top-k teacher": [2], "torch backend": [],
                "a teacher between elements": [2], "soft mixing tensor": [3]}
 
 
@@ -196,7 +203,8 @@ OTHER_CALLS = {"routing": [], "jsd": [], "sampled": [], "dtypes": [2], "top-k te
 def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
     """Which teachers share the logits pass: a one-hot mixing tensor on the host is a routing (each teacher its own
     pass), a soft one is not; teachers of another dtype or form and teachers the kernels cannot address from
-    teacher 0 run alone; jsd, sampled and the torch backend have no shared logits pass."""
+    teacher 0 run alone; jsd shares in groups of two (the third teacher alone); sampled (its own shared pass:
+    tests/test_sampled_mixture.py) and the torch backend take no shared logits pass."""
     g = torch.Generator().manual_seed(3)
     V = 17
     student = torch.randn(B, T, V, generator=g)
@@ -248,6 +256,8 @@ def test_the_route_says_so():
     assert plan.route.terms == "mixed kernels" and "6 teachers in 2 passes" in str(plan.route)
     assert plan.groups == (("logits", tuple(range(MAX_TEACHERS))), ("logits", (4, 5)))
     assert mixture_route(problems, [own] * 6, "routing") is None
+    jsd = [p.replace(spec=LossSpec(backend="triton", divergence="jsd", beta=0.3)) for p in problems]
+    assert mixture_route(jsd, [own] * 6).groups == (("logits", (0, 1)), ("logits", (2, 3)), ("logits", (4, 5)))
     assert mixture_route(problems, [own] * 6, "device").groups == plan.groups  # the same bytes: shared
     topk = [build.materialized(spec, student, None, teacher_topk_ids=torch.randint(0, 11, (B, T, 3)),
                                teacher_topk_logprobs=-torch.rand(B, T, 3)) for _ in range(5)]
@@ -266,11 +276,11 @@ def test_the_route_says_so():
     assert mixture_route(problems[:1], [own]) is None
 
 
-@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl"))
+@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl", "jsd"))
 @pytest.mark.parametrize("K", (3, 5))
 def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeypatch, small_blocks):
     """The fused-linear form with dense mixing: each chunk's student logits are projected once for a group of up to
-    four teachers (forward, and once more in the two-phase backward), against the float64 reference with a bias,
+    four teachers (jsd, beta 0.3: two) (forward, and once more in the two-phase backward), against the float64 reference with a bias,
     a logit scale and a softcap on both sides, teachers of their own widths, padded heads and biases, a weighting
     and a temperature."""
 
@@ -283,7 +293,7 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[1, 1] = False
     options = dict(mixing=[0.2 + 0.3 * k for k in range(K)], mask=mask, student_softcap=4.0, student_logit_scale=0.7,
-                   divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
+                   divergence=divergence, beta=0.3, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
                    teacher_softcap=6.0, teacher_logit_scale=1.2, fused_linear=True)
     projected = counting_projections(monkeypatch)
     calls = _counting(monkeypatch)
@@ -293,8 +303,10 @@ def test_fused_linear_projects_the_student_once_per_chunk(divergence, K, monkeyp
                                    student_bias=x[2], backend="triton", chunk_size=chunk, **options)
     loss.backward()
     chunks = -(-int(mask.sum()) // chunk)
-    groups = [min(4, K - first) for first in range(0, K, 4)]
-    assert [n for n, _ in calls["mixture"]] == [n for n in groups if n > 1 for _ in range(chunks)]
+    size = 2 if divergence == "jsd" else 4
+    groups = [min(size, K - first) for first in range(0, K, size)]
+    shared = [n for n in groups if n > 1]
+    assert [n for n, _ in calls["mixture"]] == [n for n in shared for _ in range(chunks)]
     assert projected.count(x[1].data_ptr()) == 2 * chunks * len(groups)  # forward and backward, once per group
     monkeypatch.undo()
     y = [t.clone().requires_grad_(True) for t in (h, w, b)]

@@ -251,3 +251,72 @@ def test_the_route_groups_every_sampled_token_teacher(mixing):
     assert plan(["server"]) is None
     assert plan(["logits", "server"], backend="torch") is None
     assert mixing == "routing" or plan(["logits", "logits"], divergence="reverse_kl").groups[0][0] == "logits"
+
+
+class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """The (op, shape) of each new tensor (not a view) of at least ``limit`` elements that torch ops make outside
+    the kernels' launches (where the interpreter copies the arguments)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.paused, self.seen = limit, False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            leaves = torch.utils._pytree.tree_leaves
+            given = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            self.seen += [(str(func), tuple(t.shape)) for t in leaves(out) if isinstance(t, torch.Tensor)
+                          and t.numel() >= self.limit and t.untyped_storage().data_ptr() not in given]
+        return out
+
+
+def test_strided_rows_are_read_in_place(monkeypatch, small_blocks):
+    """A student cut from a longer sequence (``logits[:, :-1]``: its batch and time axes do not merge) and a
+    shifted teacher with a padded vocabulary: the values and the gradient are those of contiguous copies, and
+    the pass makes no tensor of the student's size (no copy, no [N, V] temporary; the gradient buffer is the
+    caller's)."""
+    import wpkl.backends.triton_pass as triton_pass
+    import wpkl.backends.triton_topk as triton_topk
+
+    g = torch.Generator().manual_seed(8)
+    V, K = 37, 3
+    longer = 2 * torch.randn(B, T + 1, V, generator=g)
+    student = longer[:, :-1]
+    teacher = (longer + torch.randn(B, T + 1, V, generator=g)).repeat(1, 1, 2)[:, 1:, : V + 3]
+    answer = -torch.rand(B, T, generator=g) * 3
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    valids = _valids(g, K)
+    coef = torch.rand(K, B, T, generator=g) + 0.5
+    spec = LossSpec(divergence="sampled", temperature=0.9)
+    mode = _LargeOutputs(B * T * V)
+    for module in (triton_pass, triton_topk, triton_sampled):
+        def paused(*args, launch=module.launch):
+            mode.paused = True
+            try:
+                return launch(*args)
+            finally:
+                mode.paused = False
+        monkeypatch.setattr(module, "launch", paused)
+    results = []
+    for given in ((student, teacher), (student.contiguous(), teacher.contiguous())):
+        teachers = _sampled([given[1], answer, given[1][..., :V]], tokens, None)
+        out = torch.full((B, T, V), float("nan"))
+        with mode:
+            loss, stats, saved = TritonSampledMixturePass.forward(given[0], teachers, valids, spec)
+            grad = TritonSampledMixturePass.backward(saved, coef, out)
+        results.append((loss, stats, grad))
+    assert mode.seen == []
+    for strided, contiguous in zip(*results, strict=True):
+        torch.testing.assert_close(strided, contiguous, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_no_tokens(small_blocks):
+    """An empty batch: zero-size outputs and gradient, no error, one teacher and several."""
+    student = torch.randn(2, 0, 19, requires_grad=True)
+    tokens = torch.zeros(2, 0, dtype=torch.int64)
+    teachers = [torch.randn(2, 0, 19), dict(teacher_logits=None, teacher_logprobs=torch.zeros(2, 0))]
+    loss = wpkl.multi_teacher_loss(student, teachers=teachers, tokens=tokens, divergence="sampled", backend="triton",
+                                   reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == student.shape

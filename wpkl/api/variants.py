@@ -149,18 +149,18 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     Cost, in reads of each student row (forward and backward each), on the Triton backend: teachers of one form
     share one pass that reads it once (wpkl/engine/mixture.py): logits of one dtype (or, fused_linear, hidden-state
     teachers: the student's chunk projected once for them) with reverse or forward KL, up to four per pass
-    (kernels/token_mixture.py); top-k teachers, any number, every divergence (their atoms merged in one backward);
-    the sampled-token loss's logits and log q(y) teachers, any number (wpkl/backends/triton_sampled.py). Every other
-    teacher (jsd against logits, the only teacher of its form or logits dtype, a teacher with its own options unless
-    others share them, vocabulary shards, the torch backend) runs its own pass, reading only the rows its teacher
-    has a nonzero weight on (a masked row reads nothing). Mixing numbers, and mixing tensors given on the CPU with
-    tokens of several teachers, take every shared pass; a mixing tensor on the GPU (not read on the host) the
-    logits, top-k and sampled-token ones; a one-hot tensor given on the CPU (a routing: one teacher per token) the
-    top-k and sampled-token ones only, the other teachers one pass each, which reads each row once in all and does
-    one teacher's work per element. Then the weights and the reduction run once, in torch, on the mixed per-token
-    terms: on every layout (``sequence_ids``, ``sequence_group``, ``process_group``), with every weighting, one
-    call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher's dict may carry its own options
-    (``teacher_softcap``, ...).
+    (kernels/token_mixture.py), or jsd, two per pass; top-k teachers, any number, every divergence (their atoms
+    merged in one backward); the sampled-token loss's logits and log q(y) teachers, any number
+    (wpkl/backends/triton_sampled.py). Every other teacher (the only teacher of its form or logits dtype, a teacher
+    with its own options unless others share them, vocabulary shards, the torch backend) runs its own pass, reading
+    only the rows its teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers, and mixing
+    tensors given on the CPU with tokens of several teachers, take every shared pass; a mixing tensor on the GPU
+    (not read on the host) the logits, top-k and sampled-token ones; a one-hot tensor given on the CPU (a routing:
+    one teacher per token) the top-k and sampled-token ones only, the other teachers one pass each, which reads each
+    row once in all and does one teacher's work per element. Then the weights and the reduction run once, in torch,
+    on the mixed per-token terms: on every layout (``sequence_ids``, ``sequence_group``, ``process_group``), with
+    every weighting, one call, no extra no-grad passes. The fused-linear form runs two-phase. A teacher's dict may
+    carry its own options (``teacher_softcap``, ...).
     A teacher whose mixing weight is 0 on a token contributes nothing there, whatever its values (an infinite
     divergence, an unknown confidence): it does not see the token (nor are its values checked there), and the
     reduction's denominators are the call's. A valid token no teacher weighs has loss 0; the first teacher computes

@@ -1,5 +1,5 @@
 """The Triton pass of several teachers' logits at once (kernels/token_mixture.py): the student row read once for
-all K teachers, forward and backward (wpkl.multi_teacher_loss with dense mixing, reverse or forward KL).
+all K teachers, forward and backward (wpkl.multi_teacher_loss with dense mixing, reverse or forward KL or jsd).
 
     forward(student [B, T, V], teachers [K of [B, T, V_t]], valids [K, B, T], spec) -> loss [K, B, T],
             stats [K, 4, B, T], saved
@@ -25,6 +25,13 @@ from .triton_pass import aligned_base, co_aligned
 
 MAX_TEACHERS = 4  # the kernels' teacher slots: a thread holds K + 1 vectors of logits (at 8, the bf16 forward
 # spills on sm_90); more teachers make groups of four
+MAX_JSD_TEACHERS = 2  # jsd's: its second pass holds each teacher's log-normalizers and four sums, and at four
+# teachers the bf16 forward takes 181 registers (one CTA of 8 warps per SM on sm_90); at two, 105 (two CTAs)
+
+
+def max_teachers(spec: LossSpec) -> int:
+    """The teachers one pass takes under the spec's divergence."""
+    return MAX_JSD_TEACHERS if spec.exact_divergence == "jsd" else MAX_TEACHERS
 
 
 def _rows(x, first):
@@ -92,19 +99,24 @@ def _located(student, teachers, vec):
     return student_base, student_shift, pointers, columns, aligned
 
 
-def forward_launch(student, teachers, valid, loss, stats, div_id, temperature):
+def _precise_log2(student, div_id) -> bool:
+    """jsd with an fp32 student takes the mixture's precise log2 (kernels/common.py: mixture_log2_ratios)."""
+    return div_id == common.DIVERGENCE_JSD and student.dtype == torch.float32
+
+
+def forward_launch(student, teachers, valid, loss, stats, div_id, temperature, beta=0.5):
     """(grid, args, meta) of the forward kernel: one program per token."""
     B, T, V = student.shape
     config = _config(student, teachers)
     student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
     args = (student_base, *pointers, valid, loss, stats, student_shift, student.stride(0), student.stride(1),
-            *columns, T, V, B * T, len(teachers), LOG2E / temperature, 1.0 / temperature)
+            *columns, T, V, B * T, len(teachers), LOG2E / temperature, 1.0 / temperature, float(beta))
     meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
-                num_warps=config.num_warps)
+                PRECISE_LOG2=_precise_log2(student, div_id), num_warps=config.num_warps)
     return (B * T,), args, meta
 
 
-def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature):
+def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature, beta=0.5):
     """(grid, args, meta) of the backward kernel: one program per (token, split of the vocabulary)."""
     B, T, V = student.shape
     config = _config(student, teachers)
@@ -113,11 +125,11 @@ def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, te
     student_rows, grad_rows = _rows(student, student_shift), _rows(grad, grad_shift)
     args = (student_base, *pointers, valid, grad_loss, stats, grad_base, student_shift, grad_shift,
             student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, B * T, len(teachers),
-            LOG2E / temperature, 1.0 / temperature)
+            LOG2E / temperature, 1.0 / temperature, float(beta))
     grid = (B * T, backward_splits(B * T, V, config.block_v))
     meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec,
                 TEACHER_ALIGNED=aligned, GRAD_ALIGNED=co_aligned(student_rows, grad_rows, (B, T), config.vec),
-                num_warps=config.num_warps)
+                PRECISE_LOG2=_precise_log2(student, div_id), num_warps=config.num_warps)
     return grid, args, meta
 
 
@@ -132,7 +144,8 @@ class TritonMixturePass:
         valid = valids.reshape(K, N).to(torch.int8)
         div_id = divergence_id(spec.exact_divergence)
         if N > 0:
-            grid, args, meta = forward_launch(student, teachers, valid, loss, stats, div_id, spec.temperature)
+            grid, args, meta = forward_launch(student, teachers, valid, loss, stats, div_id, spec.temperature,
+                                              spec.beta)
             launch(k.token_mixture_fwd_kernel, grid, args, meta)
         public = stats[:, : k.NUM_PUBLIC_STATS].view(K, k.NUM_PUBLIC_STATS, B, T)
         saved = MixtureSaved(student, list(teachers), valid, stats, div_id, spec)
@@ -145,6 +158,6 @@ class TritonMixturePass:
         if N > 0:
             coef = coef.reshape(K, N).to(torch.float32).contiguous()
             grid, args, meta = backward_launch(saved.student, saved.teachers, saved.valid, coef, saved.stats, out,
-                                               saved.div_id, saved.spec.temperature)
+                                               saved.div_id, saved.spec.temperature, saved.spec.beta)
             launch(kernels().token_mixture_bwd_kernel, grid, args, meta)
         return out

@@ -9,7 +9,8 @@ student's log-normalizer and entropy, which no teacher changes, and log p(y) = (
 sampled token. A teacher server's log q(y) is used as given; a teacher's logits are read once by the forward
 kernel in its "sampled" specialization with that teacher in both slots, on the rows the teacher sees (its
 log-normalizer, confidence and entropy; the same memory in both slots, so each of its logits comes from memory
-once, its arithmetic done twice), and log q(y) = (u_y - lse_u) / T. Then each teacher's D, -a and L follow the
+once, its arithmetic done twice), and log q(y) = (u_y - lse_u) / T (u_y gathered on every row, one logit each,
+and used only where the teacher sees the token). Then each teacher's D, -a and L follow the
 specification (wpkl/reference: ``sampled_multiplier``) on [N] tensors. D = log p(y) - log q(y) comes from two
 log-normalizers here (the single-teacher kernel subtracts the logits first; a difference of fp32 roundings of
 each lse, about 1e-6 at lse ~ 10).
@@ -43,13 +44,12 @@ class SampledTeacher:
 
 
 def _at_tokens(x, tokens, V):
-    """x [B, T, V'] at the sampled tokens as float32 [N]: NaN where a token is out of range (the value checks
-    report it), never a number from another column."""
-    N = tokens.numel()
-    ids = tokens.reshape(N)
-    in_range = (ids >= 0) & (ids < V)
-    picked = x.reshape(N, x.shape[-1]).gather(1, ids.clamp(0, max(V - 1, 0))[:, None])[:, 0].to(torch.float32)
-    return torch.where(in_range, picked, float("nan"))
+    """x [B, T, V'] at the sampled tokens [B, T] as float32 [N], gathered in x's own layout (no copy of a strided
+    x): NaN where a token is out of range (the value checks report it), never a number from another column."""
+    tokens = tokens.reshape(x.shape[:-1])
+    in_range = (tokens >= 0) & (tokens < V)
+    picked = x.gather(-1, tokens.clamp(0, max(V - 1, 0))[..., None])[..., 0].to(torch.float32)
+    return torch.where(in_range, picked, float("nan")).reshape(-1)
 
 
 def _teacher_pass(logits, valid_bytes, tokens, spec: LossSpec):

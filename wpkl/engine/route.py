@@ -136,7 +136,7 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k"); a teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
+    "top-k", "sampled"); a teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
 
     route: Route
     groups: tuple[tuple[str, tuple[int, ...]], ...]
@@ -159,7 +159,7 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
         # teacher's row read once by its own pass, one dense backward (no teacher's work per element there)
         logits = problem.teacher_logits is not None and not problem.linear
         return ("sampled", spec) if logits or problem.teacher_logprobs is not None else None
-    if spec.exact_divergence not in ("reverse_kl", "forward_kl") or mixing == "routing":
+    if spec.exact_divergence not in ("reverse_kl", "forward_kl", "jsd") or mixing == "routing":
         return None
     if isinstance(problem.teacher, TeacherLinear):
         # each teacher projected on every token of the shared chunks: for numbers, or a tensor the host saw is dense
@@ -174,7 +174,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     """Several teachers (wpkl.multi_teacher_loss), after each teacher's own route: which of them share one pass
     that reads the student row once (or, fused-linear, projects the student's chunk once), or None (each teacher
     its own pass). Teachers group by form and specification: logits of one dtype lying whole elements apart or
-    hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL
+    hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL (MAX_JSD_TEACHERS with jsd)
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
     (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
     (wpkl/backends/triton_sampled.py). Each needs the kernels' route (one device, no vocabulary shards).
@@ -185,7 +185,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     every teacher's) or "device" (a tensor not read on the host: logits teachers share, the same bytes with
     K-wide arithmetic; hidden-state teachers do not, whose shared chunks would project every teacher on every
     token)."""
-    from ..backends.triton_mixture import MAX_TEACHERS
+    from ..backends.triton_mixture import max_teachers
 
     if len(problems) < 2:
         return None
@@ -196,7 +196,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
             forms.setdefault(form, []).append(k)
     groups = []
     for form, members in forms.items():
-        size = len(members) if form[0] in ("top-k", "sampled") else MAX_TEACHERS
+        size = len(members) if form[0] in ("top-k", "sampled") else max_teachers(form[1])
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
                    if len(members[i: i + size]) > 1]
     if not groups:

@@ -62,6 +62,9 @@ TARGET_FORWARD_CTAS = 3
 # 4 x 32 and 4 x 24 for four single-teacher passes; its forward holds K + 1 vectors per thread.
 TARGET_MIXTURE_INSTRUCTIONS = {"mixture_fwd": 80, "mixture_bwd": 40}
 TARGET_MIXTURE_CTAS = 2
+# jsd with its two teachers (K = 2), per loop: against 2 x (20 + 32) forward and 2 x 22 backward for two
+# single-teacher passes (bf16 sm_90, Triton 3.9), the student row read once per pass instead of twice.
+TARGET_MIXTURE_JSD_INSTRUCTIONS = {"mixture_fwd": (40, 64), "mixture_bwd": (44,)}
 LOADS_16B_VOCABS = (32000, 128256, 151665, 151936, 262144)
 
 
@@ -167,6 +170,18 @@ def gate_failures(rows: list[Row]) -> list[str]:
         if vocabs & set(LOADS_16B_VOCABS) and not (r.loads_16b and r.stores_16b):
             failures.append(f"{where}: vocabulary loop loads or stores are not all 16 bytes wide")
         if (r.dtype, r.arch) != ("bfloat16", 90) or TARGET_VOCAB not in vocabs:
+            continue
+        if r.kernel in TARGET_MIXTURE_INSTRUCTIONS and r.divergence == "jsd":
+            limits = TARGET_MIXTURE_JSD_INSTRUCTIONS[r.kernel]
+            if len(r.loops) != len(limits):
+                failures.append(f"{where}: {len(r.loops)} vocabulary loops, expected {len(limits)}")
+            for i, (loop, limit) in enumerate(zip(r.loops, limits, strict=False)):
+                if loop.per_element > limit:
+                    failures.append(f"{where}: loop {i} takes {loop.per_element} instructions per element, "
+                                    f"target {limit}")
+            if r.kernel == "mixture_fwd" and r.ctas_per_sm < TARGET_MIXTURE_CTAS:
+                failures.append(f"{where}: {r.registers} registers allow {r.ctas_per_sm} CTAs per SM, target "
+                                f"{TARGET_MIXTURE_CTAS}")
             continue
         if r.kernel in TARGET_MIXTURE_INSTRUCTIONS:
             if r.variant != "K=4":

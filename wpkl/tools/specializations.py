@@ -13,8 +13,9 @@ SAMPLED_VARIANTS = ("teacher logits", "teacher logits + rollout", "teacher logpr
                     "teacher logprobs + rollout + power")  # power: PowerOPD's advantage (sampled_power)
 WEIGHTS_REDUCTIONS = ("mean", "sum", "seq_mean", "none")
 TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
-MIXTURE_DIVERGENCES = ("reverse_kl", "forward_kl")
+MIXTURE_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 MIXTURE_TEACHERS, MIXTURE_VOCAB = (2, 4), 128256  # two teachers (KB = 2), and the largest group (KB = 4: 3 or 4)
+MIXTURE_JSD_TEACHERS = (2,)  # jsd's groups hold two (wpkl/backends/triton_mixture.py: MAX_JSD_TEACHERS)
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 
@@ -146,7 +147,8 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
             if MIXTURE_VOCAB in vocabs:  # several teachers' pass, at the one vocabulary its gates name
                 out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, f"K={K}")
                         for kernel in ("mixture_fwd", "mixture_bwd") for divergence in MIXTURE_DIVERGENCES
-                        for K in MIXTURE_TEACHERS for arch in archs]
+                        for K in (MIXTURE_JSD_TEACHERS if divergence == "jsd" else MIXTURE_TEACHERS)
+                        for arch in archs]
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
                     # Only the sampled forward reads its teacher and behaviour log-probs in several ways.

@@ -1,0 +1,160 @@
+"""The backward kernel of several teachers' logits in one pass (kernels/token_mixture.py has the forward, the
+teachers' addressing and the math: its docstring), one (token, split of the vocabulary) per program as in
+token_divergence_bwd.py: the student row and each seeing teacher's read once, the gradient written once.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (
+    FORWARD_KL,
+    JSD,
+    LN2,
+    NEG_INF,
+    REVERSE_KL,
+    STAT_AUX,
+    STAT_LSE_GAP,
+    STAT_STUDENT_LSE,
+    STAT_TEACHER_LSE,
+    aligned_split,
+    assume_multiple,
+    device_function,
+    edge_columns,
+    exp2_approx,
+    mixture_log2_ratios,
+    mixture_r,
+    reduce_max,
+    reduce_sum,
+    row_offset,
+    to_float,
+    xlogy_term,
+)
+from .token_divergence_bwd import zero_row
+from .token_mixture import STATS, _load_teachers, _teachers
+
+
+@device_function
+def _grad(s, u, scale, lse_s, lse_u, lse_gap, aux, c, total, inv_temperature, log2_1m_beta, log2_beta, jsd_coef,
+          DIVERGENCE: tl.constexpr, PRECISE_LOG2: tl.constexpr):
+    """d loss / d s_raw of a student block ``s`` from its [KB, *s.shape] teachers' block ``u``; ``c``, ``aux``,
+    ``lse_u`` and ``lse_gap`` expanded to u's rank (c = 0 for a teacher that does not see the token), ``total`` =
+    sum_k c_k, ``jsd_coef`` = -(1 - beta) ln 2 / T."""
+    p = exp2_approx((s - lse_s) * scale)
+    if DIVERGENCE == REVERSE_KL:
+        # the logits subtracted first, per teacher; 0 where c_k = 0 (its u may be anything)
+        inner = reduce_sum(tl.where(c != 0, c * ((tl.expand_dims(s, 0) - u) - aux), 0.0), 0)
+        grad = xlogy_term(p, inner) * (inv_temperature * inv_temperature)
+    if DIVERGENCE == FORWARD_KL:
+        q = exp2_approx((u - lse_u) * scale)
+        grad = (total * p - reduce_sum(tl.where(c != 0, c * q, 0.0), 0)) * inv_temperature
+    if DIVERGENCE == JSD:
+        # p (log2(p / m_k) - KL2(p || m_k)) per teacher, aux_k = KL2(p || m_k) (token_divergence_bwd.py's)
+        log2_m_p, _ = mixture_log2_ratios(mixture_r(tl.expand_dims(s, 0), u, scale, lse_gap), log2_1m_beta,
+                                          log2_beta, PRECISE_LOG2)
+        grad = xlogy_term(p, reduce_sum(tl.where(c != 0, c * (log2_m_p + aux), 0.0), 0)) * jsd_coef
+    return grad
+
+
+@triton.jit
+def token_mixture_bwd_kernel(
+    student_ptr,  # [B, T, V] logits
+    teacher0_ptr,  # as the forward's
+    teacher1_ptr,
+    teacher2_ptr,
+    teacher3_ptr,
+    valid_ptr,  # [K, N] int8
+    grad_loss_ptr,  # [K, N] fp32: d loss / d L_k,i
+    stats_ptr,  # [K, NUM_STATS, N] fp32 from the forward kernel
+    grad_ptr,  # [B, T, V] out, student dtype
+    student_shift,
+    grad_shift,
+    stride_student_b,
+    stride_student_t,
+    stride_grad_b,
+    stride_grad_t,
+    shift0, shift1, shift2, shift3,
+    stride_b0, stride_b1, stride_b2, stride_b3,
+    stride_t0, stride_t1, stride_t2, stride_t3,
+    T,
+    V,
+    N,
+    K,
+    scale,
+    inv_temperature,
+    beta,
+    DIVERGENCE: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    TEACHER_ALIGNED: tl.constexpr,
+    GRAD_ALIGNED: tl.constexpr,
+    PRECISE_LOG2: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    ks = tl.arange(0, KB)
+    k64 = ks.to(tl.int64)
+    in_k = ks < K
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    grad_row = grad_shift + row_offset(row, T, stride_grad_b, stride_grad_t)
+    teacher_ptr = teacher0_ptr
+    rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
+                                  stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
+                                  row, T, KB)
+    on = tl.load(valid_ptr + k64 * N + row, mask=in_k, other=0) != 0
+    is_valid = reduce_max(on.to(tl.int32), 0) != 0
+    cols = tl.arange(0, BLOCK_V)
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, V, VEC, BLOCK_V)
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, V, VEC)
+    takes_tail = split == num_full % num_splits
+    out_dtype = grad_ptr.dtype.element_ty
+
+    if is_valid:
+        stats = stats_ptr + k64 * (STATS * N) + row
+        c = tl.where(on, tl.load(grad_loss_ptr + k64 * N + row, mask=on, other=0.0), 0.0)
+        total = reduce_sum(c, 0)
+        lse_s = reduce_max(tl.where(on, tl.load(stats + STAT_STUDENT_LSE * N, mask=on, other=0.0), NEG_INF), 0)
+        aux = tl.load(stats + STAT_AUX * N, mask=on, other=0.0)
+        lse_u = tl.load(stats + STAT_TEACHER_LSE * N, mask=on, other=0.0)
+        lse_gap = tl.load(stats + STAT_LSE_GAP * N, mask=on, other=0.0)
+        log2_1m_beta = 0.0
+        log2_beta = 0.0
+        jsd_coef = 0.0
+        if DIVERGENCE == JSD:
+            beta = tl.cast(beta, tl.float32)
+            log2_1m_beta = tl.math.log2(1.0 - beta)
+            log2_beta = tl.math.log2(beta)
+            jsd_coef = -(1.0 - beta) * LN2 * inv_temperature
+        c1, aux1, lse_u1, gap1 = c[:, None], aux[:, None], lse_u[:, None], lse_gap[:, None]
+        for block in range(split, num_full, num_splits):
+            start = peel + block * BLOCK_V
+            s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+            u = _load_teachers(teacher_ptr, rows, start, cols, on, None, 0.0, VEC, TEACHER_ALIGNED, False)
+            grad = _grad(s, u, scale, lse_s, lse_u1, gap1, aux1, c1, total, inv_temperature, log2_1m_beta, log2_beta,
+                         jsd_coef, DIVERGENCE, PRECISE_LOG2)
+            grad_start = grad_row + start
+            if GRAD_ALIGNED:
+                grad_start = assume_multiple(grad_start, VEC)
+            tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype))
+        if takes_tail:
+            if tail_len > 0:
+                in_tail = cols < tail_len
+                s = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
+                                     mask=in_tail, other=NEG_INF))
+                u = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, 0.0, VEC, TEACHER_ALIGNED, True)
+                grad = _grad(s, u, scale, lse_s, lse_u1, gap1, aux1, c1, total, inv_temperature, log2_1m_beta, log2_beta,
+                         jsd_coef, DIVERGENCE, PRECISE_LOG2)
+                grad_start = grad_row + tail_start
+                if GRAD_ALIGNED:
+                    grad_start = assume_multiple(grad_start, VEC)
+                tl.store(grad_ptr + grad_start + cols, grad.to(out_dtype), mask=in_tail)
+            s = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+            u = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, 0.0, VEC, False, True)
+            grad = _grad(s, u, scale, lse_s, lse_u1[:, :, None], gap1[:, :, None], aux1[:, :, None],
+                         c1[:, :, None], total, inv_temperature, log2_1m_beta, log2_beta, jsd_coef, DIVERGENCE,
+                         PRECISE_LOG2)
+            tl.store(grad_ptr + grad_row + edge_col, grad.to(out_dtype), mask=edge_mask)
+    else:
+        zero_row(grad_ptr, grad_row, cols, peel, num_full, tail_start, tail_len, edge_col, edge_mask, split, num_splits,
+                 takes_tail, BLOCK_V, VEC, GRAD_ALIGNED)
