@@ -58,6 +58,11 @@ CASES = {
                 "TIP: reverse KL on the half of the batch's tokens with the highest entropy-and-divergence score"),
     "mopd": Case("mopd", "reverse_kl", None, "MOPD: reverse KL against two teachers, 1/2 each "
                  "(wpkl.multi_teacher_loss: one pass reads both teachers)", teachers=2),
+    "mopd_jsd": Case("mopd_jsd", "jsd", None, "MOPD: jsd (beta 1/2) against two teachers, 1/2 each "
+                     "(wpkl.multi_teacher_loss: one pass reads both teachers, twice forward for jsd)", teachers=2),
+    "mopd_sampled": Case("mopd_sampled", "sampled", None, "MOPD: sampled-token OPD against two teachers, 1/2 each "
+                         "(wpkl.multi_teacher_loss: one student pass, each teacher's row once, one backward)",
+                         teachers=2),
     "mopd_topk": Case("mopd_topk", "forward_kl", None, f"MOPD: forward KL against two teacher servers' top-{TOPK} "
                       "log-probs with the tail atom, 1/2 each (wpkl.multi_teacher_loss: one student pass for both)",
                       teachers=2, topk=True),

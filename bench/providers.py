@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Callable
@@ -43,6 +44,19 @@ def eager_topk_loss(student, topk_ids, topk_logprobs, mask):
     return (kl * valid).sum() / valid.sum().clamp_min(1)
 
 
+def _mopd_term(log_p, log_q, case_name: str, tokens):
+    """One teacher's per-token loss in a multi-teacher case, as a trainer writes it."""
+    p = log_p.exp()
+    if case_name == "mopd":  # reverse KL
+        return (p * (log_p - log_q)).sum(-1)
+    if case_name == "mopd_jsd":  # beta 1/2: m = (p + q) / 2
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        return 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1) + 0.5 * (p * (log_p - log_m)).sum(-1)
+    log_p_y = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # sampled: -a log p(y), -a = log p(y) - log q(y)
+    log_q_y = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return (log_p_y - log_q_y).detach() * log_p_y
+
+
 def eager_loss(student, teacher, mask, tokens, case_name: str, second_teacher=None):
     """What a trainer writes without wpkl, weighted the same way as the case."""
     log_p = torch.log_softmax(student.float(), dim=-1)
@@ -54,11 +68,10 @@ def eager_loss(student, teacher, mask, tokens, case_name: str, second_teacher=No
         log_q_y = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         advantage = ((log_q_y * 5).exp() - (log_p_y.detach() * 5).exp()) * valid
         return (-advantage * log_p_y).sum() / n_valid
-    if case_name == "mopd":
+    if case_name in ("mopd", "mopd_jsd", "mopd_sampled"):  # 1/2 each of two teachers' per-token losses
         log_q2 = torch.log_softmax(second_teacher.float(), dim=-1)
-        p = log_p.exp()
-        kl = 0.5 * (p * (log_p - log_q)).sum(-1) + 0.5 * (p * (log_p - log_q2)).sum(-1)
-        return (kl * valid).sum() / n_valid
+        loss = 0.5 * _mopd_term(log_p, log_q, case_name, tokens) + 0.5 * _mopd_term(log_p, log_q2, case_name, tokens)
+        return (loss * valid).sum() / n_valid
     if case_name == "tip":  # the half of the valid tokens with the highest score h + d - h d (min-max scaled)
         p = log_p.exp()
         kl = (p * (log_p - log_q)).sum(-1)
