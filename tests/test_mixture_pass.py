@@ -59,7 +59,7 @@ DIVERGENCES = (("reverse_kl", 0.5), ("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 4)])
+@pytest.mark.parametrize("V,K", [(1, 2), (37, 3), (150, 4), (150, 2)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_each_teachers_reference(divergence, beta, dtype, V, K, layout, small_blocks):
     """``layout``: teachers with padded rows and a shifted, misaligned start (the 16-byte teacher loads off); all
@@ -214,10 +214,10 @@ def test_the_other_calls_take_each_teachers_own_pass(case, monkeypatch):
         mixing = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).T.float()
     elif case == "soft mixing tensor":
         mixing = torch.rand(3, B, T, generator=g)
-    elif case in ("jsd", "sampled"):
+    elif case == "sampled":
         options = dict(divergence=case, tokens=torch.randint(0, V, (B, T), generator=g))
-        if case == "jsd":
-            options = dict(divergence="jsd")
+    elif case == "jsd":
+        options = dict(divergence="jsd")
     elif case == "dtypes":
         teachers[1] = teachers[1].bfloat16()
     elif case == "a teacher between elements":  # a storage one byte past an element boundary: not addressable
@@ -337,3 +337,29 @@ def test_a_teacher_below_teacher_0_in_memory():
         results.append((loss, stats, TritonMixturePass.backward(saved, coef, torch.empty_like(student))))
     for got, separate in zip(*results, strict=True):
         assert torch.equal(got, separate)
+
+
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("torch", torch.float32),
+                                           ("torch", torch.bfloat16)])  # (the torch pass: eager, and recomputed)
+@pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl", "jsd"))
+def test_a_token_no_teacher_weighs_keeps_a_finite_gradient(divergence, backend, dtype, small_blocks):
+    """A token every mixing weight is 0 on goes to teacher 0 at weight 0 (for the student's entropy, variants.py):
+    what teacher 0's row holds there (here all -inf: its terms NaN) changes nothing, the loss and the gradient
+    (0 on that token, never NaN) are those of a finite row there."""
+    g = torch.Generator().manual_seed(21)
+    V = 37
+    student = torch.randn(B, T, V, generator=g).to(dtype)
+    teachers = [student + torch.randn(B, T, V, generator=g).to(dtype) for _ in range(2)]
+    mixing = torch.rand(2, B, T, generator=g) + 0.1
+    mixing[:, 0, 2] = 0.0
+    results = []
+    for fill in (float("-inf"), 0.0):
+        given = [t.clone() for t in teachers]
+        given[0][0, 2] = fill
+        x = student.clone().requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=given, mixing=mixing, divergence=divergence, beta=0.3,
+                                       backend=backend, reduction="sum")
+        loss.backward()
+        results.append((loss, x.grad))
+    assert torch.isfinite(results[0][1]).all() and torch.equal(results[0][1][0, 2], torch.zeros(V, dtype=dtype))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)

@@ -190,33 +190,44 @@ def test_every_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
                                        rtol=2e-5, atol=2e-6, equal_nan=True)
 
 
-def test_fused_linear_projects_the_student_once_per_chunk(monkeypatch, small_blocks):
-    """The fused-linear form with three log q(y) teachers: each chunk's student logits projected once for all of
-    them (forward, and once more in the two-phase backward), against the float64 reference with a bias, a logit
-    scale and a softcap."""
-
-    g = torch.Generator().manual_seed(6)
+@pytest.mark.parametrize("heads", [0, 2])
+def test_fused_linear_projects_the_student_once_per_chunk(heads, monkeypatch, small_blocks):
+    """The fused-linear form with three log q(y) teachers, and with two hidden-state teachers beside them (one with
+    its own softcap, each projected with its own options): each
+    chunk's student logits projected once for all of them (forward, and once more in the two-phase backward),
+    each teacher's once (forward only: the backward reads no teacher), against the float64 reference with a bias,
+    a logit scale and softcaps on both sides."""
+    g = torch.Generator().manual_seed(6 + heads)
     H, V, K, chunk = 8, 37, 3, 3
     h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
     tokens = torch.randint(0, V, (B, T), generator=g)
     answers = [torch.rand(B, T, generator=g, dtype=torch.float64).log() - k for k in range(K)]
+    teachers = [(torch.randn(B, T, H + k, generator=g, dtype=torch.float64),
+                 torch.randn(V + k, H + k, generator=g, dtype=torch.float64)) for k in range(heads)]
     mask = torch.rand(B, T, generator=g) < 0.8
-    options = dict(mixing=[0.5, 0.3, 0.2], mask=mask, tokens=tokens, student_softcap=4.0, student_logit_scale=0.7,
-                   divergence="sampled", temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
-                   fused_linear=True)
+    options = dict(mixing=[0.5, 0.3, 0.2, 0.4, 0.6][: K + heads], mask=mask, tokens=tokens, student_softcap=4.0,
+                   student_logit_scale=0.7, teacher_softcap=5.0, divergence="sampled", temperature=0.9,
+                   weighting=wpkl.Weighting(accumulated=0.5), fused_linear=True)
+
+    def given(dtype):
+        return (_given([a.to(dtype) for a in answers], "teacher_hidden")
+                + [dict(teacher_hidden=th.to(dtype), teacher_weight=tw.to(dtype), **({"teacher_softcap": 3.0} if k else {}))
+                   for k, (th, tw) in enumerate(teachers)])  # the second head with its own softcap: it still shares
+
     projected = counting_projections(monkeypatch)
     calls = _counting(monkeypatch)
     x = [t.float().requires_grad_(True) for t in (h, w, b)]
-    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=_given([a.float() for a in answers], "teacher_hidden"), student_bias=x[2],
-                                   backend="triton", chunk_size=chunk, **options)
+    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=given(torch.float32), student_bias=x[2], backend="triton",
+                                   chunk_size=chunk, **options)
     loss.backward()
     chunks = -(-int(mask.sum()) // chunk)
-    assert calls["groups"] == [K] * chunks and calls["student forward"] == chunks
-    assert calls["teacher forward"] == 0 and projected.count(x[1].data_ptr()) == 2 * chunks
+    assert calls["groups"] == [K + heads] * chunks and calls["student forward"] == chunks
+    assert calls["teacher forward"] == heads * chunks and projected.count(x[1].data_ptr()) == 2 * chunks
+    assert len(projected) == (2 + heads) * chunks
     monkeypatch.undo()
     y = [t.clone().requires_grad_(True) for t in (h, w, b)]
-    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=_given(answers, "teacher_hidden"), student_bias=y[2], backend="reference",
-                                       **options)
+    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=given(torch.float64), student_bias=y[2],
+                                       backend="reference", **options)
     expected.backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     for got, truth in zip(x, y, strict=True):
@@ -251,6 +262,21 @@ def test_the_route_groups_every_sampled_token_teacher(mixing):
     assert plan(["server"]) is None
     assert plan(["logits", "server"], backend="torch") is None
     assert mixing == "routing" or plan(["logits", "logits"], divergence="reverse_kl").groups[0][0] == "logits"
+    # the fused-linear form: hidden-state teachers join the log q(y) ones only under dense mixing (a shared chunk
+    # projects each of them on every token), whatever their own projection options
+    H = 4
+    hidden, weight = torch.randn(B, T, H), torch.randn(V, H)
+    spec = LossSpec.from_options(linear=True, backend="triton", divergence="sampled")
+    none = dict.fromkeys(("mask", "token_weights", "positions", "num_items_in_batch", "rollout_logprobs",
+                          "teacher_token_logprobs"))
+    problems = [build.linear(spec, hidden, weight, None, None, tokens=tokens, teacher_logprobs=-torch.rand(B, T),
+                             **none),
+                build.linear(spec.replace(teacher_softcap=3.0), hidden, weight, torch.randn(B, T, H),
+                             torch.randn(V, H), tokens=tokens, teacher_logprobs=None, **none),
+                build.linear(spec, hidden, weight, None, None, tokens=tokens, teacher_logprobs=-torch.rand(B, T),
+                             **none)]
+    linear = mixture_route(problems, [route(p, mixture=True) for p in problems], mixing)
+    assert linear.groups == ((("sampled", (0, 1, 2)),) if mixing == "dense" else (("sampled", (0, 2)),))
 
 
 class _LargeOutputs(torch.utils._python_dispatch.TorchDispatchMode):

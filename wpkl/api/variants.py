@@ -150,7 +150,7 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     share one pass that reads it once (wpkl/engine/mixture.py): logits of one dtype (or, fused_linear, hidden-state
     teachers: the student's chunk projected once for them) with reverse or forward KL, up to four per pass
     (kernels/token_mixture.py), or jsd, two per pass; top-k teachers, any number, every divergence (their atoms
-    merged in one backward); the sampled-token loss's logits and log q(y) teachers, any number
+    merged in one backward); the sampled-token loss's logits, log q(y) and (dense) hidden-state teachers, any number
     (wpkl/backends/triton_sampled.py). Every other teacher (the only teacher of its form or logits dtype, a teacher
     with its own options unless others share them, vocabulary shards, the torch backend) runs its own pass, reading
     only the rows its teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers, and mixing

@@ -115,7 +115,9 @@ class TorchPass:
             x = saved.student[rows].detach().requires_grad_(True)
             with torch.enable_grad():
                 terms = token_terms(x, **_rows(rows, *saved.per_row()), stats=False, **options)
-                (out[rows],) = torch.autograd.grad(terms.loss, x, coef[rows].to(terms.loss.dtype))
+                c = coef[rows].to(terms.loss.dtype)
+                (grad,) = torch.autograd.grad(terms.loss, x, c)
+                out[rows] = torch.where(c[..., None] != 0, grad, 0.0)  # a row at weight 0 is 0, whatever its terms
         return out
 
 

@@ -2,7 +2,8 @@
 group of teachers shares one pass that reads the student row once (the fused-linear form: projects each chunk of
 the student's logits once), through the engine's one autograd Function (terms.py: ``TokenDivergence``):
 
-    "logits"   MixtureAdapter, TritonMixturePass (kernels/token_mixture.py), up to MAX_TEACHERS teachers
+    "logits"   MixtureAdapter, TritonMixturePass (kernels/token_mixture.py), up to MAX_TEACHERS teachers (jsd:
+               MAX_JSD_TEACHERS)
     "top-k"    MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
     "sampled"  MixtureAdapter, TritonSampledMixturePass (wpkl/backends/triton_sampled.py): logits and log q(y)
                teachers of the sampled-token loss, any number
@@ -24,7 +25,7 @@ from ..backends.projection import projection_dtype
 from ..backends.triton_mixture import TritonMixturePass
 from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
-from ..inputs.data import Problem
+from ..inputs.data import Problem, TeacherLinear
 from ..reference import TokenTerms, TopK
 from .chunks import chunk_size_for, plan_chunks, weights_context
 from .linear import _Grads, _Projector, linear_terms, logits_grad
@@ -78,31 +79,50 @@ class MixtureAdapter:
 
 
 class LinearMixtureAdapter:
-    """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then the form's: each teacher's h_t, w_t,
-    b_t ("hidden"), or as MixtureAdapter's ("top-k", "sampled": only the student is projected)), over the
-    flattened tokens."""
+    """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then the form's: each teacher's h_t, w_t, b_t
+    ("hidden"); each teacher's ids and log q ("top-k"); the tokens, the rollout log p(y) (or None), then each
+    teacher's h_t, w_t, b_t or its log q(y), None, None ("sampled")), over the flattened tokens. The student's
+    chunk is projected once for all; a hidden-state teacher's chunk once, for its own pass."""
 
-    def __init__(self, problem: Problem, chunks, count: int, form: str):
-        self.spec, self.options, self.chunks, self.count = problem.spec, problem.spec.linear, chunks, count
-        self.passes, self.teachers = _FORMS["logits" if form == "hidden" else form]
-        self.topk = self.teachers is not None  # the student only
+    def __init__(self, group: list[Problem], chunks, form: str):
+        problem = group[0]
+        self.spec, self.options, self.chunks, self.count, self.form = (problem.spec, problem.spec.linear, chunks,
+                                                                        len(group), form)
+        self.heads = [p.spec.linear for p in group]  # each teacher's projection options (its own teacher_ ones)
+        self.passes = _FORMS["logits" if form == "hidden" else form][0]
+
+    def _heads(self, tensors):
+        """Each teacher's (h_t, w_t, b_t) ("hidden", "sampled"; w_t None for a log q(y) teacher)."""
+        first = {"hidden": 4, "sampled": 6}.get(self.form)
+        return [] if first is None else [tensors[i: i + 3] for i in range(first, len(tensors), 3)]
 
     def _dtypes(self, tensors):
-        return [projection_dtype(tensors[0])] + ([] if self.topk else [projection_dtype(h) for h in tensors[4::3]])
+        return [projection_dtype(tensors[0])] + [None if w is None else projection_dtype(h)
+                                                 for h, w, _ in self._heads(tensors)]
 
     def _projectors(self, tensors, dtypes):
-        if self.topk:
-            return [_Projector(self.options, (dtypes[0], None), *tensors[:3], None, None, None)]
-        first = _Projector(self.options, dtypes[:2], *tensors[:3], *tensors[4:7])
-        return [first] + [_teacher_of(first, dtypes[k + 1], tensors[4 + 3 * k: 7 + 3 * k]) for k in range(1, self.count)]
+        """The student's projector, then each teacher's (None for a teacher without a head), sharing its
+        student (its cast weight)."""
+        first = _Projector(self.options, (dtypes[0], None), *tensors[:3], None, None, None)
+        if self.form == "top-k":
+            return [first]
+        return [first] + [None if head[1] is None else _teacher_of(first, options, dtype, head)
+                          for options, dtype, head in zip(self.heads, dtypes[1:], self._heads(tensors), strict=True)]
 
     def _chunk(self, projectors, ids, tensors, backward=False):
         """The chunk's student logits and its teachers (backward: a top-k or sampled pass needs only the
         student's)."""
         s = projectors[0].student(ids)
-        if self.topk:
-            return s, None if backward else self.teachers(tensors[4:], ids)
-        return s, [p.teacher(ids)[None] for p in projectors]
+        if self.form == "hidden":
+            return s, [p.teacher(ids)[None] for p in projectors[1:]]
+        if backward:
+            return s, None
+        if self.form == "top-k":
+            return s, _top_k(tensors[4:], ids)
+        tokens, rollout = (_rows_of(x, ids) for x in tensors[4:6])
+        return s, [SampledTeacher(tokens, rollout, logits=p.teacher(ids)[None]) if p is not None else
+                   SampledTeacher(tokens, rollout, logprobs=_rows_of(head[0], ids))
+                   for p, head in zip(projectors[1:], self._heads(tensors), strict=True)]
 
     def forward(self, tensors, needs_grad):
         h_s, valids = tensors[0], tensors[3]
@@ -138,9 +158,11 @@ class LinearMixtureAdapter:
         return (*grads.finish(None), None, *(None,) * (len(tensors) - 4))
 
 
-def _teacher_of(first: _Projector, dtype, teacher) -> _Projector:
-    """A projector sharing ``first``'s student (its cast weight) with another teacher."""
-    return copy.copy(first).set_teacher(dtype, *teacher)
+def _teacher_of(first: _Projector, options, dtype, head) -> _Projector:
+    """A projector sharing ``first``'s student (its cast weight), projecting a teacher's head with its options."""
+    teacher = copy.copy(first)
+    teacher.options = options  # (the student's options are the call's: the same in every teacher's)
+    return teacher.set_teacher(dtype, *head)
 
 
 def _teacher_tensors(problem: Problem, flat) -> list:
@@ -148,8 +170,8 @@ def _teacher_tensors(problem: Problem, flat) -> list:
     teacher = problem.teacher
     if isinstance(teacher, TopK):
         return [flat(teacher.ids), flat(teacher.logprobs)]
-    if problem.teacher_logprobs is not None:
-        return [flat(problem.teacher_logprobs)]
+    if problem.teacher_logprobs is not None:  # (the fused-linear form: in a head's three slots)
+        return [flat(problem.teacher_logprobs)] + ([None, None] if problem.linear else [])
     if problem.teacher_logits is not None:
         return [problem.teacher_logits]
     return [flat(teacher.hidden), teacher.weight, teacher.bias]
@@ -166,15 +188,16 @@ def _linear_group(group: list[Problem], form: str) -> list[TokenTerms]:
     student, batch = first.student, first.batch
     B, T = batch.valid.shape
     valids = torch.stack([p.batch.valid for p in group])
+    heads = sum(isinstance(p.teacher, TeacherLinear) for p in group)  # teachers projected with the student
     chunk = first.spec.linear.chunk_size or chunk_size_for(first.vocab, student.hidden.shape[-1], "triton",
-                                                           teachers=len(group) if form == "hidden" else 1)
+                                                           teachers=max(heads, 1))
     chunks = plan_chunks(valids.any(0), chunk, whole_rows=False)
 
     def flat(x):
         return None if x is None else x.reshape(B * T, *x.shape[2:])
 
     teachers = _shared_tensors(form, first, flat) + [x for p in group for x in _teacher_tensors(p, flat)]
-    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(first, chunks, len(group), form), flat(student.hidden),
+    loss, stats = TokenDivergence.apply(LinearMixtureAdapter(group, chunks, form), flat(student.hidden),
                                         student.weight, student.bias, valids.reshape(len(group), B * T), *teachers)
     return [TokenTerms(loss[k].view(B, T), *stats[k].view(4, B, T).unbind(0)) for k in range(len(group))]
 

@@ -155,10 +155,13 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
         # pass does no teacher's work per element (one student pass, one dense backward)
         return ("top-k", spec)
     if spec.exact_divergence == "sampled":
-        # log q(y) teachers, and logits teachers of materialized logits, every mixing: one student pass, each
-        # teacher's row read once by its own pass, one dense backward (no teacher's work per element there)
-        logits = problem.teacher_logits is not None and not problem.linear
-        return ("sampled", spec) if logits or problem.teacher_logprobs is not None else None
+        # log q(y) and logits teachers, every mixing: one student pass, each teacher's row read once (on its own
+        # tokens) by its own pass, one dense backward (no teacher's work per element there); hidden-state teachers
+        # when dense ("hidden" below: each projected on every token of the shared chunks)
+        # (the teachers' projection options are each teacher's own: LinearMixtureAdapter projects each with its own)
+        if isinstance(problem.teacher, TeacherLinear) and mixing != "dense":
+            return None
+        return ("sampled", spec if spec.linear is None else spec.replace(teacher_logit_scale=1.0, teacher_softcap=None))
     if spec.exact_divergence not in ("reverse_kl", "forward_kl", "jsd") or mixing == "routing":
         return None
     if isinstance(problem.teacher, TeacherLinear):

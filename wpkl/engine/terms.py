@@ -93,8 +93,10 @@ class LogitsAdapter:
             return self.passes.backward(saved, grad_loss, out), *nones
         if kind == "eager":
             (grad,) = saved_tensors
-            # Each row's gradient times its d loss / d L_i, in place: the buffer is this Function's own.
-            return grad.mul_(grad_loss.unsqueeze(-1).to(grad.dtype)), *nones
+            # Each row's gradient times its d loss / d L_i, in place: the buffer is this Function's own (a row at
+            # weight 0 is 0, whatever its gradient: a teacher's non-finite row there stays out).
+            coef = grad_loss.unsqueeze(-1).to(grad.dtype)
+            return grad.mul_(coef).masked_fill_(coef == 0, 0.0), *nones
         student, teacher, ids, logprobs, valid, tokens, teacher_logprobs, rollout_logprobs = saved_tensors
         saved = TorchSaved(student, self.teacher(teacher, ids, logprobs), valid, tokens, teacher_logprobs,
                            rollout_logprobs, self.spec, self.shard)
