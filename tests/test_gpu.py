@@ -161,3 +161,50 @@ def test_top_k_teacher_bf16(mode):
                                    rtol=1e-4, atol=1e-4, equal_nan=True)
     torch.testing.assert_close(leaf.grad[rows].double(), s.grad, rtol=1e-2, atol=1e-2 * s.grad.abs().max().item())
     assert torch.count_nonzero(leaf.grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("divergence,K", [("reverse_kl", 2), ("forward_kl", 4), ("jsd", 3), ("sampled", 3),
+                                          ("top-k", 3)])
+def test_several_teachers_share_passes_bf16(divergence, K):
+    """wpkl.multi_teacher_loss on the shared passes (kernels/token_mixture.py and token_mixture_bwd.py, the
+    sampled-token and top-k passes: wpkl/engine/mixture.py), compiled, at a realistic vocabulary: checked rows
+    against the float64 reference, loss and gradient."""
+    N, V = 1024, 128256
+    student, _ = _pair(N, V, torch.bfloat16)
+    teachers = [(student.float() + (0.5 + k) * torch.randn_like(student, dtype=torch.float32)).bfloat16()
+                for k in range(K)]
+    tokens = torch.randint(0, V, (N,), device="cuda")
+    mask = torch.rand(N, device="cuda") < 0.9
+    upstream = torch.randn(N, device="cuda")
+    mixing = [0.1 + 0.2 * k for k in range(K)]
+    if divergence == "top-k":
+        given = []
+        for t in teachers:
+            values, ids = torch.log_softmax(t.float(), -1).topk(64, -1)
+            given.append(dict(teacher_topk_ids=ids, teacher_topk_logprobs=values))
+        options = dict(divergence="forward_kl", topk_mode="tail")
+    else:
+        given = list(teachers)
+        if divergence == "sampled":  # a teacher server's log q(y) beside the logits teachers
+            log_q = torch.log_softmax(teachers[-1].float(), -1).gather(-1, tokens[:, None])[:, 0]
+            given[-1] = dict(teacher_logits=None, teacher_logprobs=log_q)
+        options = dict(divergence=divergence, beta=0.3, tokens=tokens)
+    leaf = student.clone().requires_grad_(True)
+    loss = wpkl.multi_teacher_loss(leaf, teachers=given, mixing=mixing, mask=mask, reduction="none",
+                                   backend="triton", **options)
+    (loss * upstream).sum().backward()
+    rows = torch.randperm(N, device="cuda")[:CHECKED_ROWS]
+
+    def sub(x):
+        return {k: (v[rows].double() if v.is_floating_point() else v[rows]) if isinstance(v, torch.Tensor) else v
+                for k, v in x.items()} if isinstance(x, dict) else x[rows].double()
+
+    s = student[rows].double().requires_grad_(True)
+    ref = wpkl.multi_teacher_loss(s, teachers=[sub(t) for t in given], mixing=mixing, mask=mask[rows],
+                                  reduction="none", backend="reference",
+                                  **{k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in options.items()})
+    (ref * upstream[rows].double()).sum().backward()
+    torch.testing.assert_close(loss.detach()[rows].double(), ref, rtol=1e-4, atol=1e-4)
+    tol = 1e-2
+    torch.testing.assert_close(leaf.grad[rows].double(), s.grad, rtol=tol, atol=tol * s.grad.abs().max().item())
+    assert torch.count_nonzero(leaf.grad[~mask]) == 0
