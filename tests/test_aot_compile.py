@@ -159,6 +159,29 @@ def test_vocabulary_loop_measurement():
     assert any("35.0 instructions per element, target 32" in f for f in gate_failures([row]))
 
 
+def test_mixture_gates():
+    """The several-teachers gates name the group they hold (K = 4, jsd's K = 2) and every loop of it: a row over
+    a loop's limit, with a loop missing or at one CTA per SM fails; other groups are not gated."""
+    def loop(per_element):
+        return Loop(instructions=int(per_element * 8), per_element=per_element, bar=0, shfl=0, mufu=0, loads=2,
+                    loads_16b=2, stores=0, stores_16b=0)
+
+    def row(kernel, divergence, variant, loops, ctas=2):
+        return Row(kernel=kernel, divergence=divergence, variant=variant, dtype="bfloat16", block_v=2048, num_warps=8,
+                   arch=90, vocabs="128256", registers=100, shared_bytes=0, local_bytes=0, stack_bytes=0,
+                   ctas_per_sm=ctas, loops=[loop(x) for x in loops])
+
+    assert gate_failures([row("mixture_fwd", "jsd", "K=2", (40, 64)), row("mixture_bwd", "jsd", "K=2", (44,)),
+                          row("mixture_fwd", "reverse_kl", "K=4", (80,)), row("mixture_bwd", "forward_kl", "K=4", (40,)),
+                          row("mixture_fwd", "reverse_kl", "K=2", (500,))]) == []
+    failures = "\n".join(gate_failures([row("mixture_fwd", "jsd", "K=2", (40, 65)),
+                                        row("mixture_fwd", "jsd", "K=2", (40,), ctas=1),
+                                        row("mixture_bwd", "reverse_kl", "K=4", (41,))]))
+    for expected in ("loop 1 takes 65 instructions per element, target 64", "1 vocabulary loops, expected 2",
+                     "allow 1 CTAs per SM", "loop 0 takes 41 instructions per element, target 40"):
+        assert expected in failures
+
+
 def test_occupancy_model():
     """Registers are allocated per warp in units of 256 from four 16384-register sub-partitions."""
     assert ctas_per_sm(94, 8, 1024, 90) == 2  # the issue's 94-register forward

@@ -51,6 +51,21 @@ def _valids(g, K):
     return valids
 
 
+# reduction="none" with packed sequences placed by sequence_ids, and the stats (the engine tests of the shared passes)
+BY_IDS = dict(reduction="none", return_stats=True, sequence_ids=torch.tensor([[0, 0, 1, 1, 1], [2, 3, 3, 4, 4]]),
+              positions=torch.tensor([[0, 1, 0, 1, 2], [0, 0, 1, 0, 1]]))
+
+
+def mixing_of(case: str, g, K):
+    """The mixing of an engine test's case: a soft tensor (0 on some tokens for some teachers), a one-hot routing
+    of each token, or numbers."""
+    if case == "soft tensor":
+        return torch.rand(K, B, T, generator=g) * (torch.rand(K, B, T, generator=g) < 0.7)
+    if case == "routing":
+        return torch.nn.functional.one_hot(torch.randint(0, K, (B, T), generator=g), K).permute(2, 0, 1).double()
+    return [0.1 * (k + 1) for k in range(K)]
+
+
 LAYOUTS = ("strided teachers", "aligned", "offset student, float32 teachers")
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import wpkl
-from test_mixture_pass import B, T, _truth, _valids, assert_each_teacher, counting_projections
+from test_mixture_pass import BY_IDS, B, T, _truth, _valids, assert_each_teacher, counting_projections, mixing_of
 from utils import DTYPES
 from wpkl.backends import triton_sampled
 from wpkl.backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
@@ -154,20 +154,14 @@ def test_every_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
     g = torch.Generator().manual_seed(13)
     V, K = 41, 5
     student64, teachers, tokens, rollout = _inputs(g, V, K, torch.float64)
-    weights = [0.1 * (k + 1) for k in range(K)]
-    if mixing == "soft tensor":
-        weights = torch.rand(K, B, T, generator=g) * (torch.rand(K, B, T, generator=g) < 0.7)
-    if mixing == "routing":
-        weights = torch.nn.functional.one_hot(torch.randint(0, K, (B, T), generator=g), K).permute(2, 0, 1).double()
+    weights = mixing_of(mixing, g, K)
     mask = torch.rand(B, T, generator=g) < 0.8
     options = dict(mixing=weights, mask=mask, tokens=tokens, divergence="sampled", temperature=0.7,
                    weighting=wpkl.Weighting(accumulated=0.5))
     if mixing == "power and rollout":
         options.update(sampled_power=5.0, rollout_logprobs=rollout.double())
     if mixing == "none, by ids":
-        options.update(reduction="none", return_stats=True,
-                       sequence_ids=torch.tensor([[0, 0, 1, 1, 1], [2, 3, 3, 4, 4]]),
-                       positions=torch.tensor([[0, 1, 0, 1, 2], [0, 0, 1, 0, 1]]))
+        options.update(BY_IDS)
     upstream = torch.randn(B, T, generator=g, dtype=torch.float64)
     calls = _counting(monkeypatch)
     x = student64.float().requires_grad_(True)
