@@ -8,7 +8,7 @@ it is then only a namespace portion, and an installed distribution of the same i
 ``__path__`` points at kernels/ in a checkout (or an editable install) and at wpkl/kernels/ in an installed wheel
 (pyproject.toml maps the folder there). Nothing here imports Triton until a kernel is used.
 
-Launch logic lives in wpkl/backends (triton_pass.py, triton_topk.py, triton_mixture.py, weights_kernel.py), the autograd in
+Launch logic lives in wpkl/backends (triton_pass.py, triton_topk.py, triton_mixture.py, triton_sampled.py, weights_kernel.py), the autograd in
 wpkl/engine and wpkl/backends/ops.py; the math they implement is specified by wpkl/reference.
 """
 

@@ -8,8 +8,8 @@ Forward: the student pass (triton_topk.py: ``student_pass``, the forward kernel 
 student's log-normalizer and entropy, which no teacher changes, and log p(y) = (s_y - lse) / T is gathered at the
 sampled token. A teacher server's log q(y) is used as given; a teacher's logits are read once by the forward
 kernel in its "sampled" specialization with that teacher in both slots, on the rows the teacher sees (its
-log-normalizer, confidence and entropy; the same memory in both slots, so each of its logits comes from memory
-once, its arithmetic done twice), and log q(y) = (u_y - lse_u) / T (u_y gathered on every row, one logit each,
+log-normalizer, confidence and entropy; the same addresses in both slots, the second load expected to hit in
+cache, not measured on a GPU; its arithmetic done twice), and log q(y) = (u_y - lse_u) / T (u_y gathered on every row, one logit each,
 and used only where the teacher sees the token). Then each teacher's D, -a and L follow the
 specification (wpkl/reference: ``sampled_multiplier``) on [N] tensors. D = log p(y) - log q(y) comes from two
 log-normalizers here (the single-teacher kernel subtracts the logits first; a difference of fp32 roundings of

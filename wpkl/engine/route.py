@@ -157,7 +157,7 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
     if spec.exact_divergence == "sampled":
         # log q(y) and logits teachers, every mixing: one student pass, each teacher's row read once (on its own
         # tokens) by its own pass, one dense backward (no teacher's work per element there); hidden-state teachers
-        # when dense ("hidden" below: each projected on every token of the shared chunks)
+        # when dense (as for "hidden" below: each projected on every token of the shared chunks)
         # (the teachers' projection options are each teacher's own: LinearMixtureAdapter projects each with its own)
         if isinstance(problem.teacher, TeacherLinear) and mixing != "dense":
             return None

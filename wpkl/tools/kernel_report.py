@@ -4,7 +4,7 @@
 
 Runs on a CPU-only machine: Triton builds PTX and cubin without a GPU, and ``cuobjdump`` (shipped in the
 triton wheel) reads registers, shared memory and spill bytes (LOCAL, STACK) off the cubin and disassembles it.
-The specializations come from the same launch builders the package uses (wpkl/backends: triton_pass.py, triton_topk.py, weights_kernel.py), fed
+The specializations come from the same launch builders the package uses (wpkl/backends: triton_pass.py, triton_topk.py, triton_mixture.py, weights_kernel.py), fed
 contiguous [4, 1024, V] meta tensors for each representative V, so what compiles here is what runs there.
 
 What it measures, per specialization and architecture:
