@@ -19,7 +19,7 @@ import torch
 import wpkl
 from test_mixture_pass import BY_IDS, B, T, _truth, _valids, assert_each_teacher, counting_projections, mixing_of
 from utils import DTYPES
-from wpkl.backends import triton_sampled
+from wpkl.backends import triton_sampled, triton_topk
 from wpkl.backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from wpkl.reference import token_terms
 from wpkl.spec import LossSpec
@@ -120,7 +120,7 @@ def test_an_out_of_range_token_gives_nan_not_another_column(small_blocks):
 
 def _counting(monkeypatch):
     calls = {"student forward": 0, "teacher forward": 0, "dense backward": 0, "groups": []}
-    student_pass, teacher_pass, backward = (triton_sampled.student_pass, triton_sampled._teacher_pass,
+    student_pass, teacher_pass, backward = (triton_topk.student_pass, triton_sampled._teacher_pass,
                                             triton_sampled.TritonPass.backward)
     forward = TritonSampledMixturePass.forward
 
@@ -134,7 +134,7 @@ def _counting(monkeypatch):
         calls["groups"].append(len(teachers))
         return forward(student, teachers, valids, spec)
 
-    monkeypatch.setattr(triton_sampled, "student_pass", count("student forward", student_pass))
+    monkeypatch.setattr(triton_topk, "student_pass", count("student forward", student_pass))
     monkeypatch.setattr(triton_sampled, "_teacher_pass", count("teacher forward", teacher_pass))
     monkeypatch.setattr(triton_sampled.TritonPass, "backward", staticmethod(count("dense backward", backward)))
     monkeypatch.setattr(TritonSampledMixturePass, "forward", staticmethod(counted_group))

@@ -29,7 +29,8 @@ from ..spec import LossSpec
 from . import common
 from .common import divergence_id, kernels, launch
 from .triton_pass import TritonPass, TritonSaved, forward_launch
-from .triton_topk import _stat, student_pass
+from . import triton_topk
+from .triton_topk import _stat
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,7 @@ class TritonSampledMixturePass:
     def forward(student, teachers, valids, spec: LossSpec):
         B, T, V = student.shape
         K, N = len(teachers), B * T
-        valids = valids.reshape(K, N)
-        valid_bytes = valids.any(0).to(torch.int8)
-        stats = student_pass(student, valid_bytes, spec)
+        valids, valid_bytes, stats = triton_topk.shared_student_pass(student, valids, K, spec)
         tokens = teachers[0].tokens.reshape(N)
         log_p_y = (_at_tokens(student, tokens, V) - stats[_stat("STAT_STUDENT_LSE")]) * (1.0 / spec.temperature)
         rollout = teachers[0].rollout

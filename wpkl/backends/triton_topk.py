@@ -64,6 +64,15 @@ def student_pass(student, valid_bytes, spec: LossSpec):
     return stats
 
 
+def shared_student_pass(student, valids, K: int, spec: LossSpec):
+    """K teachers' student pass (TritonTopKMixturePass, triton_sampled.py): (valids [K, N], the rows some teacher
+    sees as int8 [N], ``student_pass``'s stats on them)."""
+    B, T, _ = student.shape
+    valids = valids.reshape(K, B * T)
+    valid_bytes = valids.any(0).to(torch.int8)
+    return valids, valid_bytes, student_pass(student, valid_bytes, spec)
+
+
 def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec):
     """One teacher's atom math (wpkl/reference/topk.py ``topk_atom_terms``) on [N, K] tensors under autograd, on
     the rows where ``valid`` [B, T] is set, from the student pass's ``stats``: (loss [N], public stats [4, N],
@@ -188,10 +197,8 @@ class TritonTopKMixturePass:
     @staticmethod
     def forward(student, teachers, valids, spec: LossSpec):
         B, T, _ = student.shape
-        K, N = len(teachers), B * T
-        valids = valids.reshape(K, N)
-        valid_bytes = valids.any(0).to(torch.int8)
-        stats = student_pass(student, valid_bytes, spec)
+        K = len(teachers)
+        valids, valid_bytes, stats = shared_student_pass(student, valids, K, spec)
         parts = [topk_atoms(student, stats, t, valid.view(B, T), spec) for t, valid in zip(teachers, valids,
                                                                                              strict=True)]
         loss = torch.stack([p[0] for p in parts]).view(K, B, T)
