@@ -151,8 +151,10 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     teachers: the student's chunk projected once for them) with reverse or forward KL, up to four per pass
     (kernels/token_mixture.py), or jsd, two per pass; top-k teachers, any number, every divergence (their atoms
     merged in one backward); the sampled-token loss's logits, log q(y) and (dense) hidden-state teachers, any number
-    (wpkl/backends/triton_sampled.py). Every other teacher (the only teacher of its form or logits dtype, a teacher
-    with its own options unless others share them, vocabulary shards, the torch backend) runs its own pass, reading
+    (wpkl/backends/triton_sampled.py); on vocabulary shards, the logits teachers with reverse or forward KL, any
+    number, their statistics merged at once (wpkl/parallel/shard_mixture.py). Every other teacher (the only
+    teacher of its form or logits dtype, a teacher with its own options unless others share them, the other
+    forms on vocabulary shards, the torch backend) runs its own pass, reading
     only the rows its teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers, and mixing
     tensors given on the CPU with tokens of several teachers, take every shared pass; a mixing tensor on the GPU
     (not read on the host) the logits, top-k and sampled-token ones; a one-hot tensor given on the CPU (a routing:

@@ -7,6 +7,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
     "top-k"    MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
     "sampled"  MixtureAdapter, TritonSampledMixturePass (wpkl/backends/triton_sampled.py): logits and log q(y)
                teachers of the sampled-token loss, any number
+    "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
+               shards, any number, one merge of their statistics
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
                schedule as linear.py's)
 
@@ -26,6 +28,7 @@ from ..backends.triton_mixture import TritonMixturePass
 from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
 from ..inputs.data import Problem, TeacherLinear
+from ..parallel.shard_mixture import ShardedMixturePass
 from ..reference import TokenTerms, TopK
 from .chunks import chunk_size_for, plan_chunks, weights_context
 from .linear import _Grads, _Projector, linear_terms, logits_grad
@@ -53,8 +56,9 @@ def _sampled(tensors, rows=None):
 
 # A shared pass's form: (its pass, the teachers from the tensors after the student's and the valids; None: the
 # tensors are the teachers' logits). The student-only forms project only the student's chunk (fused-linear).
+# "shards": a pass built on the call's vocabulary shard.
 _FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
-          "sampled": (TritonSampledMixturePass, _sampled)}
+          "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None)}
 
 
 class MixtureAdapter:
@@ -65,6 +69,8 @@ class MixtureAdapter:
     def __init__(self, problem: Problem, form: str):
         self.spec = problem.spec
         self.passes, self.teachers = _FORMS[form]
+        if form == "shards":
+            self.passes = self.passes(problem.shard)
 
     def forward(self, tensors, needs_grad):
         student, valids, *rest = tensors

@@ -148,8 +148,15 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
     from ..backends.triton_mixture import element_grid
 
     spec = problem.spec
+    if own.terms == "sharded kernels":
+        # logits teachers with a KL: every rank's kernels take its slice (grouped there by dtype and element grid,
+        # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py)
+        if problem.linear or problem.teacher_logits is None or mixing == "routing" or \
+                spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+            return None
+        return ("shards", spec)
     if own.backend != "triton" or own.terms != "kernels":
-        return None  # the kernels' route of one device (no vocabulary shards)
+        return None  # the kernels' route of one device
     if problem.teacher_topk is not None:
         # every divergence (the atom math is the specification's, on [N, k] atoms), and every mixing: the shared
         # pass does no teacher's work per element (one student pass, one dense backward)
@@ -180,7 +187,10 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL (MAX_JSD_TEACHERS with jsd)
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
     (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
-    (wpkl/backends/triton_sampled.py). Each needs the kernels' route (one device, no vocabulary shards).
+    (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; on vocabulary shards, the
+    logits teachers with reverse or forward KL, any number, their statistics merged at once
+    (wpkl/parallel/shard_mixture.py). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides
+    the collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
     several teachers), "routing" (a host tensor, one teacher per token: each logits or hidden-state teacher's own
@@ -199,7 +209,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
             forms.setdefault(form, []).append(k)
     groups = []
     for form, members in forms.items():
-        size = len(members) if form[0] in ("top-k", "sampled") else max_teachers(form[1])
+        size = len(members) if form[0] in ("top-k", "sampled", "shards") else max_teachers(form[1])
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
                    if len(members[i: i + size]) > 1]
     if not groups:
@@ -207,7 +217,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     shared = sum(len(g) for _, g in groups)
     passes = len(groups) + len(problems) - shared
     what = "projected" if problems[0].linear else "read"
-    forms_line = ", ".join(f"{len(g)} {form}" for form, g in groups)
+    labels = {"shards": "logits on vocabulary shards (their statistics merged at once)"}
+    forms_line = ", ".join(f"{len(g)} {labels.get(form, form)}" for form, g in groups)
     passes_line = "1 pass" if passes == 1 else f"{passes} passes"
     return MixturePlan(Route("triton", "mixed kernels", "torch", routes[0].schedule, False,
                              f"{routes[0].reason}; {len(problems)} teachers in {passes_line}, the student {what} "

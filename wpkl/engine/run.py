@@ -21,7 +21,7 @@ from .weigh import EagerCoefficients, mix_terms, sequences, weigh_and_reduce
 
 
 def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values,
-            bounds=None) -> tuple[Problem, Route]:
+            bounds=None, teachers=None) -> tuple[Problem, Route]:
     def prepare_and_route():
         problem = prepare()
         return problem, route(problem, mixture)
@@ -31,7 +31,7 @@ def _routed(spec: LossSpec, prepare, mixture: bool = False, check=check_values,
         from ..parallel.agree import agree
 
         def step():
-            return agree(spec.process_group, prepare_and_route, check)
+            return agree(spec.process_group, prepare_and_route, check, teachers)
     if spec.sequence_group is not None:  # around the vocabulary agreement: a rank it rejects is heard here too
         from ..parallel.sequence import agree_sequences
 
@@ -66,24 +66,26 @@ def mixture_loss(spec: LossSpec, linear: bool, base: dict, teachers: list[tuple[
     ``mixing_kind`` says what the host knows of the mixing, variants.py's ``_mixing_kind``), then their mixture
     (weigh.py: ``mix_terms``), then the weights and the reduction once, on the mixture."""
     make = build.linear if linear else build.materialized
-    others, routes = [], []
+    others, routes, plan = [], [], [None]
 
     def prepare():
         others[:] = [make(own, **data) for own, data in teachers]
         routes[:] = [route(other, mixture=True) for other in others]  # a teacher's form picks its pass
+        plan[0] = mixture_route(others, routes, mixing_kind)  # (before the agreement: it decides collectives)
         return make(spec, **base)
 
     def check(problem):  # inside the agreement (a rank whose teacher is rejected makes every rank raise): each
         # teacher on its own tokens (together: every valid token), with the call's shard; returns the flags
         return [check_values(one.replace(shard=problem.shard)) for one in others]
 
-    problem, _ = _routed(spec, prepare, mixture=True, check=check, bounds=base.get("sequence_bounds"))
+    problem, _ = _routed(spec, prepare, mixture=True, check=check, bounds=base.get("sequence_bounds"),
+                         teachers=lambda: (others, routes, plan[0]))
     if not problem.spec.groups:
         check(problem)
     seq = sequences(problem)
     local = [other.replace(shard=problem.shard, sequences=problem.sequences) for other in others]
 
-    terms = mixture_terms(local, routes, mixture_route(local, routes, mixing_kind))
+    terms = mixture_terms(local, routes, plan[0])
     return weigh_and_reduce(problem, mix_terms(terms, mixing, [other.batch.valid for other in others]), seq)
 
 

@@ -20,7 +20,7 @@ _DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # What every rank's row of the table holds after its two outcome flags, by name (the error messages use them).
 FACTS = ("local vocabulary", "teacher's local vocabulary", "leading dimensions", "leading size 0", "leading size 1",
          "top-k K", "student dtype",
-         "teacher dtype", "requires_grad", "route", "options", "mask and tokens")
+         "teacher dtype", "requires_grad", "route", "options", "teachers", "mask and tokens")
 
 
 def _dist():
@@ -73,7 +73,7 @@ def _facts(problem: Problem, route) -> dict[str, int]:
             "teacher dtype": 0 if t_tensor is None else _DTYPES.index(t_tensor.dtype),
             # whether the torch pass runs the copy's backward in forward
             "requires_grad": int(grad and torch.is_grad_enabled()),
-            "route": _crc(route.key), "options": _crc(options), "mask and tokens": 0}
+            "route": _crc(route.key), "options": _crc(options), "teachers": 0, "mask and tokens": 0}
 
 
 def _checksum(problem: Problem) -> torch.Tensor:
@@ -97,16 +97,30 @@ def _checksum(problem: Problem) -> torch.Tensor:
     return digest
 
 
-def agree(process_group, prepare, check_values):
+def _teachers_fact(teachers) -> tuple[int, torch.Tensor | int]:
+    """Several teachers (``teachers()`` -> their problems, routes and MixturePlan): each teacher's facts and the
+    plan, which decide the collectives of the call's passes, as one integer; and the digest of their masks and
+    top-k ids (device ops)."""
+    problems, routes, plan = teachers()
+    facts = [tuple(_facts(problem, own).values()) for problem, own in zip(problems, routes, strict=True)]
+    digest = sum(_checksum(problem) * (k + 2) for k, problem in enumerate(problems))
+    return _crc((facts, None if plan is None else plan.groups)), digest
+
+
+def agree(process_group, prepare, check_values, teachers=None):
     """Validate on every rank, then agree. ``prepare()`` -> (problem, route); ``check_values(problem)`` the value
-    checks (after the shard is set, for the global vocabulary). Returns (problem with its ``shard``, route)."""
+    checks (after the shard is set, for the global vocabulary); ``teachers()`` (several teachers, after
+    ``prepare``): their problems, routes and plan, every one of which the ranks must share too. Returns (problem
+    with its ``shard``, route)."""
     dist = _dist()
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group needs torch.distributed initialized (init_process_group)")
-    error, values_error, problem, route, facts = None, None, None, None, dict.fromkeys(FACTS, 0)
+    error, values_error, problem, route, facts, digest = None, None, None, None, dict.fromkeys(FACTS, 0), 0
     try:
         problem, route = prepare()
         facts = _facts(problem, route)
+        if teachers is not None:
+            facts["teachers"], digest = _teachers_fact(teachers)
         problem = problem.replace(shard=VocabShard(process_group, facts["local vocabulary"]))
     except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
         error = e
@@ -118,7 +132,7 @@ def agree(process_group, prepare, check_values):
     mine = torch.tensor([int(error is None), int(values_error is None), *facts.values()], dtype=torch.int64,
                         device=_device(process_group, None if problem is None else problem.device))
     if error is None:
-        mine[-1] = _checksum(problem).to(mine.device)  # device ops: read with the table, no extra sync
+        mine[-1] = (_checksum(problem) + digest).to(mine.device)  # device ops: read with the table, no extra sync
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, mine, group=process_group)
     table = torch.stack(gathered).cpu().tolist()  # the one host sync of a vocabulary-parallel call

@@ -1,0 +1,87 @@
+"""Several logits teachers on vocabulary shards (wpkl.multi_teacher_loss with ``process_group``, reverse or forward
+KL): each rank's kernels read its slice of the student once per group of up to MAX_TEACHERS teachers
+(kernels/token_mixture.py), and one ``merge_kernel_stats`` call (two all-reduces, whatever the number of teachers)
+makes every teacher's statistics the whole vocabulary's; the backward kernels then need no collective.
+
+    forward(student [B, T, V_local], teachers [K of [B, T, V_local]], valids [K, B, T], spec) -> loss [K, B, T],
+            stats [K, 4, B, T], saved
+    backward(saved, coef [K, B, T], out [B, T, V_local])
+
+The collectives depend only on what every rank agreed (wpkl/parallel/agree.py: the teachers, their routes and
+the plan): how a rank splits its teachers into kernel launches (by dtype and element grid, local facts of its
+tensors) changes no collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import common
+from ..backends.common import kernels
+from ..backends.triton_mixture import TritonMixturePass, element_grid, max_teachers
+from ..backends.triton_pass import TritonPass
+from ..spec import LossSpec
+from .merge import merge_kernel_stats
+
+
+def launches(teachers, spec: LossSpec) -> list[tuple[int, ...]]:
+    """The teachers' indices each kernel launch takes: teachers of one dtype and element grid, up to the
+    mixture kernel's slots (a launch of one runs the single-teacher kernel)."""
+    keys: dict[tuple, list[int]] = {}
+    for k, teacher in enumerate(teachers):
+        keys.setdefault((teacher.dtype, element_grid(teacher)), []).append(k)
+    size = max_teachers(spec)
+    return [tuple(members[i: i + size]) for members in keys.values() for i in range(0, len(members), size)]
+
+
+@dataclass
+class ShardedMixtureSaved:
+    parts: list  # (the launch's teacher indices, its pass's saved state with the merged statistics)
+    student: torch.Tensor  # (for the backward's buffer)
+
+
+class ShardedMixturePass:
+    """The mixture passes' contract (wpkl/backends/triton_mixture.py) on this rank's vocabulary slice."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def forward(self, student, teachers, valids, spec: LossSpec):
+        k = kernels()
+        B, T, _ = student.shape
+        K, N = len(teachers), B * T
+        stats = common.new_buffer(K, k.NUM_STATS, N, dtype=torch.float32, device=student.device)
+        parts = []
+        for members in launches(teachers, spec):
+            index = list(members)
+            if len(members) == 1:
+                _, _, saved = TritonPass.forward(student, teachers[index[0]], valids[index[0]], None, None, None, spec)
+                stats[index[0]] = saved.stats
+            else:
+                _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], spec)
+                stats[index] = saved.stats
+            parts.append((index, saved))
+        # every teacher's statistics in one merge: [NUM_STATS, K * N], teacher-major within each row
+        flat = stats.transpose(0, 1).reshape(k.NUM_STATS, K * N)
+        loss = merge_kernel_stats(flat, valids.reshape(K * N), spec.exact_divergence, spec.temperature, self.shard)
+        merged = flat.view(k.NUM_STATS, K, N).transpose(0, 1)
+        for index, saved in parts:  # what each launch's backward kernel reads: the whole vocabulary's statistics
+            saved.stats.copy_(merged[index[0]] if len(index) == 1 else merged[index])
+        public = merged[:, : k.NUM_PUBLIC_STATS].reshape(K, k.NUM_PUBLIC_STATS, B, T)
+        return loss.view(K, B, T), public, ShardedMixtureSaved(parts, student)
+
+    @staticmethod
+    def backward(saved: ShardedMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The launches' gradients summed into ``out`` (the first launch writes it; a second one, teachers of
+        another dtype or past the kernel's slots, writes a buffer added to it)."""
+        for n, (index, part) in enumerate(saved.parts):
+            target = out if n == 0 else torch.empty_like(out)
+            if len(index) == 1:
+                TritonPass.backward(part, coef[index[0]], target)
+            else:
+                TritonMixturePass.backward(part, coef[index], target)
+            if n > 0:
+                out.add_(target)
+        return out
