@@ -52,15 +52,22 @@ def test_everything_compiles_for_sm80_and_sm90(report):
     vocabulary = [r for r in rows if r["kernel"] in ("fwd", "bwd")]
     assert {r["divergence"] for r in vocabulary} == {"reverse_kl", "forward_kl", "jsd", "sampled"}
     assert {r["dtype"] for r in vocabulary} == {"float32", "bfloat16", "float16"}
-    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd"}
+    assert {r["kernel"] for r in rows} == {"fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd",
+                                           "mixture_atoms"}
     # Several teachers' pass (kernels/token_mixture.py): every divergence, every logits dtype, two and four teachers
-    # (jsd: two).
-    mixture = [r for r in rows if r["kernel"].startswith("mixture")]
-    assert {(r["divergence"], r["dtype"], r["variant"]) for r in mixture} == {
-        (d, t, f"K={k}") for d in ("reverse_kl", "forward_kl", "jsd") for t in ("float32", "bfloat16", "float16")
-        for k in ((2,) if d == "jsd" else (2, 4))}
+    # (jsd: two), and one with top-k teachers, whose backward adds their dense part ("dense") at every count.
+    mixture = [r for r in rows if r["kernel"] in ("mixture_fwd", "mixture_bwd")]
+    dtypes = ("float32", "bfloat16", "float16")
+    assert {(r["kernel"], r["divergence"], r["dtype"], r["variant"]) for r in mixture} == {
+        (kernel, d, t, f"K={k}{form}") for d in ("reverse_kl", "forward_kl", "jsd") for t in dtypes
+        for kernel, forms in (("mixture_fwd", ("",)), ("mixture_bwd", ("", " dense")))
+        for form in forms for k in (((1,) if form or kernel == "mixture_fwd" else ()) + ((2,) if d == "jsd" else (2, 4)))}
+    # With top-k teachers, their merged atoms' whole gradient (kernels/token_mixture_bwd.py's atoms kernel).
+    assert {(r["divergence"], r["dtype"], r["variant"]) for r in rows if r["kernel"] == "mixture_atoms"} == {
+        (d, t, f"K={k} A={a}") for d in ("reverse_kl", "forward_kl", "jsd") for t in dtypes
+        for k, a in (((1, 100), (2, 100), (2, 256)) if d == "jsd" else ((1, 100), (2, 100), (4, 100), (4, 256)))}
     # The top-k teacher's atom fix-up (kernels/token_topk.py), in every gradient dtype.
-    assert {r["dtype"] for r in rows if r["kernel"] == "topk"} == {"float32", "bfloat16", "float16"}
+    assert {r["dtype"] for r in rows if r["kernel"] == "topk"} == set(dtypes)
     # The weights kernel (kernels/token_weights.py): every reduction, every option on, [B, T] and packed layouts.
     assert {r["divergence"] for r in rows if r["kernel"] == "weights"} == {"mean", "sum", "seq_mean", "none"}
     assert all(r["registers"] > 0 for r in rows)
@@ -93,6 +100,18 @@ def test_targets_for_bf16_on_sm90(report):
     fwd, bwd = (_find(rows, f"mixture_{k}", "jsd", variant="K=2") for k in ("fwd", "bwd"))
     assert [loop["per_element"] <= limit for loop, limit in zip(fwd["loops"], (40, 64), strict=True)] == [True] * 2
     assert bwd["loops"][0]["per_element"] <= 44 and fwd["ctas_per_sm"] >= 2
+    # With top-k teachers: their dense part costs one instruction per element; one logits teacher with them
+    # within a single-teacher pass's targets.
+    for divergence, group, limit in (("reverse_kl", 4, 41), ("forward_kl", 4, 41), ("jsd", 2, 45)):
+        dense = _find(rows, "mixture_bwd", divergence, variant=f"K={group} dense")
+        assert dense["loops"][0]["per_element"] <= limit and dense["spill_bytes"] == 0
+    for divergence, fwd_limits, bwd_limit in (("reverse_kl", (32,), 24), ("forward_kl", (32,), 24),
+                                              ("jsd", (32, 40), 40)):
+        fwd = _find(rows, "mixture_fwd", divergence, variant="K=1")
+        bwd = _find(rows, "mixture_bwd", divergence, variant="K=1 dense")
+        assert [loop["per_element"] <= limit for loop, limit in zip(fwd["loops"], fwd_limits, strict=True)] == \
+            [True] * len(fwd_limits)
+        assert bwd["loops"][0]["per_element"] <= bwd_limit
 
 
 def test_no_spills_and_no_barriers_or_shuffles_in_vocabulary_loops(report):
@@ -173,12 +192,15 @@ def test_mixture_gates():
 
     assert gate_failures([row("mixture_fwd", "jsd", "K=2", (40, 64)), row("mixture_bwd", "jsd", "K=2", (44,)),
                           row("mixture_fwd", "reverse_kl", "K=4", (80,)), row("mixture_bwd", "forward_kl", "K=4", (40,)),
+                          row("mixture_bwd", "forward_kl", "K=4 dense", (41,)), row("mixture_fwd", "jsd", "K=1", (32, 40)),
                           row("mixture_fwd", "reverse_kl", "K=2", (500,))]) == []
     failures = "\n".join(gate_failures([row("mixture_fwd", "jsd", "K=2", (40, 65)),
                                         row("mixture_fwd", "jsd", "K=2", (40,), ctas=1),
-                                        row("mixture_bwd", "reverse_kl", "K=4", (41,))]))
+                                        row("mixture_bwd", "reverse_kl", "K=4", (41,)),
+                                        row("mixture_bwd", "jsd", "K=1 dense", (41,))]))
     for expected in ("loop 1 takes 65 instructions per element, target 64", "1 vocabulary loops, expected 2",
-                     "allow 1 CTAs per SM", "loop 0 takes 41 instructions per element, target 40"):
+                     "allow 1 CTAs per SM", "loop 0 takes 41 instructions per element, target 40",
+                     "mixture_bwd jsd_K=1_dense bfloat16 V=128256 sm_90: loop 0 takes 41 instructions"):
         assert expected in failures
 
 

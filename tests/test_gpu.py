@@ -164,7 +164,7 @@ def test_top_k_teacher_bf16(mode):
 
 
 @pytest.mark.parametrize("divergence,K", [("reverse_kl", 2), ("forward_kl", 4), ("jsd", 3), ("sampled", 3),
-                                          ("top-k", 3)])
+                                          ("top-k", 3), ("logits+top-k", 3)])
 def test_several_teachers_share_passes_bf16(divergence, K):
     """wpkl.multi_teacher_loss on the shared passes (kernels/token_mixture.py and token_mixture_bwd.py, the
     sampled-token and top-k passes: wpkl/engine/mixture.py), compiled, at a realistic vocabulary: checked rows
@@ -177,11 +177,13 @@ def test_several_teachers_share_passes_bf16(divergence, K):
     mask = torch.rand(N, device="cuda") < 0.9
     upstream = torch.randn(N, device="cuda")
     mixing = [0.1 + 0.2 * k for k in range(K)]
-    if divergence == "top-k":
+    if divergence in ("top-k", "logits+top-k"):  # (logits+top-k: the first teacher's logits beside two top-k)
         given = []
         for t in teachers:
             values, ids = torch.log_softmax(t.float(), -1).topk(64, -1)
             given.append(dict(teacher_topk_ids=ids, teacher_topk_logprobs=values))
+        if divergence == "logits+top-k":
+            given[0] = teachers[0]
         options = dict(divergence="forward_kl", topk_mode="tail")
     else:
         given = list(teachers)

@@ -236,17 +236,20 @@ def test_no_host_sync_with_a_top_k_teacher(syncs, weighting, reduction):
     assert syncs == [], Counter(syncs)
 
 
-@pytest.mark.parametrize("mixing", ["numbers", "soft tensor"])
+@pytest.mark.parametrize("mixing", ["numbers", "soft tensor", "with a logits teacher"])
 def test_no_host_sync_with_several_top_k_teachers(syncs, mixing):
     """Three top-k teachers sharing one pass (wpkl/backends/triton_topk.py: TritonTopKMixturePass), their lists
-    overlapping: the merge of their atoms stays on the device."""
-    student, _, mask = _inputs()
+    overlapping: the merge of their atoms stays on the device; so does the pass they share with a logits teacher
+    (wpkl/backends/triton_logits_topk.py)."""
+    student, teacher, mask = _inputs()
     teachers = []
     for k in range(3):
         ids = torch.stack([torch.randperm(6)[:4] for _ in range(10)]).view(2, 5, 4)  # (ids < 6: overlaps)
         ids[k % 2, 1, 3] = -1
         teachers.append(dict(teacher_topk_ids=ids, teacher_topk_logprobs=-torch.rand(2, 5, 4) * 3))
     weights = [0.2, 0.3, 0.5] if mixing == "numbers" else torch.rand(3, 2, 5)
+    if mixing == "with a logits teacher":
+        teachers[0] = teacher
     loss = wpkl.multi_teacher_loss(student, teachers=teachers, mixing=weights, mask=mask,
                                    weighting=wpkl.Weighting(accumulated=0.5), backend="triton")
     loss.sum().backward()

@@ -31,7 +31,7 @@ def _teachers(g, student64, K, strided=True):
     V = student64.shape[-1]
     out = []
     for k in range(K):
-        noise = (0.3, 1.5, 3.0, 0.8)[k] * torch.randn(B, T + 1, V + 3, generator=g, dtype=torch.float64)
+        noise = (0.3, 1.5, 3.0, 0.8)[k % 4] * torch.randn(B, T + 1, V + 3, generator=g, dtype=torch.float64)
         base = torch.nn.functional.pad(student64.nan_to_num(neginf=0.0), (0, 3))  # (the -inf set below)
         full = torch.cat([base, base[:, :1]], 1) + noise  # [B, T + 1, V + 3]
         if k == 1 and strided:
@@ -276,9 +276,12 @@ def test_the_route_says_so():
     assert mixture_route(problems, [own] * 6, "device").groups == plan.groups  # the same bytes: shared
     topk = [build.materialized(spec, student, None, teacher_topk_ids=torch.randint(0, 11, (B, T, 3)),
                                teacher_topk_logprobs=-torch.rand(B, T, 3)) for _ in range(5)]
-    for mixing in ("dense", "routing", "device"):  # top-k teachers: any number in one pass, under every mixing
-        plan = mixture_route(problems[:1] + topk, [own] * 6, mixing)
-        assert plan.groups == (("top-k", (1, 2, 3, 4, 5)),) and "6 teachers in 2 passes" in str(plan.route)
+    for mixing in ("dense", "routing", "device"):  # top-k teachers: any number in one pass, under every mixing,
+        plan = mixture_route(problems[:1] + topk, [own] * 6, mixing)  # with the logits teachers but for a routing
+        if mixing == "routing":
+            assert plan.groups == (("top-k", (1, 2, 3, 4, 5)),) and "6 teachers in 2 passes" in str(plan.route)
+        else:
+            assert plan.groups == (("logits+top-k", (0, 1, 2, 3, 4, 5)),) and "6 teachers in 1 pass" in str(plan.route)
     owns = [build.materialized(LossSpec(backend="triton", temperature=0.5), student, torch.randn(B, T, 11))
             for _ in range(2)]  # teachers of another specification share with each other, not with the rest
     assert mixture_route(owns + problems[:2], [own] * 4).groups == (("logits", (0, 1)), ("logits", (2, 3)))

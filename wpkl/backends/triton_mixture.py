@@ -116,21 +116,40 @@ def forward_launch(student, teachers, valid, loss, stats, div_id, temperature, b
     return (B * T,), args, meta
 
 
-def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature, beta=0.5):
-    """(grid, args, meta) of the backward kernel: one program per (token, split of the vocabulary)."""
+def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature, beta=0.5, dense=None):
+    """(grid, args, meta) of the backward kernel: one program per (token, split of the vocabulary). ``dense``:
+    a [N] fp32 multiplier M whose p_j M / T is added (top-k teachers' dense part), or None."""
     B, T, V = student.shape
     config = _config(student, teachers)
     student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
     grad_base, grad_shift = aligned_base(grad)
     student_rows, grad_rows = _rows(student, student_shift), _rows(grad, grad_shift)
-    args = (student_base, *pointers, valid, grad_loss, stats, grad_base, student_shift, grad_shift,
+    args = (student_base, *pointers, valid, grad_loss, grad_loss if dense is None else dense, stats, grad_base,
+            student_shift, grad_shift,
             student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, B * T, len(teachers),
             LOG2E / temperature, 1.0 / temperature, float(beta))
     grid = (B * T, backward_splits(B * T, V, config.block_v))
     meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec,
                 TEACHER_ALIGNED=aligned, GRAD_ALIGNED=co_aligned(student_rows, grad_rows, (B, T), config.vec),
-                PRECISE_LOG2=_precise_log2(student, div_id), num_warps=config.num_warps)
+                PRECISE_LOG2=_precise_log2(student, div_id), DENSE=dense is not None, num_warps=config.num_warps)
     return grid, args, meta
+
+
+def atoms_launch(student, teachers, valid, grad_loss, dense, stats, ids, atom_grad, rows, grad, div_id, temperature,
+                 beta=0.5):
+    """(grid, args, meta) of kernels/token_mixture_bwd.py's atoms kernel (the logits and top-k teachers' pass):
+    one program per token, the [N, A] atoms (A at most MAX_ATOM_BLOCK) in one block, one warp."""
+    B, T, V = student.shape
+    config = _config(student, teachers)
+    student_base, student_shift, pointers, columns, _ = _located(student, teachers, config.vec)
+    grad_base, grad_shift = aligned_base(grad)
+    N, A = ids.shape
+    args = (student_base, *pointers, valid, grad_loss, dense, stats, ids, atom_grad, rows, grad_base, student_shift,
+            grad_shift, student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, N,
+            len(teachers), A, LOG2E / temperature, 1.0 / temperature, float(beta))
+    meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_A=1 << max(0, (A - 1).bit_length()),
+                PRECISE_LOG2=_precise_log2(student, div_id), num_warps=1)
+    return (N,), args, meta
 
 
 class TritonMixturePass:
@@ -152,12 +171,13 @@ class TritonMixturePass:
         return loss.view(K, B, T), public, saved
 
     @staticmethod
-    def backward(saved: MixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def backward(saved: MixtureSaved, coef: torch.Tensor, out: torch.Tensor, dense=None) -> torch.Tensor:
+        """``dense``: [N] fp32, p_j dense_i / T added to every element (``backward_launch``)."""
         B, T, V = saved.student.shape
         K, N = len(saved.teachers), B * T
         if N > 0:
             coef = coef.reshape(K, N).to(torch.float32).contiguous()
             grid, args, meta = backward_launch(saved.student, saved.teachers, saved.valid, coef, saved.stats, out,
-                                               saved.div_id, saved.spec.temperature, saved.spec.beta)
+                                               saved.div_id, saved.spec.temperature, saved.spec.beta, dense)
             launch(kernels().token_mixture_bwd_kernel, grid, args, meta)
         return out

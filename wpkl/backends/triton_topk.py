@@ -136,11 +136,7 @@ def dense_and_atoms(saved: TritonSaved, coef: torch.Tensor, out: torch.Tensor) -
     if N == 0 or K == 0:
         return out
     coef = coef.reshape(N).to(torch.float32).contiguous()
-    atoms = saved.topk
-    for first in range(0, K, MAX_ATOM_BLOCK):  # (distinct ids: the blocks write disjoint columns)
-        cols = slice(first, first + MAX_ATOM_BLOCK)
-        ids, a, x = ((t if K <= MAX_ATOM_BLOCK else t[:, cols].contiguous()) for t in (atoms.ids, atoms.atom_grad,
-                                                                                         atoms.x))
+    for ids, a, x in atom_blocks(saved.topk):
         args = (ids, a, x, saved.stats, coef, saved.valid_bytes, out, N, ids.shape[1], T, V, out.stride(0),
                 out.stride(1), 1.0 / saved.spec.temperature)
         launch(kernels().topk_atoms_bwd_kernel, (N,), args, topk_atoms_meta(ids.shape[1]))
@@ -157,6 +153,27 @@ class TritonTopKPass:
 def topk_atoms_meta(K: int) -> dict:
     """The atoms' fix-up kernel's meta: one block of K (a power of two) per token, one warp."""
     return dict(BLOCK_K=1 << max(0, (K - 1).bit_length()), num_warps=1)
+
+
+def atom_blocks(atoms: TopKSaved):
+    """The fix-up launches' (ids, atom_grad, x), MAX_ATOM_BLOCK atom columns each (distinct ids: the blocks write
+    disjoint columns)."""
+    K = atoms.ids.shape[1]
+    for first in range(0, K, MAX_ATOM_BLOCK):
+        cols = slice(first, first + MAX_ATOM_BLOCK)
+        yield tuple(t if K <= MAX_ATOM_BLOCK else t[:, cols].contiguous() for t in (atoms.ids, atoms.atom_grad, atoms.x))
+
+
+def merged_atoms(atoms: list, valids: torch.Tensor, c: torch.Tensor) -> TopKSaved:
+    """Several teachers' atoms (``atoms``: their TopKSaved; ``valids`` [K, N] the rows each sees; ``c`` [K, N]
+    their coefficients, 0 where unseen) as one list of distinct ids per row holding sum_k c_k A_k
+    (``merge_atoms``)."""
+    seen = valids[:, :, None]
+    ids = torch.cat([torch.where(seen[k], a.ids, -1) for k, a in enumerate(atoms)], dim=1)
+    a = torch.cat([torch.where(seen[k], c[k, :, None] * a.atom_grad, 0.0) for k, a in enumerate(atoms)], dim=1)
+    x = torch.cat([a.x for a in atoms], dim=1)
+    ids, a, x = merge_atoms(ids, a, x)
+    return TopKSaved(ids.contiguous(), x.contiguous(), a.contiguous())
 
 
 def merge_atoms(ids: torch.Tensor, a: torch.Tensor, x: torch.Tensor):
@@ -214,13 +231,6 @@ class TritonTopKMixturePass:
         c = torch.where(saved.valids, coef.reshape(K, N).to(torch.float32), 0.0)
         stats = saved.stats.clone()
         stats[_stat("STAT_AUX")] = -(c * saved.lams).sum(0)  # -sum_k c_k Lambda_k: the dense part's multiplier
-        seen = saved.valids[:, :, None]
-        ids = torch.cat([torch.where(seen[k], a.ids, -1) for k, a in enumerate(saved.atoms)], dim=1)
-        a = torch.cat([torch.where(seen[k], c[k, :, None] * a.atom_grad, 0.0) for k, a in enumerate(saved.atoms)],
-                      dim=1)
-        x = torch.cat([a.x for a in saved.atoms], dim=1)
-        ids, a, x = merge_atoms(ids, a, x)
         one = TritonSaved(saved.student, None, saved.valid_bytes, _no_token(N, out.device), stats,
-                          divergence_id("sampled"), saved.spec, TopKSaved(ids.contiguous(), x.contiguous(),
-                                                                           a.contiguous()))
+                          divergence_id("sampled"), saved.spec, merged_atoms(saved.atoms, saved.valids, c))
         return dense_and_atoms(one, saved.valid_bytes.to(torch.float32).view(B, T), out)

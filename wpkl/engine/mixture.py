@@ -7,6 +7,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
     "top-k"    MixtureAdapter, TritonTopKMixturePass (wpkl/backends/triton_topk.py), any number
     "sampled"  MixtureAdapter, TritonSampledMixturePass (wpkl/backends/triton_sampled.py): logits and log q(y)
                teachers of the sampled-token loss, any number
+    "logits+top-k"  MixtureAdapter, TritonLogitsTopKPass (wpkl/backends/triton_logits_topk.py): a launch of logits
+               teachers and every top-k teacher of their specification
     "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
                shards, any number, one merge of their statistics
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
@@ -24,6 +26,7 @@ import dataclasses
 import torch
 
 from ..backends.projection import projection_dtype
+from ..backends.triton_logits_topk import TritonLogitsTopKPass
 from ..backends.triton_mixture import TritonMixturePass
 from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
@@ -47,6 +50,12 @@ def _top_k(tensors, rows=None):
     return [TopK(_rows_of(i, rows), _rows_of(q, rows)) for i, q in pairs]
 
 
+def _logits_and_top_k(tensors):
+    """Logits teachers (floating tensors), then top-k teachers from their (ids, log q) tensors."""
+    first = next((i for i, t in enumerate(tensors) if not t.is_floating_point()), len(tensors))
+    return list(tensors[:first]) + _top_k(tensors[first:])
+
+
 def _sampled(tensors, rows=None):
     """SampledTeacher teachers from (tokens, rollout log p(y) or None, then each teacher's logits or log q(y))."""
     tokens, rollout, *teachers = (_rows_of(x, rows) for x in tensors)
@@ -58,7 +67,8 @@ def _sampled(tensors, rows=None):
 # tensors are the teachers' logits). The student-only forms project only the student's chunk (fused-linear).
 # "shards": a pass built on the call's vocabulary shard.
 _FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
-          "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None)}
+          "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None),
+          "logits+top-k": (TritonLogitsTopKPass, _logits_and_top_k)}
 
 
 class MixtureAdapter:

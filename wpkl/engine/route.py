@@ -187,7 +187,9 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL (MAX_JSD_TEACHERS with jsd)
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
     (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
-    (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; on vocabulary shards, the
+    (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; top-k teachers beside logits
+    teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py: one
+    student read for both forms); on vocabulary shards, the
     logits teachers with reverse or forward KL, any number, their statistics merged at once
     (wpkl/parallel/shard_mixture.py). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides
     the collectives.
@@ -208,8 +210,18 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
         if form is not None:
             forms.setdefault(form, []).append(k)
     groups = []
+    for form, members in list(forms.items()):
+        # top-k teachers with logits teachers of their specification: one pass for the first launch of those
+        # (wpkl/backends/triton_logits_topk.py)
+        logits = next((key for key in forms if key[0] == "logits" and key[1] == form[1]), None)
+        if form[0] == "top-k" and logits is not None:
+            size = max_teachers(form[1])
+            groups.append(("logits+top-k", tuple(forms[logits][:size]) + tuple(members)))
+            forms[logits], forms[form] = forms[logits][size:], []
     for form, members in forms.items():
         size = len(members) if form[0] in ("top-k", "sampled", "shards") else max_teachers(form[1])
+        if not members:
+            continue
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
                    if len(members[i: i + size]) > 1]
     if not groups:

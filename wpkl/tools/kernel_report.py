@@ -59,11 +59,17 @@ TARGET_INSTRUCTIONS = {  # (kernel, divergence, loop index) -> max SASS instruct
 }
 TARGET_FORWARD_CTAS = 3
 # Several teachers' pass (kernels/token_mixture.py, token_mixture_bwd.py), per element of the student row in each
-# vocabulary loop, (kernel, jsd) -> (the group gated, its loops' limits): K = 4 under reverse or forward KL
-# against 4 x 32 and 4 x 24 for four single-teacher passes (its forward holds K + 1 vectors per thread); jsd's
-# K = 2 (its largest group) against 2 x (20 + 32) and 2 x 22 for two single-teacher passes.
-TARGET_MIXTURE_INSTRUCTIONS = {("mixture_fwd", False): ("K=4", (80,)), ("mixture_bwd", False): ("K=4", (40,)),
-                               ("mixture_fwd", True): ("K=2", (40, 64)), ("mixture_bwd", True): ("K=2", (44,))}
+# vocabulary loop, (kernel, jsd, variant) -> its loops' limits: K = 4 under reverse or forward KL against 4 x 32
+# and 4 x 24 for four single-teacher passes (its forward holds K + 1 vectors per thread); jsd's K = 2 (its largest
+# group) against 2 x (20 + 32) and 2 x 22 for two single-teacher passes. With top-k teachers ("dense": their
+# dense part added, wpkl/backends/triton_logits_topk.py) one more instruction; one logits teacher with them
+# within the single-teacher pass's targets, where the separate passes add a top-k student pass and its backward.
+TARGET_MIXTURE_INSTRUCTIONS = {
+    ("mixture_fwd", False, "K=4"): (80,), ("mixture_bwd", False, "K=4"): (40,),
+    ("mixture_bwd", False, "K=4 dense"): (41,), ("mixture_fwd", False, "K=1"): (32,),
+    ("mixture_bwd", False, "K=1 dense"): (24,),
+    ("mixture_fwd", True, "K=2"): (40, 64), ("mixture_bwd", True, "K=2"): (44,), ("mixture_bwd", True, "K=2 dense"): (45,),
+    ("mixture_fwd", True, "K=1"): (32, 40), ("mixture_bwd", True, "K=1 dense"): (40,)}
 TARGET_MIXTURE_CTAS = 2
 LOADS_16B_VOCABS = (32000, 128256, 151665, 151936, 262144)
 
@@ -124,13 +130,14 @@ def compile_job(job: Job) -> Row:
     usage = resources(cubin)
     sass = cuobjdump(cubin, "-sass")
     registers, shared = usage.get("REG", -1), usage.get("SHARED", -1)
-    block_v = constexprs.get("BLOCK_V", constexprs.get("BLOCK", constexprs.get("BLOCK_K")))
+    block_v = next((constexprs[k] for k in ("BLOCK_V", "BLOCK", "BLOCK_K", "BLOCK_A") if k in constexprs), None)
     return Row(
         kernel=job.kernel, divergence=job.divergence, variant=job.variant, dtype=job.dtype, block_v=block_v,
         num_warps=num_warps, arch=job.arch, vocabs=" ".join(map(str, job.vocabs)), registers=registers,
         shared_bytes=shared, local_bytes=usage.get("LOCAL", -1), stack_bytes=usage.get("STACK", -1),
         ctas_per_sm=ctas_per_sm(registers, num_warps, shared, job.arch),
-        loops=[] if job.kernel in ("weights", "topk") else vocabulary_loops(sass, max(1, block_v // (32 * num_warps))),
+        loops=[] if job.kernel in ("weights", "topk", "mixture_atoms") else
+        vocabulary_loops(sass, max(1, block_v // (32 * num_warps))),
         sass=sass,
     )
 
@@ -159,7 +166,8 @@ def gate_failures(rows: list[Row]) -> list[str]:
         where = f"{r.kernel} {r.name} {r.dtype} V={r.vocabs} sm_{r.arch}"
         if r.spills:
             failures.append(f"{where}: spills {r.spills} bytes")
-        if r.kernel in ("weights", "topk"):  # [N] or [N, K] vectors, no vocabulary loop: no spills is the gate
+        if r.kernel in ("weights", "topk", "mixture_atoms"):  # [N] or [N, K] vectors, no vocabulary loop: no spills
+            # is the gate
             continue
         vocabs = {int(v) for v in r.vocabs.split()}
         if not r.loops and min(vocabs) >= r.block_v:  # (V = 1 is a constant: its compiled loop runs 0 times)
@@ -172,8 +180,8 @@ def gate_failures(rows: list[Row]) -> list[str]:
         if (r.dtype, r.arch) != ("bfloat16", 90) or TARGET_VOCAB not in vocabs:
             continue
         if r.kernel.startswith("mixture"):
-            variant, limits = TARGET_MIXTURE_INSTRUCTIONS[r.kernel, r.divergence == "jsd"]
-            if r.variant != variant:
+            limits = TARGET_MIXTURE_INSTRUCTIONS.get((r.kernel, r.divergence == "jsd", r.variant))
+            if limits is None:
                 continue
             if len(r.loops) != len(limits):
                 failures.append(f"{where}: {len(r.loops)} vocabulary loops, expected {len(limits)}")

@@ -16,12 +16,26 @@ TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
 MIXTURE_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 MIXTURE_TEACHERS, MIXTURE_VOCAB = (2, 4), 128256  # two teachers (KB = 2), and the largest group (KB = 4: 3 or 4)
 MIXTURE_JSD_TEACHERS = (2,)  # jsd's groups hold two (wpkl/backends/triton_mixture.py: MAX_JSD_TEACHERS)
+# With top-k teachers (wpkl/backends/triton_logits_topk.py) the logits launch may hold one teacher, and its
+# backward adds their dense part ("dense"); their atoms' fix-up then adds to the gradient ("accumulate").
+
+
+def mixture_variants(kernel: str, divergence: str) -> list[str]:
+    """The teacher counts (KB) and backward forms of the mixture kernels' launches."""
+    counts = MIXTURE_JSD_TEACHERS if divergence == "jsd" else MIXTURE_TEACHERS
+    if kernel == "mixture_fwd":
+        return [f"K={k}" for k in (1, *counts)]
+    if kernel == "mixture_atoms":  # the top-k teachers' merged atoms: a block that is masked, and the largest
+        from wpkl.backends.triton_topk import MAX_ATOM_BLOCK
+
+        return [f"K={k} A={TOPK_SIZES[-1]}" for k in (1, *counts)] + [f"K={counts[-1]} A={MAX_ATOM_BLOCK}"]
+    return [f"K={k}" for k in counts] + [f"K={k} dense" for k in (1, *counts)]
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd", "bwd", "weights", "topk", "mixture_fwd" or "mixture_bwd"
+    kernel: str  # "fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd" or "mixture_atoms"
     divergence: str  # the weights kernel: its reduction
     dtype: str
     vocabs: tuple[int, ...]  # representative V values sharing this specialization; the first is compiled
@@ -68,7 +82,7 @@ def launch(job: Job):
             rollout_logprobs=f32(N), num_items_in_batch=f32(1) if job.divergence == "mean" else None)
         return kernels.token_weights_kernel, args, meta
     if job.kernel == "topk":  # the top-k teacher's atom fix-up (kernels/token_topk.py): K in ``variant``
-        K = int(job.variant.removeprefix("K="))
+        K = int(job.variant.split()[0].removeprefix("K="))
         N = B * T
         f32 = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
         grad = meta_tensor(B, T, job.vocabs[0])
@@ -79,14 +93,23 @@ def launch(job: Job):
     if job.kernel.startswith("mixture"):  # several teachers' logits in one pass (kernels/token_mixture.py)
         from wpkl.backends.triton_mixture import backward_launch as mixture_bwd, forward_launch as mixture_fwd
 
-        K = int(job.variant.removeprefix("K="))
+        K = int(job.variant.split()[0].removeprefix("K="))
         teachers = [meta_tensor(B, T, job.vocabs[0]) for _ in range(K)]
         f32 = lambda *shape, dt=torch.float32: torch.empty(*shape, dtype=dt, device="meta")  # noqa: E731
         valid, per_token, stats = f32(K, B * T, dt=torch.int8), f32(K, B * T), f32(K, kernels.NUM_STATS, B * T)
         if job.kernel == "mixture_fwd":
             _, args, meta = mixture_fwd(student, teachers, valid, per_token, stats, div_id, 1.0)
             return kernels.token_mixture_fwd_kernel, args, meta
-        _, args, meta = mixture_bwd(student, teachers, valid, per_token, stats, student, div_id, 1.0)
+        if job.kernel == "mixture_atoms":
+            from wpkl.backends.triton_mixture import atoms_launch
+
+            A = int(job.variant.split()[1].removeprefix("A="))
+            _, args, meta = atoms_launch(student, teachers, valid, per_token, f32(B * T), stats,
+                                         f32(B * T, A, dt=torch.int64), f32(B * T, A), f32(B * T, dt=torch.int8),
+                                         student, div_id, 1.0)
+            return kernels.token_mixture_atoms_kernel, args, meta
+        dense = f32(B * T) if "dense" in job.variant else None
+        _, args, meta = mixture_bwd(student, teachers, valid, per_token, stats, student, div_id, 1.0, dense=dense)
         return kernels.token_mixture_bwd_kernel, args, meta
     if job.kernel == "fwd":
         _, args, meta = forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
@@ -145,10 +168,10 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
         out += [Job("topk", "atoms", dtype, (151936,), arch, f"K={K}") for K in TOPK_SIZES for arch in archs]
         for vocabs in sorted(by_key.values(), key=max):
             if MIXTURE_VOCAB in vocabs:  # several teachers' pass, at the one vocabulary its gates name
-                out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, f"K={K}")
-                        for kernel in ("mixture_fwd", "mixture_bwd") for divergence in MIXTURE_DIVERGENCES
-                        for K in (MIXTURE_JSD_TEACHERS if divergence == "jsd" else MIXTURE_TEACHERS)
-                        for arch in archs]
+                out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, variant)
+                        for kernel in ("mixture_fwd", "mixture_bwd", "mixture_atoms")
+                        for divergence in MIXTURE_DIVERGENCES
+                        for variant in mixture_variants(kernel, divergence) for arch in archs]
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
                     # Only the sampled forward reads its teacher and behaviour log-probs in several ways.
