@@ -20,7 +20,9 @@ its first element from there and its two leading strides: four teachers' slots (
 two; unused slots repeat teacher 0 and are never read), turned once per program into [KB] element offsets from
 teacher 0's pointer, so that no table travels to the device (nothing is copied from the host). ``valid`` is
 [K, N]: teacher k reads token i's row only where valid[k, i] (its mixing
-weight is nonzero there); a token no teacher sees reads nothing and writes zeros.
+weight is nonzero there); a token no teacher sees reads nothing and writes zeros, unless ``rows`` [N] asks for
+the student's terms there (top-k teachers beside these: wpkl/backends/triton_logits_topk.py): then the student
+row alone is read, and its lse and entropy are written in teacher 0's slot.
 Memory per token: reads V * (bytes(student) + sum of the seeing teachers' bytes) forward (twice for jsd) and
 backward (the single-teacher kernels read the student row K times), writes V * bytes(student) backward.
 """
@@ -141,6 +143,7 @@ def token_mixture_fwd_kernel(
     teacher2_ptr,
     teacher3_ptr,
     valid_ptr,  # [K, N] int8: teacher k sees token i
+    rows_ptr,  # [N] int8: the student's terms are needed (in teacher 0's slot) even where no teacher sees it
     loss_ptr,  # [K, N] fp32 out
     stats_ptr,  # [K, NUM_STATS, N] fp32 out
     student_shift,
@@ -172,8 +175,10 @@ def token_mixture_fwd_kernel(
                                   stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
                                   row, T, KB)
     on = tl.load(valid_ptr + ks.to(tl.int64) * N + row, mask=in_k, other=0) != 0  # [KB]
-    is_valid = reduce_max(on.to(tl.int32), 0) != 0
-    row_v = tl.where(is_valid, V, 0)  # a token no teacher sees has no columns
+    need = (tl.load(rows_ptr + row).to(tl.int32) + tl.zeros([KB], tl.int32)) != 0  # ([KB]: the interpreter's masks)
+    student_on = on | ((ks == 0) & need)  # the slots holding the student's terms
+    is_valid = reduce_max(student_on.to(tl.int32), 0) != 0
+    row_v = tl.where(is_valid, V, 0)  # a token neither a teacher nor the student's terms need has no columns
     peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
     LANES: tl.constexpr = BLOCK_V // VEC
     cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC  # [VEC, LANES]
@@ -264,9 +269,9 @@ def token_mixture_fwd_kernel(
     stats = stats_ptr + k64 * (STATS * N) + row
     tl.store(stats + STAT_DIVERGENCE * N, tl.where(on, divergence, 0.0), mask=in_k)
     tl.store(stats + STAT_CONFIDENCE * N, tl.where(on, confidence, 0.0), mask=in_k)
-    tl.store(stats + STAT_STUDENT_ENTROPY * N, tl.where(on, student_entropy, 0.0), mask=in_k)
+    tl.store(stats + STAT_STUDENT_ENTROPY * N, tl.where(student_on, student_entropy, 0.0), mask=in_k)
     tl.store(stats + STAT_TEACHER_ENTROPY * N, tl.where(on, teacher_entropy, 0.0), mask=in_k)
-    tl.store(stats + STAT_STUDENT_LSE * N, tl.where(on, lse_s, 0.0), mask=in_k)
+    tl.store(stats + STAT_STUDENT_LSE * N, tl.where(student_on, lse_s, 0.0), mask=in_k)
     tl.store(stats + STAT_TEACHER_LSE * N, tl.where(on, lse_u, 0.0), mask=in_k)
     tl.store(stats + STAT_AUX * N, tl.where(on, aux, 0.0), mask=in_k)
     tl.store(stats + STAT_LSE_GAP * N, tl.where(on, lse_gap, 0.0), mask=in_k)

@@ -2,9 +2,10 @@
 teachers' addressing and the math: its docstring), one (token, split of the vocabulary) per program as in
 token_divergence_bwd.py: the student row and each seeing teacher's read once, the gradient written once.
 
-With DENSE, a per-token multiplier M (``dense_ptr``) adds p_j M / T to every element: the dense part of top-k
-teachers' gradients (wpkl/backends/triton_topk.py: M = sum_k c_k Lambda_k) in the same pass, whose atoms
-kernels/token_topk.py then adds.
+With DENSE, a per-token multiplier M (``dense_ptr``) adds p_j M / T to every element, on the rows ``rows_ptr``
+sets too (the student's terms in teacher 0's slot): the dense part of top-k teachers' gradients
+(wpkl/backends/triton_logits_topk.py: M = sum_k c_k Lambda_k) in the same pass; ``token_mixture_atoms_kernel``
+then rewrites their atom columns whole.
 """
 
 import triton
@@ -62,15 +63,16 @@ def _grad(s, u, scale, lse_s, lse_u, lse_gap, aux, c, total, inv_temperature, lo
 
 
 @device_function
-def _row_terms(stats_ptr, grad_loss_ptr, dense_ptr, on, k64, row, N, beta, inv_temperature, DIVERGENCE: tl.constexpr,
-               DENSE: tl.constexpr):
+def _row_terms(stats_ptr, grad_loss_ptr, dense_ptr, on, student_on, k64, row, N, beta, inv_temperature,
+               DIVERGENCE: tl.constexpr, DENSE: tl.constexpr):
     """A token's terms of ``_grad``: each teacher's c, aux, lse_u and lse gap as [KB, 1] (from the [K, N]
-    coefficients and the [K, NUM_STATS, N] statistics), sum_k c_k, the student's lse, jsd's constants and the
-    dense multiplier / T (0 without DENSE)."""
+    coefficients and the [K, NUM_STATS, N] statistics), sum_k c_k, the student's lse (from the slots
+    ``student_on`` sets), jsd's constants and the dense multiplier / T (0 without DENSE)."""
     stats = stats_ptr + k64 * (STATS * N) + row
     c = tl.where(on, tl.load(grad_loss_ptr + k64 * N + row, mask=on, other=0.0), 0.0)
     total = reduce_sum(c, 0)
-    lse_s = reduce_max(tl.where(on, tl.load(stats + STAT_STUDENT_LSE * N, mask=on, other=0.0), NEG_INF), 0)
+    lse_s = reduce_max(tl.where(student_on, tl.load(stats + STAT_STUDENT_LSE * N, mask=student_on, other=0.0),
+                                NEG_INF), 0)
     aux = tl.load(stats + STAT_AUX * N, mask=on, other=0.0)
     lse_u = tl.load(stats + STAT_TEACHER_LSE * N, mask=on, other=0.0)
     lse_gap = tl.load(stats + STAT_LSE_GAP * N, mask=on, other=0.0)
@@ -97,6 +99,7 @@ def token_mixture_bwd_kernel(
     teacher2_ptr,
     teacher3_ptr,
     valid_ptr,  # [K, N] int8
+    rows_ptr,  # [N] int8: as the forward's (the rows whose student's terms are in teacher 0's slot)
     grad_loss_ptr,  # [K, N] fp32: d loss / d L_k,i
     dense_ptr,  # [N] fp32: the dense multiplier M (read with DENSE)
     stats_ptr,  # [K, NUM_STATS, N] fp32 from the forward kernel
@@ -139,7 +142,9 @@ def token_mixture_bwd_kernel(
                                   stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
                                   row, T, KB)
     on = tl.load(valid_ptr + k64 * N + row, mask=in_k, other=0) != 0
-    is_valid = reduce_max(on.to(tl.int32), 0) != 0
+    need = (tl.load(rows_ptr + row).to(tl.int32) + tl.zeros([KB], tl.int32)) != 0  # ([KB]: the interpreter's masks)
+    student_on = on | ((ks == 0) & need)
+    is_valid = reduce_max(student_on.to(tl.int32), 0) != 0
     cols = tl.arange(0, BLOCK_V)
     peel, num_full, tail_start, tail_len = aligned_split(student_row, V, VEC, BLOCK_V)
     edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, V, VEC)
@@ -148,7 +153,8 @@ def token_mixture_bwd_kernel(
 
     if is_valid:
         c1, total, lse_s, aux1, lse_u1, gap1, log2_1m_beta, log2_beta, jsd_coef, dense = _row_terms(
-            stats_ptr, grad_loss_ptr, dense_ptr, on, k64, row, N, beta, inv_temperature, DIVERGENCE, DENSE)
+            stats_ptr, grad_loss_ptr, dense_ptr, on, student_on, k64, row, N, beta, inv_temperature, DIVERGENCE,
+            DENSE)
         for block in range(split, num_full, num_splits):
             start = peel + block * BLOCK_V
             s = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
@@ -195,7 +201,7 @@ def token_mixture_atoms_kernel(
     stats_ptr,  # [K, NUM_STATS, N] fp32
     ids_ptr,  # [N, A] int64: the top-k teachers' merged atoms (distinct per row, -1 pads)
     atom_grad_ptr,  # [N, A] fp32: sum_k c_k A_k at them
-    rows_ptr,  # [N] int8: some top-k teacher sees the row
+    rows_ptr,  # [N] int8: some top-k teacher sees the row (the student's terms are in teacher 0's slot there)
     grad_ptr,  # [B, T, V] out (the backward kernel's, rewritten at the atoms)
     student_shift,
     grad_shift,
@@ -239,7 +245,8 @@ def token_mixture_atoms_kernel(
                          stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
                          row, T, KB)
         c1, total, lse_s, aux1, lse_u1, gap1, log2_1m_beta, log2_beta, jsd_coef, dense = _row_terms(
-            stats_ptr, grad_loss_ptr, dense_ptr, on, k64, row, N, beta, inv_temperature, DIVERGENCE, True)
+            stats_ptr, grad_loss_ptr, dense_ptr, on, on | (ks == 0), k64, row, N, beta, inv_temperature,
+            DIVERGENCE, True)
         s = to_float(tl.load(student_ptr + student_row + ids, mask=atom, other=NEG_INF))
         u = _load_teachers(teacher0_ptr, rows, 0, ids, on, atom, 0.0, 1, False, True)
         grad = _grad(s, u, scale, lse_s, lse_u1, gap1, aux1, c1, total, inv_temperature, log2_1m_beta, log2_beta,

@@ -1,12 +1,13 @@
 """Logits teachers and top-k teachers in one pass (wpkl/backends/triton_logits_topk.py), as
 wpkl.multi_teacher_loss runs a call mixing both forms: the mixture kernel reads the student row once forward (its
 log-normalizer and entropy serve the top-k teachers' atoms) and once backward (with the top-k teachers' dense part
-added, DENSE), then their merged atoms are added (ACCUMULATE).
+added, DENSE), then the atoms kernel rewrites each of their merged atom columns with its whole gradient (rounded
+once).
 
 The pass against the float64 reference teacher by teacher (``token_terms``; the gradient against
 sum_k c_k d L_k / d student), on fresh random inputs: every kernel dtype, V = 1, a prime and several blocks, one,
 two and four logits teachers with one or two top-k teachers, every divergence, per-teacher masks (a token no
-teacher sees, tokens only top-k teachers see: the first logits teacher's kernel row set where it is not weighed),
+teacher sees, tokens only top-k teachers see: the student's terms in the first logits teacher's slot there),
 -inf vocabulary padding, a temperature; outputs poisoned (conftest.py); garbage in the first logits teacher on the
 tokens it does not see changes nothing. Then the engine: passes counted against the float64 reference.
 """
@@ -110,9 +111,9 @@ def _counting(monkeypatch):
     forward, backward = TritonMixturePass.forward, TritonMixturePass.backward
     student_pass, dense = triton_topk.student_pass, triton_topk.TritonPass.backward
 
-    def counted_forward(student, teachers, valids, spec):
+    def counted_forward(student, teachers, valids, spec, rows=None):
         calls["logits launches"].append(len(teachers))
-        return forward(student, teachers, valids, spec)
+        return forward(student, teachers, valids, spec, rows)
 
     def counted_backward(saved, coef, out, dense=None):
         calls["dense backward"].append(dense is not None)

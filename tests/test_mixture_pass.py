@@ -164,9 +164,9 @@ def _counting(monkeypatch):
     calls = {"mixture": [], "single": 0}
     forward, single = TritonMixturePass.forward, TritonPass.forward
 
-    def mixture(student, teachers, valids, spec):
+    def mixture(student, teachers, valids, spec, rows=None):
         calls["mixture"].append((len(teachers), int(valids.any(0).sum())))
-        return forward(student, teachers, valids, spec)
+        return forward(student, teachers, valids, spec, rows)
 
     def one(*args, **kwargs):
         calls["single"] += 1

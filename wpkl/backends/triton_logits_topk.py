@@ -7,9 +7,9 @@ read once forward and once backward for all of them.
 
 Forward: the logits teachers' mixture kernel (kernels/token_mixture.py) gives the student's log-normalizer and
 entropy on the rows its teachers see, and the top-k teachers' atom math needs nothing else of the row
-(triton_topk.py: ``topk_atoms``): so the first logits teacher's kernel row is set on every row some teacher of the
-pass sees. Where that teacher is not weighed its terms are discarded (its coefficient there is 0: the backward
-kernel skips it), and its values there never count.
+(triton_topk.py: ``topk_atoms``): so the kernels take the top-k teachers' tokens as ``rows``, where the student's
+terms are written in the first logits teacher's slot even where no logits teacher sees the token (only the student
+row is read there; the logits teachers' rows are read on their own tokens only).
 
 Backward, by linearity: the mixture kernel with the top-k teachers' dense part p_v sum_k c_k Lambda_k / T added to
 every element (kernels/token_mixture_bwd.py: DENSE), then the top-k teachers' merged atoms (``merged_atoms``):
@@ -56,17 +56,18 @@ class TritonLogitsTopKPass:
         L = len(logits)
         assert L > 0 and topk and all(isinstance(t, TopK) for t in teachers[L:]), "logits teachers, then top-k ones"
         valids = valids.reshape(K, N)
-        kernel_valids = torch.cat([valids.any(0, keepdim=True), valids[1:L]])  # teacher 0: every row of the pass
-        loss_l, public_l, mixture = TritonMixturePass.forward(student, logits, kernel_valids.view(L, B, T), spec)
-        stats = mixture.stats[0]  # [NUM_STATS, N]: the student's T lse and entropy on every row of the pass
+        rows = valids[L:].any(0).to(torch.int8)  # the top-k teachers' tokens
+        loss_l, public_l, mixture = TritonMixturePass.forward(student, logits, valids[:L].view(L, B, T), spec,
+                                                              rows=rows)
+        stats = mixture.stats[0]  # [NUM_STATS, N]: the student's T lse and entropy on the top-k teachers' rows too
         parts = [topk_atoms(student, stats, t, valid.view(B, T), spec) for t, valid in zip(topk, valids[L:],
                                                                                           strict=True)]
-        own = valids[0].view(B, T)  # teacher 0's terms on its own rows only (new tensors: the stats stay whole)
-        first = [torch.where(own, loss_l[0], 0.0)[None], torch.where(own, public_l[0], 0.0)[None]]
-        loss = torch.cat([first[0], loss_l[1:], torch.stack([p[0] for p in parts]).view(len(topk), B, T)])
-        public = torch.cat([first[1], public_l[1:], torch.stack([p[1] for p in parts]).view(len(topk), 4, B, T)])
+        # teacher 0's stats on its own tokens only (a new tensor: the saved statistics stay whole)
+        first = torch.where(valids[0].view(B, T), public_l[0], 0.0)[None]
+        loss = torch.cat([loss_l, torch.stack([p[0] for p in parts]).view(len(topk), B, T)])
+        public = torch.cat([first, public_l[1:], torch.stack([p[1] for p in parts]).view(len(topk), 4, B, T)])
         lams = torch.stack([p[3] for p in parts]).to(torch.float32)
-        saved = LogitsTopKSaved(mixture, [p[2] for p in parts], lams, valids, valids[L:].any(0).to(torch.int8), spec)
+        saved = LogitsTopKSaved(mixture, [p[2] for p in parts], lams, valids, rows, spec)
         return loss, public, saved
 
     @staticmethod

@@ -86,6 +86,7 @@ class MixtureSaved:
     stats: torch.Tensor  # [K, NUM_STATS, N] fp32
     div_id: int
     spec: LossSpec
+    rows: torch.Tensor | None = None  # [N] int8: the student's terms in teacher 0's slot there too (None: its own)
 
 
 def _located(student, teachers, vec):
@@ -104,28 +105,32 @@ def _precise_log2(student, div_id) -> bool:
     return div_id == common.DIVERGENCE_JSD and student.dtype == torch.float32
 
 
-def forward_launch(student, teachers, valid, loss, stats, div_id, temperature, beta=0.5):
-    """(grid, args, meta) of the forward kernel: one program per token."""
+def forward_launch(student, teachers, valid, loss, stats, div_id, temperature, beta=0.5, rows=None):
+    """(grid, args, meta) of the forward kernel: one program per token. ``rows`` [N] int8: where the student's
+    terms are needed in teacher 0's slot beyond its own tokens (None: its own, ``valid``'s first row)."""
     B, T, V = student.shape
     config = _config(student, teachers)
     student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
-    args = (student_base, *pointers, valid, loss, stats, student_shift, student.stride(0), student.stride(1),
+    args = (student_base, *pointers, valid, valid if rows is None else rows, loss, stats, student_shift,
+            student.stride(0), student.stride(1),
             *columns, T, V, B * T, len(teachers), LOG2E / temperature, 1.0 / temperature, float(beta))
     meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
                 PRECISE_LOG2=_precise_log2(student, div_id), num_warps=config.num_warps)
     return (B * T,), args, meta
 
 
-def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature, beta=0.5, dense=None):
+def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, temperature, beta=0.5, dense=None,
+                    rows=None):
     """(grid, args, meta) of the backward kernel: one program per (token, split of the vocabulary). ``dense``:
-    a [N] fp32 multiplier M whose p_j M / T is added (top-k teachers' dense part), or None."""
+    a [N] fp32 multiplier M whose p_j M / T is added (top-k teachers' dense part), or None; ``rows`` as the
+    forward's."""
     B, T, V = student.shape
     config = _config(student, teachers)
     student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
     grad_base, grad_shift = aligned_base(grad)
     student_rows, grad_rows = _rows(student, student_shift), _rows(grad, grad_shift)
-    args = (student_base, *pointers, valid, grad_loss, grad_loss if dense is None else dense, stats, grad_base,
-            student_shift, grad_shift,
+    args = (student_base, *pointers, valid, valid if rows is None else rows, grad_loss,
+            grad_loss if dense is None else dense, stats, grad_base, student_shift, grad_shift,
             student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, B * T, len(teachers),
             LOG2E / temperature, 1.0 / temperature, float(beta))
     grid = (B * T, backward_splits(B * T, V, config.block_v))
@@ -154,7 +159,8 @@ def atoms_launch(student, teachers, valid, grad_loss, dense, stats, ids, atom_gr
 
 class TritonMixturePass:
     @staticmethod
-    def forward(student, teachers, valids, spec: LossSpec):
+    def forward(student, teachers, valids, spec: LossSpec, rows=None):
+        """``rows``: forward_launch's (the top-k teachers' tokens beside these, wpkl/backends/triton_logits_topk.py)."""
         k = kernels()
         B, T, _ = student.shape
         K, N = len(teachers), B * T
@@ -164,10 +170,10 @@ class TritonMixturePass:
         div_id = divergence_id(spec.exact_divergence)
         if N > 0:
             grid, args, meta = forward_launch(student, teachers, valid, loss, stats, div_id, spec.temperature,
-                                              spec.beta)
+                                              spec.beta, rows)
             launch(k.token_mixture_fwd_kernel, grid, args, meta)
         public = stats[:, : k.NUM_PUBLIC_STATS].view(K, k.NUM_PUBLIC_STATS, B, T)
-        saved = MixtureSaved(student, list(teachers), valid, stats, div_id, spec)
+        saved = MixtureSaved(student, list(teachers), valid, stats, div_id, spec, rows)
         return loss.view(K, B, T), public, saved
 
     @staticmethod
@@ -178,6 +184,7 @@ class TritonMixturePass:
         if N > 0:
             coef = coef.reshape(K, N).to(torch.float32).contiguous()
             grid, args, meta = backward_launch(saved.student, saved.teachers, saved.valid, coef, saved.stats, out,
-                                               saved.div_id, saved.spec.temperature, saved.spec.beta, dense)
+                                               saved.div_id, saved.spec.temperature, saved.spec.beta, dense,
+                                               saved.rows)
             launch(kernels().token_mixture_bwd_kernel, grid, args, meta)
         return out

@@ -13,7 +13,8 @@ compares its ``key``, and ``str(route)`` is the one line errors and the CLI prin
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
                "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
                "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states,
-                                 top-k or sampled-token teachers, the student read or projected once per pass)
+                                 top-k or sampled-token teachers, logits and top-k ones together, logits teachers
+                                 on vocabulary shards; the student read or projected once per pass)
                "reference"       the specification
     weights    "kernel" (the fused op's weights kernel) or "torch" (wpkl/engine/weigh.py)
     schedule   the fused-linear form's: "eager" (gradients during forward; with ``accumulated`` only when every
@@ -136,7 +137,8 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k", "sampled"); a teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
+    "top-k", "sampled", "logits+top-k", "shards": wpkl/engine/mixture.py's); a teacher in no group runs its own
+    route. ``route`` is the line errors and the CLI print."""
 
     route: Route
     groups: tuple[tuple[str, tuple[int, ...]], ...]

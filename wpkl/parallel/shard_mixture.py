@@ -74,10 +74,12 @@ class ShardedMixturePass:
 
     @staticmethod
     def backward(saved: ShardedMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The launches' gradients summed into ``out`` (the first launch writes it; a second one, teachers of
-        another dtype or past the kernel's slots, writes a buffer added to it)."""
+        """The launches' gradients summed into ``out``: the first launch writes it; the others (teachers of
+        another dtype or past the kernel's slots) write one scratch buffer in turn, added to it (as autograd adds
+        separate passes' gradients: in half precision such elements round twice)."""
+        scratch = torch.empty_like(out) if len(saved.parts) > 1 else None
         for n, (index, part) in enumerate(saved.parts):
-            target = out if n == 0 else torch.empty_like(out)
+            target = out if n == 0 else scratch
             if len(index) == 1:
                 TritonPass.backward(part, coef[index[0]], target)
             else:

@@ -16,8 +16,8 @@ TOPK_SIZES = (64, 100)  # a power of two, and a K whose block is masked
 MIXTURE_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 MIXTURE_TEACHERS, MIXTURE_VOCAB = (2, 4), 128256  # two teachers (KB = 2), and the largest group (KB = 4: 3 or 4)
 MIXTURE_JSD_TEACHERS = (2,)  # jsd's groups hold two (wpkl/backends/triton_mixture.py: MAX_JSD_TEACHERS)
-# With top-k teachers (wpkl/backends/triton_logits_topk.py) the logits launch may hold one teacher, and its
-# backward adds their dense part ("dense"); their atoms' fix-up then adds to the gradient ("accumulate").
+# With top-k teachers (wpkl/backends/triton_logits_topk.py) the logits launch may hold one teacher, its backward
+# adds their dense part ("dense"), and the atoms kernel ("mixture_atoms") rewrites their merged atom columns.
 
 
 def mixture_variants(kernel: str, divergence: str) -> list[str]:
