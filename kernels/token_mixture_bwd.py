@@ -190,7 +190,6 @@ def token_mixture_bwd_kernel(
 
 @triton.jit
 def token_mixture_atoms_kernel(
-    student_ptr,  # [B, T, V] logits
     teacher0_ptr,  # as the backward's
     teacher1_ptr,
     teacher2_ptr,
@@ -200,13 +199,12 @@ def token_mixture_atoms_kernel(
     dense_ptr,  # [N] fp32: the top-k teachers' dense multiplier M = sum_k c_k Lambda_k
     stats_ptr,  # [K, NUM_STATS, N] fp32
     ids_ptr,  # [N, A] int64: the top-k teachers' merged atoms (distinct per row, -1 pads)
+    logit_ptr,  # [N, A] fp32: the student's logits at them (gathered before the backward kernel, which may
+    # have written the gradient over the logits: the fused-linear form's chunks)
     atom_grad_ptr,  # [N, A] fp32: sum_k c_k A_k at them
     rows_ptr,  # [N] int8: some top-k teacher sees the row (the student's terms are in teacher 0's slot there)
     grad_ptr,  # [B, T, V] out (the backward kernel's, rewritten at the atoms)
-    student_shift,
     grad_shift,
-    stride_student_b,
-    stride_student_t,
     stride_grad_b,
     stride_grad_t,
     shift0, shift1, shift2, shift3,
@@ -227,7 +225,7 @@ def token_mixture_atoms_kernel(
 ):
     """Logits and top-k teachers (wpkl/backends/triton_logits_topk.py): each atom column's whole gradient in
     float32, the logits teachers' and the dense part's (``_grad`` with DENSE, the backward kernel's own math, at
-    the atom ids) plus sum_k c_k A_k,j / T, written once over the backward kernel's value: every element is
+    the atom ids, from the student's logits there gathered before the backward kernel ran) plus sum_k c_k A_k,j / T, written once over the backward kernel's value: every element is
     rounded once. One program per token; O(K A) bytes."""
     row = tl.program_id(0)
     if tl.load(rows_ptr + row) != 0:
@@ -239,7 +237,6 @@ def token_mixture_atoms_kernel(
         ids = tl.load(ids_ptr + offs, mask=atoms < A, other=-1)
         atom = (ids >= 0) & (ids < V)  # out-of-range ids (reported by the value checks) are never written
         a = tl.load(atom_grad_ptr + offs, mask=atom, other=0.0)
-        student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
         grad_row = grad_shift + row_offset(row, T, stride_grad_b, stride_grad_t)
         rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
                          stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3,
@@ -247,7 +244,7 @@ def token_mixture_atoms_kernel(
         c1, total, lse_s, aux1, lse_u1, gap1, log2_1m_beta, log2_beta, jsd_coef, dense = _row_terms(
             stats_ptr, grad_loss_ptr, dense_ptr, on, on | (ks == 0), k64, row, N, beta, inv_temperature,
             DIVERGENCE, True)
-        s = to_float(tl.load(student_ptr + student_row + ids, mask=atom, other=NEG_INF))
+        s = tl.load(logit_ptr + offs, mask=atom, other=NEG_INF)
         u = _load_teachers(teacher0_ptr, rows, 0, ids, on, atom, 0.0, 1, False, True)
         grad = _grad(s, u, scale, lse_s, lse_u1, gap1, aux1, c1, total, inv_temperature, log2_1m_beta, log2_beta,
                      jsd_coef, dense, DIVERGENCE, PRECISE_LOG2, True)

@@ -207,6 +207,17 @@ def test_the_route_says_so():
     other = build.materialized(LossSpec(backend="triton", temperature=0.5), student, torch.randn(B, T, 11))
     assert mixture_route([other, *topk], [own] * 3).groups == (("top-k", (1, 2)),)  # another specification
     assert mixture_route(logits[:2] + topk, [own] * 4, "routing").groups == (("top-k", (2, 3)),)
+    # the fused-linear form: hidden-state teachers with top-k ones under dense mixing (not where the hidden-state
+    # teachers run alone: a device tensor or a routing)
+    none = dict.fromkeys(("mask", "token_weights", "positions", "tokens", "num_items_in_batch", "teacher_logprobs",
+                          "rollout_logprobs", "teacher_token_logprobs"))
+    h, w = torch.randn(B, T, 4), torch.randn(11, 4)
+    heads = [build.linear(spec, h, w, torch.randn(B, T, 4), torch.randn(11, 4), **none) for _ in range(2)]
+    lists = [build.linear(spec, h, w, None, None, teacher_topk_ids=torch.randint(0, 11, (B, T, 3)),
+                          teacher_topk_logprobs=-torch.rand(B, T, 3), **none) for _ in range(2)]
+    assert mixture_route(heads + lists, [own] * 4).groups == (("hidden+top-k", (0, 1, 2, 3)),)
+    for mixing in ("device", "routing"):
+        assert mixture_route(heads + lists, [own] * 4, mixing).groups == (("top-k", (2, 3)),)
 
 
 def test_lists_wider_than_an_atoms_block(small_blocks):
@@ -242,3 +253,56 @@ def test_no_tokens(small_blocks):
     loss = wpkl.multi_teacher_loss(student, teachers=teachers, backend="triton", reduction="sum")
     loss.backward()
     assert loss.item() == 0.0 and student.grad.shape == student.shape
+
+
+@pytest.mark.parametrize("divergence,softcap", [("reverse_kl", None), ("forward_kl", 4.0), ("jsd", None)])
+def test_fused_linear_projects_the_student_once_per_chunk(divergence, softcap, monkeypatch, small_blocks):
+    """The fused-linear form with two hidden-state teachers (one with a padded head) and two top-k teachers: each
+    chunk's student logits projected once for all four (forward, and once more in the two-phase backward), one
+    shared pass per chunk, against the float64 reference with a bias, a logit scale and a temperature. Without a
+    softcap the backward writes the gradient over the chunk's logits, which the atoms' rewrite then no longer
+    reads (it takes the saved logits at the ids)."""
+    from test_mixture_pass import counting_projections
+
+    import wpkl.engine.linear as linear
+
+    g = torch.Generator().manual_seed(6)
+    H, V, chunk = 8, 37, 3
+    h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
+    with torch.no_grad():
+        logits = linear.project(h, w, b, 0.7, softcap)
+    heads = [(torch.randn(B, T, 6, generator=g, dtype=torch.float64), torch.randn(V + 3 * k, 6, generator=g,
+                                                                                  dtype=torch.float64))
+             for k in range(2)]
+    lists = [topk_teacher(logits + torch.randn(B, T, V, generator=g, dtype=torch.float64), 4, seed=k)
+             for k in range(2)]
+    mask = torch.rand(B, T, generator=g) < 0.8
+    options = dict(mixing=[0.4, 0.3, 0.2, 0.1], mask=mask, student_logit_scale=0.7, student_softcap=softcap,
+                   divergence=divergence, temperature=0.9, weighting=wpkl.Weighting(accumulated=0.5),
+                   fused_linear=True)
+
+    def teachers_in(dtype):
+        return [dict(teacher_hidden=heads[0][0].to(dtype), teacher_weight=heads[0][1].to(dtype)),
+                dict(teacher_topk_ids=lists[0][0], teacher_topk_logprobs=lists[0][1].to(dtype)),
+                dict(teacher_hidden=heads[1][0].to(dtype), teacher_weight=heads[1][1].to(dtype)),
+                dict(teacher_topk_ids=lists[1][0], teacher_topk_logprobs=lists[1][1].to(dtype))]
+
+    projected = counting_projections(monkeypatch)
+    passes = []
+    forward = TritonLogitsTopKPass.forward
+    monkeypatch.setattr(TritonLogitsTopKPass, "forward", staticmethod(
+        lambda *args: passes.append(len(args[1])) or forward(*args)))
+    x = [t.float().requires_grad_(True) for t in (h, w, b)]
+    loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=teachers_in(torch.float32), student_bias=x[2],
+                                   backend="triton", chunk_size=chunk, **options)
+    loss.backward()
+    chunks = -(-int(mask.sum()) // chunk)
+    assert passes == [4] * chunks and projected.count(x[1].data_ptr()) == 2 * chunks
+    monkeypatch.undo()
+    y = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    expected = wpkl.multi_teacher_loss(y[0], y[1], teachers=teachers_in(torch.float64), student_bias=y[2],
+                                       backend="reference", **options)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    for got, truth in zip(x, y, strict=True):
+        torch.testing.assert_close(got.grad.double(), truth.grad, rtol=2e-4, atol=2e-6)

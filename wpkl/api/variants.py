@@ -151,8 +151,8 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     teachers: the student's chunk projected once for them) with reverse or forward KL, up to four per pass
     (kernels/token_mixture.py), or jsd, two per pass; top-k teachers, any number, every divergence (their atoms
     merged in one backward); the sampled-token loss's logits, log q(y) and (dense) hidden-state teachers, any number
-    (wpkl/backends/triton_sampled.py); logits and top-k teachers together, the top-k ones joining the first pass
-    of the logits ones (wpkl/backends/triton_logits_topk.py); on vocabulary shards, the logits teachers with
+    (wpkl/backends/triton_sampled.py); logits (fused-linear, dense mixing: hidden-state) and top-k teachers
+    together, the top-k ones joining the first pass of the others (wpkl/backends/triton_logits_topk.py); on vocabulary shards, the logits teachers with
     reverse or forward KL, any
     number, their statistics merged at once (wpkl/parallel/shard_mixture.py). Every other teacher (the only
     teacher of its form or logits dtype, a teacher with its own options unless others share them, the other

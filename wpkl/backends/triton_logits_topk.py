@@ -21,7 +21,7 @@ rounding error).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,16 +34,24 @@ from .triton_topk import atom_blocks, merged_atoms, topk_atoms
 
 @dataclass
 class LogitsTopKSaved:
-    mixture: MixtureSaved  # the logits teachers' (its ``student`` and ``teachers`` may be dropped and attached)
+    """What backward needs; ``student`` and ``teachers`` (the logits teachers') may be dropped after forward and
+    attached again (the fused-linear form recomputes them chunk by chunk)."""
+
+    student: torch.Tensor | None
+    teachers: list | None
+    mixture: MixtureSaved  # the logits teachers' kernel state, without its student and teachers
     atoms: list  # each top-k teacher's TopKSaved
     lams: torch.Tensor  # [K_top, N] fp32 Lambda
     valids: torch.Tensor  # [K, N] bool, every teacher's own rows
     rows: torch.Tensor  # [N] int8: some top-k teacher sees the row
     spec: LossSpec
 
-    @property
-    def student(self):
-        return self.mixture.student
+
+def _at(student, ids):
+    """The student's raw logits [N, A] fp32 at the atom ids (-1 pads: any column), gathered from the [B, T, V] view
+    as it is (no copy of a strided student), before the backward kernel may write the gradient over them."""
+    B, T, V = student.shape
+    return student.gather(-1, ids.clamp(0, V - 1).view(B, T, -1)).reshape(ids.shape).to(torch.float32)
 
 
 class TritonLogitsTopKPass:
@@ -67,7 +75,8 @@ class TritonLogitsTopKPass:
         loss = torch.cat([loss_l, torch.stack([p[0] for p in parts]).view(len(topk), B, T)])
         public = torch.cat([first, public_l[1:], torch.stack([p[1] for p in parts]).view(len(topk), 4, B, T)])
         lams = torch.stack([p[3] for p in parts]).to(torch.float32)
-        saved = LogitsTopKSaved(mixture, [p[2] for p in parts], lams, valids, rows, spec)
+        saved = LogitsTopKSaved(student, logits, replace(mixture, student=None, teachers=None), [p[2] for p in parts],
+                                lams, valids, rows, spec)
         return loss, public, saved
 
     @staticmethod
@@ -77,12 +86,13 @@ class TritonLogitsTopKPass:
         c = torch.where(saved.valids, coef.reshape(K, N).to(torch.float32), 0.0)
         dense = (c[L:] * saved.lams).sum(0)  # sum_k c_k Lambda_k
         logits = c[:L].contiguous()
-        TritonMixturePass.backward(saved.mixture, logits, out, dense=dense)
+        mixture = replace(saved.mixture, student=saved.student, teachers=saved.teachers)
         atoms = merged_atoms(saved.atoms, saved.valids[L:], c[L:])
-        mixture = saved.mixture
-        for ids, a, _ in atom_blocks(atoms) if N > 0 else ():
+        blocks = [(ids, a, _at(saved.student, ids)) for ids, a, _ in atom_blocks(atoms)] if N > 0 else []
+        TritonMixturePass.backward(mixture, logits, out, dense=dense)  # (``out`` may be the student's storage)
+        for ids, a, s in blocks:
             grid, args, meta = atoms_launch(mixture.student, mixture.teachers, mixture.valid, logits, dense,
-                                            mixture.stats, ids, a, saved.rows, out, mixture.div_id,
+                                            mixture.stats, ids, s, a, saved.rows, out, mixture.div_id,
                                             saved.spec.temperature, saved.spec.beta)
             launch(kernels().token_mixture_atoms_kernel, grid, args, meta)
         return out

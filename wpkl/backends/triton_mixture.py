@@ -140,18 +140,19 @@ def backward_launch(student, teachers, valid, grad_loss, stats, grad, div_id, te
     return grid, args, meta
 
 
-def atoms_launch(student, teachers, valid, grad_loss, dense, stats, ids, atom_grad, rows, grad, div_id, temperature,
-                 beta=0.5):
+def atoms_launch(student, teachers, valid, grad_loss, dense, stats, ids, logits, atom_grad, rows, grad, div_id,
+                 temperature, beta=0.5):
     """(grid, args, meta) of kernels/token_mixture_bwd.py's atoms kernel (the logits and top-k teachers' pass):
-    one program per token, the [N, A] atoms (A at most MAX_ATOM_BLOCK) in one block, one warp."""
+    one program per token, the [N, A] atoms (A at most MAX_ATOM_BLOCK) in one block, one warp; ``logits`` [N, A]
+    fp32 the student's raw logits at the ids."""
     B, T, V = student.shape
     config = _config(student, teachers)
-    student_base, student_shift, pointers, columns, _ = _located(student, teachers, config.vec)
+    _, _, pointers, columns, _ = _located(student, teachers, config.vec)
     grad_base, grad_shift = aligned_base(grad)
     N, A = ids.shape
-    args = (student_base, *pointers, valid, grad_loss, dense, stats, ids, atom_grad, rows, grad_base, student_shift,
-            grad_shift, student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), *columns, T, V, N,
-            len(teachers), A, LOG2E / temperature, 1.0 / temperature, float(beta))
+    args = (*pointers, valid, grad_loss, dense, stats, ids, logits, atom_grad, rows, grad_base, grad_shift,
+            grad.stride(0), grad.stride(1), *columns, T, V, N, len(teachers), A, LOG2E / temperature,
+            1.0 / temperature, float(beta))
     meta = dict(DIVERGENCE=div_id, KB=_slots(teachers), BLOCK_A=1 << max(0, (A - 1).bit_length()),
                 PRECISE_LOG2=_precise_log2(student, div_id), num_warps=1)
     return (N,), args, meta

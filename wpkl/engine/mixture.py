@@ -8,7 +8,7 @@ the student's logits once), through the engine's one autograd Function (terms.py
     "sampled"  MixtureAdapter, TritonSampledMixturePass (wpkl/backends/triton_sampled.py): logits and log q(y)
                teachers of the sampled-token loss, any number
     "logits+top-k"  MixtureAdapter, TritonLogitsTopKPass (wpkl/backends/triton_logits_topk.py): a launch of logits
-               teachers and every top-k teacher of their specification
+               teachers and every top-k teacher of their specification ("hidden+top-k": LinearMixtureAdapter)
     "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
                shards, any number, one merge of their statistics
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
@@ -96,7 +96,8 @@ class MixtureAdapter:
 
 class LinearMixtureAdapter:
     """The fused-linear form. tensors: (h_s, w_s, b_s, valids [K, N], then the form's: each teacher's h_t, w_t, b_t
-    ("hidden"); each teacher's ids and log q ("top-k"); the tokens, the rollout log p(y) (or None), then each
+    ("hidden"); each teacher's ids and log q ("top-k"); both, the hidden-state teachers first ("hidden+top-k");
+    the tokens, the rollout log p(y) (or None), then each
     teacher's h_t, w_t, b_t or its log q(y), None, None ("sampled")), over the flattened tokens. The student's
     chunk is projected once for all; a hidden-state teacher's chunk once, for its own pass."""
 
@@ -105,12 +106,15 @@ class LinearMixtureAdapter:
         self.spec, self.options, self.chunks, self.count, self.form = (problem.spec, problem.spec.linear, chunks,
                                                                         len(group), form)
         self.heads = [p.spec.linear for p in group]  # each teacher's projection options (its own teacher_ ones)
-        self.passes = _FORMS["logits" if form == "hidden" else form][0]
+        self.passes = _FORMS[form.replace("hidden", "logits")][0]
+        self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if form == "hidden+top-k" else None
 
     def _heads(self, tensors):
-        """Each teacher's (h_t, w_t, b_t) ("hidden", "sampled"; w_t None for a log q(y) teacher)."""
-        first = {"hidden": 4, "sampled": 6}.get(self.form)
-        return [] if first is None else [tensors[i: i + 3] for i in range(first, len(tensors), 3)]
+        """Each teacher's (h_t, w_t, b_t) ("hidden", "sampled", "hidden+top-k"'s first; w_t None for a log q(y)
+        teacher)."""
+        first = {"hidden": 4, "sampled": 6, "hidden+top-k": 4}.get(self.form)
+        last = len(tensors) if self.projected is None else 4 + 3 * self.projected
+        return [] if first is None else [tensors[i: i + 3] for i in range(first, last, 3)]
 
     def _dtypes(self, tensors):
         return [projection_dtype(tensors[0])] + [None if w is None else projection_dtype(h)
@@ -122,15 +126,19 @@ class LinearMixtureAdapter:
         first = _Projector(self.options, (dtypes[0], None), *tensors[:3], None, None, None)
         if self.form == "top-k":
             return [first]
+        heads = self._heads(tensors)
         return [first] + [None if head[1] is None else _teacher_of(first, options, dtype, head)
-                          for options, dtype, head in zip(self.heads, dtypes[1:], self._heads(tensors), strict=True)]
+                          for options, dtype, head in zip(self.heads[: len(heads)], dtypes[1:], heads, strict=True)]
 
     def _chunk(self, projectors, ids, tensors, backward=False):
         """The chunk's student logits and its teachers (backward: a top-k or sampled pass needs only the
         student's)."""
         s = projectors[0].student(ids)
-        if self.form == "hidden":
-            return s, [p.teacher(ids)[None] for p in projectors[1:]]
+        if self.form in ("hidden", "hidden+top-k"):  # (backward: the hidden-state teachers' logits again)
+            teachers = [p.teacher(ids)[None] for p in projectors[1:]]
+            if self.form == "hidden+top-k" and not backward:
+                teachers += _top_k(tensors[4 + 3 * self.projected:], ids)
+            return s, teachers
         if backward:
             return s, None
         if self.form == "top-k":

@@ -137,8 +137,8 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k", "sampled", "logits+top-k", "shards": wpkl/engine/mixture.py's); a teacher in no group runs its own
-    route. ``route`` is the line errors and the CLI print."""
+    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards": wpkl/engine/mixture.py's); a teacher in no
+    group runs its own route. ``route`` is the line errors and the CLI print."""
 
     route: Route
     groups: tuple[tuple[str, tuple[int, ...]], ...]
@@ -215,10 +215,10 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     for form, members in list(forms.items()):
         # top-k teachers with logits teachers of their specification: one pass for the first launch of those
         # (wpkl/backends/triton_logits_topk.py)
-        logits = next((key for key in forms if key[0] == "logits" and key[1] == form[1]), None)
+        logits = next((key for key in forms if key[0] in ("logits", "hidden") and key[1] == form[1]), None)
         if form[0] == "top-k" and logits is not None:
             size = max_teachers(form[1])
-            groups.append(("logits+top-k", tuple(forms[logits][:size]) + tuple(members)))
+            groups.append((f"{logits[0]}+top-k", tuple(forms[logits][:size]) + tuple(members)))
             forms[logits], forms[form] = forms[logits][size:], []
     for form, members in forms.items():
         size = len(members) if form[0] in ("top-k", "sampled", "shards") else max_teachers(form[1])

@@ -105,8 +105,8 @@ def launch(job: Job):
 
             A = int(job.variant.split()[1].removeprefix("A="))
             _, args, meta = atoms_launch(student, teachers, valid, per_token, f32(B * T), stats,
-                                         f32(B * T, A, dt=torch.int64), f32(B * T, A), f32(B * T, dt=torch.int8),
-                                         student, div_id, 1.0)
+                                         f32(B * T, A, dt=torch.int64), f32(B * T, A), f32(B * T, A),
+                                         f32(B * T, dt=torch.int8), student, div_id, 1.0)
             return kernels.token_mixture_atoms_kernel, args, meta
         dense = f32(B * T) if "dense" in job.variant else None
         _, args, meta = mixture_bwd(student, teachers, valid, per_token, stats, student, div_id, 1.0, dense=dense)
