@@ -293,7 +293,7 @@ def test_the_route_says_so():
     assert mixture_route(heads, [own] * 2, "device") is None and mixture_route(heads, [own] * 2, "routing") is None
     assert mixture_route(problems[:1], [own]) is None
     # vocabulary shards: every logits teacher with a KL in one group (the launches are each rank's own), not jsd's
-    # (the torch pass), not a routing's, not the fused-linear form's
+    # (the torch pass), not a routing's; hidden-state teachers under dense mixing (one merge per chunk)
     sharded = Route("triton", "sharded kernels", "torch", None, False, "backend='triton'; vocabulary shards")
     half = problems[:3] + [build.materialized(spec, student, torch.randn(
         B, T, 11, dtype=torch.bfloat16)) for _ in range(3)]
@@ -301,7 +301,8 @@ def test_the_route_says_so():
         plan = mixture_route(half, [sharded] * 6, mixing)
         assert plan.groups == (("shards", tuple(range(6))),) and "6 teachers in 1 pass" in str(plan.route)
     assert mixture_route(half, [sharded] * 6, "routing") is None
-    assert mixture_route(jsd, [sharded] * 6) is None and mixture_route(heads, [sharded] * 2) is None
+    assert mixture_route(jsd, [sharded] * 6) is None and mixture_route(heads, [sharded] * 2, "device") is None
+    assert mixture_route(heads, [sharded] * 2).groups == (("shards", (0, 1)),)
     assert mixture_route(problems[:1] + topk[:2], [sharded] * 3) is None
 
 

@@ -178,6 +178,46 @@ def _world_case(rank, world, group):
 
     case("ranks launch differently, one merge", launches_differ)
 
+    def fused_linear(divergence):
+        # three hidden-state teachers on the rank's lm_head rows: each chunk's student logits projected once for
+        # them, one merge per chunk; the hidden states' gradient summed over the group, the weight's and the bias's
+        # this rank's rows
+        g = _gen(31)
+        H, Ht, local_vocab, chunk = 6, 5, 9, 4
+        V = world * local_vocab
+        h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
+        heads = [(torch.randn(B, T, Ht, generator=g, dtype=torch.float64), torch.randn(V, Ht, generator=g,
+                                                                                      dtype=torch.float64))
+                 for _ in range(3)]
+        _, _, mask, mixing = _problem(world, local_vocab, K=3)
+        sl = slice(rank * local_vocab, (rank + 1) * local_vocab)
+        options = dict(mixing=[0.5, 0.3, 0.2], mask=mask, divergence=divergence, temperature=0.8,
+                       student_logit_scale=0.7, weighting=wpkl.Weighting(accumulated=0.5), fused_linear=True)
+        x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True), b[sl].float().requires_grad_(True)]
+        calls, undo = _counting()
+        try:
+            loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=t.float(),
+                                                                      teacher_weight=tw[sl].float())
+                                                                 for t, tw in heads],
+                                           student_bias=x[2], process_group=group, backend="triton",
+                                           chunk_size=chunk, **options)
+            loss.backward()
+        finally:
+            undo()
+        chunks = -(-int(mask.sum()) // chunk)
+        assert calls == {"mixture": [3] * chunks, "single": 0, "merges": chunks}, calls
+        y = [t.clone().requires_grad_(True) for t in (h, w, b)]
+        whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=t, teacher_weight=tw)
+                                                              for t, tw in heads],
+                                        student_bias=y[2], backend="reference", **options)
+        whole.backward()
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+        for got, truth in zip(x, (y[0].grad, y[1].grad[sl], y[2].grad[sl]), strict=True):
+            torch.testing.assert_close(got.grad.double(), truth, rtol=2e-4, atol=2e-6)
+
+    for divergence in ("reverse_kl", "forward_kl"):
+        case(f"fused-linear {divergence}", lambda d=divergence: fused_linear(d))
+
     def passes_of(options, teachers=None, mixing=None, K=3):
         """The launches and merges of a sharded call (the float32 reference on the whole vocabulary checks
         its value)."""
@@ -270,4 +310,4 @@ def _worker(rank, world, port, out_dir):
 def test_teachers_on_vocabulary_shards_share_one_merge(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=400)[world]
     assert_ranks_passed(results)
-    assert all(len(r["results"]) == 6 + 1 + 4 + 4 for r in results), [sorted(r["results"]) for r in results]
+    assert all(len(r["results"]) == 6 + 1 + 2 + 4 + 4 for r in results), [sorted(r["results"]) for r in results]

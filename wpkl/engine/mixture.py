@@ -10,7 +10,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
     "logits+top-k"  MixtureAdapter, TritonLogitsTopKPass (wpkl/backends/triton_logits_topk.py): a launch of logits
                teachers and every top-k teacher of their specification ("hidden+top-k": LinearMixtureAdapter)
     "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
-               shards, any number, one merge of their statistics
+               shards, any number, one merge of their statistics (LinearMixtureAdapter: hidden-state teachers,
+               one merge per chunk)
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
                schedule as linear.py's)
 
@@ -107,6 +108,9 @@ class LinearMixtureAdapter:
                                                                         len(group), form)
         self.heads = [p.spec.linear for p in group]  # each teacher's projection options (its own teacher_ ones)
         self.passes = _FORMS[form.replace("hidden", "logits")][0]
+        self.shard = problem.shard  # ("shards": hidden-state teachers on vocabulary shards, one merge per chunk)
+        if form == "shards":
+            self.passes, self.form = self.passes(problem.shard), "hidden"
         self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if form == "hidden+top-k" else None
 
     def _heads(self, tensors):
@@ -179,7 +183,7 @@ class LinearMixtureAdapter:
                                       lambda c, out, saved=saved: self.passes.backward(saved, c[:, None], out)),
                           ids, projectors[0])
                 del s, teachers, saved
-        return (*grads.finish(None), None, *(None,) * (len(tensors) - 4))
+        return (*grads.finish(None, self.shard), None, *(None,) * (len(tensors) - 4))
 
 
 def _teacher_of(first: _Projector, options, dtype, head) -> _Projector:

@@ -152,8 +152,10 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
     spec = problem.spec
     if own.terms == "sharded kernels":
         # logits teachers with a KL: every rank's kernels take its slice (grouped there by dtype and element grid,
-        # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py)
-        if problem.linear or problem.teacher_logits is None or mixing == "routing" or \
+        # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py);
+        # hidden-state teachers (fused-linear) under dense mixing, as on one device: one merge per chunk
+        hidden = isinstance(problem.teacher, TeacherLinear) and mixing == "dense"
+        if not (hidden or (problem.teacher_logits is not None and not problem.linear)) or mixing == "routing" or \
                 spec.exact_divergence not in ("reverse_kl", "forward_kl"):
             return None
         return ("shards", spec)
@@ -189,12 +191,12 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     hidden states and a weight, up to MAX_TEACHERS per pass with reverse or forward KL (MAX_JSD_TEACHERS with jsd)
     (wpkl/backends/triton_mixture.py); top-k teachers, any number, every divergence
     (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
-    (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; top-k teachers beside logits
-    teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py: one
-    student read for both forms); on vocabulary shards, the
-    logits teachers with reverse or forward KL, any number, their statistics merged at once
-    (wpkl/parallel/shard_mixture.py). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides
-    the collectives.
+    (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; top-k teachers beside logits (or
+    hidden-state) teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py:
+    one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL, any
+    number, their statistics merged at once (wpkl/parallel/shard_mixture.py), and (dense mixing) hidden-state
+    teachers, one merge per chunk. The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
+    collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
     several teachers), "routing" (a host tensor, one teacher per token: each logits or hidden-state teacher's own

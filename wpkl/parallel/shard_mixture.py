@@ -14,7 +14,7 @@ tensors) changes no collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,8 +38,12 @@ def launches(teachers, spec: LossSpec) -> list[tuple[int, ...]]:
 
 @dataclass
 class ShardedMixtureSaved:
+    """What backward needs; ``student`` and ``teachers`` may be dropped after forward and attached again (the
+    fused-linear form recomputes them chunk by chunk): the launches' states hold neither."""
+
+    student: torch.Tensor | None
+    teachers: list | None
     parts: list  # (the launch's teacher indices, its pass's saved state with the merged statistics)
-    student: torch.Tensor  # (for the backward's buffer)
 
 
 class ShardedMixturePass:
@@ -62,7 +66,7 @@ class ShardedMixturePass:
             else:
                 _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], spec)
                 stats[index] = saved.stats
-            parts.append((index, saved))
+            parts.append((index, replace(saved, student=None, **{"teacher" if len(index) == 1 else "teachers": None})))
         # every teacher's statistics in one merge: [NUM_STATS, K * N], teacher-major within each row
         flat = stats.transpose(0, 1).reshape(k.NUM_STATS, K * N)
         loss = merge_kernel_stats(flat, valids.reshape(K * N), spec.exact_divergence, spec.temperature, self.shard)
@@ -70,7 +74,7 @@ class ShardedMixturePass:
         for index, saved in parts:  # what each launch's backward kernel reads: the whole vocabulary's statistics
             saved.stats.copy_(merged[index[0]] if len(index) == 1 else merged[index])
         public = merged[:, : k.NUM_PUBLIC_STATS].reshape(K, k.NUM_PUBLIC_STATS, B, T)
-        return loss.view(K, B, T), public, ShardedMixtureSaved(parts, student)
+        return loss.view(K, B, T), public, ShardedMixtureSaved(student, list(teachers), parts)
 
     @staticmethod
     def backward(saved: ShardedMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -81,9 +85,11 @@ class ShardedMixturePass:
         for n, (index, part) in enumerate(saved.parts):
             target = out if n == 0 else scratch
             if len(index) == 1:
-                TritonPass.backward(part, coef[index[0]], target)
+                TritonPass.backward(replace(part, student=saved.student, teacher=saved.teachers[index[0]]),
+                                    coef[index[0]], target)
             else:
-                TritonMixturePass.backward(part, coef[index], target)
+                TritonMixturePass.backward(replace(part, student=saved.student,
+                                                   teachers=[saved.teachers[i] for i in index]), coef[index], target)
             if n > 0:
                 out.add_(target)
         return out
