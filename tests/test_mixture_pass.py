@@ -303,6 +303,9 @@ def test_the_route_says_so():
     assert mixture_route(half, [sharded] * 6, "routing") is None
     assert mixture_route(jsd, [sharded] * 6) is None and mixture_route(heads, [sharded] * 2, "device") is None
     assert mixture_route(heads, [sharded] * 2).groups == (("shards", (0, 1)),)
+    sampled = [p.replace(spec=LossSpec(backend="triton", divergence="sampled")) for p in problems[:3]]
+    for mixing in ("dense", "routing", "device"):  # the sampled-token loss's teachers: every mixing
+        assert mixture_route(sampled, [sharded] * 3, mixing).groups == (("shards-sampled", (0, 1, 2)),)
     assert mixture_route(problems[:1] + topk[:2], [sharded] * 3) is None
 
 

@@ -218,6 +218,84 @@ def _world_case(rank, world, group):
     for divergence in ("reverse_kl", "forward_kl"):
         case(f"fused-linear {divergence}", lambda d=divergence: fused_linear(d))
 
+    def sampled(power, fused):
+        # the sampled-token loss: two logits teachers (float32, bfloat16) and a server's log q(y), a mixing tensor
+        # with zeros, the rollout's log p(y), PowerOPD's power, a temperature: one student pass, one merge per form
+        # of teacher; fused-linear: two hidden-state teachers and a log q(y) one, one pass per chunk
+        import wpkl.backends.triton_topk as triton_topk
+
+        g = _gen(41)
+        local_vocab, H, chunk = 8, 6, 4
+        V = world * local_vocab
+        _, _, mask, mixing = _problem(world, local_vocab, K=3)
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        rollout = -torch.rand(B, T, generator=g, dtype=torch.float64)
+        sl = slice(rank * local_vocab, (rank + 1) * local_vocab)
+        if fused:
+            h, w = torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g,
+                                                                                       dtype=torch.float64)
+            heads = [(torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g,
+                                                                                        dtype=torch.float64))
+                     for _ in range(2)]
+            full = [(th @ tw.T) for th, tw in heads]
+            student64 = h @ w.T
+        else:
+            student64 = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+            full = [student64 + torch.randn(B, T, V, generator=g, dtype=torch.float64) for _ in range(2)]
+        log_q = torch.log_softmax(full[0] + 0.5 * torch.randn(B, T, V, generator=g, dtype=torch.float64) / 0.8,
+                                  -1).gather(-1, tokens[..., None])[..., 0]
+        options = dict(mask=mask, tokens=tokens, divergence="sampled", temperature=0.8, sampled_power=power,
+                       weighting=wpkl.Weighting(accumulated=0.5), fused_linear=fused)
+        calls, undo = _counting()
+        passes, student_pass = [], triton_topk.student_pass
+        triton_topk.student_pass = lambda *args: passes.append(1) or student_pass(*args)
+        try:
+            if fused:
+                x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True)]
+                teachers = [dict(teacher_hidden=th.float(), teacher_weight=tw[sl].float()) for th, tw in heads]
+                loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=teachers + [dict(teacher_logprobs=log_q.float())],
+                                               mixing=[0.5, 0.3, 0.2], rollout_logprobs=rollout.float(),
+                                               process_group=group, backend="triton", chunk_size=chunk, **options)
+            else:
+                x = [student64[..., sl].float().requires_grad_(True)]
+                teachers = [full[0][..., sl].float(), full[1][..., sl].bfloat16(),
+                            dict(teacher_logits=None, teacher_logprobs=log_q.float())]
+                loss = wpkl.multi_teacher_loss(x[0], teachers=teachers, mixing=mixing.float(),
+                                               rollout_logprobs=rollout.float(), process_group=group,
+                                               backend="triton", **options)
+            loss.backward()
+        finally:
+            undo()
+            triton_topk.student_pass = student_pass
+        chunks = -(-int(mask.sum()) // chunk) if fused else 1
+        assert calls == {"mixture": [], "single": 0, "merges": 2 * chunks} and len(passes) == chunks, (calls, passes)
+        if fused:
+            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+            whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=th, teacher_weight=tw)
+                                                                  for th, tw in heads]
+                                            + [dict(teacher_logprobs=log_q.float().double())],
+                                            mixing=[0.5, 0.3, 0.2], rollout_logprobs=rollout.float().double(),
+                                            backend="reference", **options)
+            truths = (y[0], y[1])
+        else:
+            y = [student64.float().double().requires_grad_(True)]
+            whole = wpkl.multi_teacher_loss(y[0], teachers=[full[0].float().double(), full[1].bfloat16().double(),
+                                                            dict(teacher_logits=None,
+                                                                 teacher_logprobs=log_q.float().double())],
+                                            mixing=mixing.float().double(), rollout_logprobs=rollout.float().double(),
+                                            backend="reference", **options)
+            truths = (y[0],)
+        whole.backward()
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-5)
+        for n, (got, truth) in enumerate(zip(x, truths, strict=True)):
+            # (the hidden states' gradient whole, the lm_head's this rank's rows, the logits' this rank's columns)
+            expected = (truth.grad if n == 0 else truth.grad[sl]) if fused else truth.grad[..., sl]
+            torch.testing.assert_close(got.grad.double(), expected, rtol=2e-4, atol=2e-5)
+
+    for power in (None, 5.0):
+        for fused in (False, True):
+            case(f"sampled power={power} fused-linear={fused}", lambda p=power, f=fused: sampled(p, f))
+
     def passes_of(options, teachers=None, mixing=None, K=3):
         """The launches and merges of a sharded call (the float32 reference on the whole vocabulary checks
         its value)."""
@@ -310,4 +388,4 @@ def _worker(rank, world, port, out_dir):
 def test_teachers_on_vocabulary_shards_share_one_merge(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=400)[world]
     assert_ranks_passed(results)
-    assert all(len(r["results"]) == 6 + 1 + 2 + 4 + 4 for r in results), [sorted(r["results"]) for r in results]
+    assert all(len(r["results"]) == 6 + 1 + 2 + 4 + 4 + 4 for r in results), [sorted(r["results"]) for r in results]

@@ -11,7 +11,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
                teachers and every top-k teacher of their specification ("hidden+top-k": LinearMixtureAdapter)
     "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
                shards, any number, one merge of their statistics (LinearMixtureAdapter: hidden-state teachers,
-               one merge per chunk)
+               one merge per chunk); "shards-sampled" ShardedSampledMixturePass the same for the sampled-token
+               loss's teachers (a merge per form of teacher)
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
                schedule as linear.py's)
 
@@ -32,7 +33,7 @@ from ..backends.triton_mixture import TritonMixturePass
 from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
 from ..inputs.data import Problem, TeacherLinear
-from ..parallel.shard_mixture import ShardedMixturePass
+from ..parallel.shard_mixture import ShardedMixturePass, ShardedSampledMixturePass
 from ..reference import TokenTerms, TopK
 from .chunks import chunk_size_for, plan_chunks, weights_context
 from .linear import _Grads, _Projector, linear_terms, logits_grad
@@ -69,6 +70,7 @@ def _sampled(tensors, rows=None):
 # "shards": a pass built on the call's vocabulary shard.
 _FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
           "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None),
+          "shards-sampled": (ShardedSampledMixturePass, _sampled),
           "logits+top-k": (TritonLogitsTopKPass, _logits_and_top_k)}
 
 
@@ -80,7 +82,7 @@ class MixtureAdapter:
     def __init__(self, problem: Problem, form: str):
         self.spec = problem.spec
         self.passes, self.teachers = _FORMS[form]
-        if form == "shards":
+        if form.startswith("shards"):
             self.passes = self.passes(problem.shard)
 
     def forward(self, tensors, needs_grad):
@@ -109,8 +111,8 @@ class LinearMixtureAdapter:
         self.heads = [p.spec.linear for p in group]  # each teacher's projection options (its own teacher_ ones)
         self.passes = _FORMS[form.replace("hidden", "logits")][0]
         self.shard = problem.shard  # ("shards": hidden-state teachers on vocabulary shards, one merge per chunk)
-        if form == "shards":
-            self.passes, self.form = self.passes(problem.shard), "hidden"
+        if form.startswith("shards"):  # the one-device form's tensors and chunks, the sharded pass
+            self.passes, self.form = self.passes(problem.shard), "hidden" if form == "shards" else "sampled"
         self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if form == "hidden+top-k" else None
 
     def _heads(self, tensors):
@@ -208,7 +210,7 @@ def _teacher_tensors(problem: Problem, flat) -> list:
 def _shared_tensors(form: str, problem: Problem, flat) -> list:
     """The form's tensors before the teachers': the sampled tokens and the rollout log p(y)."""
     batch = problem.batch
-    return [flat(batch.tokens), flat(batch.rollout_logprobs)] if form == "sampled" else []
+    return [flat(batch.tokens), flat(batch.rollout_logprobs)] if form in ("sampled", "shards-sampled") else []
 
 
 def _linear_group(group: list[Problem], form: str) -> list[TokenTerms]:

@@ -137,8 +137,8 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards": wpkl/engine/mixture.py's); a teacher in no
-    group runs its own route. ``route`` is the line errors and the CLI print."""
+    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards", "shards-sampled": wpkl/engine/mixture.py's); a
+    teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
 
     route: Route
     groups: tuple[tuple[str, tuple[int, ...]], ...]
@@ -155,6 +155,11 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
         # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py);
         # hidden-state teachers (fused-linear) under dense mixing, as on one device: one merge per chunk
         hidden = isinstance(problem.teacher, TeacherLinear) and mixing == "dense"
+        if spec.exact_divergence == "sampled":  # logits, log q(y) and (dense) hidden-state teachers, every mixing
+            if isinstance(problem.teacher, TeacherLinear) and not hidden:
+                return None
+            return ("shards-sampled", spec if spec.linear is None else spec.replace(teacher_logit_scale=1.0,
+                                                                                    teacher_softcap=None))
         if not (hidden or (problem.teacher_logits is not None and not problem.linear)) or mixing == "routing" or \
                 spec.exact_divergence not in ("reverse_kl", "forward_kl"):
             return None
@@ -194,8 +199,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; top-k teachers beside logits (or
     hidden-state) teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py:
     one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL, any
-    number, their statistics merged at once (wpkl/parallel/shard_mixture.py), and (dense mixing) hidden-state
-    teachers, one merge per chunk. The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
+    number, their statistics merged at once (wpkl/parallel/shard_mixture.py), (dense mixing) hidden-state
+    teachers, one merge per chunk, and the sampled-token loss's teachers. The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
     collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
@@ -223,7 +228,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
             groups.append((f"{logits[0]}+top-k", tuple(forms[logits][:size]) + tuple(members)))
             forms[logits], forms[form] = forms[logits][size:], []
     for form, members in forms.items():
-        size = len(members) if form[0] in ("top-k", "sampled", "shards") else max_teachers(form[1])
+        size = len(members) if form[0] in ("top-k", "sampled", "shards", "shards-sampled") else max_teachers(form[1])
         if not members:
             continue
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)

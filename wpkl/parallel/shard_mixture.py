@@ -10,6 +10,9 @@ makes every teacher's statistics the whole vocabulary's; the backward kernels th
 The collectives depend only on what every rank agreed (wpkl/parallel/agree.py: the teachers, their routes and
 the plan): how a rank splits its teachers into kernel launches (by dtype and element grid, local facts of its
 tensors) changes no collective.
+
+``ShardedSampledMixturePass``: the sampled-token loss's logits and log q(y) teachers the same way
+(wpkl/backends/triton_sampled.py's pass on the slice, one merge per form of teacher).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..backends import common
-from ..backends.common import kernels
+from ..backends.common import divergence_id, kernels
 from ..backends.triton_mixture import TritonMixturePass, element_grid, max_teachers
-from ..backends.triton_pass import TritonPass
+from ..backends.triton_pass import TritonPass, TritonSaved
+from ..backends.triton_sampled import _teacher_pass
+from ..backends.triton_topk import _stat, shared_student_pass
 from ..spec import LossSpec
 from .merge import merge_kernel_stats
+from .vocab import local_tokens, owned_logit
 
 
 def launches(teachers, spec: LossSpec) -> list[tuple[int, ...]]:
@@ -93,3 +99,74 @@ class ShardedMixturePass:
             if n > 0:
                 out.add_(target)
         return out
+
+
+@dataclass
+class ShardedSampledSaved:
+    student: torch.Tensor | None
+    valid_bytes: torch.Tensor  # [N] int8: some teacher sees the token
+    tokens: torch.Tensor  # [N] int64: this rank's column of the sampled token (-1: another rank's)
+    stats: torch.Tensor  # [NUM_STATS, N] fp32: the student's, its T lse the whole vocabulary's
+    multipliers: torch.Tensor  # [K, N] fp32: -a_k, 0 where teacher k does not see the token
+    valids: torch.Tensor  # [K, N] bool
+    spec: LossSpec
+    teachers: None = None  # (the fused-linear form drops and attaches ``student`` and ``teachers``)
+
+
+class ShardedSampledMixturePass:
+    """Several teachers of the sampled-token loss on vocabulary shards (wpkl/backends/triton_sampled.py's pass on
+    this rank's slice): the student pass once, each logits teacher's pass on its own tokens, then one merge for
+    the logits teachers and one for the log q(y) teachers (each form's statistics at once: which merges run is
+    the agreed plan's), and one "sampled" backward kernel with the multiplier sum_k c_k (-a_k)."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def forward(self, student, teachers, valids, spec: LossSpec):
+        k = kernels()
+        B, T, V = student.shape
+        K, N = len(teachers), B * T
+        valids, valid_bytes, own = shared_student_pass(student, valids, K, spec)
+        tokens = local_tokens(teachers[0].tokens.reshape(N), self.shard)
+        s_y = owned_logit(student, tokens.view(B, T)).reshape(-1)
+        rollout = teachers[0].rollout
+        loss = common.new_buffer(K, N, dtype=torch.float32, device=student.device)
+        merged = common.new_buffer(K, k.NUM_STATS, N, dtype=torch.float32, device=student.device)
+        rows = [_stat(name) for name in ("STAT_TEACHER_LSE", "STAT_CONFIDENCE", "STAT_TEACHER_ENTROPY")]
+        for logits in (True, False):
+            members = [i for i, t in enumerate(teachers) if (t.logits is not None) == logits]
+            if not members:
+                continue
+            columns, u_y = [], []
+            for i in members:
+                column = own.clone()  # the student's slice statistics, and the teacher's (a logits teacher's pass)
+                if logits:
+                    u = teachers[i].logits[..., :V]
+                    column[rows] = _teacher_pass(u, valids[i].to(torch.int8), tokens, spec)[rows]
+                    u_y.append(owned_logit(u, tokens.view(B, T)).reshape(-1))
+                columns.append(column)
+            M = len(members)
+            flat = torch.stack(columns, 1).reshape(k.NUM_STATS, M * N)
+            server = None if logits else torch.cat([teachers[i].logprobs.reshape(N) for i in members])
+            loss[members] = merge_kernel_stats(
+                flat, valids[members].reshape(M * N), "sampled", spec.temperature, self.shard, s_y.repeat(M),
+                torch.cat(u_y) if logits else None, server, None if rollout is None else rollout.reshape(N).repeat(M),
+                power=spec.sampled_power).view(M, N)
+            merged[members] = flat.view(k.NUM_STATS, M, N).transpose(0, 1)
+        lse = torch.where(valids, merged[:, _stat("STAT_STUDENT_LSE")], float("-inf")).amax(0)
+        own[_stat("STAT_STUDENT_LSE")] = torch.where(valid_bytes != 0, lse, 0.0)  # the whole vocabulary's
+        multipliers = torch.where(valids, merged[:, _stat("STAT_AUX")], 0.0)
+        saved = ShardedSampledSaved(student, valid_bytes, tokens, own, multipliers, valids, spec)
+        public = merged[:, : k.NUM_PUBLIC_STATS].reshape(K, k.NUM_PUBLIC_STATS, B, T)
+        return loss.view(K, B, T), public, saved
+
+    @staticmethod
+    def backward(saved: ShardedSampledSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, T, _ = saved.student.shape
+        K, N = saved.valids.shape
+        c = torch.where(saved.valids, coef.reshape(K, N).to(torch.float32), 0.0)
+        stats = saved.stats.clone()
+        stats[_stat("STAT_AUX")] = (c * saved.multipliers).sum(0)  # sum_k c_k (-a_k): the kernel's multiplier
+        one = TritonSaved(saved.student, None, saved.valid_bytes, saved.tokens, stats, divergence_id("sampled"),
+                          saved.spec)
+        return TritonPass.backward(one, saved.valid_bytes.to(torch.float32).view(B, T), out)
