@@ -178,9 +178,10 @@ def _world_case(rank, world, group):
 
     case("ranks launch differently, one merge", launches_differ)
 
-    def fused_linear(divergence):
-        # three hidden-state teachers on the rank's lm_head rows: each chunk's student logits projected once for
-        # them, one merge per chunk; the hidden states' gradient summed over the group, the weight's and the bias's
+    def fused_linear(divergence, K):
+        # K hidden-state teachers on the rank's lm_head rows: each chunk's student logits projected once for them,
+        # one merge per chunk (five: a launch of four and one alone, whose backward writes the gradient over the
+        # chunk's logits last); the hidden states' gradient summed over the group, the weight's and the bias's
         # this rank's rows
         g = _gen(31)
         H, Ht, local_vocab, chunk = 6, 5, 9, 4
@@ -188,10 +189,10 @@ def _world_case(rank, world, group):
         h, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((B, T, H), (V, H), (V,)))
         heads = [(torch.randn(B, T, Ht, generator=g, dtype=torch.float64), torch.randn(V, Ht, generator=g,
                                                                                       dtype=torch.float64))
-                 for _ in range(3)]
-        _, _, mask, mixing = _problem(world, local_vocab, K=3)
+                 for _ in range(K)]
+        _, _, mask, mixing = _problem(world, local_vocab, K=K)
         sl = slice(rank * local_vocab, (rank + 1) * local_vocab)
-        options = dict(mixing=[0.5, 0.3, 0.2], mask=mask, divergence=divergence, temperature=0.8,
+        options = dict(mixing=[0.1 * (k + 1) for k in range(K)], mask=mask, divergence=divergence, temperature=0.8,
                        student_logit_scale=0.7, weighting=wpkl.Weighting(accumulated=0.5), fused_linear=True)
         x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True), b[sl].float().requires_grad_(True)]
         calls, undo = _counting()
@@ -205,7 +206,8 @@ def _world_case(rank, world, group):
         finally:
             undo()
         chunks = -(-int(mask.sum()) // chunk)
-        assert calls == {"mixture": [3] * chunks, "single": 0, "merges": chunks}, calls
+        launches = [min(K, 4)] * chunks
+        assert calls == {"mixture": launches, "single": chunks * (K > 4), "merges": chunks}, calls
         y = [t.clone().requires_grad_(True) for t in (h, w, b)]
         whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=t, teacher_weight=tw)
                                                               for t, tw in heads],
@@ -215,8 +217,8 @@ def _world_case(rank, world, group):
         for got, truth in zip(x, (y[0].grad, y[1].grad[sl], y[2].grad[sl]), strict=True):
             torch.testing.assert_close(got.grad.double(), truth, rtol=2e-4, atol=2e-6)
 
-    for divergence in ("reverse_kl", "forward_kl"):
-        case(f"fused-linear {divergence}", lambda d=divergence: fused_linear(d))
+    for divergence, K in (("reverse_kl", 3), ("forward_kl", 5)):
+        case(f"fused-linear {divergence} K={K}", lambda d=divergence, k=K: fused_linear(d, k))
 
     def sampled(power, fused):
         # the sampled-token loss: two logits teachers (float32, bfloat16) and a server's log q(y), a mixing tensor

@@ -238,7 +238,9 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     shared = sum(len(g) for _, g in groups)
     passes = len(groups) + len(problems) - shared
     what = "projected" if problems[0].linear else "read"
-    labels = {"shards": "logits on vocabulary shards (their statistics merged at once)"}
+    labels = {"shards": "logits or hidden-state on vocabulary shards (their statistics merged at once)",
+              "shards-sampled": "sampled-token on vocabulary shards (a merge per form)",
+              "logits+top-k": "logits and top-k", "hidden+top-k": "hidden-state and top-k"}
     forms_line = ", ".join(f"{len(g)} {labels.get(form, form)}" for form, g in groups)
     passes_line = "1 pass" if passes == 1 else f"{passes} passes"
     return MixturePlan(Route("triton", "mixed kernels", "torch", routes[0].schedule, False,

@@ -84,21 +84,26 @@ class ShardedMixturePass:
 
     @staticmethod
     def backward(saved: ShardedMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The launches' gradients summed into ``out``: the first launch writes it; the others (teachers of
-        another dtype or past the kernel's slots) write one scratch buffer in turn, added to it (as autograd adds
-        separate passes' gradients: in half precision such elements round twice)."""
-        scratch = torch.empty_like(out) if len(saved.parts) > 1 else None
-        for n, (index, part) in enumerate(saved.parts):
-            target = out if n == 0 else scratch
+        """The launches' gradients summed into ``out``. ``out`` may be the student logits' own storage (the
+        fused-linear form's chunks), so the first launch writes it last: the others (teachers of another dtype
+        or past the kernel's slots) write a buffer first (a second one for a third launch, added in), which is
+        then added to it (as autograd adds separate passes' gradients: in half precision such elements round
+        twice)."""
+        def run(index, part, target):
             if len(index) == 1:
                 TritonPass.backward(replace(part, student=saved.student, teacher=saved.teachers[index[0]]),
                                     coef[index[0]], target)
             else:
                 TritonMixturePass.backward(replace(part, student=saved.student,
                                                    teachers=[saved.teachers[i] for i in index]), coef[index], target)
-            if n > 0:
-                out.add_(target)
-        return out
+
+        (first, *others), rest = saved.parts, None
+        for n, (index, part) in enumerate(others):
+            target = torch.empty_like(out)
+            run(index, part, target)
+            rest = target if n == 0 else rest.add_(target)
+        run(*first, out)
+        return out if rest is None else out.add_(rest)
 
 
 @dataclass
