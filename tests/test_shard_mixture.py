@@ -298,6 +298,58 @@ def _world_case(rank, world, group):
         for fused in (False, True):
             case(f"sampled power={power} fused-linear={fused}", lambda p=power, f=fused: sampled(p, f))
 
+    def empty(form):
+        # no tokens: every rank still makes the pass's merges (the same collectives), loss 0, a zero-size gradient
+        import wpkl.parallel.shard_mixture as module
+
+        merges, merge = [], module.merge_kernel_stats
+        module.merge_kernel_stats = lambda *args, **kwargs: merges.append(1) or merge(*args, **kwargs)
+        try:
+            if form == "fused-linear":
+                h, w = torch.randn(2, 0, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+                teachers = [dict(teacher_hidden=torch.randn(2, 0, 3), teacher_weight=torch.randn(5, 3))] * 2
+                loss = wpkl.multi_teacher_loss(h, w, teachers=teachers, fused_linear=True, process_group=group,
+                                               backend="triton", reduction="sum")
+                leaves = (h, w)
+            else:
+                x = torch.randn(2, 0, 5, requires_grad=True)
+                options = dict(divergence="sampled", tokens=torch.zeros(2, 0, dtype=torch.int64)) \
+                    if form == "sampled" else {}
+                teachers = [torch.randn(2, 0, 5), torch.randn(2, 0, 5)] + (
+                    [dict(teacher_logits=None, teacher_logprobs=torch.zeros(2, 0))] if form == "sampled" else [])
+                loss = wpkl.multi_teacher_loss(x, teachers=teachers, process_group=group, backend="triton",
+                                               reduction="sum", **options)
+                leaves = (x,)
+            loss.backward()
+        finally:
+            module.merge_kernel_stats = merge
+        assert loss.item() == 0.0 and all(leaf.grad is not None and leaf.grad.abs().sum() == 0 for leaf in leaves)
+        assert len(merges) == (2 if form == "sampled" else 1 if form == "logits" else 0), merges
+
+    for form in ("logits", "sampled", "fused-linear"):
+        case(f"no tokens: {form}", lambda f=form: empty(f))
+
+    def sampled_routing():
+        # a one-hot mixing tensor on the host: the sampled-token teachers still share (no teacher's work per element)
+        _, teachers, mask, _ = _problem(world, 6, K=3)
+        student = _problem(world, 6, K=3)[0]
+        tokens = torch.randint(0, 6 * world, (B, T), generator=_gen(5))
+        routing = torch.nn.functional.one_hot(torch.randint(0, 3, (B, T), generator=_gen(6)), 3).permute(2, 0, 1)
+        sl = slice(rank * 6, rank * 6 + 6)
+        options = dict(mask=mask, tokens=tokens, divergence="sampled", mixing=routing.float())
+        calls, undo = _counting()
+        try:
+            loss = wpkl.multi_teacher_loss(student[..., sl].float(), teachers=[t[..., sl].float() for t in teachers],
+                                           process_group=group, backend="triton", **options)
+        finally:
+            undo()
+        whole = wpkl.multi_teacher_loss(student.float(), teachers=[t.float() for t in teachers], backend="torch",
+                                        **options)
+        assert calls["merges"] == 1, calls
+        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
+
+    case("sampled routing shares", sampled_routing)
+
     def passes_of(options, teachers=None, mixing=None, K=3):
         """The launches and merges of a sharded call (the float32 reference on the whole vocabulary checks
         its value)."""
@@ -390,4 +442,5 @@ def _worker(rank, world, port, out_dir):
 def test_teachers_on_vocabulary_shards_share_one_merge(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=400)[world]
     assert_ranks_passed(results)
-    assert all(len(r["results"]) == 6 + 1 + 2 + 4 + 4 + 4 for r in results), [sorted(r["results"]) for r in results]
+    assert all(len(r["results"]) == 6 + 1 + 2 + 4 + 3 + 1 + 4 + 4 for r in results), [sorted(r["results"])
+                                                                                      for r in results]
