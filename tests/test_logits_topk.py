@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import wpkl
-from test_mixture_pass import BY_IDS, B, T, _teachers, _truth, assert_each_teacher, mixing_of
+from test_mixture_pass import (BY_IDS, B, T, _teachers, _truth, assert_each_teacher, assert_matches_the_reference_call,
+                               mixing_of)
 from test_topk import topk_teacher
 from utils import DTYPES
 from wpkl.backends import triton_topk
@@ -178,16 +179,7 @@ def test_a_call_mixing_forms_reads_the_student_once(case, monkeypatch, small_blo
                      "single backward": single_backwards}, calls
     monkeypatch.undo()
     options["mixing"] = weights
-    y = student64.clone().requires_grad_(True)
-    expected = wpkl.multi_teacher_loss(y, teachers=teachers, backend="reference", **options)
-    expected, expected_stats = expected if isinstance(expected, tuple) else (expected, None)
-    (expected * (upstream if expected.dim() else 1.0)).sum().backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
-    if stats is not None:
-        for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy"):
-            torch.testing.assert_close(getattr(stats, name).double(), getattr(expected_stats, name).double(),
-                                       rtol=2e-5, atol=2e-6)
+    assert_matches_the_reference_call(loss, stats, x, student64, teachers, upstream, **options)
 
 
 def test_the_route_says_so():

@@ -139,6 +139,22 @@ def assert_each_teacher(loss, stats, grad, student, valids, coef, terms):
     assert torch.equal(grad[unseen], torch.zeros_like(grad[unseen]))
 
 
+def assert_matches_the_reference_call(loss, stats, x, student64, teachers, upstream, **options):
+    """An engine test's multi_teacher_loss call (its ``loss``, ``stats`` or None, and the student ``x`` whose
+    gradient its backward of ``loss * upstream`` left) against the float64 reference call on ``student64`` and
+    ``teachers`` with the same options: the loss, the gradient and the stats."""
+    y = student64.clone().requires_grad_(True)
+    expected = wpkl.multi_teacher_loss(y, teachers=teachers, backend="reference", **options)
+    expected, expected_stats = expected if isinstance(expected, tuple) else (expected, None)
+    (expected * (upstream if expected.dim() else 1.0)).sum().backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
+    if stats is not None:
+        for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy"):
+            torch.testing.assert_close(getattr(stats, name).double(), getattr(expected_stats, name).double(),
+                                       rtol=2e-5, atol=2e-6)
+
+
 def counting_projections(monkeypatch) -> list:
     """The fused-linear form's projections, as the list of the weights' data pointers they used (in order)."""
     import wpkl.engine.linear as linear

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import wpkl
-from test_mixture_pass import BY_IDS, B, T, _truth, _valids, assert_each_teacher, counting_projections, mixing_of
+from test_mixture_pass import (BY_IDS, B, T, _truth, _valids, assert_each_teacher, assert_matches_the_reference_call,
+                               counting_projections, mixing_of)
 from test_topk import topk_teacher
 from utils import DTYPES
 from wpkl.backends import triton_topk
@@ -209,16 +210,7 @@ def test_dense_mixing_reads_the_student_once(mixing, monkeypatch, small_blocks):
     assert calls == ({"student forward": 0, "dense backward": 0, "groups": []} if mixing == "with a logits teacher"
                      else {"student forward": 1, "dense backward": 1, "groups": [K]})
     monkeypatch.undo()
-    y = student64.clone().requires_grad_(True)
-    expected = wpkl.multi_teacher_loss(y, teachers=teachers, backend="reference", **options)
-    expected, expected_stats = expected if isinstance(expected, tuple) else (expected, None)
-    (expected * (upstream if expected.dim() else 1.0)).sum().backward()
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-6)
-    if stats is not None:
-        for name in ("divergence", "weight", "teacher_confidence", "teacher_entropy", "student_entropy"):
-            torch.testing.assert_close(getattr(stats, name).double(), getattr(expected_stats, name).double(),
-                                       rtol=2e-5, atol=2e-6)
+    assert_matches_the_reference_call(loss, stats, x, student64, teachers, upstream, **options)
 
 
 @pytest.mark.parametrize("divergence", ("reverse_kl", "jsd"))

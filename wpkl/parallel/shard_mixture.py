@@ -1,5 +1,6 @@
 """Several logits teachers on vocabulary shards (wpkl.multi_teacher_loss with ``process_group``, reverse or forward
-KL): each rank's kernels read its slice of the student once per group of up to MAX_TEACHERS teachers
+KL; the fused-linear form's hidden-state teachers chunk by chunk, wpkl/engine/mixture.py: LinearMixtureAdapter):
+each rank's kernels read its slice of the student once per group of up to MAX_TEACHERS teachers
 (kernels/token_mixture.py), and one ``merge_kernel_stats`` call (two all-reduces, whatever the number of teachers)
 makes every teacher's statistics the whole vocabulary's; the backward kernels then need no collective.
 
@@ -22,10 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..backends import common
-from ..backends.common import divergence_id, kernels
+from ..backends.common import kernels
 from ..backends.triton_mixture import TritonMixturePass, element_grid, max_teachers
-from ..backends.triton_pass import TritonPass, TritonSaved
-from ..backends.triton_sampled import _teacher_pass
+from ..backends.triton_pass import TritonPass
+from ..backends.triton_sampled import SampledMixtureSaved, TritonSampledMixturePass, _teacher_pass
 from ..backends.triton_topk import _stat, shared_student_pass
 from ..spec import LossSpec
 from .merge import merge_kernel_stats
@@ -106,18 +107,6 @@ class ShardedMixturePass:
         return out if rest is None else out.add_(rest)
 
 
-@dataclass
-class ShardedSampledSaved:
-    student: torch.Tensor | None
-    valid_bytes: torch.Tensor  # [N] int8: some teacher sees the token
-    tokens: torch.Tensor  # [N] int64: this rank's column of the sampled token (-1: another rank's)
-    stats: torch.Tensor  # [NUM_STATS, N] fp32: the student's, its T lse the whole vocabulary's
-    multipliers: torch.Tensor  # [K, N] fp32: -a_k, 0 where teacher k does not see the token
-    valids: torch.Tensor  # [K, N] bool
-    spec: LossSpec
-    teachers: None = None  # (the fused-linear form drops and attaches ``student`` and ``teachers``)
-
-
 class ShardedSampledMixturePass:
     """Several teachers of the sampled-token loss on vocabulary shards (wpkl/backends/triton_sampled.py's pass on
     this rank's slice): the student pass once, each logits teacher's pass on its own tokens, then one merge for
@@ -161,17 +150,9 @@ class ShardedSampledMixturePass:
         lse = torch.where(valids, merged[:, _stat("STAT_STUDENT_LSE")], float("-inf")).amax(0)
         own[_stat("STAT_STUDENT_LSE")] = torch.where(valid_bytes != 0, lse, 0.0)  # the whole vocabulary's
         multipliers = torch.where(valids, merged[:, _stat("STAT_AUX")], 0.0)
-        saved = ShardedSampledSaved(student, valid_bytes, tokens, own, multipliers, valids, spec)
+        # (the one-device pass's state: its backward kernel then runs on the slice, with this rank's token columns)
+        saved = SampledMixtureSaved(student, valid_bytes, tokens, own, multipliers, valids, spec)
         public = merged[:, : k.NUM_PUBLIC_STATS].reshape(K, k.NUM_PUBLIC_STATS, B, T)
         return loss.view(K, B, T), public, saved
 
-    @staticmethod
-    def backward(saved: ShardedSampledSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, T, _ = saved.student.shape
-        K, N = saved.valids.shape
-        c = torch.where(saved.valids, coef.reshape(K, N).to(torch.float32), 0.0)
-        stats = saved.stats.clone()
-        stats[_stat("STAT_AUX")] = (c * saved.multipliers).sum(0)  # sum_k c_k (-a_k): the kernel's multiplier
-        one = TritonSaved(saved.student, None, saved.valid_bytes, saved.tokens, stats, divergence_id("sampled"),
-                          saved.spec)
-        return TritonPass.backward(one, saved.valid_bytes.to(torch.float32).view(B, T), out)
+    backward = staticmethod(TritonSampledMixturePass.backward)  # no collective: the merged lse is all it needs
