@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .cases import CASES, DEFAULT_SHAPES, QUICK_SHAPES, SMOKE_SHAPE, make_inputs, minimal_bytes_for, parse_shape
+from .cases import (CASES, DEFAULT_SHAPES, QUICK_SHAPES, SMOKE_SHAPE, case_teachers, make_inputs, minimal_bytes_for,
+                    parse_shape)
 from .measure import (
     CPU_MEMORY_METHOD,
     CUDA_MEMORY_METHOD,
@@ -95,8 +96,7 @@ def interpreter_smoke(case) -> Row:
         leaf = inputs.student.detach().clone().requires_grad_(True)
         options = dict(mask=inputs.mask, weighting=case.weighting, divergence=case.divergence, backend=backend,
                        **({} if case.topk else dict(tokens=inputs.tokens)), **dict(case.options))
-        teachers = (inputs.topk_teachers(case.teachers) if case.topk
-                    else [inputs.teacher, inputs.second_teacher()][:case.teachers])
+        teachers = case_teachers(case, inputs)
         if case.teachers > 1:
             loss = wpkl.multi_teacher_loss(leaf, teachers=teachers, **options)
         elif case.topk:

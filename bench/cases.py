@@ -39,6 +39,7 @@ class Case:
     options: tuple = ()  # further wpkl options, (name, value) pairs (PowerOPD's sampled_power)
     teachers: int = 1  # mopd: the student against two teachers (wpkl.multi_teacher_loss)
     topk: bool = False  # the teachers are teacher servers' top-k answers (no teacher logits)
+    with_logits: bool = False  # a top-k case's first teacher gives its logits instead (mopd_logits_topk)
 
 
 CASES = {
@@ -66,6 +67,10 @@ CASES = {
     "mopd_topk": Case("mopd_topk", "forward_kl", None, f"MOPD: forward KL against two teacher servers' top-{TOPK} "
                       "log-probs with the tail atom, 1/2 each (wpkl.multi_teacher_loss: one student pass for both)",
                       teachers=2, topk=True),
+    "mopd_logits_topk": Case("mopd_logits_topk", "forward_kl", None, "MOPD: forward KL against a teacher's logits "
+                             f"and a teacher server's top-{TOPK} log-probs with the tail atom, 1/2 each "
+                             "(wpkl.multi_teacher_loss: one pass reads the student for both forms)",
+                             teachers=2, topk=True, with_logits=True),
 }
 
 # The set that matters (on a GPU): bf16, N in {4096, 16384} x V in {32000, 128256, 151936, 262144}, and fp32.
@@ -148,4 +153,14 @@ def minimal_bytes_for(case: Case, shape: Shape, backward: bool) -> int:
     size = torch.empty((), dtype=getattr(torch, shape.dtype)).element_size()
     if not case.topk:
         return minimal_bytes(shape, backward) + (case.teachers - 1) * shape.tokens * shape.vocab * size
-    return (2 if backward else 1) * shape.tokens * shape.vocab * size + case.teachers * shape.tokens * TOPK * 12
+    lists = case.teachers - case.with_logits  # (a logits teacher beside them: its row read once, forward)
+    return ((2 if backward else 1) + case.with_logits) * shape.tokens * shape.vocab * size + \
+        lists * shape.tokens * TOPK * 12
+
+
+def case_teachers(case: Case, inputs: "Inputs") -> list:
+    """The case's teachers as wpkl takes them (tensors of logits, or dicts of a teacher server's top-k answer);
+    made before timing: inputs, not costs."""
+    if case.topk:
+        return [inputs.teacher] * case.with_logits + inputs.topk_teachers(case.teachers - case.with_logits)
+    return [inputs.teacher, inputs.second_teacher()][:case.teachers]

@@ -23,7 +23,7 @@ import torch
 
 import wpkl
 
-from .cases import GAMMA, HALF_LIFE, Case, Inputs
+from .cases import GAMMA, HALF_LIFE, Case, Inputs, case_teachers
 
 PROVIDERS = ("wpkl", "wpkl-torch", "eager", "compiled", "trl", "liger")
 
@@ -42,6 +42,14 @@ def eager_topk_loss(student, topk_ids, topk_logprobs, mask):
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)
     valid = mask.float()
     return (kl * valid).sum() / valid.sum().clamp_min(1)
+
+
+def eager_forward_kl(student, teacher, mask):
+    """Forward KL over the full vocabulary, masked mean (a logits teacher beside top-k ones: mopd_logits_topk)."""
+    log_p = torch.log_softmax(student.float(), dim=-1)
+    log_q = torch.log_softmax(teacher.float(), dim=-1)
+    valid = mask.float()
+    return ((log_q.exp() * (log_q - log_p)).sum(-1) * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _mopd_term(log_p, log_q, case_name: str, tokens):
@@ -125,11 +133,11 @@ def _compiled_loss(backward: bool):
 _compiled_topk_fns = {}
 
 
-def _compiled_topk(backward: bool):
-    if backward not in _compiled_topk_fns:
+def _compiled_topk(backward: bool, fn=eager_topk_loss):
+    if (backward, fn) not in _compiled_topk_fns:
         _compiled_loss(backward)  # the recompile limits
-        _compiled_topk_fns[backward] = torch.compile(eager_topk_loss, dynamic=True)
-    return _compiled_topk_fns[backward]
+        _compiled_topk_fns[backward, fn] = torch.compile(fn, dynamic=True)
+    return _compiled_topk_fns[backward, fn]
 
 
 def _trl_iw_opd(student, teacher, labels, tokens):
@@ -170,8 +178,8 @@ def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable
     """A zero-argument function computing the case's loss with this provider."""
     s, t, mask, tokens = inputs.student, inputs.teacher, inputs.mask, inputs.tokens
     if case.topk:
-        teachers = inputs.topk_teachers(case.teachers)  # made before timing: inputs, not costs
-        lists = [(t["teacher_topk_ids"], t["teacher_topk_logprobs"]) for t in teachers]
+        teachers = case_teachers(case, inputs)  # made before timing: inputs, not costs
+        lists = [(t["teacher_topk_ids"], t["teacher_topk_logprobs"]) for t in teachers if isinstance(t, dict)]
         if provider in ("wpkl", "wpkl-torch"):
             options = dict(mask=mask, topk_mode="tail", divergence="forward_kl",
                            backend="triton" if provider == "wpkl" else "torch")
@@ -180,7 +188,9 @@ def build(provider: str, case: Case, inputs: Inputs, backward: bool) -> Callable
             return lambda: wpkl.weighted_kl_loss(s, None, **teachers[0], **options)
         if provider in ("eager", "compiled"):  # several teachers: 1/K each of the same masked mean
             fn = eager_topk_loss if provider == "eager" else _compiled_topk(backward)
-            return lambda: sum(fn(s, ids, logprobs, mask) for ids, logprobs in lists) / len(lists)
+            dense = eager_forward_kl if provider == "eager" else _compiled_topk(backward, eager_forward_kl)
+            return lambda: (sum(fn(s, ids, logprobs, mask) for ids, logprobs in lists)
+                            + (dense(s, t, mask) if case.with_logits else 0.0)) / case.teachers
     second = inputs.second_teacher() if case.teachers == 2 else None  # made before timing: an input, not a cost
     if provider in ("wpkl", "wpkl-torch"):
         backend = "triton" if provider == "wpkl" else "torch"

@@ -41,10 +41,10 @@ def test_rows_and_metadata(results):
     # TRL has no combined weighting; the Triton kernels are not timed on a CPU, only smoke-tested.
     assert any(r["provider"] == "trl" and r["case"] == "combined" and r["status"] == "skipped" for r in rows)
     smoke = [r for r in rows if r["provider"] == "wpkl" and r["status"].startswith("smoke")]
-    assert len(smoke) == 10 and all(r["status"] == "smoke-ok" for r in smoke)
+    assert len(smoke) == 11 and all(r["status"] == "smoke-ok" for r in smoke)
     # Every provider computed the same loss for the same case and shape.
     for case in ("uniform", "combined", "iw_opd", "topk", "power_opd", "tip", "mopd", "mopd_jsd", "mopd_sampled",
-                 "mopd_topk"):
+                 "mopd_topk", "mopd_logits_topk"):
         losses = {r["note"] for r in timed if r["case"] == case and r["mode"] == "fwd"}
         assert len(losses) == 1, (case, losses)
     markdown = path.with_suffix(".md").read_text()
@@ -52,7 +52,7 @@ def test_rows_and_metadata(results):
     # The torch path's time against eager torch, per case (issue: it must be at least as fast at N=2048 V=32000).
     assert "wpkl's torch path against eager torch" in markdown
     for case in ("uniform", "combined", "iw_opd", "topk", "power_opd", "tip", "mopd", "mopd_jsd", "mopd_sampled",
-                 "mopd_topk"):
+                 "mopd_topk", "mopd_logits_topk"):
         assert f"- {case} N=48 V=384 float32: " in markdown
 
 
@@ -62,7 +62,7 @@ def test_plot(results, tmp_path):
     run = _bench("--plot", str(path), "--plot-dir", str(tmp_path))
     assert run.returncode == 0, run.stderr[-2000:]
     pngs = sorted(tmp_path.glob("*.png"))
-    assert len(pngs) == 12 and all(p.stat().st_size > 10_000 for p in pngs)  # 10 logits cases, 2 fused-linear
+    assert len(pngs) == 13 and all(p.stat().st_size > 10_000 for p in pngs)  # 11 logits cases, 2 fused-linear
 
 
 def test_help_lists_options():
