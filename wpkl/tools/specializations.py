@@ -20,16 +20,19 @@ MIXTURE_JSD_TEACHERS = (2,)  # jsd's groups hold two (wpkl/backends/triton_mixtu
 # adds their dense part ("dense"), and the atoms kernel ("mixture_atoms") rewrites their merged atom columns.
 
 
-def mixture_variants(kernel: str, divergence: str) -> list[str]:
-    """The teacher counts (KB) and backward forms of the mixture kernels' launches."""
+def mixture_variants(kernel: str, divergence: str, quick: bool = False) -> list[str]:
+    """The teacher counts (KB) and backward forms of the mixture kernels' launches (``quick``: with top-k
+    teachers, the one-teacher and the largest groups only, which hold the gated and the largest register counts)."""
     counts = MIXTURE_JSD_TEACHERS if divergence == "jsd" else MIXTURE_TEACHERS
+    with_topk = (1, counts[-1]) if quick else (1, *counts)
     if kernel == "mixture_fwd":
         return [f"K={k}" for k in (1, *counts)]
     if kernel == "mixture_atoms":  # the top-k teachers' merged atoms: a block that is masked, and the largest
         from wpkl.backends.triton_topk import MAX_ATOM_BLOCK
 
-        return [f"K={k} A={TOPK_SIZES[-1]}" for k in (1, *counts)] + [f"K={counts[-1]} A={MAX_ATOM_BLOCK}"]
-    return [f"K={k}" for k in counts] + [f"K={k} dense" for k in (1, *counts)]
+        masked = (1,) if quick else (1, *counts)
+        return [f"K={k} A={TOPK_SIZES[-1]}" for k in masked] + [f"K={counts[-1]} A={MAX_ATOM_BLOCK}"]
+    return [f"K={k}" for k in counts] + [f"K={k} dense" for k in with_topk]
 TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32", "int64": "i64"}
 
 
@@ -171,7 +174,7 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
                 out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, variant)
                         for kernel in ("mixture_fwd", "mixture_bwd", "mixture_atoms")
                         for divergence in MIXTURE_DIVERGENCES
-                        for variant in mixture_variants(kernel, divergence) for arch in archs]
+                        for variant in mixture_variants(kernel, divergence, quick) for arch in archs]
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
                     # Only the sampled forward reads its teacher and behaviour log-probs in several ways.
