@@ -16,7 +16,7 @@ import traceback
 import pytest
 import torch
 
-from utils import assert_ranks_passed, leave_worker, spawn_worlds
+from utils import assert_ranks_passed, leave_worker, poison_new_buffers, spawn_worlds
 
 B, T = 2, 5
 
@@ -73,18 +73,6 @@ def _counting():
         module.merge_kernel_stats = merge
 
     return calls, undo
-
-
-def _poison():
-    """Every buffer the Triton backend allocates starts as NaN (tests/conftest.py's fixture, in this process)."""
-    import wpkl.backends.common
-
-    def full_nan(*shape, dtype=None, device=None):
-        return torch.full(shape, float("nan") if dtype is None or dtype.is_floating_point else -1, dtype=dtype,
-                          device=device)
-
-    wpkl.backends.common.new_buffer = full_nan
-    wpkl.backends.common.new_buffer_like = lambda t: torch.full_like(t, float("nan"))
 
 
 def _sharded_and_whole(rank, group, world, local_vocab, dtypes, divergence, temperature, pad=0, teacher_of=None,
@@ -369,7 +357,7 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
         return calls
 
-    def topk(sl, teachers):  # the logits teachers share; the top-k teacher runs the torch pass on the shards
+    def topk(sl, teachers):  # the logits teachers share; the top-k teacher runs its own sharded kernels
         values, ids = torch.log_softmax(teachers[2], -1).float().topk(3, -1)
         return [teachers[0][..., sl].float(), teachers[1][..., sl].float(),
                 dict(teacher_topk_ids=ids, teacher_topk_logprobs=values)]
@@ -428,7 +416,7 @@ def _worker(rank, world, port, out_dir):
         import wpkl.backends.launch
 
         wpkl.backends.launch.MAX_BLOCK_V = 16  # several blocks per slice (online rescaling, ragged tails)
-        _poison()
+        poison_new_buffers()
         results = _world_case(rank, world, torch.distributed.group.WORLD)
     except Exception:  # noqa: BLE001
         results = {"setup": traceback.format_exc()}

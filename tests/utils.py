@@ -104,6 +104,19 @@ def run_torchrun(script: str, *args: str, nproc: int = 2):
                           capture_output=True, text=True, timeout=300, env=env, cwd=root)
 
 
+def poison_new_buffers() -> None:
+    """Every buffer the Triton backend allocates starts as NaN (-1 for integers), in this process: conftest.py's
+    ``poisoned_outputs`` fixture for spawned workers."""
+    import wpkl.backends.common
+
+    def full_nan(*shape, dtype=None, device=None):
+        return torch.full(shape, float("nan") if dtype is None or dtype.is_floating_point else -1, dtype=dtype,
+                          device=device)
+
+    wpkl.backends.common.new_buffer = full_nan
+    wpkl.backends.common.new_buffer_like = lambda t: torch.full_like(t, float("nan"))
+
+
 def leave_worker() -> None:
     """End a spawned gloo worker whose results are written: flush and leave without the interpreter's teardown.
     gloo's threads may still be releasing the last collectives' tensors then, which aborts the process

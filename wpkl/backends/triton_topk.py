@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..reference import TopK, topk_atom_terms
+from ..reference.vocab import owned_values
 from ..spec import LossSpec
 from . import common
 from .common import divergence_id, kernels, launch
@@ -73,16 +74,42 @@ def shared_student_pass(student, valids, K: int, spec: LossSpec):
     return valids, valid_bytes, student_pass(student, valid_bytes, spec)
 
 
-def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec):
+def gather_atoms(student, ids: list, shard=None) -> list:
+    """The student's raw logits at several teachers' ids (``ids``: [N, K_k] int64 each, global on vocabulary
+    shards) as float32 [N, K_k] each, padding and out-of-range ids reading some column (the caller masks them).
+    ``shard`` (wpkl/parallel/vocab.py's VocabShard): the rank that holds an id supplies its logit and the others 0,
+    one all-reduce of [N, sum K_k] for every teacher (exact in any dtype: one rank's value per element)."""
+    B, T, V = student.shape
+    every = torch.cat(ids, dim=1)
+    every = every.view(B, T, every.shape[1])
+    if shard is None:
+        x = student.gather(-1, every.clamp(0, max(V - 1, 0)))
+    else:
+        x = shard.sum(owned_values(student, every, shard))
+    return list(x.reshape(B * T, every.shape[2]).to(torch.float32).split([i.shape[1] for i in ids], dim=1))
+
+
+def local_atoms(ids: torch.Tensor, shard) -> torch.Tensor:
+    """Global ids as the slice's columns, -1 where another rank holds the id (the atoms kernel writes columns in
+    [0, V_local) only)."""
+    if shard is None:
+        return ids
+    local = ids - shard.offset
+    return torch.where((ids >= 0) & (local < shard.size), local, -1)
+
+
+def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec, shard=None, gathered=None):
     """One teacher's atom math (wpkl/reference/topk.py ``topk_atom_terms``) on [N, K] tensors under autograd, on
-    the rows where ``valid`` [B, T] is set, from the student pass's ``stats``: (loss [N], public stats [4, N],
-    TopKSaved, Lambda [N]), each 0 on the other rows. No [N, V] tensor is made."""
+    the rows where ``valid`` [B, T] is set, from the student pass's ``stats`` (on vocabulary shards: merged over
+    the group, the whole vocabulary's): (loss [N], public stats [4, N], TopKSaved, Lambda [N]), each 0 on the other
+    rows. No [N, V] tensor is made. ``gathered``: ``gather_atoms``'s for this teacher, when already made."""
     B, T, V = student.shape
     N, K = B * T, teacher.ids.shape[-1]
+    vocab = V if shard is None else shard.vocab
     ids = teacher.ids.reshape(N, K).to(torch.int64).contiguous()  # the atoms kernel indexes row * K + k
     valid_flat = valid.reshape(N, 1)
-    in_range = (ids >= -1) & (ids < V)
-    gathered = student.gather(-1, ids.clamp(0, max(V - 1, 0)).view(B, T, K)).reshape(N, K).to(torch.float32)
+    in_range = (ids >= -1) & (ids < vocab)
+    gathered = gather_atoms(student, [ids], shard)[0] if gathered is None else gathered
     # An id >= V (the value checks report it) gives its row a NaN loss, never a number from another column; ids
     # below -1 are padding, as in the specification (and reported by the checks too).
     x = torch.where(in_range | ~valid_flat, gathered / spec.temperature, float("nan"))
@@ -99,20 +126,25 @@ def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec):
     public = torch.stack([terms[1], terms[2], stats[_stat("STAT_STUDENT_ENTROPY")], terms[3]])
     public = torch.where(row_valid, public, 0.0).to(torch.float32)
     loss = torch.where(row_valid, terms[0].detach(), 0.0).to(torch.float32)
-    return loss, public, TopKSaved(ids, x, atom_grad), torch.where(row_valid, lam, 0.0)
+    saved = TopKSaved(local_atoms(ids, shard).contiguous(), x, atom_grad)
+    return loss, public, saved, torch.where(row_valid, lam, 0.0)
 
 
 def topk_forward(student, teacher: TopK, valid, tokens, teacher_logprobs, rollout_logprobs, spec: LossSpec,
-                 shard=None):
+                 shard=None, merge=None):
     """A top-k teacher: ``student_pass`` then ``topk_atoms``. The stats buffer then holds what the backward
     kernels read: the student's T lse (STAT_STUDENT_LSE) and -Lambda in the sampled multiplier's slot (STAT_AUX),
     so that the "sampled" backward kernel with no sampled token writes the dense part of the gradient,
-    p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms)."""
+    p_v Lambda / T (kernels/token_topk.py adds the atoms' own terms). On vocabulary shards (``shard``), ``merge``
+    (stats, valid [N], temperature, shard) makes the slice's student statistics the whole vocabulary's
+    (wpkl/parallel/shard_topk.py); the backward kernels then run on the slice unchanged."""
     B, T, _ = student.shape
     N = B * T
     valid_bytes = valid.reshape(N).to(torch.int8)
     stats = student_pass(student, valid_bytes, spec)
-    loss, public, atoms, lam = topk_atoms(student, stats, teacher, valid, spec)
+    if merge is not None:
+        merge(stats, valid.reshape(N), spec.temperature, shard)
+    loss, public, atoms, lam = topk_atoms(student, stats, teacher, valid, spec, shard)
     stats[_stat("STAT_AUX")] = -lam  # the backward kernel's multiplier slot
     saved = TritonSaved(student, None, valid_bytes, _no_token(N, student.device), stats, divergence_id("sampled"),
                         spec, atoms)
@@ -212,12 +244,17 @@ class TopKMixtureSaved:
 
 class TritonTopKMixturePass:
     @staticmethod
-    def forward(student, teachers, valids, spec: LossSpec):
+    def forward(student, teachers, valids, spec: LossSpec, shard=None, merge=None):
+        """One student pass (on vocabulary shards, ``merge``d as in ``topk_forward``), every teacher's atoms
+        gathered at once, then each teacher's atom math."""
         B, T, _ = student.shape
         K = len(teachers)
         valids, valid_bytes, stats = shared_student_pass(student, valids, K, spec)
-        parts = [topk_atoms(student, stats, t, valid.view(B, T), spec) for t, valid in zip(teachers, valids,
-                                                                                             strict=True)]
+        if merge is not None:
+            merge(stats, valid_bytes != 0, spec.temperature, shard)
+        ids = [t.ids.reshape(B * T, t.ids.shape[-1]).to(torch.int64) for t in teachers]
+        parts = [topk_atoms(student, stats, t, valid.view(B, T), spec, shard, x)
+                 for t, valid, x in zip(teachers, valids, gather_atoms(student, ids, shard), strict=True)]
         loss = torch.stack([p[0] for p in parts]).view(K, B, T)
         public = torch.stack([p[1] for p in parts]).view(K, 4, B, T)
         saved = TopKMixtureSaved(student, valid_bytes, stats, [p[2] for p in parts],

@@ -12,7 +12,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
     "shards"   MixtureAdapter, ShardedMixturePass (wpkl/parallel/shard_mixture.py): logits teachers on vocabulary
                shards, any number, one merge of their statistics (LinearMixtureAdapter: hidden-state teachers,
                one merge per chunk); "shards-sampled" ShardedSampledMixturePass the same for the sampled-token
-               loss's teachers (a merge per form of teacher)
+               loss's teachers (a merge per form of teacher); "shards-top-k" ShardedTopKMixturePass
+               (wpkl/parallel/shard_topk.py) top-k teachers, any number, one merge and one gather of their atoms
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
                schedule as linear.py's)
 
@@ -34,6 +35,7 @@ from ..backends.triton_sampled import SampledTeacher, TritonSampledMixturePass
 from ..backends.triton_topk import TritonTopKMixturePass
 from ..inputs.data import Problem, TeacherLinear
 from ..parallel.shard_mixture import ShardedMixturePass, ShardedSampledMixturePass
+from ..parallel.shard_topk import ShardedTopKMixturePass
 from ..reference import TokenTerms, TopK
 from .chunks import chunk_size_for, plan_chunks, weights_context
 from .linear import _Grads, _Projector, linear_terms, logits_grad
@@ -70,7 +72,7 @@ def _sampled(tensors, rows=None):
 # "shards": a pass built on the call's vocabulary shard.
 _FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
           "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None),
-          "shards-sampled": (ShardedSampledMixturePass, _sampled),
+          "shards-sampled": (ShardedSampledMixturePass, _sampled), "shards-top-k": (ShardedTopKMixturePass, _top_k),
           "logits+top-k": (TritonLogitsTopKPass, _logits_and_top_k)}
 
 
@@ -112,7 +114,8 @@ class LinearMixtureAdapter:
         self.passes = _FORMS[form.replace("hidden", "logits")][0]
         self.shard = problem.shard  # ("shards": hidden-state teachers on vocabulary shards, one merge per chunk)
         if form.startswith("shards"):  # the one-device form's tensors and chunks, the sharded pass
-            self.passes, self.form = self.passes(problem.shard), "hidden" if form == "shards" else "sampled"
+            self.passes = self.passes(problem.shard)
+            self.form = {"shards": "hidden", "shards-sampled": "sampled", "shards-top-k": "top-k"}[form]
         self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if form == "hidden+top-k" else None
 
     def _heads(self, tensors):

@@ -10,8 +10,9 @@ compares its ``key``, and ``str(route)`` is the one line errors and the CLI prin
     terms      "fused op"        one custom op: vocabulary pass + weights kernel (materialized logits, one device)
                "kernels"         the Triton pass through the engine's autograd Function (a top-k teacher; each
                                  chunk of the fused-linear form)
-               "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group
-               "torch pass"      the torch pass (also jsd 0 < beta < 1 and top-k teachers on vocabulary shards)
+               "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group (a top-k
+                                 teacher: the student's, and its atoms' logits gathered from their ranks)
+               "torch pass"      the torch pass (also jsd 0 < beta < 1 on vocabulary shards)
                "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states,
                                  top-k or sampled-token teachers, logits and top-k ones together, logits teachers
                                  on vocabulary shards; the student read or projected once per pass)
@@ -137,7 +138,8 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards", "shards-sampled": wpkl/engine/mixture.py's); a
+    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards", "shards-sampled", "shards-top-k":
+    wpkl/engine/mixture.py's); a
     teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
 
     route: Route
@@ -150,6 +152,8 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
     from ..backends.triton_mixture import element_grid
 
     spec = problem.spec
+    if own.terms == "sharded kernels" and problem.teacher_topk is not None:
+        return ("shards-top-k", spec)  # any number, every divergence and mixing: one merge, one gather of atoms
     if own.terms == "sharded kernels":
         # logits teachers with a KL: every rank's kernels take its slice (grouped there by dtype and element grid,
         # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py);
@@ -200,7 +204,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     hidden-state) teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py:
     one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL, any
     number, their statistics merged at once (wpkl/parallel/shard_mixture.py), (dense mixing) hidden-state
-    teachers, one merge per chunk, and the sampled-token loss's teachers. The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
+    teachers, one merge per chunk, the sampled-token loss's teachers, and top-k teachers (one merge of the
+    student's statistics, one gather of their atoms: wpkl/parallel/shard_topk.py). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
     collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
@@ -228,7 +233,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
             groups.append((f"{logits[0]}+top-k", tuple(forms[logits][:size]) + tuple(members)))
             forms[logits], forms[form] = forms[logits][size:], []
     for form, members in forms.items():
-        size = len(members) if form[0] in ("top-k", "sampled", "shards", "shards-sampled") else max_teachers(form[1])
+        size = len(members) if form[0] in ("top-k", "sampled", "shards", "shards-sampled", "shards-top-k") else \
+            max_teachers(form[1])
         if not members:
             continue
         groups += [(form[0], tuple(members[i: i + size])) for i in range(0, len(members), size)
@@ -240,6 +246,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     what = "projected" if problems[0].linear else "read"
     labels = {"shards": "logits or hidden-state on vocabulary shards (their statistics merged at once)",
               "shards-sampled": "sampled-token on vocabulary shards (a merge per form)",
+              "shards-top-k": "top-k on vocabulary shards (one merge, one gather of their atoms)",
               "logits+top-k": "logits and top-k", "hidden+top-k": "hidden-state and top-k"}
     forms_line = ", ".join(f"{len(g)} {labels.get(form, form)}" for form, g in groups)
     passes_line = "1 pass" if passes == 1 else f"{passes} passes"
@@ -266,12 +273,13 @@ def route(problem: Problem, mixture: bool = False) -> Route:
         why = "sequence shards" if spec.sequence_group is not None else "sequence_ids"
         return Route("triton", "kernels", "torch", None, spec.inplace_backward, f"{reason}; {why} weigh in torch")
     if spec.process_group is not None:
-        if topk or spec.exact_divergence == "jsd":
-            # jsd's second pass needs the global normalizers inside the kernel, and a top-k teacher's atoms are
-            # spread over the ranks: both run the torch pass on the shards.
-            why = "a top-k teacher" if topk else "jsd with 0 < beta < 1"
-            return Route("torch", "torch pass", "torch", schedule, False, f"{reason}; vocabulary shards with {why}")
-        return Route("triton", "sharded kernels", "torch", schedule, False, f"{reason}; vocabulary shards")
+        if spec.exact_divergence == "jsd" and not topk:
+            # jsd's second pass needs the global normalizers inside the kernel: the torch pass on the shards
+            return Route("torch", "torch pass", "torch", schedule, False,
+                         f"{reason}; vocabulary shards with jsd with 0 < beta < 1")
+        # (a top-k teacher, every divergence: the student's statistics merged, its atoms gathered from their ranks)
+        why = "vocabulary shards" + (" with a top-k teacher" if topk else "")
+        return Route("triton", "sharded kernels", "torch", schedule, False, f"{reason}; {why}")
     if linear:
         return Route("triton", "kernels", "torch", schedule, False, f"{reason}; fused-linear chunks")
     inplace = spec.inplace_backward

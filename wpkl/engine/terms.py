@@ -9,7 +9,7 @@ the pass's contract:
 
 ``to_save`` goes through ``ctx.save_for_backward`` (so saved-tensor hooks, e.g. activation offloading, see it);
 ``state`` holds the rest. ``LogitsAdapter`` (here) serves materialized logits on the torch pass, the Triton pass
-with a top-k teacher and the vocabulary-sharded kernels; ``LinearAdapter`` (linear.py) the fused-linear form.
+with a top-k teacher and the vocabulary-sharded kernels (logits or top-k teachers); ``LinearAdapter`` (linear.py) the fused-linear form.
 The reference backend needs no Function: plain autograd through the specification.
 """
 
@@ -44,8 +44,9 @@ def pass_for(route: Route, topk: bool):
     """The vocabulary pass a route runs (one with ``forward``/``backward`` of wpkl/backends/triton_pass.py)."""
     if route.terms == "sharded kernels":
         from ..parallel.merge import ShardedTritonPass
+        from ..parallel.shard_topk import ShardedTritonTopKPass
 
-        return ShardedTritonPass
+        return ShardedTritonTopKPass if topk else ShardedTritonPass
     if route.backend == "triton":
         return TritonTopKPass if topk else TritonPass
     return TorchPass

@@ -92,7 +92,7 @@ def _checksum(problem: Problem) -> torch.Tensor:
                 x.reshape(-1).to(torch.int64)
             digest = digest + (bits * (index * (104729 + 2 * k) + 11)).sum()
     if problem.teacher_topk is not None:
-        ids = problem.teacher_topk.ids.reshape(valid.numel(), -1).to(torch.int64)
+        ids = problem.teacher_topk.ids.reshape(valid.numel(), problem.teacher_topk.ids.shape[-1]).to(torch.int64)
         digest = digest + (ids * valid.unsqueeze(-1) * (index.unsqueeze(-1) * 65599 + 3)).sum()
     return digest
 

@@ -36,13 +36,16 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
 
     A KL merges by the chain rule from the slices' own D_r and exact lse gaps (below: no difference of rounded
     normalizers); "sampled" follows kernels/common.py's finalize_token, from log p(y) = s_y / T - lse_s (and
-    log q(y) likewise, or given; ``power``: ``sampled_power``). Two all-reduces of float64 (the maxima [m, N], then the sums [k, N]). ``stats``: the kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what
-    the backward kernel reads, raw logit units) and returned; the loss [N] is returned alongside.
+    log q(y) likewise, or given; ``power``: ``sampled_power``). ``divergence=None``: the student's lse and entropy
+    only (a top-k teacher's atoms need nothing else: wpkl/parallel/shard_topk.py), the other rows left as they
+    are and a loss of 0. Two all-reduces of float64 (the maxima [m, N], then the sums [k, N]). ``stats``: the
+    kernel's [NUM_STATS, N] buffer, overwritten with the global statistics (what the backward kernel reads, raw
+    logit units) and returned; the loss [N] is returned alongside.
     ``s_y``, ``u_y``: the raw logits at the sampled tokens on the rank that holds them, 0 elsewhere (float64).
     """
     k = _stat_rows()
     T = temperature
-    teacher = divergence != "sampled" or u_y is not None
+    teacher = divergence not in ("sampled", None) or u_y is not None
     f64 = stats.double()
     ls, lu = f64[k.STAT_STUDENT_LSE] / T, f64[k.STAT_TEACHER_LSE] / T  # natural units of s / T
     has_s, has_u = ls > float("-inf"), lu > float("-inf")  # a slice of all -inf logits has no share
@@ -54,11 +57,13 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     kl = divergence in ("reverse_kl", "forward_kl")
     # (KL: also whether some slice has one side's mass and not the other's: the divergence is then infinite)
     one_sided = [(has_s & ~has_u).double(), (has_u & ~has_s).double()] if kl else []
-    maxima = shard.max(torch.stack([ls, lu, log_conf] + ([gap] if kl else []) + one_sided))
+    # (rows: the student's max, the teacher's and its confidence's, then a KL's gap and one-sided flags)
+    maxima = shard.max(torch.stack([ls] + ([lu, log_conf] if teacher else []) + ([gap] if kl else []) + one_sided))
     finite = torch.isfinite(maxima)
-    m_s, m_u, m_c = torch.where(finite, maxima, 0.0).unbind(0)[:3]
+    m_s, m_u, m_c = torch.where(finite, maxima, 0.0).unbind(0)[:3] if teacher else (
+        torch.where(finite[0], maxima[0], 0.0), None, None)
     a = torch.where(has_s, (ls - m_s).exp(), 0.0)
-    b = torch.where(has_u, (lu - m_u).exp(), 0.0)
+    b = torch.where(has_u, (lu - m_u).exp(), 0.0) if teacher else None
 
     def weighted(weight, x):  # 0 where the slice has no share (its own statistics are NaN there)
         return torch.where(weight > 0, weight * x, 0.0)
@@ -83,6 +88,10 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     z_s, e_s, g_s = sums[0], sums[1], sums[2]
     lse_s = m_s + z_s.log()
     student_entropy = (e_s - g_s) / z_s + z_s.log()
+    if divergence is None:
+        stats[k.STAT_STUDENT_LSE] = torch.where(valid, lse_s * T, 0.0).to(stats.dtype)
+        stats[k.STAT_STUDENT_ENTROPY] = torch.where(valid, student_entropy, 0.0).to(stats.dtype)
+        return torch.zeros_like(lse_s, dtype=torch.float32)
     nan = torch.full_like(lse_s, float("nan"))
     lse_u, teacher_entropy, confidence = torch.zeros_like(lse_s), nan, nan
     if teacher:

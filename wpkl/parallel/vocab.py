@@ -18,7 +18,9 @@ How (docs/design.md has the collectives and bytes per call):
   gradient.
 - the Triton kernels (wpkl/parallel/merge.py: ``ShardedTritonPass``): the forward kernel on the slice, its
   per-token statistics merged over the group (``merge_kernel_stats``: two all-reduces), the unchanged backward kernel on the slice with the
-  merged statistics (no collective in backward). jsd and top-k teachers take the torch pass.
+  merged statistics (no collective in backward); a top-k teacher (wpkl/parallel/shard_topk.py): the student's
+  statistics merged, the atoms' logits gathered from the ranks that hold them (one all-reduce of [N, K]), and
+  the fix-up of the atoms this rank holds. jsd takes the torch pass.
 
 Weighting and reduction then run on the combined per-token terms, in torch, identically on every rank.
 
