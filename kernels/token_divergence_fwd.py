@@ -90,6 +90,43 @@ def _block_partials(s_raw, u_raw, scale, m_s, z_s, h_s, m_u, z_u, h_u, cross,
     return m_s, z_s, h_s, m_u, z_u, h_u, cross
 
 
+@device_function
+def _jsd_sums(student_ptr, teacher_ptr, student_row, teacher_row, peel, num_full, tail_start, tail_len, cols,
+              edge_col, edge_mask, scale, lse_s, lse_u, lse_gap, beta, LANES: tl.constexpr, VEC: tl.constexpr,
+              BLOCK_V: tl.constexpr, ALIGNED: tl.constexpr, PRECISE_LOG2: tl.constexpr):
+    """jsd's second pass over a row with finished normalizers (raw units): sum p log2(m / p), sum q log2(m / q),
+    sum p and sum q. Sums need no rescaling: the edges' simply add."""
+    log2_1m_beta = tl.math.log2(1.0 - beta)
+    log2_beta = tl.math.log2(beta)
+    s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+    u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
+    m_p_sum, m_q_sum, mass_p, mass_q = lane_jsd_step(s_edge, u_edge, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                                     log2_beta, PRECISE_LOG2)
+    m_p_sum = into_lane0(reduce_sum(m_p_sum, 0), LANES, 0.0)  # sum p log2(m / p)
+    m_q_sum = into_lane0(reduce_sum(m_q_sum, 0), LANES, 0.0)  # sum q log2(m / q)
+    mass_p = into_lane0(reduce_sum(mass_p, 0), LANES, 0.0)
+    mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
+    for block in range(0, num_full):
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V,
+                                   cols, None, VEC, True, ALIGNED, False)
+        d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                             log2_beta, PRECISE_LOG2)
+        m_p_sum += d_mp
+        m_q_sum += d_mq
+        mass_p += d_p
+        mass_q += d_q
+    if tail_len > 0:
+        s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
+                                   cols < tail_len, VEC, True, ALIGNED, True)
+        d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
+                                             log2_beta, PRECISE_LOG2)
+        m_p_sum += d_mp
+        m_q_sum += d_mq
+        mass_p += d_p
+        mass_q += d_q
+    return reduce_sum(m_p_sum, 0), reduce_sum(m_q_sum, 0), reduce_sum(mass_p, 0), reduce_sum(mass_q, 0)
+
+
 @triton.jit
 def token_divergence_fwd_kernel(
     # pointers (16-byte aligned: the host passes the aligned base and the element shift below)
@@ -199,37 +236,12 @@ def token_divergence_fwd_kernel(
         DIVERGENCE, TEACHER_LOGITS, HAS_ROLLOUT, POWER)
 
     if DIVERGENCE == JSD:
-        # Second pass: log m needs both finished normalizers. Sums need no rescaling: the edges' simply add.
-        log2_1m_beta = tl.math.log2(1.0 - beta)
-        log2_beta = tl.math.log2(beta)
-        s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
-        u_edge = to_float(tl.load(teacher_ptr + teacher_row + edge_col, mask=edge_mask, other=NEG_INF))
-        m_p_sum, m_q_sum, mass_p, mass_q = lane_jsd_step(s_edge, u_edge, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
-                                                         log2_beta, PRECISE_LOG2)
-        m_p_sum = into_lane0(reduce_sum(m_p_sum, 0), LANES, 0.0)  # sum p log2(m / p)
-        m_q_sum = into_lane0(reduce_sum(m_q_sum, 0), LANES, 0.0)  # sum q log2(m / q)
-        mass_p = into_lane0(reduce_sum(mass_p, 0), LANES, 0.0)
-        mass_q = into_lane0(reduce_sum(mass_q, 0), LANES, 0.0)
-        for block in range(0, num_full):
-            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, peel + block * BLOCK_V,
-                                       cols, None, VEC, True, ALIGNED, False)
-            d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
-                                                 log2_beta, PRECISE_LOG2)
-            m_p_sum += d_mp
-            m_q_sum += d_mq
-            mass_p += d_p
-            mass_q += d_q
-        if tail_len > 0:
-            s_raw, u_raw = load_logits(student_ptr, teacher_ptr, student_row, teacher_row, tail_start, cols,
-                                       cols < tail_len, VEC, True, ALIGNED, True)
-            d_mp, d_mq, d_p, d_q = lane_jsd_step(s_raw, u_raw, scale, lse_s, lse_u, lse_gap, log2_1m_beta,
-                                                 log2_beta, PRECISE_LOG2)
-            m_p_sum += d_mp
-            m_q_sum += d_mq
-            mass_p += d_p
-            mass_q += d_q
-        divergence, aux = finalize_jsd(beta, reduce_sum(m_p_sum, 0), reduce_sum(m_q_sum, 0),
-                                       reduce_sum(mass_p, 0), reduce_sum(mass_q, 0))
+        # Second pass: log m needs both finished normalizers.
+        m_p_sum, m_q_sum, mass_p, mass_q = _jsd_sums(student_ptr, teacher_ptr, student_row, teacher_row, peel,
+                                                     num_full, tail_start, tail_len, cols, edge_col, edge_mask, scale,
+                                                     lse_s, lse_u, lse_gap, beta, LANES, VEC, BLOCK_V, ALIGNED,
+                                                     PRECISE_LOG2)
+        divergence, aux = finalize_jsd(beta, m_p_sum, m_q_sum, mass_p, mass_q)
         loss = divergence
 
     tl.store(loss_ptr + row, tl.where(is_valid, loss, 0.0))
@@ -242,3 +254,52 @@ def token_divergence_fwd_kernel(
     tl.store(stats_row + STAT_TEACHER_LSE * N, tl.where(is_valid, lse_u, 0.0))
     tl.store(stats_row + STAT_AUX * N, tl.where(is_valid, aux, 0.0))
     tl.store(stats_row + STAT_LSE_GAP * N, tl.where(is_valid, lse_gap, 0.0))
+
+
+@triton.jit
+def token_jsd_partials_kernel(
+    student_ptr,  # [B, T, V_local] this rank's slice of the logits (aligned base, as above)
+    teacher_ptr,  # [B, T, V_t] the teacher's slice
+    valid_ptr,  # [N] int8
+    stats_ptr,  # [NUM_STATS, N] fp32: the whole vocabulary's lse_s, lse_u and lse_gap (wpkl/parallel/merge.py)
+    partials_ptr,  # [4, N] fp32 out: the slice's sum p log2(m / p), sum q log2(m / q), sum p, sum q
+    student_shift,
+    teacher_shift,
+    stride_student_b,
+    stride_student_t,
+    stride_teacher_b,
+    stride_teacher_t,
+    T,
+    V,
+    N,
+    scale,  # log2(e) / T
+    beta,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISE_LOG2: tl.constexpr,
+):
+    """jsd on a vocabulary slice (wpkl/parallel/shard_jsd.py): its second pass with the whole vocabulary's
+    normalizers. The four sums are additive over the vocabulary, so the group's sum of every rank's, finalized
+    as finalize_jsd does, is the one-device jsd. Reads V (bytes(student) + bytes(teacher)) per valid token."""
+    beta = tl.cast(beta, tl.float32)
+    row = tl.program_id(0)
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    teacher_row = teacher_shift + row_offset(row, T, stride_teacher_b, stride_teacher_t)
+    is_valid = tl.load(valid_ptr + row) != 0
+    row_v = tl.where(is_valid, V, 0)
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, row_v, VEC)
+    lse_s = tl.load(stats_ptr + STAT_STUDENT_LSE * N + row)
+    lse_u = tl.load(stats_ptr + STAT_TEACHER_LSE * N + row)
+    lse_gap = tl.load(stats_ptr + STAT_LSE_GAP * N + row)
+    m_p_sum, m_q_sum, mass_p, mass_q = _jsd_sums(student_ptr, teacher_ptr, student_row, teacher_row, peel, num_full,
+                                                 tail_start, tail_len, cols, edge_col, edge_mask, scale, lse_s, lse_u,
+                                                 lse_gap, beta, LANES, VEC, BLOCK_V, ALIGNED, PRECISE_LOG2)
+    out = partials_ptr + row
+    tl.store(out, tl.where(is_valid, m_p_sum, 0.0))
+    tl.store(out + N, tl.where(is_valid, m_q_sum, 0.0))
+    tl.store(out + 2 * N, tl.where(is_valid, mass_p, 0.0))
+    tl.store(out + 3 * N, tl.where(is_valid, mass_q, 0.0))

@@ -252,8 +252,8 @@ def no_copy_case(rank, world, group, *, seed):
 
 
 def triton_case(rank, world, group, *, seed, form="logits", **options):
-    """backend="triton": the kernels on each slice, merged (jsd: the torch pass), against the single-process
-    kernels on the full vocabulary (the Triton interpreter on the CPU)."""
+    """backend="triton": the kernels on each slice, merged (jsd: its normalizers, then its second pass's sums),
+    against the single-process kernels on the full vocabulary (the Triton interpreter on the CPU)."""
     (linear_case if form == "linear" else logits_case)(rank, world, group, seed=seed, backend="triton", **options)
 
 

@@ -25,6 +25,7 @@ _EXPORTS = {
     "NUM_STATS": "common",
     "token_divergence_bwd_kernel": "token_divergence_bwd",
     "token_divergence_fwd_kernel": "token_divergence_fwd",
+    "token_jsd_partials_kernel": "token_divergence_fwd",
     "token_mixture_atoms_kernel": "token_mixture_bwd",
     "token_mixture_bwd_kernel": "token_mixture_bwd",
     "token_mixture_fwd_kernel": "token_mixture",

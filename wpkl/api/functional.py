@@ -127,7 +127,7 @@ def weighted_kl_loss(
             the same loss and stats; the gradient is the rank's slice of the full-vocabulary gradient. The Triton
             backend runs its kernels on each slice and merges their per-token statistics (two all-reduces of
             [k, N] per call, none in backward; a top-k teacher: the student's statistics, then one of the atoms'
-            logits [N, K]); jsd (0 < beta < 1) runs the torch path; weights and reduction run in torch; ``inplace_backward`` is ignored. Collectives and bytes: docs/design.md.
+            logits [N, K]; jsd: a third, of its second pass's sums [4, N]); weights and reduction run in torch; ``inplace_backward`` is ignored. Collectives and bytes: docs/design.md.
             Inputs are checked on every rank, then one all-gather of their shapes makes every rank raise (or
             none) before any other collective. Every rank of the group must make the call (and its backward).
         sequence_ids: int >= 0, leading shape: the sequence each token belongs to (the same id on every rank of a

@@ -106,6 +106,34 @@ def backward_launch(student, teacher, valid_bytes, tokens, grad_loss, stats, gra
     return grid, args, meta
 
 
+def jsd_partials(student, teacher, valid_bytes, stats, spec: LossSpec) -> torch.Tensor:
+    """jsd's second pass on a vocabulary slice with the whole vocabulary's normalizers (``stats``: its lse_s,
+    lse_u and lse_gap rows; kernels/token_divergence_fwd.py: token_jsd_partials_kernel): the slice's sums
+    [4, N] fp32, sum p log2(m / p), sum q log2(m / q), sum p and sum q (wpkl/parallel/merge.py adds them up)."""
+    B, T, _ = student.shape
+    partials = common.new_buffer(4, B * T, dtype=torch.float32, device=student.device)
+    if B * T > 0:
+        grid, args, meta = jsd_partials_launch(student, teacher, valid_bytes, stats, partials, spec.beta,
+                                               spec.temperature)
+        launch(kernels().token_jsd_partials_kernel, grid, args, meta)
+    return partials
+
+
+def jsd_partials_launch(student, teacher, valid_bytes, stats, partials, beta, temperature):
+    """(grid, positional args, meta) of ``jsd_partials``'s kernel: one program per token."""
+    B, T, V = student.shape
+    config = _config(student, teacher)
+    student_base, student_shift = aligned_base(student)
+    teacher_base, teacher_shift = aligned_base(teacher)
+    student_rows, teacher_rows = _row_layout(student, student_shift), _row_layout(teacher, teacher_shift)
+    args = (student_base, teacher_base, valid_bytes, stats, partials, student_shift, teacher_shift,
+            *student_rows[1:], *teacher_rows[1:], T, V, B * T, LOG2E / temperature, float(beta))
+    meta = dict(BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=co_aligned(student_rows, teacher_rows, (B, T),
+                                                                           config.vec),
+                PRECISE_LOG2=student.dtype == torch.float32, num_warps=config.num_warps)
+    return (B * T,), args, meta
+
+
 @dataclass
 class TritonSaved:
     """What backward needs. ``student``/``teacher`` may be dropped after forward and attached again (the fused-linear

@@ -12,7 +12,7 @@ compares its ``key``, and ``str(route)`` is the one line errors and the CLI prin
                                  chunk of the fused-linear form)
                "sharded kernels" the Triton pass on a vocabulary slice, statistics merged over the group (a top-k
                                  teacher: the student's, and its atoms' logits gathered from their ranks)
-               "torch pass"      the torch pass (also jsd 0 < beta < 1 on vocabulary shards)
+               "torch pass"      the torch pass
                "mixed kernels"   several teachers sharing Triton passes (``mixture_route``: logits, hidden states,
                                  top-k or sampled-token teachers, logits and top-k ones together, logits teachers
                                  on vocabulary shards; the student read or projected once per pass)
@@ -273,11 +273,8 @@ def route(problem: Problem, mixture: bool = False) -> Route:
         why = "sequence shards" if spec.sequence_group is not None else "sequence_ids"
         return Route("triton", "kernels", "torch", None, spec.inplace_backward, f"{reason}; {why} weigh in torch")
     if spec.process_group is not None:
-        if spec.exact_divergence == "jsd" and not topk:
-            # jsd's second pass needs the global normalizers inside the kernel: the torch pass on the shards
-            return Route("torch", "torch pass", "torch", schedule, False,
-                         f"{reason}; vocabulary shards with jsd with 0 < beta < 1")
-        # (a top-k teacher, every divergence: the student's statistics merged, its atoms gathered from their ranks)
+        # (a top-k teacher, every divergence: the student's statistics merged, its atoms gathered from their ranks;
+        # jsd: the normalizers merged before its second pass)
         why = "vocabulary shards" + (" with a top-k teacher" if topk else "")
         return Route("triton", "sharded kernels", "torch", schedule, False, f"{reason}; {why}")
     if linear:

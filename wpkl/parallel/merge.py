@@ -5,10 +5,13 @@ statistics (no collective in backward: the per-token statistics are all it needs
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
-from ..backends.common import kernels
-from ..backends.triton_pass import TritonPass
+from ..backends.common import divergence_id, kernels
+from ..backends.triton_pass import TritonPass, jsd_partials
 from ..spec import LossSpec
 from .vocab import local_tokens, owned_logit
 
@@ -135,19 +138,42 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     return torch.where(valid, loss, 0.0).float()
 
 
+def merge_jsd(stats: torch.Tensor, partials: torch.Tensor, valid: torch.Tensor, beta: float, shard) -> torch.Tensor:
+    """jsd from every rank's second-pass sums (``jsd_partials``: [4, N], additive over the vocabulary), summed
+    over the group in float64 (one all-reduce) and finalized as kernels/common.py's finalize_jsd does: the
+    divergence in nats and KL(p || m) in bits (the backward kernel's STAT_AUX) into ``stats``; returns the loss."""
+    k = _stat_rows()
+    m_p, m_q, mass_p, mass_q = shard.sum(partials.double())
+    kl2_pm, kl2_qm = -m_p / mass_p, -m_q / mass_q
+    divergence = (beta * kl2_qm + (1.0 - beta) * kl2_pm) * math.log(2.0)
+    stats[k.STAT_DIVERGENCE] = torch.where(valid, divergence, 0.0).to(stats.dtype)
+    stats[k.STAT_AUX] = torch.where(valid, kl2_pm, 0.0).to(stats.dtype)
+    return torch.where(valid, divergence, 0.0).float()
+
+
 class ShardedTritonPass:
     """The vocabulary passes' contract (wpkl/backends/triton_pass.py) for a vocabulary slice, with the Triton kernels: the
     forward kernel on the slice, ``merge_kernel_stats`` (two all-reduces), and the unchanged backward kernel on
     the slice with the merged statistics (no collective: the per-token statistics are all it needs).
-    reverse_kl, forward_kl and sampled; jsd's second pass needs the global normalizers inside the kernel (the
-    torch pass runs it)."""
+    reverse_kl, forward_kl and sampled; jsd (0 < beta < 1), whose second pass needs the whole vocabulary's
+    normalizers: the forward kernel as reverse KL gives the slice's (read once), merged, then jsd's second pass on
+    the slice with them (``jsd_partials``) and one all-reduce of its four sums (``merge_jsd``): three
+    collectives, reading the slice twice as the one-device jsd reads the row."""
 
     @staticmethod
     def forward(student, teacher, valid, tokens, teacher_logprobs, rollout_logprobs, spec: LossSpec, shard):
         divergence = spec.exact_divergence
-        if divergence == "jsd":
-            raise ValueError("vocabulary-parallel jsd runs the torch pass (wpkl/engine/route.py routes it there)")
         B, T, _ = student.shape
+        if divergence == "jsd":
+            first = spec.replace(divergence="reverse_kl")  # its normalizers, lse gap and entropies (its KL unused)
+            _, _, saved = TritonPass.forward(student, teacher, valid, None, None, None, first)
+            flat = valid.reshape(-1)
+            merge_kernel_stats(saved.stats, flat, "reverse_kl", spec.temperature, shard)
+            partials = jsd_partials(student, teacher, saved.valid_bytes, saved.stats, spec)
+            loss = merge_jsd(saved.stats, partials, flat, spec.beta, shard)
+            saved = replace(saved, div_id=divergence_id("jsd"), spec=spec)
+            public = kernels().NUM_PUBLIC_STATS
+            return loss.view(B, T), saved.stats[:public].view(public, B, T), saved
         local = local_tokens(tokens, shard)
         _, _, saved = TritonPass.forward(student, teacher, valid, local, teacher_logprobs, rollout_logprobs, spec)
         s_y = u_y = None

@@ -20,7 +20,8 @@ How (docs/design.md has the collectives and bytes per call):
   per-token statistics merged over the group (``merge_kernel_stats``: two all-reduces), the unchanged backward kernel on the slice with the
   merged statistics (no collective in backward); a top-k teacher (wpkl/parallel/shard_topk.py): the student's
   statistics merged, the atoms' logits gathered from the ranks that hold them (one all-reduce of [N, K]), and
-  the fix-up of the atoms this rank holds. jsd takes the torch pass.
+  the fix-up of the atoms this rank holds; jsd: the normalizers merged first, then its second pass on the slice
+  with them, and one all-reduce of that pass's four sums [4, N].
 
 Weighting and reduction then run on the combined per-token terms, in torch, identically on every rank.
 

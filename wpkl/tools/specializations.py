@@ -38,7 +38,7 @@ TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8"
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd", "bwd", "weights", "topk", "mixture_fwd", "mixture_bwd" or "mixture_atoms"
+    kernel: str  # "fwd", "bwd", "jsd_partials", "weights", "topk", "mixture_fwd", "mixture_bwd" or "mixture_atoms"
     divergence: str  # the weights kernel: its reduction
     dtype: str
     vocabs: tuple[int, ...]  # representative V values sharing this specialization; the first is compiled
@@ -114,6 +114,11 @@ def launch(job: Job):
         dense = f32(B * T) if "dense" in job.variant else None
         _, args, meta = mixture_bwd(student, teachers, valid, per_token, stats, student, div_id, 1.0, dense=dense)
         return kernels.token_mixture_bwd_kernel, args, meta
+    if job.kernel == "jsd_partials":  # jsd's second pass on a vocabulary slice (wpkl/parallel/merge.py)
+        from wpkl.backends.triton_pass import jsd_partials_launch
+
+        _, args, meta = jsd_partials_launch(student, teacher, valid, stats, stats[:4], 0.5, 1.0)
+        return kernels.token_jsd_partials_kernel, args, meta
     if job.kernel == "fwd":
         _, args, meta = forward_launch(student, teacher, valid, tokens, teacher_logprobs, rollout, per_token,
                                                 stats, div_id, 0.5, 1.0, 5.0 if "power" in job.variant else None)
@@ -175,6 +180,8 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
                         for kernel in ("mixture_fwd", "mixture_bwd", "mixture_atoms")
                         for divergence in MIXTURE_DIVERGENCES
                         for variant in mixture_variants(kernel, divergence, quick) for arch in archs]
+            if MIXTURE_VOCAB in vocabs:  # jsd on vocabulary shards: its second pass, at the gates' vocabulary
+                out += [Job("jsd_partials", "jsd", dtype, tuple(vocabs), arch) for arch in archs]
             for kernel in ("fwd", "bwd"):
                 for divergence in DIVERGENCES:
                     # Only the sampled forward reads its teacher and behaviour log-probs in several ways.

@@ -1,11 +1,14 @@
-"""Top-k teachers on vocabulary shards with the Triton kernels (wpkl/parallel/shard_topk.py): each rank's student
-pass on its slice, one merge of the student's statistics, one gather of the atoms' logits from the ranks that hold
-them, the atom math alike on every rank, and a backward with no collective. In spawned gloo worlds (2 and 3 ranks),
-against the float64 reference on the whole vocabulary: fp32/bf16/fp16, every top-k mode and divergence, slices of
-1 and of primes, -inf vocabulary padding, a temperature, a fully masked row, a token whose atoms all lie on one
-rank, an empty list, IW-OPD weights, the stats; the fused-linear form (eager and two-phase); several teachers
-(numbers, a soft tensor, a routing; one student pass, one merge and one gather for all); a logits teacher beside
-them; collectives counted; no tokens; ranks that disagree raise on every rank. Buffers start as NaN.
+"""Top-k and jsd teachers on vocabulary shards with the Triton kernels. Top-k (wpkl/parallel/shard_topk.py): each
+rank's student pass on its slice, one merge of the student's statistics, one gather of the atoms' logits from the
+ranks that hold them, the atom math alike on every rank, and a backward with no collective. jsd
+(wpkl/parallel/merge.py: ShardedTritonPass): the slice's normalizers merged, jsd's second pass on the slice with
+them, one all-reduce of its four sums. In spawned gloo worlds (2 and 3 ranks), against the float64 reference on
+the whole vocabulary: fp32/bf16/fp16, every top-k mode and divergence, jsd's beta, slices of 1 and of primes, -inf
+vocabulary padding, a slice the student bans whole, a temperature, a fully masked row, a token whose atoms all lie
+on one rank, an empty list, IW-OPD weights, the stats, close distributions; the fused-linear form (eager and
+two-phase); several teachers (numbers, a soft tensor, a routing; top-k: one student pass, one merge and one gather
+for all); a logits teacher beside them; collectives counted; no tokens; ranks that disagree raise on every rank.
+Buffers start as NaN.
 """
 
 from __future__ import annotations
@@ -307,6 +310,125 @@ def _world_case(rank, world, group):
         ids[0, 0, 0] = next(v for v in range(7 * world) if v not in ids[0, 0].tolist())
         return ids
 
+    from wpkl.parallel.merge import ShardedTritonPass
+
+    def jsd(dtype, beta, local_vocab, temperature, pad, banned, fused=False, close=False):
+        # one jsd teacher: three collectives forward (the normalizers' two, the second pass's sums), none backward
+        g = _gen(80 + local_vocab)
+        V = world * local_vocab
+        if fused:
+            H = 6
+            h, w = torch.randn(B, T, H, generator=g, dtype=f64), torch.randn(V, H, generator=g, dtype=f64)
+            ht, wt = torch.randn(B, T, H, generator=g, dtype=f64), torch.randn(V, H, generator=g, dtype=f64)
+        else:
+            scale = 1e-3 if close else 1.0
+            student = torch.randn(B, T, V, generator=g, dtype=f64) * (2 if not close else 1) + (40 if close else 0)
+            teacher = student + scale * torch.randn(B, T, V, generator=g, dtype=f64)
+            if pad:
+                student[..., V - pad:] = float("-inf")
+                teacher[..., V - pad:] = float("-inf")
+            if banned:  # token (0, 2): the student bans the last rank's slice whole, the teacher does not
+                student[0, 2, V - local_vocab:] = float("-inf")
+        mask = torch.rand(B, T, generator=g) < 0.85
+        mask[0, 2], mask[2] = True, False
+        sl = slice(rank * local_vocab, (rank + 1) * local_vocab)
+        options = dict(mask=mask, divergence="jsd", beta=beta, temperature=temperature,
+                       weighting=None if close else wpkl.Weighting(accumulated=0.5))
+        upstream = torch.rand(B, T, generator=g, dtype=f64) + 0.5
+        calls, shards, undo_shards = [], *_recording()
+        undo = [_spy(ShardedTritonPass, "forward", calls), _spy(TorchPass, "forward", calls), undo_shards]
+        try:
+            if fused:
+                x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True)]
+                loss = wpkl.fused_linear_kl_loss(x[0], x[1], ht.float(), wt[sl].float(), process_group=group,
+                                                 backend="triton", chunk_size=4, **options)
+                forward_calls = shards[-1].calls
+                loss.backward()
+            else:
+                x = [student.to(dtype)[..., sl].clone().requires_grad_(True)]
+                loss, stats = wpkl.weighted_kl_loss(x[0], teacher.to(dtype)[..., sl], process_group=group,
+                                                    backend="triton", reduction="none", return_stats=True, **options)
+                forward_calls = shards[-1].calls
+                (loss * upstream.to(loss.dtype)).sum().backward()
+        finally:
+            for u in undo:
+                u()
+        chunks = -(-int(mask.sum()) // 4) if fused else 1
+        assert calls == ["forward"] * chunks, calls
+        assert forward_calls == 3 * chunks and shards[-1].calls == 3 * chunks + fused, (forward_calls, shards[-1].calls)
+        if fused:
+            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+            whole = wpkl.fused_linear_kl_loss(y[0], y[1], ht, wt, backend="reference", **options)
+            whole.backward()
+            torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+            for got, truth in zip(x, (y[0].grad, y[1].grad[sl]), strict=True):
+                torch.testing.assert_close(got.grad.double(), truth, rtol=2e-4, atol=2e-6)
+            return
+
+        def whole(logits, teacher_logits):
+            y = logits.clone().requires_grad_(True)
+            out, st = wpkl.weighted_kl_loss(y, teacher_logits, backend="reference", reduction="none",
+                                            return_stats=True, **options)
+            (out * upstream.to(out.dtype)).sum().backward()
+            return out, st, y.grad[..., sl]
+
+        low, low_teacher = student.to(dtype), teacher.to(dtype)
+        truth, truth_stats, truth_grad = whole(low.double(), low_teacher.double())
+        same_grad = whole(low.float(), low_teacher.float())[2].to(dtype)
+        if close:
+            # D ~ 1e-7 at logits around 40, where float32 logits (lse ~ 44, an ulp of 4e-6) leave the one-device
+            # kernel's jsd itself a few times D off: the sharded one within twice its error, loss and gradient
+            y = low.clone().requires_grad_(True)
+            one = wpkl.weighted_kl_loss(y, low_teacher, backend="triton", reduction="none", **options)
+            (one * upstream.to(one.dtype)).sum().backward()
+            for got, theirs, exact in ((loss, one, truth), (x[0].grad, y.grad[..., sl], truth_grad)):
+                ours, bar = (got.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+                assert ours <= 2 * bar + 1e-12, (ours.item(), bar.item(), exact.abs().max().item())
+            return
+        else:
+            tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+            torch.testing.assert_close(loss.double(), truth, **tol)
+            for name in ("divergence", "weight", "teacher_confidence", "student_entropy", "teacher_entropy"):
+                torch.testing.assert_close(getattr(stats, name).double(), getattr(truth_stats, name).double(),
+                                           **tol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+        assert_grad_close(x[0].grad, truth_grad, same_grad, dtype)
+
+    for dtype, beta, local_vocab, temperature, pad, banned in (
+            (torch.float32, 0.5, 37, 1.0, 3, True), (torch.float32, 0.3, 11, 0.7, 0, False),
+            (torch.bfloat16, 0.8, 23, 1.3, 0, True), (torch.float16, 0.5, 1, 1.0, 0, False),
+            (torch.float16, 0.2, 7, 1.0, 2, False)):
+        name = f"jsd beta={beta} {str(dtype)[6:]} V_local={local_vocab} T={temperature} pad={pad} banned={banned}"
+        case(name, lambda a=(dtype, beta, local_vocab, temperature, pad, banned): jsd(*a))
+    case("jsd close distributions", lambda: jsd(torch.float32, 0.5, 13, 1.0, 0, False, close=True))
+    case("jsd fused-linear", lambda: jsd(torch.float32, 0.4, 9, 0.8, 0, False, fused=True))
+
+    def jsd_teachers():
+        # several jsd teachers: each its own sharded pass (three collectives each), against the reference
+        student, teachers, mask = (torch.randn(B, T, 2 * world * 5, generator=_gen(91), dtype=f64),
+                                   [torch.randn(B, T, 2 * world * 5, generator=_gen(92 + k), dtype=f64)
+                                    for k in range(3)], torch.rand(B, T, generator=_gen(95)) < 0.8)
+        sl = slice(rank * 10, rank * 10 + 10)
+        calls, shards, undo_shards = [], *_recording()
+        undo = [_spy(ShardedTritonPass, "forward", calls), undo_shards]
+        options = dict(mask=mask, divergence="jsd", beta=0.4, mixing=[0.5, 0.3, 0.2])
+        try:
+            x = student[..., sl].float().requires_grad_(True)
+            loss = wpkl.multi_teacher_loss(x, teachers=[t[..., sl].float() for t in teachers], process_group=group,
+                                           backend="triton", **options)
+            loss.backward()
+        finally:
+            for u in undo:
+                u()
+        assert calls == ["forward"] * 3 and shards[-1].calls == 9, (calls, shards[-1].calls)
+        y = student.float().double().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[t.float().double() for t in teachers], backend="reference",
+                                        **options)
+        whole.backward()
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), y.grad[..., sl], rtol=2e-4, atol=2e-6)
+
+    case("three jsd teachers", jsd_teachers)
+
     case("bad: an id past the vocabulary on one rank", lambda: disagreeing(past_vocabulary, "teacher_topk_ids must lie",
                                                                             "rejected their inputs"))
     case("bad: the ids differ on one rank", lambda: disagreeing(another_id, "disagree on the", "disagree on the"))
@@ -331,7 +453,7 @@ def _worker(rank, world, port, out_dir):
 
 
 @pytest.mark.parametrize("world", (2, 3))
-def test_topk_teachers_on_vocabulary_shards(world, tmp_path):
+def test_topk_and_jsd_teachers_on_vocabulary_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=400)[world]
     assert_ranks_passed(results)
-    assert all(len(r["results"]) == 7 + 2 + 5 + 2 + 2 for r in results), [sorted(r["results"]) for r in results]
+    assert all(len(r["results"]) == 7 + 2 + 5 + 2 + 5 + 2 + 1 + 2 for r in results), [sorted(r["results"]) for r in results]
