@@ -322,11 +322,12 @@ def test_the_route_says_so():
     sampled = [p.replace(spec=LossSpec(backend="triton", divergence="sampled")) for p in problems[:3]]
     for mixing in ("dense", "routing", "device"):  # the sampled-token loss's teachers: every mixing
         assert mixture_route(sampled, [sharded] * 3, mixing).groups == (("shards-sampled", (0, 1, 2)),)
-    for mixing in ("dense", "routing", "device"):  # top-k teachers: any number, every mixing, apart from logits ones
-        plan = mixture_route(problems[:2] + topk, [sharded] * 7, mixing)
-        expected = (("shards", (0, 1)),) if mixing != "routing" else ()
-        assert plan.groups == expected + (("shards-top-k", (2, 3, 4, 5, 6)),), plan.groups
-    assert mixture_route(problems[:1] + topk[:1], [sharded] * 2) is None
+    for mixing in ("dense", "routing", "device"):  # top-k teachers: any number, every mixing, with the logits ones
+        plan = mixture_route(problems[:2] + topk, [sharded] * 7, mixing)  # but for a routing
+        expected = (("shards+top-k", tuple(range(7))),) if mixing != "routing" else (("shards-top-k", (2, 3, 4, 5, 6)),)
+        assert plan.groups == expected, plan.groups
+    assert mixture_route(problems[:1] + topk[:1], [sharded] * 2).groups == (("shards+top-k", (0, 1)),)
+    assert mixture_route(jsd[:1] + topk[:2], [sharded] * 3).groups == (("shards-top-k", (1, 2)),)  # jsd: alone
 
 
 @pytest.mark.parametrize("divergence", ("reverse_kl", "forward_kl", "jsd"))

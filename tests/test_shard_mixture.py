@@ -52,9 +52,9 @@ def _counting():
     calls = {"mixture": [], "single": 0, "merges": 0}
     mixture, single, merge = TritonMixturePass.forward, TritonPass.forward, module.merge_kernel_stats
 
-    def counted_mixture(student, teachers, valids, spec):
+    def counted_mixture(student, teachers, valids, spec, **kwargs):
         calls["mixture"].append(len(teachers))
-        return mixture(student, teachers, valids, spec)
+        return mixture(student, teachers, valids, spec, **kwargs)
 
     def counted_single(*args, **kwargs):
         calls["single"] += 1

@@ -13,7 +13,8 @@ the student's logits once), through the engine's one autograd Function (terms.py
                shards, any number, one merge of their statistics (LinearMixtureAdapter: hidden-state teachers,
                one merge per chunk); "shards-sampled" ShardedSampledMixturePass the same for the sampled-token
                loss's teachers (a merge per form of teacher); "shards-top-k" ShardedTopKMixturePass
-               (wpkl/parallel/shard_topk.py) top-k teachers, any number, one merge and one gather of their atoms
+               (wpkl/parallel/shard_topk.py) top-k teachers, any number, one merge and one gather of their atoms;
+               "shards+top-k" ShardedMixturePass with top-k teachers beside the logits (hidden-state) ones
     "hidden"   and the top-k and log q(y) teachers of the fused-linear form: LinearMixtureAdapter (two-phase
                schedule as linear.py's)
 
@@ -73,6 +74,7 @@ def _sampled(tensors, rows=None):
 _FORMS = {"logits": (TritonMixturePass, None), "top-k": (TritonTopKMixturePass, _top_k),
           "sampled": (TritonSampledMixturePass, _sampled), "shards": (ShardedMixturePass, None),
           "shards-sampled": (ShardedSampledMixturePass, _sampled), "shards-top-k": (ShardedTopKMixturePass, _top_k),
+          "shards+top-k": (ShardedMixturePass, _logits_and_top_k),
           "logits+top-k": (TritonLogitsTopKPass, _logits_and_top_k)}
 
 
@@ -115,8 +117,10 @@ class LinearMixtureAdapter:
         self.shard = problem.shard  # ("shards": hidden-state teachers on vocabulary shards, one merge per chunk)
         if form.startswith("shards"):  # the one-device form's tensors and chunks, the sharded pass
             self.passes = self.passes(problem.shard)
-            self.form = {"shards": "hidden", "shards-sampled": "sampled", "shards-top-k": "top-k"}[form]
-        self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if form == "hidden+top-k" else None
+            self.form = {"shards": "hidden", "shards-sampled": "sampled", "shards-top-k": "top-k",
+                         "shards+top-k": "hidden+top-k"}[form]
+        self.projected = sum(isinstance(p.teacher, TeacherLinear) for p in group) if self.form == "hidden+top-k" \
+            else None
 
     def _heads(self, tensors):
         """Each teacher's (h_t, w_t, b_t) ("hidden", "sampled", "hidden+top-k"'s first; w_t None for a log q(y)

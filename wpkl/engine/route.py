@@ -138,8 +138,8 @@ def _schedule(problem: Problem, backend: str) -> str:
 class MixturePlan:
     """Several teachers' passes (``mixture_route``): ``groups`` holds the teachers' indices that share one pass
     (the student row read, or its chunk projected, once for them), each with its form ("logits", "hidden",
-    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards", "shards-sampled", "shards-top-k":
-    wpkl/engine/mixture.py's); a
+    "top-k", "sampled", "logits+top-k", "hidden+top-k", "shards", "shards-sampled", "shards-top-k",
+    "shards+top-k": wpkl/engine/mixture.py's); a
     teacher in no group runs its own route. ``route`` is the line errors and the CLI print."""
 
     route: Route
@@ -205,7 +205,8 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL, any
     number, their statistics merged at once (wpkl/parallel/shard_mixture.py), (dense mixing) hidden-state
     teachers, one merge per chunk, the sampled-token loss's teachers, and top-k teachers (one merge of the
-    student's statistics, one gather of their atoms: wpkl/parallel/shard_topk.py). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
+    student's statistics, one gather of their atoms: wpkl/parallel/shard_topk.py), beside logits or hidden-state
+    teachers of their specification in the first launch of those (one student read for both forms). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
     collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
@@ -227,9 +228,11 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     for form, members in list(forms.items()):
         # top-k teachers with logits teachers of their specification: one pass for the first launch of those
         # (wpkl/backends/triton_logits_topk.py)
-        logits = next((key for key in forms if key[0] in ("logits", "hidden") and key[1] == form[1]), None)
-        if form[0] == "top-k" and logits is not None:
-            size = max_teachers(form[1])
+        # (on vocabulary shards: every logits or hidden-state teacher, the launches are each rank's own)
+        kinds = ("shards",) if form[0] == "shards-top-k" else ("logits", "hidden")
+        logits = next((key for key in forms if key[0] in kinds and key[1] == form[1] and forms[key]), None)
+        if form[0] in ("top-k", "shards-top-k") and logits is not None:
+            size = len(forms[logits]) if form[0] == "shards-top-k" else max_teachers(form[1])
             groups.append((f"{logits[0]}+top-k", tuple(forms[logits][:size]) + tuple(members)))
             forms[logits], forms[form] = forms[logits][size:], []
     for form, members in forms.items():
@@ -247,6 +250,7 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     labels = {"shards": "logits or hidden-state on vocabulary shards (their statistics merged at once)",
               "shards-sampled": "sampled-token on vocabulary shards (a merge per form)",
               "shards-top-k": "top-k on vocabulary shards (one merge, one gather of their atoms)",
+              "shards+top-k": "logits (or hidden-state) and top-k on vocabulary shards",
               "logits+top-k": "logits and top-k", "hidden+top-k": "hidden-state and top-k"}
     forms_line = ", ".join(f"{len(g)} {labels.get(form, form)}" for form, g in groups)
     passes_line = "1 pass" if passes == 1 else f"{passes} passes"

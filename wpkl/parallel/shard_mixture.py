@@ -24,12 +24,15 @@ import torch
 
 from ..backends import common
 from ..backends.common import kernels
+from ..backends.triton_logits_topk import LogitsTopKSaved, TritonLogitsTopKPass
 from ..backends.triton_mixture import TritonMixturePass, element_grid, max_teachers
-from ..backends.triton_pass import TritonPass
+from ..backends.triton_pass import TritonPass, TritonSaved
 from ..backends.triton_sampled import SampledMixtureSaved, TritonSampledMixturePass, _teacher_pass
-from ..backends.triton_topk import _stat, shared_student_pass
+from ..backends.triton_topk import _stat, gather_atoms, shared_student_pass, topk_atoms
+from ..reference import TopK
 from ..spec import LossSpec
 from .merge import merge_kernel_stats
+from .shard_topk import merge_student
 from .vocab import local_tokens, owned_logit
 
 
@@ -54,7 +57,12 @@ class ShardedMixtureSaved:
 
 
 class ShardedMixturePass:
-    """The mixture passes' contract (wpkl/backends/triton_mixture.py) on this rank's vocabulary slice."""
+    """The mixture passes' contract (wpkl/backends/triton_mixture.py) on this rank's vocabulary slice. Top-k
+    teachers after the logits ones (the plan's "shards+top-k") join the first launch as on one device
+    (wpkl/backends/triton_logits_topk.py): its kernel writes the student's slice terms in teacher 0's slot on their
+    tokens too, which one student merge makes the whole vocabulary's (``merge_student``) before their atoms are
+    gathered (once for all) and their atom math runs; backward, that launch adds their dense part and rewrites
+    their atoms (this rank's) as on one device."""
 
     def __init__(self, shard):
         self.shard = shard
@@ -62,26 +70,54 @@ class ShardedMixturePass:
     def forward(self, student, teachers, valids, spec: LossSpec):
         k = kernels()
         B, T, _ = student.shape
-        K, N = len(teachers), B * T
+        N = B * T
+        topk = [t for t in teachers if isinstance(t, TopK)]
+        K = len(teachers) - len(topk)  # the logits teachers, first
+        valids = valids.reshape(len(teachers), N)
+        rows = valids[K:].any(0).to(torch.int8) if topk else None  # the top-k teachers' tokens
         stats = common.new_buffer(K, k.NUM_STATS, N, dtype=torch.float32, device=student.device)
         parts = []
-        for members in launches(teachers, spec):
+        for members in launches(teachers[:K], spec):
             index = list(members)
-            if len(members) == 1:
+            if len(members) == 1 and (parts or rows is None):
                 _, _, saved = TritonPass.forward(student, teachers[index[0]], valids[index[0]], None, None, None, spec)
                 stats[index[0]] = saved.stats
-            else:
-                _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], spec)
+            else:  # (the first launch takes the top-k teachers' rows: teacher 0, whose slot holds the student's)
+                _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], spec,
+                                                        rows=None if parts else rows)
                 stats[index] = saved.stats
-            parts.append((index, replace(saved, student=None, **{"teacher" if len(index) == 1 else "teachers": None})))
+            parts.append((index, replace(saved, student=None, **{"teacher" if isinstance(saved, TritonSaved) else
+                                                                  "teachers": None})))
+        own = stats[0].clone() if topk else None  # the student's slice terms on the top-k teachers' rows
         # every teacher's statistics in one merge: [NUM_STATS, K * N], teacher-major within each row
         flat = stats.transpose(0, 1).reshape(k.NUM_STATS, K * N)
-        loss = merge_kernel_stats(flat, valids.reshape(K * N), spec.exact_divergence, spec.temperature, self.shard)
+        loss = merge_kernel_stats(flat, valids[:K].reshape(K * N), spec.exact_divergence, spec.temperature,
+                                  self.shard)
         merged = flat.view(k.NUM_STATS, K, N).transpose(0, 1)
+        public = torch.where(valids[:K, None], merged[:, : k.NUM_PUBLIC_STATS], 0.0)  # (teacher 0: its own tokens)
+        if topk:
+            # the student's slice terms on the top-k teachers' rows, merged: teacher 0's slot there (what the first
+            # launch's backward reads) and the atom math's; every top-k teacher's atoms gathered at once
+            merge_student(own, rows != 0, spec.temperature, self.shard)
+            extra = (rows != 0) & ~valids[0]
+            for name in ("STAT_STUDENT_LSE", "STAT_STUDENT_ENTROPY"):
+                merged[0, _stat(name)] = torch.where(extra, own[_stat(name)], merged[0, _stat(name)])
+            ids = [t.ids.reshape(N, t.ids.shape[-1]).to(torch.int64) for t in topk]
+            atoms = [topk_atoms(student, own, t, valid.view(B, T), spec, self.shard, x)
+                     for t, valid, x in zip(topk, valids[K:], gather_atoms(student, ids, self.shard), strict=True)]
+            loss = torch.cat([loss.view(K, N), torch.stack([a[0] for a in atoms])])
+            public = torch.cat([public, torch.stack([a[1] for a in atoms])])
+            index, first = parts[0]
+            members = index + list(range(K, len(teachers)))
+            parts[0] = (members, LogitsTopKSaved(None, None, first, [a[2] for a in atoms],
+                                                 torch.stack([a[3] for a in atoms]).to(torch.float32),
+                                                 valids[members], rows, spec))
         for index, saved in parts:  # what each launch's backward kernel reads: the whole vocabulary's statistics
-            saved.stats.copy_(merged[index[0]] if len(index) == 1 else merged[index])
-        public = merged[:, : k.NUM_PUBLIC_STATS].reshape(K, k.NUM_PUBLIC_STATS, B, T)
-        return loss.view(K, B, T), public, ShardedMixtureSaved(student, list(teachers), parts)
+            state = saved.mixture if isinstance(saved, LogitsTopKSaved) else saved
+            logits = index[: len(index) - len(topk)] if isinstance(saved, LogitsTopKSaved) else index
+            state.stats.copy_(merged[logits[0]] if state.stats.dim() == 2 else merged[logits])
+        public = public.reshape(len(teachers), k.NUM_PUBLIC_STATS, B, T)
+        return loss.view(len(teachers), B, T), public, ShardedMixtureSaved(student, list(teachers[:K]), parts)
 
     @staticmethod
     def backward(saved: ShardedMixtureSaved, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -91,12 +127,13 @@ class ShardedMixturePass:
         then added to it (as autograd adds separate passes' gradients: in half precision such elements round
         twice)."""
         def run(index, part, target):
-            if len(index) == 1:
+            if isinstance(part, TritonSaved):
                 TritonPass.backward(replace(part, student=saved.student, teacher=saved.teachers[index[0]]),
                                     coef[index[0]], target)
-            else:
-                TritonMixturePass.backward(replace(part, student=saved.student,
-                                                   teachers=[saved.teachers[i] for i in index]), coef[index], target)
+                return
+            logits = [saved.teachers[i] for i in index if i < len(saved.teachers)]
+            pass_ = TritonLogitsTopKPass if isinstance(part, LogitsTopKSaved) else TritonMixturePass
+            pass_.backward(replace(part, student=saved.student, teachers=logits), coef[index], target)
 
         (first, *others), rest = saved.parts, None
         for n, (index, part) in enumerate(others):
