@@ -279,7 +279,7 @@ def token_jsd_partials_kernel(
     ALIGNED: tl.constexpr,
     PRECISE_LOG2: tl.constexpr,
 ):
-    """jsd on a vocabulary slice (wpkl/parallel/shard_jsd.py): its second pass with the whole vocabulary's
+    """jsd on a vocabulary slice (wpkl/parallel/merge.py: ShardedTritonPass): its second pass with the whole vocabulary's
     normalizers. The four sums are additive over the vocabulary, so the group's sum of every rank's, finalized
     as finalize_jsd does, is the one-device jsd. Reads V (bytes(student) + bytes(teacher)) per valid token."""
     beta = tl.cast(beta, tl.float32)

@@ -135,6 +135,47 @@ def _jsd_partials(s, u, scale, lse_s, lse_u, lse_gap, log2_1m_beta, log2_beta, P
             reduce_sum(p, 0), reduce_sum(q, 1))
 
 
+@device_function
+def _jsd_sums(student_ptr, teacher_ptr, rows, student_row, peel, num_full, tail_start, tail_len, cols, edge_col,
+              edge_mask, on, lane0, scale, lse_s, lse_u, lse_gap, beta, LANES: tl.constexpr, VEC: tl.constexpr,
+              ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, PRECISE_LOG2: tl.constexpr):
+    """jsd's second pass over a row with finished normalizers (raw units; ``lse_u``, ``lse_gap`` [KB]): per
+    teacher sum p log2(m_k / p), sum q_k log2(m_k / q_k) and sum q_k ([KB] each), and the student's sum p."""
+    log2_1m_beta = tl.math.log2(1.0 - beta)
+    log2_beta = tl.math.log2(beta)
+    s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
+    u_edge = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, NEG_INF, VEC, False, True)
+    lse_u2, lse_gap2 = lse_u[:, None, None], lse_gap[:, None, None]
+    d_mp, d_mq, d_p, d_q = _jsd_partials(s_edge, u_edge, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta, log2_beta,
+                                         PRECISE_LOG2)
+    m_p_sum = tl.where(lane0, d_mp, 0.0)  # [KB, 1] into lane 0 of [KB, LANES]: sum p log2(m_k / p)
+    m_q_sum = tl.where(lane0, d_mq, 0.0)  # sum q_k log2(m_k / q_k)
+    mass_q = tl.where(lane0, d_q, 0.0)
+    mass_p = into_lane0(d_p, LANES, 0.0)  # [LANES]
+    if tail_len > 0:
+        in_tail = cols < tail_len
+        s_tail = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
+                                  mask=in_tail, other=NEG_INF))
+        u_tail = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, NEG_INF, VEC, ALIGNED, True)
+        t_mp, t_mq, t_p, t_q = _jsd_partials(s_tail, u_tail, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta,
+                                             log2_beta, PRECISE_LOG2)
+        m_p_sum += t_mp
+        m_q_sum += t_mq
+        mass_p += t_p
+        mass_q += t_q
+    for block in range(0, num_full):
+        start = peel + block * BLOCK_V
+        s_block = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
+        u_block = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
+        e_mp, e_mq, e_p, e_q = _jsd_partials(s_block, u_block, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta,
+                                             log2_beta, PRECISE_LOG2)
+        m_p_sum += e_mp
+        m_q_sum += e_mq
+        mass_p += e_p
+        mass_q += e_q
+    return reduce_sum(m_p_sum, 1), reduce_sum(m_q_sum, 1), reduce_sum(mass_p, 0), reduce_sum(mass_q, 1)
+
+
 @triton.jit
 def token_mixture_fwd_kernel(
     student_ptr,  # [B, T, V] logits (16-byte aligned base, see student_shift)
@@ -228,40 +269,11 @@ def token_mixture_fwd_kernel(
     if DIVERGENCE == JSD:
         # Second pass (as token_divergence_fwd.py's): log m_k needs both finished normalizers of each teacher.
         beta = tl.cast(beta, tl.float32)
-        log2_1m_beta = tl.math.log2(1.0 - beta)
-        log2_beta = tl.math.log2(beta)
-        s_edge = to_float(tl.load(student_ptr + student_row + edge_col, mask=edge_mask, other=NEG_INF))
-        u_edge = _load_teachers(teacher_ptr, rows, 0, edge_col, on, edge_mask, NEG_INF, VEC, False, True)
-        lse_u2, lse_gap2 = lse_u[:, None, None], lse_gap[:, None, None]
-        d_mp, d_mq, d_p, d_q = _jsd_partials(s_edge, u_edge, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta, log2_beta,
-                                             PRECISE_LOG2)
-        m_p_sum = tl.where(lane0, d_mp, 0.0)  # [KB, 1] into lane 0 of [KB, LANES]: sum p log2(m_k / p)
-        m_q_sum = tl.where(lane0, d_mq, 0.0)  # sum q_k log2(m_k / q_k)
-        mass_q = tl.where(lane0, d_q, 0.0)
-        mass_p = into_lane0(d_p, LANES, 0.0)  # [LANES]
-        if tail_len > 0:
-            in_tail = cols < tail_len
-            s_tail = to_float(tl.load(student_ptr + assume_multiple(student_row + tail_start, VEC) + cols,
-                                      mask=in_tail, other=NEG_INF))
-            u_tail = _load_teachers(teacher_ptr, rows, tail_start, cols, on, in_tail, NEG_INF, VEC, ALIGNED, True)
-            t_mp, t_mq, t_p, t_q = _jsd_partials(s_tail, u_tail, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta,
-                                                 log2_beta, PRECISE_LOG2)
-            m_p_sum += t_mp
-            m_q_sum += t_mq
-            mass_p += t_p
-            mass_q += t_q
-        for block in range(0, num_full):
-            start = peel + block * BLOCK_V
-            s_block = to_float(tl.load(student_ptr + assume_multiple(student_row + start, VEC) + cols))
-            u_block = _load_teachers(teacher_ptr, rows, start, cols, on, None, NEG_INF, VEC, ALIGNED, False)
-            e_mp, e_mq, e_p, e_q = _jsd_partials(s_block, u_block, scale, lse_s, lse_u2, lse_gap2, log2_1m_beta, log2_beta,
-                                                 PRECISE_LOG2)
-            m_p_sum += e_mp
-            m_q_sum += e_mq
-            mass_p += e_p
-            mass_q += e_q
-        divergence, aux = finalize_jsd(beta, reduce_sum(m_p_sum, 1), reduce_sum(m_q_sum, 1), reduce_sum(mass_p, 0),
-                                       reduce_sum(mass_q, 1))
+        m_p_sum, m_q_sum, mass_p, mass_q = _jsd_sums(student_ptr, teacher_ptr, rows, student_row, peel, num_full,
+                                                     tail_start, tail_len, cols, edge_col, edge_mask, on, lane0,
+                                                     scale, lse_s, lse_u, lse_gap, beta, LANES, VEC, ALIGNED,
+                                                     BLOCK_V, PRECISE_LOG2)
+        divergence, aux = finalize_jsd(beta, m_p_sum, m_q_sum, mass_p, mass_q)
         loss = divergence
 
     k64 = ks.to(tl.int64)
@@ -275,3 +287,64 @@ def token_mixture_fwd_kernel(
     tl.store(stats + STAT_TEACHER_LSE * N, tl.where(on, lse_u, 0.0), mask=in_k)
     tl.store(stats + STAT_AUX * N, tl.where(on, aux, 0.0), mask=in_k)
     tl.store(stats + STAT_LSE_GAP * N, tl.where(on, lse_gap, 0.0), mask=in_k)
+
+
+@triton.jit
+def token_mixture_jsd_partials_kernel(
+    student_ptr,  # [B, T, V_local] this rank's slice (aligned bases and shifts as above)
+    teacher0_ptr,
+    teacher1_ptr,
+    teacher2_ptr,
+    teacher3_ptr,
+    valid_ptr,  # [K, N] int8
+    stats_ptr,  # [K, NUM_STATS, N] fp32: the whole vocabulary's lse_s, lse_u and lse_gap (wpkl/parallel/merge.py)
+    partials_ptr,  # [K, 4, N] fp32 out: the slice's sum p log2(m_k / p), sum q_k log2(m_k / q_k), sum p, sum q_k
+    student_shift,
+    stride_student_b,
+    stride_student_t,
+    shift0, shift1, shift2, shift3,
+    stride_b0, stride_b1, stride_b2, stride_b3,
+    stride_t0, stride_t1, stride_t2, stride_t3,
+    T,
+    V,
+    N,
+    K,
+    scale,  # log2(e) / T
+    beta,
+    KB: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PRECISE_LOG2: tl.constexpr,
+):
+    """jsd teachers on a vocabulary slice (wpkl/parallel/shard_mixture.py): the second pass with the whole
+    vocabulary's normalizers, the student's slice read once for the K teachers, the four sums per teacher
+    additive over the vocabulary (the group's sum, finalized as finalize_jsd does, is the one-device jsd)."""
+    beta = tl.cast(beta, tl.float32)
+    row = tl.program_id(0)
+    ks = tl.arange(0, KB)
+    in_k = ks < K
+    student_row = student_shift + row_offset(row, T, stride_student_b, stride_student_t)
+    rows = _teachers(teacher0_ptr, teacher1_ptr, teacher2_ptr, teacher3_ptr, shift0, shift1, shift2, shift3,
+                     stride_b0, stride_b1, stride_b2, stride_b3, stride_t0, stride_t1, stride_t2, stride_t3, row, T, KB)
+    on = tl.load(valid_ptr + ks.to(tl.int64) * N + row, mask=in_k, other=0) != 0
+    is_valid = reduce_max(on.to(tl.int32), 0) != 0
+    row_v = tl.where(is_valid, V, 0)
+    peel, num_full, tail_start, tail_len = aligned_split(student_row, row_v, VEC, BLOCK_V)
+    LANES: tl.constexpr = BLOCK_V // VEC
+    cols = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC
+    lane0 = tl.arange(0, LANES)[None, :] == 0
+    edge_col, edge_mask = edge_columns(peel, tail_start + tail_len, row_v, VEC)
+    stats = stats_ptr + ks.to(tl.int64) * (STATS * N) + row
+    lse_s = reduce_max(tl.load(stats + STAT_STUDENT_LSE * N, mask=on, other=NEG_INF), 0)  # the same in every slot
+    lse_u = tl.load(stats + STAT_TEACHER_LSE * N, mask=on, other=0.0)
+    lse_gap = tl.load(stats + STAT_LSE_GAP * N, mask=on, other=0.0)
+    m_p_sum, m_q_sum, mass_p, mass_q = _jsd_sums(student_ptr, teacher0_ptr, rows, student_row, peel, num_full,
+                                                 tail_start, tail_len, cols, edge_col, edge_mask, on, lane0, scale,
+                                                 lse_s, lse_u, lse_gap, beta, LANES, VEC, ALIGNED, BLOCK_V,
+                                                 PRECISE_LOG2)
+    out = partials_ptr + ks.to(tl.int64) * (4 * N) + row
+    tl.store(out, tl.where(on, m_p_sum, 0.0), mask=in_k)
+    tl.store(out + N, tl.where(on, m_q_sum, 0.0), mask=in_k)
+    tl.store(out + 2 * N, tl.where(on, mass_p, 0.0), mask=in_k)
+    tl.store(out + 3 * N, tl.where(on, mass_q, 0.0), mask=in_k)

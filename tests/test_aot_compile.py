@@ -53,7 +53,7 @@ def test_everything_compiles_for_sm80_and_sm90(report):
     assert {r["divergence"] for r in vocabulary} == {"reverse_kl", "forward_kl", "jsd", "sampled"}
     assert {r["dtype"] for r in vocabulary} == {"float32", "bfloat16", "float16"}
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "jsd_partials", "weights", "topk", "mixture_fwd",
-                                           "mixture_bwd", "mixture_atoms"}
+                                           "mixture_bwd", "mixture_atoms", "mixture_jsd_partials"}
     # Several teachers' pass (kernels/token_mixture.py): every divergence, every logits dtype, two and four teachers
     # (jsd: two), and one with top-k teachers, whose backward adds their dense part ("dense"; the quick report:
     # at one teacher and the largest group).
@@ -98,6 +98,11 @@ def test_targets_for_bf16_on_sm90(report):
     shards = _find(rows, "jsd_partials", "jsd")
     assert [loop["per_element"] for loop in shards["loops"]] == per_element["fwd", "jsd"][1:]
     assert shards["ctas_per_sm"] >= TARGET_FORWARD_CTAS and shards["spill_bytes"] == 0 and shards["loads_16b"]
+    for variant in ("K=1", "K=2"):  # several jsd teachers on shards: the mixture kernel's second pass, as lean
+        shards = _find(rows, "mixture_jsd_partials", "jsd", variant=variant)
+        second = _find(rows, "mixture_fwd", "jsd", variant=variant)["loops"][1]["per_element"]
+        assert [loop["per_element"] for loop in shards["loops"]] <= [second + 0.5], (shards["loops"], second)
+        assert shards["ctas_per_sm"] >= 2 and shards["spill_bytes"] == 0 and shards["loads_16b"]
     # Four teachers in one pass: below four single-teacher passes' 4 x 32 and 4 x 24 per student element.
     for divergence in ("reverse_kl", "forward_kl"):
         fwd, bwd = (_find(rows, f"mixture_{k}", divergence, variant="K=4") for k in ("fwd", "bwd"))

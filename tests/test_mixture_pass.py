@@ -317,7 +317,8 @@ def test_the_route_says_so():
         plan = mixture_route(half, [sharded] * 6, mixing)
         assert plan.groups == (("shards", tuple(range(6))),) and "6 teachers in 1 pass" in str(plan.route)
     assert mixture_route(half, [sharded] * 6, "routing") is None
-    assert mixture_route(jsd, [sharded] * 6) is None and mixture_route(heads, [sharded] * 2, "device") is None
+    assert mixture_route(jsd, [sharded] * 6).groups == (("shards", tuple(range(6))),)  # jsd: launches of two
+    assert mixture_route(heads, [sharded] * 2, "device") is None
     assert mixture_route(heads, [sharded] * 2).groups == (("shards", (0, 1)),)
     sampled = [p.replace(spec=LossSpec(backend="triton", divergence="sampled")) for p in problems[:3]]
     for mixing in ("dense", "routing", "device"):  # the sampled-token loss's teachers: every mixing

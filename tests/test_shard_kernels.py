@@ -428,32 +428,133 @@ def _world_case(rank, world, group):
     case("jsd close distributions", lambda: jsd(torch.float32, 0.5, 13, 1.0, 0, False, close=True))
     case("jsd fused-linear", lambda: jsd(torch.float32, 0.4, 9, 0.8, 0, False, fused=True))
 
-    def jsd_teachers():
-        # several jsd teachers: each its own sharded pass (three collectives each), against the reference
-        student, teachers, mask = (torch.randn(B, T, 2 * world * 5, generator=_gen(91), dtype=f64),
-                                   [torch.randn(B, T, 2 * world * 5, generator=_gen(92 + k), dtype=f64)
-                                    for k in range(3)], torch.rand(B, T, generator=_gen(95)) < 0.8)
-        sl = slice(rank * 10, rank * 10 + 10)
-        calls, shards, undo_shards = [], *_recording()
-        undo = [_spy(ShardedTritonPass, "forward", calls), undo_shards]
-        options = dict(mask=mask, divergence="jsd", beta=0.4, mixing=[0.5, 0.3, 0.2])
-        try:
+    def one_sided(divergence, side, teachers):
+        # token (0, 2): ``side`` ("student" or "teacher") is -inf on the last rank's whole slice, the other side not
+        # (a top-k filtered teacher, a banned slice): forward KL and jsd stay finite there (the merged lse gap must
+        # count the student's mass on a slice the teacher has none of), a KL over the empty side is infinite
+        g = _gen(97)
+        local_vocab = 6
+        V = world * local_vocab
+        student = torch.randn(B, T, V, generator=g, dtype=f64) * 2
+        logits = [student + (0.5 + k) * torch.randn(B, T, V, generator=g, dtype=f64) for k in range(teachers)]
+        for x in ([student] if side == "student" else logits[:1]):
+            x[0, 2, V - local_vocab:] = float("-inf")
+        sl = slice(rank * local_vocab, (rank + 1) * local_vocab)
+
+        def both(mask):
+            options = dict(mask=mask, divergence=divergence, beta=0.4, reduction="none")
             x = student[..., sl].float().requires_grad_(True)
-            loss = wpkl.multi_teacher_loss(x, teachers=[t[..., sl].float() for t in teachers], process_group=group,
-                                           backend="triton", **options)
-            loss.backward()
-        finally:
-            for u in undo:
-                u()
-        assert calls == ["forward"] * 3 and shards[-1].calls == 9, (calls, shards[-1].calls)
-        y = student.float().double().requires_grad_(True)
-        whole = wpkl.multi_teacher_loss(y, teachers=[t.float().double() for t in teachers], backend="reference",
-                                        **options)
-        whole.backward()
-        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+            if teachers == 1:
+                loss = wpkl.weighted_kl_loss(x, logits[0][..., sl].float(), process_group=group, backend="triton",
+                                             **options)
+            else:
+                loss = wpkl.multi_teacher_loss(x, teachers=[t[..., sl].float() for t in logits], process_group=group,
+                                               backend="triton", **options)
+            y = student.float().double().requires_grad_(True)
+            if teachers == 1:
+                whole = wpkl.weighted_kl_loss(y, logits[0].float().double(), backend="reference", **options)
+            else:
+                whole = wpkl.multi_teacher_loss(y, teachers=[t.float().double() for t in logits], backend="reference",
+                                                **options)
+            return x, loss, y, whole
+
+        _, loss, _, whole = both(torch.ones(B, T, dtype=torch.bool))
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)  # (inf where the truth is inf)
+        finite = torch.isfinite(whole.detach())
+        assert bool(finite.all()) == (divergence != ("reverse_kl" if side == "teacher" else "forward_kl")), whole
+        x, loss, y, whole = both(finite)  # the gradient of the finite rows (a masked row's is 0)
+        loss.sum().backward()
+        whole.sum().backward()
         torch.testing.assert_close(x.grad.double(), y.grad[..., sl], rtol=2e-4, atol=2e-6)
 
-    case("three jsd teachers", jsd_teachers)
+    for divergence in ("forward_kl", "jsd", "reverse_kl"):
+        for side in ("teacher", "student"):
+            for teachers in (1, 2):
+                case(f"one-sided slice: {divergence}, {side} -inf, {teachers} teacher(s)",
+                     lambda d=divergence, s=side, n=teachers: one_sided(d, s, n))
+
+    def jsd_teachers(dtypes, mixing_kind, topk=0, fused=False):
+        # several jsd teachers share: the first pass (as reverse KL) in launches of two, one merge, every launch's
+        # second pass with the merged normalizers, one all-reduce of all their sums: three collectives per call
+        # (chunk), whatever the number of teachers; top-k teachers beside them join the first launch (two more:
+        # the student's merge; one: the gather); fused-linear: hidden-state teachers, a merge per chunk
+        import wpkl.backends.triton_mixture as triton_mixture
+
+        g = _gen(91)
+        V, H, chunk = 2 * world * 5, 6, 4
+        sl = slice(rank * 10, rank * 10 + 10)
+        K = len(dtypes)
+        student = torch.randn(B, T, V, generator=g, dtype=f64) * 2
+        if fused:
+            h, w = torch.randn(B, T, H, generator=g, dtype=f64), torch.randn(V, H, generator=g, dtype=f64)
+            heads = [(torch.randn(B, T, H, generator=g, dtype=f64), torch.randn(V, H, generator=g, dtype=f64))
+                     for _ in range(K)]
+        logits = [student + (0.5 + k) * torch.randn(B, T, V, generator=g, dtype=f64) for k in range(K)]
+        lists = [_topk(torch.log_softmax(student + torch.randn(B, T, V, generator=g, dtype=f64), -1), 4 + k, 10, g)
+                 for k in range(topk)]
+        mask = torch.rand(B, T, generator=g) < 0.8
+        M = K + topk
+        mixing = torch.rand(M, B, T, generator=g, dtype=f64) * (torch.rand(M, B, T, generator=g) < 0.7) \
+            if mixing_kind == "soft" else [0.5, 0.3, 0.2, 0.4, 0.1][:M]
+
+        def teachers_of(columns, to):
+            if fused:
+                mine = [dict(teacher_hidden=to(th), teacher_weight=to(tw[columns])) for th, tw in heads]
+            else:
+                mine = [to(t.to(d))[..., columns] for t, d in zip(logits, dtypes, strict=True)]
+            return mine + [dict(teacher_topk_ids=i, teacher_topk_logprobs=to(q)) for i, q in lists]
+
+        options = dict(mask=mask, divergence="jsd", beta=0.4, temperature=0.9, fused_linear=fused,
+                       weighting=wpkl.Weighting(accumulated=0.5))
+        launched, calls, shards, undo_shards = [], [], *_recording()
+        mixture_forward = triton_mixture.TritonMixturePass.forward
+        triton_mixture.TritonMixturePass.forward = staticmethod(
+            lambda *a, rows=None: launched.append(len(a[1])) or mixture_forward(*a, rows=rows))
+        undo = [_spy(TorchPass, "forward", calls), undo_shards]
+        try:
+            if fused:
+                x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True)]
+                loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=teachers_of(sl, lambda t: t.float()),
+                                               mixing=mixing if isinstance(mixing, list) else mixing.float(),
+                                               process_group=group, backend="triton", chunk_size=chunk, **options)
+            else:
+                x = [student[..., sl].float().requires_grad_(True)]
+                loss = wpkl.multi_teacher_loss(x[0], teachers=teachers_of(sl, lambda t: t),
+                                               mixing=mixing if isinstance(mixing, list) else mixing.float(),
+                                               process_group=group, backend="triton", **options)
+            loss.backward()
+        finally:
+            triton_mixture.TritonMixturePass.forward = staticmethod(mixture_forward)
+            for u in undo:
+                u()
+        chunks = -(-int(mask.sum()) // chunk) if fused else 1
+        assert calls == [], calls
+        expected = (3 + (3 if topk else 0)) * chunks + fused
+        assert shards[-1].calls == expected, (shards[-1].calls, expected)
+        if not fused:  # launches of two of one dtype (a first launch of one still takes the top-k rows)
+            assert launched == [2] * (dtypes.count(dtypes[0]) // 2) + ([1] if topk and K == 1 else []), launched
+        if fused:
+            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+            whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=teachers_of(slice(None), lambda t: t.double()),
+                                            mixing=mixing, backend="reference", **options)
+        else:
+            y = [student.float().double().requires_grad_(True)]
+            whole = wpkl.multi_teacher_loss(y[0], teachers=teachers_of(slice(None), lambda t: t.double()),
+                                            mixing=mixing, backend="reference", **options)
+        whole.backward()
+        truths = (y[0].grad, y[1].grad[sl]) if fused else (y[0].grad[..., sl],)
+        loose = torch.bfloat16 in dtypes
+        tol = dict(rtol=2e-2, atol=2e-3) if loose else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.double(), whole, **tol)
+        for got, truth in zip(x, truths, strict=True):
+            torch.testing.assert_close(got.grad.double(), truth, **(tol if loose else dict(rtol=2e-4, atol=2e-6)))
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    for dtypes, mixing_kind, topk, fused in (([f32] * 3, "soft", 0, False), ([f32, f32, bf16], "numbers", 0, False),
+                                             ([f32], "soft", 2, False), ([f32] * 2, "numbers", 2, False),
+                                             ([f32] * 2, "numbers", 0, True)):
+        name = f"jsd teachers {[str(d)[6:] for d in dtypes]} {mixing_kind} top-k={topk} fused-linear={fused}"
+        case(name, lambda a=(dtypes, mixing_kind, topk, fused): jsd_teachers(*a))
 
     case("bad: an id past the vocabulary on one rank", lambda: disagreeing(past_vocabulary, "teacher_topk_ids must lie",
                                                                             "rejected their inputs"))
@@ -482,4 +583,4 @@ def _worker(rank, world, port, out_dir):
 def test_topk_and_jsd_teachers_on_vocabulary_shards(world, tmp_path):
     results = spawn_worlds(_worker, {world: str(tmp_path)}, timeout_s=400)[world]
     assert_ranks_passed(results)
-    assert all(len(r["results"]) == 7 + 2 + 9 + 3 + 5 + 2 + 1 + 2 for r in results), [sorted(r["results"]) for r in results]
+    assert all(len(r["results"]) == 7 + 2 + 9 + 3 + 5 + 2 + 12 + 5 + 2 for r in results), [sorted(r["results"]) for r in results]

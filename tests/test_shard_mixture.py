@@ -364,8 +364,8 @@ def _world_case(rank, world, group):
 
     routing = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).T.float()
     for name, options, teachers, mixing, expected in (
-            ("jsd: each teacher its own sharded pass", dict(divergence="jsd"), None, None,
-             {"mixture": [], "single": 3, "merges": 0}),
+            ("jsd: a launch of two, one alone, one merge", dict(divergence="jsd"), None, None,
+             {"mixture": [2], "single": 1, "merges": 1}),
             ("a top-k teacher alone", {}, topk, None, {"mixture": [2], "single": 0, "merges": 1}),
             ("a routing: each teacher its own pass", {}, None, routing, {"mixture": [], "single": 3, "merges": 0}),
             ("numbers share", {}, None, [0.5, 0.2, 0.3], {"mixture": [3], "single": 0, "merges": 1})):

@@ -29,6 +29,7 @@ _EXPORTS = {
     "token_mixture_atoms_kernel": "token_mixture_bwd",
     "token_mixture_bwd_kernel": "token_mixture_bwd",
     "token_mixture_fwd_kernel": "token_mixture",
+    "token_mixture_jsd_partials_kernel": "token_mixture",
     "topk_atoms_bwd_kernel": "token_topk",
     "NUM_CHECKS": "token_weights",
     "token_weights_kernel": "token_weights",

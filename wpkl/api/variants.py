@@ -153,12 +153,12 @@ def multi_teacher_loss(*args, teachers, mixing=None, fused_linear: bool = False,
     merged in one backward); the sampled-token loss's logits, log q(y) and (dense) hidden-state teachers, any number
     (wpkl/backends/triton_sampled.py); logits (fused-linear, dense mixing: hidden-state) and top-k teachers
     together, the top-k ones joining the first pass of the others (wpkl/backends/triton_logits_topk.py); on
-    vocabulary shards, the logits teachers with reverse or forward KL, any number, their statistics merged at once
+    vocabulary shards, the logits teachers with reverse or forward KL or jsd, any number, their statistics merged at once
     (wpkl/parallel/shard_mixture.py; fused-linear with dense mixing, the hidden-state teachers, one merge per
     chunk), the sampled-token loss's teachers, and top-k teachers (wpkl/parallel/shard_topk.py: one merge of the
     student's statistics and one gather of all their atoms; beside logits or hidden-state teachers, joining the
     first launch of those). Every other teacher (the only teacher of its form or logits dtype, a teacher with its
-    own options unless others share them, jsd teachers on vocabulary shards, the torch backend) runs its own pass, reading
+    own options unless others share them, the torch backend) runs its own pass, reading
     only the rows its teacher has a nonzero weight on (a masked row reads nothing). Mixing numbers, and mixing
     tensors given on the CPU with tokens of several teachers, take every shared pass; a mixing tensor on the GPU
     (not read on the host) the logits, top-k and sampled-token ones; a one-hot tensor given on the CPU (a routing:

@@ -158,6 +158,31 @@ def atoms_launch(student, teachers, valid, grad_loss, dense, stats, ids, logits,
     return (N,), args, meta
 
 
+def jsd_partials_launch(student, teachers, valid, stats, partials, temperature, beta):
+    """(grid, args, meta) of kernels/token_mixture.py's jsd partials kernel (jsd teachers on a vocabulary slice:
+    its second pass with the merged normalizers in ``stats``, the sums into ``partials`` [K, 4, N])."""
+    B, T, V = student.shape
+    config = _config(student, teachers)
+    student_base, student_shift, pointers, columns, aligned = _located(student, teachers, config.vec)
+    args = (student_base, *pointers, valid, stats, partials, student_shift, student.stride(0), student.stride(1),
+            *columns, T, V, B * T, len(teachers), LOG2E / temperature, float(beta))
+    meta = dict(KB=_slots(teachers), BLOCK_V=config.block_v, VEC=config.vec, ALIGNED=aligned,
+                PRECISE_LOG2=student.dtype == torch.float32, num_warps=config.num_warps)
+    return (B * T,), args, meta
+
+
+def jsd_partials(saved: MixtureSaved) -> torch.Tensor:
+    """The launch's jsd second pass on a vocabulary slice (``jsd_partials_launch``), from its saved state with the
+    merged statistics: [K, 4, N] fp32 (wpkl/parallel/merge.py: ``merge_jsd`` adds them over the ranks)."""
+    K, _, N = saved.stats.shape
+    partials = common.new_buffer(K, 4, N, dtype=torch.float32, device=saved.stats.device)
+    if N > 0:
+        grid, args, meta = jsd_partials_launch(saved.student, saved.teachers, saved.valid, saved.stats, partials,
+                                               saved.spec.temperature, saved.spec.beta)
+        launch(kernels().token_mixture_jsd_partials_kernel, grid, args, meta)
+    return partials
+
+
 class TritonMixturePass:
     @staticmethod
     def forward(student, teachers, valids, spec: LossSpec, rows=None):

@@ -95,7 +95,7 @@ def local_atoms(ids: torch.Tensor, shard) -> torch.Tensor:
     if shard is None:
         return ids
     local = ids - shard.offset
-    return torch.where((ids >= 0) & (local < shard.size), local, -1)
+    return torch.where((ids >= 0) & (local >= 0) & (local < shard.size), local, -1)
 
 
 def topk_atoms(student, stats, teacher: TopK, valid, spec: LossSpec, shard=None, gathered=None):

@@ -155,8 +155,9 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
     if own.terms == "sharded kernels" and problem.teacher_topk is not None:
         return ("shards-top-k", spec)  # any number, every divergence and mixing: one merge, one gather of atoms
     if own.terms == "sharded kernels":
-        # logits teachers with a KL: every rank's kernels take its slice (grouped there by dtype and element grid,
-        # local facts that change no collective), one merge of all their statistics (wpkl/parallel/shard_mixture.py);
+        # logits teachers with a KL or jsd: every rank's kernels take its slice (grouped there by dtype and element
+        # grid, local facts that change no collective), one merge of all their statistics (jsd: then one of its
+        # second pass's sums; wpkl/parallel/shard_mixture.py);
         # hidden-state teachers (fused-linear) under dense mixing, as on one device: one merge per chunk
         hidden = isinstance(problem.teacher, TeacherLinear) and mixing == "dense"
         if spec.exact_divergence == "sampled":  # logits, log q(y) and (dense) hidden-state teachers, every mixing
@@ -165,7 +166,7 @@ def _mixture_form(problem: Problem, own: Route, mixing: str) -> tuple | None:
             return ("shards-sampled", spec if spec.linear is None else spec.replace(teacher_logit_scale=1.0,
                                                                                     teacher_softcap=None))
         if not (hidden or (problem.teacher_logits is not None and not problem.linear)) or mixing == "routing" or \
-                spec.exact_divergence not in ("reverse_kl", "forward_kl"):
+                spec.exact_divergence not in ("reverse_kl", "forward_kl", "jsd"):
             return None
         return ("shards", spec)
     if own.backend != "triton" or own.terms != "kernels":
@@ -202,12 +203,12 @@ def mixture_route(problems: list[Problem], routes: list[Route], mixing: str = "d
     (wpkl/backends/triton_topk.py); the sampled-token loss's logits and log q(y) teachers, any number
     (wpkl/backends/triton_sampled.py), each on the kernels' route of one device; top-k teachers beside logits (or
     hidden-state) teachers of their specification join the first launch of those (wpkl/backends/triton_logits_topk.py:
-    one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL, any
-    number, their statistics merged at once (wpkl/parallel/shard_mixture.py), (dense mixing) hidden-state
-    teachers, one merge per chunk, the sampled-token loss's teachers, and top-k teachers (one merge of the
-    student's statistics, one gather of their atoms: wpkl/parallel/shard_topk.py), beside logits or hidden-state
-    teachers of their specification in the first launch of those (one student read for both forms). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the
-    collectives.
+    one student read for both forms); on vocabulary shards, the logits teachers with reverse or forward KL or jsd,
+    any number (in launches of the kernel's slots), their statistics merged at once (wpkl/parallel/shard_mixture.py),
+    (dense mixing) hidden-state teachers, one merge per chunk, the sampled-token loss's teachers, and top-k
+    teachers (one merge of the student's statistics, one gather of their atoms: wpkl/parallel/shard_topk.py),
+    beside logits or hidden-state teachers of their specification in the first launch of those (one student read
+    for both forms). The plan joins the ranks' agreement (wpkl/parallel/agree.py): it decides the collectives.
 
     ``mixing`` (wpkl/api/variants.py: ``_mixing_kind``): "dense" (numbers, or a host tensor with tokens of
     several teachers), "routing" (a host tensor, one teacher per token: each logits or hidden-state teacher's own

@@ -106,7 +106,12 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
     lse_gap = lse_s - lse_u
     if kl:
         z_c, d_sum, g_sum, aux_sum = sums[6], sums[7], sums[8], sums[9]
-        lse_gap = m_g + (z_c / z_u).log()  # G = log sum_r beta_r e^{g_r}
+        # G = log sum_r beta_r e^{g_r}, over the slices where both sides have mass: the global gap unless some slice
+        # has the student's mass and not the teacher's, whose share it leaves out; there (never close
+        # distributions: no cancellation to keep) the difference of the merged normalizers. Forward KL and jsd's
+        # second pass need it (reverse KL is infinite there).
+        student_only = maxima[4] > 0
+        lse_gap = torch.where(student_only, (m_s + z_s.log()) - (m_u + z_u.log()), m_g + (z_c / z_u).log())
         weight_sum = z_c if divergence == "reverse_kl" else z_u
         shares_kl = g_sum / weight_sum - (lse_gap - m_g)  # sum_r alpha_r g_r - G (reverse) or its beta mean
         if divergence == "reverse_kl":
@@ -115,8 +120,8 @@ def merge_kernel_stats(stats: torch.Tensor, valid: torch.Tensor, divergence: str
         else:
             aux = aux_sum / z_u
             divergence_value = d_sum / z_u - shares_kl
-        # A slice where one side has mass and the other none: the divergence is infinite (the kernel's own D_r
-        # of such a slice is not a share of anything).
+        # A slice where the side a KL weighs has mass and the other none (reverse: the student's, forward: the
+        # teacher's): the divergence is infinite (the kernel's own D_r of such a slice is not a share of anything).
         infinite = maxima[4 if divergence == "reverse_kl" else 5] > 0
         divergence_value = torch.where(infinite, float("inf"), divergence_value)
         loss = divergence_value

@@ -1,8 +1,10 @@
 """Several logits teachers on vocabulary shards (wpkl.multi_teacher_loss with ``process_group``, reverse or forward
-KL; the fused-linear form's hidden-state teachers chunk by chunk, wpkl/engine/mixture.py: LinearMixtureAdapter):
-each rank's kernels read its slice of the student once per group of up to MAX_TEACHERS teachers
-(kernels/token_mixture.py), and one ``merge_kernel_stats`` call (two all-reduces, whatever the number of teachers)
-makes every teacher's statistics the whole vocabulary's; the backward kernels then need no collective.
+KL or jsd; the fused-linear form's hidden-state teachers chunk by chunk, wpkl/engine/mixture.py:
+LinearMixtureAdapter): each rank's kernels read its slice of the student once per group of up to MAX_TEACHERS
+teachers (MAX_JSD_TEACHERS; kernels/token_mixture.py), and one ``merge_kernel_stats`` call (two all-reduces,
+whatever the number of teachers) makes every teacher's statistics the whole vocabulary's (jsd: then its second
+pass on the slice and one all-reduce of its sums, ``_jsd_sums``; top-k teachers beside them: a student merge and a
+gather of their atoms, three more); the backward kernels then need no collective.
 
     forward(student [B, T, V_local], teachers [K of [B, T, V_local]], valids [K, B, T], spec) -> loss [K, B, T],
             stats [K, 4, B, T], saved
@@ -25,13 +27,15 @@ import torch
 from ..backends import common
 from ..backends.common import kernels
 from ..backends.triton_logits_topk import LogitsTopKSaved, TritonLogitsTopKPass
-from ..backends.triton_mixture import TritonMixturePass, element_grid, max_teachers
+from ..backends.common import divergence_id
+from ..backends.triton_mixture import TritonMixturePass, element_grid, jsd_partials, max_teachers
 from ..backends.triton_pass import TritonPass, TritonSaved
+from ..backends.triton_pass import jsd_partials as single_jsd_partials
 from ..backends.triton_sampled import SampledMixtureSaved, TritonSampledMixturePass, _teacher_pass
 from ..backends.triton_topk import _stat, gather_atoms, shared_student_pass, topk_atoms
 from ..reference import TopK
 from ..spec import LossSpec
-from .merge import merge_kernel_stats
+from .merge import merge_jsd, merge_kernel_stats
 from .shard_topk import merge_student
 from .vocab import local_tokens, owned_logit
 
@@ -44,6 +48,19 @@ def launches(teachers, spec: LossSpec) -> list[tuple[int, ...]]:
         keys.setdefault((teacher.dtype, element_grid(teacher)), []).append(k)
     size = max_teachers(spec)
     return [tuple(members[i: i + size]) for members in keys.values() for i in range(0, len(members), size)]
+
+
+def _jsd_sums(parts, merged, K: int, N: int, spec: LossSpec) -> torch.Tensor:
+    """Every launch's jsd second pass on the slice (kernels/token_divergence_fwd.py's and token_mixture.py's
+    partials kernels) with the merged statistics: [4, K * N] fp32, teacher-major as the merge's view."""
+    sums = torch.empty(K, 4, N, dtype=torch.float32, device=merged.device)
+    for index, saved in parts:
+        if isinstance(saved, TritonSaved):
+            sums[index[0]] = single_jsd_partials(saved.student, saved.teacher, saved.valid_bytes,
+                                                 merged[index[0]].contiguous(), spec)
+        else:
+            sums[index] = jsd_partials(replace(saved, stats=merged[index].contiguous(), spec=spec))
+    return sums.transpose(0, 1).reshape(4, K * N)
 
 
 @dataclass
@@ -75,25 +92,32 @@ class ShardedMixturePass:
         K = len(teachers) - len(topk)  # the logits teachers, first
         valids = valids.reshape(len(teachers), N)
         rows = valids[K:].any(0).to(torch.int8) if topk else None  # the top-k teachers' tokens
+        jsd = spec.exact_divergence == "jsd"
+        first = spec.replace(divergence="reverse_kl") if jsd else spec  # jsd: its normalizers first
         stats = common.new_buffer(K, k.NUM_STATS, N, dtype=torch.float32, device=student.device)
         parts = []
         for members in launches(teachers[:K], spec):
             index = list(members)
             if len(members) == 1 and (parts or rows is None):
-                _, _, saved = TritonPass.forward(student, teachers[index[0]], valids[index[0]], None, None, None, spec)
+                _, _, saved = TritonPass.forward(student, teachers[index[0]], valids[index[0]], None, None, None,
+                                                 first)
                 stats[index[0]] = saved.stats
             else:  # (the first launch takes the top-k teachers' rows: teacher 0, whose slot holds the student's)
-                _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], spec,
+                _, _, saved = TritonMixturePass.forward(student, [teachers[i] for i in index], valids[index], first,
                                                         rows=None if parts else rows)
                 stats[index] = saved.stats
-            parts.append((index, replace(saved, student=None, **{"teacher" if isinstance(saved, TritonSaved) else
-                                                                  "teachers": None})))
+            parts.append((index, saved))
         own = stats[0].clone() if topk else None  # the student's slice terms on the top-k teachers' rows
         # every teacher's statistics in one merge: [NUM_STATS, K * N], teacher-major within each row
         flat = stats.transpose(0, 1).reshape(k.NUM_STATS, K * N)
-        loss = merge_kernel_stats(flat, valids[:K].reshape(K * N), spec.exact_divergence, spec.temperature,
-                                  self.shard)
+        valid = valids[:K].reshape(K * N)
+        loss = merge_kernel_stats(flat, valid, first.exact_divergence, spec.temperature, self.shard)
         merged = flat.view(k.NUM_STATS, K, N).transpose(0, 1)
+        if jsd:  # the second pass of every launch on the slice with the merged normalizers, one all-reduce of its sums
+            loss = merge_jsd(flat, _jsd_sums(parts, merged, K, N, spec), valid, spec.beta, self.shard)
+        parts = [(index, replace(saved, student=None, div_id=divergence_id(spec.exact_divergence), spec=spec,
+                                 **{"teacher" if isinstance(saved, TritonSaved) else "teachers": None}))
+                 for index, saved in parts]
         public = torch.where(valids[:K, None], merged[:, : k.NUM_PUBLIC_STATS], 0.0)  # (teacher 0: its own tokens)
         if topk:
             # the student's slice terms on the top-k teachers' rows, merged: teacher 0's slot there (what the first

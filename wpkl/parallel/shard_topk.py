@@ -2,8 +2,8 @@
 tensor-parallel lm_head (wpkl/backends/triton_topk.py's passes on this rank's slice).
 
     forward   the student pass on the slice (its lse and entropy), ``merge_kernel_stats`` with
-              ``divergence=None`` (two all-reduces of float64 [3, N]: the whole vocabulary's lse and entropy), the
-              student's logits at the atoms (``gather_atoms``: one all-reduce of [N, K] in the logits' dtype, each
+              ``divergence=None`` (two all-reduces of float64, [1, N] and [3, N]: the whole vocabulary's lse and
+              entropy), the student's logits at the atoms (``gather_atoms``: one all-reduce of [N, K] in the logits' dtype, each
               id's owner supplying it; several teachers: of all their atoms at once), then the atom math of the
               specification on [N, K], alike on every rank
     backward  no collective: the dense part p_v Lambda / T on the slice with the global lse, then the fix-up of

@@ -27,6 +27,8 @@ def mixture_variants(kernel: str, divergence: str, quick: bool = False) -> list[
     with_topk = (1, counts[-1]) if quick else (1, *counts)
     if kernel == "mixture_fwd":
         return [f"K={k}" for k in (1, *counts)]
+    if kernel == "mixture_jsd_partials":  # jsd teachers on vocabulary shards (a first launch of one: top-k beside)
+        return [f"K={k}" for k in (1, *MIXTURE_JSD_TEACHERS)] if divergence == "jsd" else []
     if kernel == "mixture_atoms":  # the top-k teachers' merged atoms: a block that is masked, and the largest
         from wpkl.backends.triton_topk import MAX_ATOM_BLOCK
 
@@ -38,7 +40,8 @@ TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8"
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # "fwd", "bwd", "jsd_partials", "weights", "topk", "mixture_fwd", "mixture_bwd" or "mixture_atoms"
+    kernel: str  # "fwd", "bwd", "jsd_partials", "weights", "topk", "mixture_fwd", "mixture_bwd", "mixture_atoms"
+    # or "mixture_jsd_partials"
     divergence: str  # the weights kernel: its reduction
     dtype: str
     vocabs: tuple[int, ...]  # representative V values sharing this specialization; the first is compiled
@@ -103,6 +106,11 @@ def launch(job: Job):
         if job.kernel == "mixture_fwd":
             _, args, meta = mixture_fwd(student, teachers, valid, per_token, stats, div_id, 1.0)
             return kernels.token_mixture_fwd_kernel, args, meta
+        if job.kernel == "mixture_jsd_partials":
+            from wpkl.backends.triton_mixture import jsd_partials_launch
+
+            _, args, meta = jsd_partials_launch(student, teachers, valid, stats, f32(K, 4, B * T), 1.0, 0.5)
+            return kernels.token_mixture_jsd_partials_kernel, args, meta
         if job.kernel == "mixture_atoms":
             from wpkl.backends.triton_mixture import atoms_launch
 
@@ -177,7 +185,7 @@ def jobs(archs=ARCHS, quick=False) -> list[Job]:
         for vocabs in sorted(by_key.values(), key=max):
             if MIXTURE_VOCAB in vocabs:  # several teachers' pass, at the one vocabulary its gates name
                 out += [Job(kernel, divergence, dtype, tuple(vocabs), arch, variant)
-                        for kernel in ("mixture_fwd", "mixture_bwd", "mixture_atoms")
+                        for kernel in ("mixture_fwd", "mixture_bwd", "mixture_atoms", "mixture_jsd_partials")
                         for divergence in MIXTURE_DIVERGENCES
                         for variant in mixture_variants(kernel, divergence, quick) for arch in archs]
             if MIXTURE_VOCAB in vocabs:  # jsd on vocabulary shards: its second pass, at the gates' vocabulary
