@@ -98,3 +98,27 @@ def test_sums_demo_end_to_end(tmp_path):
                            text=True, timeout=300)
     assert audit.returncode == 0, audit.stderr[-2000:]
     assert audit.stdout.count("share (weighted)") == 8
+
+
+def test_sums_report_pairs_the_arms_with_iw_opd():
+    """The report's second table: each arm's paired difference to the IW-OPD arm, computed per seed (the stored
+    variants run of docs/experiments), checked against the differences taken here."""
+    from pathlib import Path
+
+    from wpkl.demo.sums_report import iw_opd_baseline, iw_opd_lines, summary_markdown
+
+    results = json.loads((Path(__file__).parent.parent / "docs/experiments/variants-reverse_kl-results.json")
+                         .read_text())
+    assert iw_opd_baseline(results) == "iw_opd_0.5"
+    lines = iw_opd_lines(results)
+    auc = {(r["teacher"], r["name"], r["seed"]): r["auc_sampled"] for r in results["runs"]}
+    seeds = results["config"]["seeds"]
+    for teacher in results["config"]["teachers"]:
+        for name in ("uniform", "mopd", "tip"):
+            diffs = [auc[(teacher, name, s)] - auc[(teacher, "iw_opd_0.5", s)] for s in seeds]
+            row = next(line for line in lines if line.startswith(f"| {teacher} | {name} |"))
+            assert f"{sum(diffs) / len(diffs):+.3f} [" in row and f"| {sum(d > 0 for d in diffs)}/{len(seeds)} |" in row
+    assert not any(line.startswith("| trained | iw_opd_0.5 |") for line in lines)  # (not paired with itself)
+    assert "\n".join(lines) in summary_markdown(results, 0.0)
+    without = dict(results, config=dict(results["config"], weightings=["uniform", "tip"]))
+    assert iw_opd_lines(without) == []

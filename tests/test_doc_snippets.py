@@ -137,3 +137,26 @@ def test_recipes_snippets(in_tmp, single_process_group):
     loss = hf.compute_loss(hf.model, dict(input_ids=input_ids, labels=labels), num_items_in_batch=torch.tensor(12))
     loss.backward()
     assert torch.isfinite(loss) and hf.model.head.weight.grad is not None
+
+    # The OPD variants' Trainer classes (EOPD, MOPD), on the same batch, against the calls they stand for.
+    mask = labels[:, 1:] != -100
+    eopd = namespace["EOPDTrainer"](model=TinyLM(V), args=args, teacher=TinyLM(V_TEACHER, seed=1))
+    loss = eopd.compute_loss(eopd.model, dict(input_ids=input_ids, labels=labels.clone()))
+    with torch.no_grad():
+        student, teacher = (m(input_ids).logits[:, :-1] for m in (eopd.model, eopd.teacher))
+    expected = wpkl.entropy_gated_loss(student, teacher, mask=mask, divergence="sampled", tokens=input_ids[:, 1:])
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert eopd.model.head.weight.grad is not None
+    teachers = [TinyLM(V_TEACHER, seed=1), TinyLM(V, seed=2)]  # (a padded vocabulary and an exact one)
+    mopd = namespace["MOPDTrainer"](model=TinyLM(V), args=args, teachers=teachers)
+    teacher_id = torch.tensor([1, 0, 1])
+    loss = mopd.compute_loss(mopd.model, dict(input_ids=input_ids, labels=labels.clone(), teacher_id=teacher_id),
+                             num_items_in_batch=torch.tensor(12))
+    with torch.no_grad():
+        student = mopd.model(input_ids).logits[:, :-1]
+        per_row = [wpkl.weighted_kl_loss(student[b:b + 1], teachers[int(k)](input_ids[b:b + 1]).logits[:, :-1],
+                                         mask=mask[b:b + 1], reduction="sum") for b, k in enumerate(teacher_id)]
+    torch.testing.assert_close(loss.detach(), sum(per_row) / 12)  # each row its own teacher's, the global count
+    loss.backward()
+    assert mopd.model.head.weight.grad is not None

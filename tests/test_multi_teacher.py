@@ -377,39 +377,95 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(loss, whole, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(x.grad, y.grad[..., sl], rtol=1e-9, atol=1e-11)
 
-    def triton_shards():  # float32 on the Triton backend: the logits teacher's pass is the sharded kernels, the
-        sl = slice(rank * 4, rank * 4 + 4)  # top-k teacher's its own
+    def triton_shards():  # float32 on the Triton backend: the logits and top-k teachers' shared sharded pass,
+        sl = slice(rank * 4, rank * 4 + 4)  # against the float64 reference on the whole vocabulary
         sources = [teacher.float(), dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq.float())]
-        loss = wpkl.multi_teacher_loss(student[..., sl].float(), teachers=[sources[0][..., sl], sources[1]],
-                                       mixing=mixing.float(), mask=mask, process_group=group, backend="triton")
-        whole = wpkl.multi_teacher_loss(student.float(), teachers=sources, mixing=mixing.float(), mask=mask,
-                                        backend="triton")
-        torch.testing.assert_close(loss, whole, rtol=1e-5, atol=1e-6)
+        weighting = wpkl.Weighting(accumulated=0.5)
+        x = student[..., sl].float().requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=[sources[0][..., sl], sources[1]], mixing=mixing.float(),
+                                       mask=mask, process_group=group, backend="triton", weighting=weighting)
+        loss.backward()
+        y = student.float().double().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[teacher.float().double(), dict(
+            teacher_topk_ids=ids, teacher_topk_logprobs=lq.float().double())], mixing=mixing.float().double(),
+            mask=mask, backend="reference", weighting=weighting)
+        whole.backward()
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), y.grad[..., sl], rtol=1e-4, atol=1e-6)
 
-    def sequences(weighting, bounded=False):
+    def sequences(weighting, bounded=False, backend="torch"):
+        # (the Triton backend: float32 against the float64 reference on the whole batch)
         flat = torch.arange(B * T)
         mine = flat[flat % world == rank]  # tokens dealt round-robin: non-contiguous chunks
         positions = torch.arange(T).expand(B, T).reshape(-1)
         sequence_ids = torch.arange(B)[:, None].expand(B, T).reshape(-1)
+        low = (lambda t: t) if backend == "torch" else (lambda t: t.float())
 
         def local(x):
             return x.reshape(B * T, *x.shape[2:])[mine]
 
-        x = local(student).clone().requires_grad_(True)
-        loss = wpkl.multi_teacher_loss(x, teachers=[local(teacher), dict(teacher_topk_ids=local(ids),
-                                                                         teacher_topk_logprobs=local(lq))],
-                                       mixing=local(mixing.permute(1, 2, 0)).T.contiguous(), weighting=weighting,
+        x = low(local(student)).clone().requires_grad_(True)
+        loss = wpkl.multi_teacher_loss(x, teachers=[low(local(teacher)), dict(teacher_topk_ids=local(ids),
+                                                                              teacher_topk_logprobs=low(local(lq)))],
+                                       mixing=low(local(mixing.permute(1, 2, 0)).T.contiguous()), weighting=weighting,
                                        mask=local(mask), positions=positions[mine], sequence_ids=sequence_ids[mine],
-                                       sequence_group=group, sequence_bounds=(B, T) if bounded else None)
+                                       sequence_group=group, sequence_bounds=(B, T) if bounded else None,
+                                       backend=backend)
         loss.backward()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total, group=group)
-        y = student.clone().requires_grad_(True)
-        whole = wpkl.multi_teacher_loss(y, teachers=[teacher, dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq)],
-                                        mixing=mixing, weighting=weighting, mask=mask)
+        y = low(student).double().clone().requires_grad_(True)
+        whole = wpkl.multi_teacher_loss(y, teachers=[low(teacher).double(), dict(
+            teacher_topk_ids=ids, teacher_topk_logprobs=low(lq).double())], mixing=low(mixing).double(),
+            weighting=weighting, mask=mask, backend="torch" if backend == "torch" else "reference")
         whole.backward()
-        torch.testing.assert_close(total, whole, rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(x.grad, local(y.grad), rtol=1e-9, atol=1e-11)
+        tol = dict(rtol=1e-9, atol=1e-11) if backend == "torch" else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(total.double(), whole, **tol)
+        torch.testing.assert_close(x.grad.double(), local(y.grad), **(tol if backend == "torch" else
+                                                                       dict(rtol=1e-4, atol=1e-6)))
+
+    def sequences_linear(backend):
+        # the fused-linear form split over the sequence group: a hidden-state teacher and a top-k one, per-token
+        # mixing, IW-OPD weights across the ranks' chunks
+        g = _gen(25)
+        H = 5
+        h, w = torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(Vw, H, generator=g,
+                                                                                   dtype=torch.float64)
+        ht, wt = torch.randn(B, T, H, generator=g, dtype=torch.float64), torch.randn(Vw, H, generator=g,
+                                                                                     dtype=torch.float64)
+        flat = torch.arange(B * T)
+        mine = flat[flat % world == rank]
+        low = (lambda t: t) if backend == "torch" else (lambda t: t.float())
+        weighting = wpkl.Weighting(accumulated=0.5)
+
+        def local(x):
+            return x.reshape(B * T, *x.shape[2:])[mine]
+
+        x = [low(local(h)).clone().requires_grad_(True), low(w).clone().requires_grad_(True)]
+        loss = wpkl.multi_teacher_loss(x[0], x[1], teachers=[dict(teacher_hidden=low(local(ht)), teacher_weight=low(wt)),
+                                                             dict(teacher_topk_ids=local(ids),
+                                                                  teacher_topk_logprobs=low(local(lq)))],
+                                       mixing=low(local(mixing.permute(1, 2, 0)).T.contiguous()), fused_linear=True,
+                                       weighting=weighting, mask=local(mask), backend=backend, chunk_size=3,
+                                       positions=torch.arange(T).expand(B, T).reshape(-1)[mine],
+                                       sequence_ids=torch.arange(B)[:, None].expand(B, T).reshape(-1)[mine],
+                                       sequence_group=group)
+        loss.backward()
+        total, grad_w = loss.detach().clone(), x[1].grad.clone()
+        torch.distributed.all_reduce(total, group=group)
+        torch.distributed.all_reduce(grad_w, group=group)  # (each rank's tokens' share of the weight's gradient)
+        y = [low(h).double().clone().requires_grad_(True), low(w).double().clone().requires_grad_(True)]
+        whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=[dict(teacher_hidden=low(ht).double(),
+                                                                   teacher_weight=low(wt).double()),
+                                                              dict(teacher_topk_ids=ids,
+                                                                   teacher_topk_logprobs=low(lq).double())],
+                                        mixing=low(mixing).double(), fused_linear=True, weighting=weighting,
+                                        mask=mask, backend="reference")
+        whole.backward()
+        tol = dict(rtol=1e-7, atol=1e-9) if backend == "torch" else dict(rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(total.double(), whole, **tol)
+        torch.testing.assert_close(x[0].grad.double(), local(y[0].grad), **tol)
+        torch.testing.assert_close(grad_w.double(), y[1].grad, **tol)
 
     def sequences_one_read():  # dense mixing on the Triton backend: both logits teachers in one pass per rank
         flat = torch.arange(B * T)
@@ -436,8 +492,53 @@ def _world_case(rank, world, group):
         torch.testing.assert_close(total.double(), whole, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad.double(), local(y.grad).double(), rtol=1e-4, atol=1e-6)
 
-    log_q = torch.log_softmax(teacher, -1)
-    threshold = float(-(log_q.exp() * log_q).sum(-1)[mask].median())  # the gate opens on about half the tokens
+    def gap_threshold(logits):
+        """A threshold on the teacher's entropy that opens the gate on about half the valid tokens, in the widest
+        gap of the middle entropies: no token lies within float32 rounding of it."""
+        log_q = torch.log_softmax(logits, -1)
+        entropies = (-(log_q.exp() * log_q).sum(-1)[mask]).sort().values
+        i = max(range(len(entropies) // 4, 3 * len(entropies) // 4),
+                key=lambda j: float(entropies[j + 1] - entropies[j]))
+        return float(entropies[i] + entropies[i + 1]) / 2
+
+    threshold = gap_threshold(teacher)
+
+    def eopd_triton_shards(fused, gated_topk):
+        # EOPD on the Triton backend's sharded kernels: materialized or fused-linear, the gated term against the
+        # teacher's logits or (the authors' form) over its top-k, renormalized (the sharded top-k kernels)
+        sl = slice(rank * 4, rank * 4 + 4)
+        tokens = torch.randint(0, Vw, (B, T), generator=_gen(22))
+        gate_options = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lq.float(), topk_mode="renormalize") \
+            if gated_topk else None
+        options = dict(mask=mask, tokens=tokens, divergence="sampled", weighting=wpkl.Weighting(accumulated=0.5))
+        if fused:
+            g = _gen(26)
+            h, w, ht, wt = (torch.randn(*shape, generator=g, dtype=torch.float64).float().double()
+                            for shape in ((B, T, 5), (Vw, 5), (B, T, 5), (Vw, 5)))
+            options["threshold"] = gap_threshold(ht @ wt.T)
+            x = [h.float().requires_grad_(True), w[sl].float().requires_grad_(True)]
+            loss = wpkl.entropy_gated_loss(x[0], x[1], ht.float(), wt[sl].float(), fused_linear=True,
+                                           process_group=group, backend="triton", chunk_size=4, **options)
+            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+            whole = wpkl.entropy_gated_loss(y[0], y[1], ht, wt, fused_linear=True, backend="reference", **options)
+            truths = (y[0], y[1])
+        else:
+            options["threshold"] = threshold
+            x = [student[..., sl].float().requires_grad_(True)]
+            loss = wpkl.entropy_gated_loss(x[0], teacher[..., sl].float(), process_group=group, backend="triton",
+                                           gate_options=gate_options, **options)
+            y = [student.float().double().requires_grad_(True)]
+            whole = wpkl.entropy_gated_loss(y[0], teacher.float().double(), backend="reference",
+                                            gate_options=None if gate_options is None else dict(
+                                                gate_options, teacher_topk_logprobs=lq.float().double()),
+                                            **options)
+            truths = (y[0],)
+        loss.backward()
+        whole.backward()
+        torch.testing.assert_close(loss.double(), whole, rtol=1e-5, atol=1e-6)
+        for n, (got, truth) in enumerate(zip(x, truths, strict=True)):
+            expected = (truth.grad if n == 0 else truth.grad[sl]) if fused else truth.grad[..., sl]
+            torch.testing.assert_close(got.grad.double(), expected, rtol=1e-4, atol=1e-6)
 
     def eopd_shards():  # EOPD (wpkl.entropy_gated_loss) composes the same way: its gate from the merged entropy
         sl = slice(rank * 4, rank * 4 + 4)
@@ -486,6 +587,13 @@ def _world_case(rank, world, group):
     case("sequence split, one read of the student", sequences_one_read)
     case("eopd vocabulary shards", eopd_shards)
     case("eopd sequence split", eopd_sequences)
+    case("sequence split, Triton, a top-k teacher", lambda: sequences(wpkl.Weighting(accumulated=0.5),
+                                                                       backend="triton"))
+    for backend in ("torch", "triton"):
+        case(f"sequence split, fused-linear, {backend}", lambda b=backend: sequences_linear(b))
+    for fused, gated_topk in ((False, False), (False, True), (True, False)):
+        case(f"eopd vocabulary shards, Triton, fused-linear={fused}, top-k gated term={gated_topk}",
+             lambda f=fused, k=gated_topk: eopd_triton_shards(f, k))
     return results
 
 
@@ -509,7 +617,12 @@ def test_vocabulary_and_sequence_shards(world, tmp_path):
     assert all(set(r["results"]) == {"vocabulary shards", "vocabulary shards, Triton", "sequence split",
                                      "sequence split, weights on the mixture", "sequence split, bounded",
                                      "sequence split, one read of the student",
-                                     "eopd vocabulary shards", "eopd sequence split"} for r in results)
+                                     "eopd vocabulary shards", "eopd sequence split",
+                                     "sequence split, Triton, a top-k teacher", "sequence split, fused-linear, torch",
+                                     "sequence split, fused-linear, triton",
+                                     *(f"eopd vocabulary shards, Triton, fused-linear={f}, top-k gated term={k}"
+                                       for f, k in ((False, False), (False, True), (True, False)))}
+               for r in results)
 
 
 @pytest.mark.parametrize("routing", ("per sequence", "per token", "dense"))

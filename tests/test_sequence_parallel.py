@@ -434,7 +434,17 @@ def good_cases():
                                          weighting=weightings[3])),
                 ("powered linear", dict(divergence="sampled", form="linear", extra=dict(sampled_power=2.0))),
                 ("powered triton", dict(divergence="sampled", backend="triton", dtype=torch.float32,
-                                        extra=dict(sampled_power=5.0)))]
+                                        extra=dict(sampled_power=5.0))),
+                # the Triton backend on the other forms
+                ("tip linear triton", dict(weighting=tip, form="linear", backend="triton", dtype=torch.float32)),
+                ("tip topk triton", dict(weighting=tip, form="topk", divergence="forward_kl", backend="triton",
+                                         dtype=torch.float32)),
+                ("pw-opsd topk triton", dict(weighting=pw, form="topk", divergence="forward_kl", backend="triton",
+                                             dtype=torch.float32, reduction="seq_mean")),
+                ("pw-opsd linear triton", dict(weighting=pw, form="linear", divergence="forward_kl", backend="triton",
+                                               dtype=torch.float32, reduction="seq_mean")),
+                ("powered linear triton", dict(divergence="sampled", form="linear", backend="triton",
+                                               dtype=torch.float32, extra=dict(sampled_power=5.0)))]
     for name, options in variants:
         seed += 1
         cases.append((name, split_case, dict(seed=seed + 3, **options)))

@@ -118,7 +118,7 @@ def logits_case(rank, world, group, *, seed, dtype=torch.float32, divergence="re
 
 
 def topk_case(rank, world, group, *, seed, mode="tail", divergence="forward_kl", dtype=torch.float32, v_local=7,
-              reduction="mean", weighting=None, raw_clamps=False):
+              reduction="mean", weighting=None, raw_clamps=False, backend="torch"):
     import wpkl
 
     g = _gen(seed)
@@ -134,7 +134,7 @@ def topk_case(rank, world, group, *, seed, mode="tail", divergence="forward_kl",
     mask[1, 0] = False
     kw = dict(mask=mask, divergence=divergence, reduction=reduction, weighting=weighting, temperature=1.3,
               teacher_topk_ids=ids, teacher_topk_logprobs=logprobs, topk_mode=mode, return_stats=True,
-              backend="torch")
+              backend=backend)
     if raw_clamps:
         kw.update(topk_logprob_floor=-3.0, topk_loss_max=0.5)
     full = s.clone().requires_grad_(True)
@@ -149,7 +149,7 @@ def topk_case(rank, world, group, *, seed, mode="tail", divergence="forward_kl",
 
 def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction="mean", weighting=None,
                 dtype=torch.float32, v_local=5, chunk_size=3, bias=True, softcap=None, teacher="logits",
-                use_module=False, backend="torch"):
+                use_module=False, backend="torch", extra=None):
     """The fused-linear form with the lm_heads sharded by vocabulary rows: loss, stats, the full hidden-state
     gradient, this rank's rows of the weight and bias gradients."""
     import wpkl
@@ -169,7 +169,7 @@ def linear_case(rank, world, group, *, seed, divergence="reverse_kl", reduction=
     tokens = torch.randint(0, V, (B, T), generator=g)
     kw = dict(mask=mask, tokens=tokens, divergence=divergence, reduction=reduction, weighting=weighting,
               temperature=0.8, return_stats=True, backend=backend, chunk_size=chunk_size, student_softcap=softcap,
-              student_logit_scale=1.1)
+              student_logit_scale=1.1, **(extra or {}))
     if teacher == "topk":
         ids = torch.argsort(torch.rand(B, T, V, generator=g), dim=-1)[..., :3]
         # a teacher's log-probabilities (their mass below 1: a sum above 1 makes the tail ill-conditioned)
@@ -414,6 +414,19 @@ def good_cases(world=2):
         cases.append((name, logits_case, dict(seed=seed + 10 + i, **options)))
         if world == 2:
             cases.append((f"triton {name}", triton_case, dict(seed=seed + 20 + i, **options)))
+    # ... on the fused-linear form and a top-k teacher too, on both backends
+    tip = wpkl.Weighting(token_importance=wpkl.TokenImportance(0.5))
+    pw_opsd = dict(weighting=wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False), reduction="seq_mean")
+    forms = [("tip linear", linear_case, dict(weighting=tip)),
+             ("pw-opsd linear", linear_case, dict(divergence="forward_kl", **pw_opsd)),
+             ("powered linear", linear_case, dict(divergence="sampled", extra=dict(sampled_power=5.0))),
+             ("powered linear logprobs", linear_case, dict(divergence="sampled", teacher="logprobs",
+                                                           extra=dict(sampled_power=5.0))),
+             ("tip top-k", topk_case, dict(weighting=tip)),
+             ("pw-opsd top-k", topk_case, dict(**pw_opsd))]
+    for i, (name, fn, options) in enumerate(forms):
+        for backend in ("torch", "triton") if world == 2 else ("triton",):
+            cases.append((f"{name} {backend}", fn, dict(seed=seed + 30 + i, backend=backend, **options)))
     return cases
 
 
@@ -573,13 +586,11 @@ def worlds(tmp_path_factory):
                         SPAWN_TIMEOUT_S)
 
 
-CASE_NAMES = [name for name, _, _ in good_cases()]
-
-
 @pytest.mark.parametrize("world", WORLD_SIZES)
 def test_every_case_matches_one_device(worlds, world):
-    ran = len(worlds[world][0]["results"])
-    assert ran >= len(CASE_NAMES) - 3, f"only {ran} cases ran"
+    ran = sorted(name for name in worlds[world][0]["results"] if not name.startswith("bad: "))
+    expected = sorted(name for name, _, _ in good_cases(world) if not ("owner" in name and int(name[-1]) >= world))
+    assert ran == expected, f"{len(ran)} of {len(expected)} cases ran"
     assert_ranks_passed(worlds[world])
 
 

@@ -331,3 +331,22 @@ class _closing:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+POSITION_LABELS = dict(step_error="step error", wrong_prefix="wrong prefix", conflict="teacher target ≠ consistent",
+                       kl="KL(student ‖ teacher)", teacher_entropy="teacher entropy", weight="mean weight (training)")
+
+
+def runs_of(results: dict, teacher: str, name: str) -> list[dict]:
+    return [r for r in results["runs"] if r["teacher"] == teacher and r["name"] == name]
+
+
+def position_means(runs: list[dict], where: str) -> dict[str, list[float]]:
+    """Per-position metrics averaged over runs: where = "initial" or "final" (held-out samples), "training"."""
+    tables = [r["training_positions"] if where == "training" else r["curve"][0 if where == "initial" else -1].get(
+        "positions") for r in runs]
+    tables = [t for t in tables if t]
+    if not tables:
+        return {}
+    return {name: [sum(t[name][i] for t in tables) / len(tables) for i in range(len(tables[0][name]))]
+            for name in tables[0]}

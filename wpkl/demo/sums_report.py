@@ -1,5 +1,6 @@
-"""The running-sum task's report: the accuracy table with paired differences to uniform, per-position tables,
-learning curves, per-position and difference plots, and the position-bias audit plots."""
+"""The running-sum task's report: the accuracy table with paired differences to uniform (and, with an IW-OPD arm,
+the other arms' paired differences to it), per-position tables, learning curves, per-position and difference
+plots, and the position-bias audit plots."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import math
 import sys
 from pathlib import Path
 
-from .sums_experiment import METRICS, ORACLE, POSITION_METRICS, comparisons, run_metric, updates_to
+from .sums_experiment import (METRICS, ORACLE, POSITION_LABELS, POSITION_METRICS, comparisons, position_means,
+                              run_metric, runs_of, updates_to)
+from .sums_plots import plots
 
 TEACHER_TEXT = {
     "cons": "continues consistently from the student's wrong digit (what a trained teacher does: the null control)",
@@ -16,8 +19,6 @@ TEACHER_TEXT = {
     "rec": "insists on the true sum after a wrong prefix (conflicts with the student's own prefix)",
     "trained": "is the trained teacher itself (no wrapper)",
 }
-POSITION_LABELS = dict(step_error="step error", wrong_prefix="wrong prefix", conflict="teacher target ≠ consistent",
-                       kl="KL(student ‖ teacher)", teacher_entropy="teacher entropy", weight="mean weight (training)")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -41,8 +42,31 @@ def _fmt_diff(row: dict) -> str:
     return f"{row['mean']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
 
-def _runs(results: dict, teacher: str, name: str) -> list[dict]:
-    return [r for r in results["runs"] if r["teacher"] == teacher and r["name"] == name]
+def iw_opd_baseline(results: dict) -> str | None:
+    """The first IW-OPD arm of the run (``iw_opd_<gamma>``), the second baseline every other arm is paired with."""
+    return next((name for name in results["config"]["weightings"] if name.startswith("iw_opd")), None)
+
+
+def iw_opd_lines(results: dict) -> list[str]:
+    """The table of every other arm's paired difference to the IW-OPD arm (AUC of the sampled and greedy
+    accuracy, the same seeds), Holm-corrected across the arms of each teacher; none without such an arm."""
+    baseline = iw_opd_baseline(results)
+    if baseline is None or len(results["config"]["weightings"]) < 2:
+        return []
+    compared = {(c["teacher"], c["weighting"], c["metric"]): c for c in comparisons(results, baseline)}
+    lines = ["", f"Paired against IW-OPD (`{baseline}`), the same seeds: Δ = arm - {baseline}, 'better' counts "
+             f"seeds where the arm beats it, p Holm-corrected across the arms of each teacher.", "",
+             f"| teacher | weighting | Δ AUC sampled vs {baseline} [95% CI] | better | p (Holm) | Δ AUC greedy [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    for mode in results["config"]["teachers"]:
+        for name in results["config"]["weightings"]:
+            primary, greedy = (compared.get((mode, name, key)) for key in ("auc_sampled", "auc_greedy"))
+            if primary is None or primary["n"] == 0:
+                continue
+            p = "–" if math.isnan(primary["p_holm"]) else f"{primary['p_holm']:.2g}"
+            lines.append(f"| {mode} | {name} | {_fmt_diff(primary)} | {primary['positive']}/{primary['n']} | {p} | "
+                         f"{_fmt_diff(greedy)} |")
+    return lines
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -52,7 +76,7 @@ def table_rows(results: dict) -> list[dict]:
     rows = []
     for mode in cfg["teachers"]:
         for name in cfg["weightings"]:
-            runs = _runs(results, mode, name)
+            runs = runs_of(results, mode, name)
             if not runs:
                 continue
             threshold = cfg["threshold"]
@@ -75,17 +99,6 @@ def _quarters(values: list[float]) -> list[float]:
     k = len(values)
     edges = [round(i * k / 4) for i in range(5)]
     return [sum(values[edges[i]:edges[i + 1]]) / max(edges[i + 1] - edges[i], 1) for i in range(4)]
-
-
-def _position_means(runs: list[dict], where: str) -> dict[str, list[float]]:
-    """Per-position metrics averaged over runs: where = "initial" or "final" (held-out samples), "training"."""
-    tables = [r["training_positions"] if where == "training" else r["curve"][0 if where == "initial" else -1].get(
-        "positions") for r in runs]
-    tables = [t for t in tables if t]
-    if not tables:
-        return {}
-    return {name: [sum(t[name][i] for t in tables) / len(tables) for i in range(len(tables[0][name]))]
-            for name in tables[0]}
 
 
 def _not_reached(warm: list[dict]) -> str:
@@ -160,13 +173,14 @@ def summary_markdown(results: dict, elapsed: float) -> str:
             f"{_fmt(row['final_greedy'], 3, seeds)} | {_fmt(row['auc_sampled'], 3, seeds)} | {diff} | {better} | {p} | "
             f"{greedy_diff} | {updates['greedy']} | {updates['sampled']} | {_fmt(row['final_kl'], 3, seeds)} |")
 
+    lines += iw_opd_lines(results)
     lines += ["", "Per position along the response (quarters of the K positions), on held-out student samples, before "
               "training and after it, mean over seeds:", "",
               "| teacher | weighting | when | " + " | ".join(POSITION_LABELS[m] for m in POSITION_METRICS[:-1]) + " |",
               "|---|---|---|" + "---|" * (len(POSITION_METRICS) - 1)]
     for mode in cfg["teachers"]:
         for name, when in [(cfg["weightings"][0], "initial")] + [(name, "final") for name in cfg["weightings"]]:
-            means = _position_means(_runs(results, mode, name), when)
+            means = position_means(runs_of(results, mode, name), when)
             if not means:
                 continue
             cells = [" / ".join(f"{v:.2f}" for v in _quarters(means[m])) for m in POSITION_METRICS[:-1]]
@@ -199,117 +213,30 @@ def compact(results: dict, elapsed: float) -> dict:
     positions = {}
     for mode in cfg["teachers"]:
         for name in cfg["weightings"]:
-            group = _runs(results, mode, name)
+            group = runs_of(results, mode, name)
             positions[f"{mode}/{name}"] = {when: {m: [round(v, 4) for v in vs] for m, vs in
-                                                   _position_means(group, when).items()}
+                                                   position_means(group, when).items()}
                                             for when in ("initial", "final", "training")}
-    compared = [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in comparisons(results)]
+    def rounded(rows):
+        return [{k: round(v, 6) if isinstance(v, float) else v for k, v in c.items()} for c in rows]
+
+    baseline = iw_opd_baseline(results)
+    extra = {} if baseline is None else {"comparisons_vs_iw_opd": rounded(comparisons(results, baseline))}
     return dict(task="sums", config=cfg, teacher=results["teacher"], warm_start=results["warm_start"], runs=runs,
-                positions=positions, comparisons=compared, seconds=round(elapsed))
+                positions=positions, comparisons=rounded(comparisons(results)), **extra, seconds=round(elapsed))
 
 
 def write_report(results: dict, out: Path, elapsed: float) -> bool:
     """Write the report; True when the plots were written too (they need matplotlib)."""
     (out / "summary.md").write_text(summary_markdown(results, elapsed))
+    baseline = iw_opd_baseline(results)
+    extra = {} if baseline is None else {"comparisons_vs_iw_opd": comparisons(results, baseline)}
     serializable = dict(results, runs=[{k: v for k, v in r.items() if k != "monitor"} for r in results["runs"]],
-                        comparisons=comparisons(results), seconds=elapsed)
+                        comparisons=comparisons(results), **extra, seconds=elapsed)
     (out / "results.json").write_text(json.dumps(serializable, indent=1, default=str))
     for r in results["runs"]:
         r["monitor"].save(out / "runs" / r["teacher"] / r["name"] / f"seed{r['seed']}" / "position_bias.pt")
     return plots(results, out)
-
-
-def plots(results: dict, out: Path, audit: bool = True, dpi: int = 110) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'wpkl[demo]')", file=sys.stderr)
-        return False
-    cfg = results["config"]
-    teachers, names = cfg["teachers"], cfg["weightings"]
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-
-    fig, axes = plt.subplots(2, len(teachers), figsize=(4.2 * len(teachers), 6.5), squeeze=False, sharey=True,
-                             constrained_layout=True)
-    for col, mode in enumerate(teachers):
-        for name in names:
-            runs = _runs(results, mode, name)
-            if not runs:
-                continue
-            steps = [p["step"] for p in runs[0]["curve"]]
-            for row, key in enumerate(("sampled", "greedy")):
-                values = [sum(r["curve"][i][key] for r in runs) / len(runs) for i in range(len(steps))]
-                axes[row, col].plot(steps, values, marker=".", color=colors[name], label=name)
-        axes[0, col].set_title(f"teacher {mode}")
-        for row in range(2):
-            axes[row, col].grid(alpha=0.3)
-        axes[1, col].set_xlabel("on-policy update")
-    axes[0, 0].set_ylabel(f"accuracy, sampled (mean@{cfg['eval_samples']})")
-    axes[1, 0].set_ylabel("accuracy, greedy")
-    axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"final-answer accuracy on held-out prompts (mean over {len(cfg['seeds'])} seeds)")
-    fig.savefig(out / "curves.png", dpi=dpi)
-    plt.close(fig)
-
-    rows = [c for c in comparisons(results) if c["metric"] == "auc_sampled"]
-    fig, axes = plt.subplots(1, len(teachers), figsize=(4.2 * len(teachers), 0.5 + 0.45 * len(names)),
-                             squeeze=False, sharex=True, constrained_layout=True)
-    for col, mode in enumerate(teachers):
-        ax = axes[0, col]
-        group = [c for c in rows if c["teacher"] == mode]
-        for y, c in enumerate(group):
-            low, high = c["ci_low"], c["ci_high"]
-            if not math.isnan(low):
-                ax.plot([low, high], [y, y], color=colors[c["weighting"]], lw=2)
-            ax.plot([c["mean"]], [y], "o", color=colors[c["weighting"]])
-        ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(group)), [c["weighting"] for c in group])
-        ax.set_title(f"teacher {mode}")
-        ax.set_xlabel("Δ AUC sampled accuracy vs uniform (95% CI)")
-        ax.grid(alpha=0.3, axis="x")
-    fig.savefig(out / "differences.png", dpi=dpi)
-    plt.close(fig)
-
-    metrics = POSITION_METRICS
-    fig, axes = plt.subplots(len(metrics), len(teachers), figsize=(4.2 * len(teachers), 2.1 * len(metrics)),
-                             squeeze=False, sharex=True, constrained_layout=True)
-    for col, mode in enumerate(teachers):
-        start = _position_means(_runs(results, mode, names[0]), "initial")
-        for name in names:
-            runs = _runs(results, mode, name)
-            final, training = _position_means(runs, "final"), _position_means(runs, "training")
-            for row, metric in enumerate(metrics):
-                values = training.get(metric) if metric == "weight" else final.get(metric)
-                if values:
-                    axes[row, col].plot(range(1, len(values) + 1), values, color=colors[name], label=name)
-        for row, metric in enumerate(metrics):
-            ax = axes[row, col]
-            if metric != "weight" and start.get(metric):
-                ax.plot(range(1, len(start[metric]) + 1), start[metric], "k--", lw=1, label="before")
-            # From 0, and no offset notation: a flat line (the teacher's entropy) must look flat.
-            ax.ticklabel_format(axis="y", useOffset=False)
-            top = max([max(line.get_ydata()) for line in ax.get_lines()] or [1.0])
-            ax.set_ylim(0, max(1.1 * top, 0.05 if metric in ("step_error", "wrong_prefix", "conflict") else 0.1))
-            ax.grid(alpha=0.3)
-            if col == 0:
-                axes[row, col].set_ylabel(POSITION_LABELS[metric], fontsize=8)
-        axes[0, col].set_title(f"teacher {mode}")
-        axes[-1, col].set_xlabel("response position k")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("per position: held-out samples after training (dashed: before); weight: mean over training")
-    fig.savefig(out / "positions.png", dpi=dpi)
-    plt.close(fig)
-
-    if audit:
-        from ..audit import plot as audit_plot
-
-        for r in results["runs"]:
-            if r["seed"] == cfg["seeds"][0] and "monitor" in r:
-                audit_plot(r["monitor"], out / "audit" / r["teacher"] / r["name"], title=f"{r['teacher']} {r['name']}")
-    return True
 
 
 def merge(parts: list[dict]) -> dict:
