@@ -185,6 +185,29 @@ def test_position_sigmoid_is_pw_opsd():
     assert (stats.weight[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_position_sigmoid_top_k_teacher(backend, device):
+    """PW-OPSD's recipe against a teacher server's top-k answer (per-sequence means, no renormalization)."""
+    leading, V, K = (3, 7), 37, 5
+    student, teacher = logits_pair((*leading, V), torch.float32)
+    logprobs = torch.log_softmax(teacher.double(), -1)
+    ids = teacher.topk(K, -1).indices
+    kwargs = dict(mask=random_mask(leading), teacher_topk_ids=ids, teacher_topk_logprobs=logprobs.gather(-1, ids).float(),
+                  divergence="forward_kl", temperature=1.1, reduction="seq_mean",
+                  weighting=wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False))
+    x = student.detach().clone().to(device).requires_grad_(True)
+    loss, stats = wpkl.weighted_kl_loss(x, None, backend=backend, return_stats=True,
+                                        **{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                           for k, v in kwargs.items()})
+    loss.backward()
+    y = student.detach().double().requires_grad_(True)
+    ref, ref_stats = wpkl.weighted_kl_loss(y, None, backend="reference", return_stats=True, **kwargs)
+    ref.backward()
+    assert_values_close(loss, ref)
+    assert_values_close(stats.weight.cpu(), ref_stats.weight)
+    assert_grad_close(x.grad.cpu(), y.grad, y.grad.float(), torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------ TIP
 
 
@@ -442,6 +465,38 @@ def test_entropy_gated_loss_with_teacher_logits_and_a_top_k_gated_term(reduction
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_gated_loss_top_k_gated_term_backends(backend, device):
+    """The authors' form (the gate from the full teacher's entropy, the gated forward KL over its top-k,
+    renormalized) on both backends, float32, against the float64 reference of the same call."""
+    leading, V = (3, 8), 31
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(*leading, V, generator=g)
+    teacher = torch.randn(*leading, V, generator=g) * torch.linspace(0.3, 4.0, 24).view(3, 8, 1)
+    mask = random_mask(leading)
+    tokens = torch.randint(0, V, leading, generator=g)
+    lq = torch.log_softmax(teacher.double(), -1)
+    top, ids = lq.topk(6, dim=-1)
+    entropies = (-(lq.exp() * lq).sum(-1)[mask]).sort().values
+    i = max(range(len(entropies) // 4, 3 * len(entropies) // 4), key=lambda j: float(entropies[j + 1] - entropies[j]))
+    threshold = float(entropies[i] + entropies[i + 1]) / 2  # (no token within float32 rounding of the threshold)
+
+    def run(x, t, q, backend, to=lambda v: v):
+        x = to(x).clone().requires_grad_(True)
+        loss = wpkl.entropy_gated_loss(x, to(t), mask=to(mask), tokens=to(tokens), divergence="sampled",
+                                       threshold=threshold, weighting=wpkl.Weighting(accumulated=0.5),
+                                       backend=backend, gate_options=dict(teacher_topk_ids=to(ids),
+                                                                          teacher_topk_logprobs=to(q),
+                                                                          topk_mode="renormalize"))
+        loss.backward()
+        return loss, x.grad
+
+    loss, grad = run(student, teacher, top.float(), backend, lambda v: v.to(device))
+    ref, ref_grad = run(student.double(), teacher.double(), top.float().double(), "reference")
+    assert_values_close(loss.cpu(), ref)
+    assert_grad_close(grad.cpu(), ref_grad, ref_grad.float(), torch.float32)
 
 
 def test_entropy_gated_loss_teacher_server_form():
