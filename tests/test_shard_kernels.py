@@ -89,6 +89,19 @@ def _spy(owner, name, calls):
     return lambda: setattr(owner, name, staticmethod(original))
 
 
+def matches_reference(loss, x, leaves, columns, loose, whole_of):
+    """A sharded call's loss and its leaves' gradients (``x``: the student's logits slice, or the hidden states and
+    this rank's weight rows) against ``whole_of(*leaves)``, the float64 reference on the whole vocabulary."""
+    y = [t.clone().requires_grad_(True) for t in leaves]
+    whole = whole_of(*y)
+    whole.backward()
+    truths = (y[0].grad, y[1].grad[columns]) if len(y) == 2 else (y[0].grad[..., columns],)
+    tol = dict(rtol=2e-2, atol=2e-3) if loose else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), whole, **tol)
+    for got, truth in zip(x, truths, strict=True):
+        torch.testing.assert_close(got.grad.double(), truth, **(tol if loose else dict(rtol=2e-4, atol=2e-6)))
+
+
 def _world_case(rank, world, group):
     import wpkl
     from wpkl.backends.torch_pass import TorchPass
@@ -267,21 +280,9 @@ def _world_case(rank, world, group):
         # states' gradient; a routing runs each logits teacher alone (2 each)
         expected = (5 if joined else 3 + 2 * logits) * chunks + (1 if fused else 0) if logits else 3 * chunks + fused
         assert shards[-1].calls == expected, (shards[-1].calls, expected)
-        if fused:
-            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-            whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=teachers_of(slice(None), lambda t: t.double()),
-                                            mixing=mixing, backend="reference", **options)
-        else:
-            y = [student.float().double().requires_grad_(True)]
-            whole = wpkl.multi_teacher_loss(y[0], teachers=teachers_of(slice(None), lambda t: t.double()),
-                                            mixing=mixing, backend="reference", **options)
-        whole.backward()
-        truths = (y[0].grad, y[1].grad[sl]) if fused else (y[0].grad[..., sl],)
-        loose = dtype != torch.float32
-        tol = dict(rtol=2e-2, atol=2e-3) if loose else dict(rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(loss.double(), whole, **tol)
-        for got, truth in zip(x, truths, strict=True):
-            torch.testing.assert_close(got.grad.double(), truth, **(tol if loose else dict(rtol=2e-4, atol=2e-6)))
+        matches_reference(loss, x, [h, w] if fused else [student.float().double()], sl, dtype != torch.float32,
+                          lambda *y: wpkl.multi_teacher_loss(*y, teachers=teachers_of(slice(None), lambda t: t.double()),
+                                                             mixing=mixing, backend="reference", **options))
 
     for mixing_kind in ("soft", "numbers", "routing"):
         case(f"three teachers {mixing_kind}", lambda m=mixing_kind: several(m, False))
@@ -533,21 +534,9 @@ def _world_case(rank, world, group):
         assert shards[-1].calls == expected, (shards[-1].calls, expected)
         if not fused:  # launches of two of one dtype (a first launch of one still takes the top-k rows)
             assert launched == [2] * (dtypes.count(dtypes[0]) // 2) + ([1] if topk and K == 1 else []), launched
-        if fused:
-            y = [h.clone().requires_grad_(True), w.clone().requires_grad_(True)]
-            whole = wpkl.multi_teacher_loss(y[0], y[1], teachers=teachers_of(slice(None), lambda t: t.double()),
-                                            mixing=mixing, backend="reference", **options)
-        else:
-            y = [student.float().double().requires_grad_(True)]
-            whole = wpkl.multi_teacher_loss(y[0], teachers=teachers_of(slice(None), lambda t: t.double()),
-                                            mixing=mixing, backend="reference", **options)
-        whole.backward()
-        truths = (y[0].grad, y[1].grad[sl]) if fused else (y[0].grad[..., sl],)
-        loose = torch.bfloat16 in dtypes
-        tol = dict(rtol=2e-2, atol=2e-3) if loose else dict(rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(loss.double(), whole, **tol)
-        for got, truth in zip(x, truths, strict=True):
-            torch.testing.assert_close(got.grad.double(), truth, **(tol if loose else dict(rtol=2e-4, atol=2e-6)))
+        matches_reference(loss, x, [h, w] if fused else [student.float().double()], sl, torch.bfloat16 in dtypes,
+                          lambda *y: wpkl.multi_teacher_loss(*y, teachers=teachers_of(slice(None), lambda t: t.double()),
+                                                             mixing=mixing, backend="reference", **options))
 
     f32, bf16 = torch.float32, torch.bfloat16
     for dtypes, mixing_kind, topk, fused in (([f32] * 3, "soft", 0, False), ([f32, f32, bf16], "numbers", 0, False),

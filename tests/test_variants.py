@@ -185,29 +185,6 @@ def test_position_sigmoid_is_pw_opsd():
     assert (stats.weight[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_position_sigmoid_top_k_teacher(backend, device):
-    """PW-OPSD's recipe against a teacher server's top-k answer (per-sequence means, no renormalization)."""
-    leading, V, K = (3, 7), 37, 5
-    student, teacher = logits_pair((*leading, V), torch.float32)
-    logprobs = torch.log_softmax(teacher.double(), -1)
-    ids = teacher.topk(K, -1).indices
-    kwargs = dict(mask=random_mask(leading), teacher_topk_ids=ids, teacher_topk_logprobs=logprobs.gather(-1, ids).float(),
-                  divergence="forward_kl", temperature=1.1, reduction="seq_mean",
-                  weighting=wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False))
-    x = student.detach().clone().to(device).requires_grad_(True)
-    loss, stats = wpkl.weighted_kl_loss(x, None, backend=backend, return_stats=True,
-                                        **{k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                           for k, v in kwargs.items()})
-    loss.backward()
-    y = student.detach().double().requires_grad_(True)
-    ref, ref_stats = wpkl.weighted_kl_loss(y, None, backend="reference", return_stats=True, **kwargs)
-    ref.backward()
-    assert_values_close(loss, ref)
-    assert_values_close(stats.weight.cpu(), ref_stats.weight)
-    assert_grad_close(x.grad.cpu(), y.grad, y.grad.float(), torch.float32)
-
-
 # ------------------------------------------------------------------------------------------------ TIP
 
 
@@ -303,13 +280,18 @@ def test_token_importance_mean_is_the_selected_tokens_mean():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_importance_top_k_teacher(backend, device):
+@pytest.mark.parametrize("variant", [
+    dict(weighting=wpkl.Weighting(token_importance=wpkl.TokenImportance(0.4))),  # TIP
+    # PW-OPSD's recipe: the rising schedule, per-sequence means, no renormalization, T = 1.1
+    dict(weighting=wpkl.Weighting(position=wpkl.PositionSigmoid(), normalize=False), reduction="seq_mean",
+         temperature=1.1)], ids=["tip", "pw-opsd"])
+def test_weightings_with_a_top_k_teacher(backend, variant, device):
     leading, V, K = (2, 6), 37, 5
     student, teacher = logits_pair((*leading, V), torch.float32)
     logprobs = torch.log_softmax(teacher.double(), -1)
     ids = teacher.topk(K, -1).indices
     kwargs = dict(mask=random_mask(leading), teacher_topk_ids=ids, teacher_topk_logprobs=logprobs.gather(-1, ids).float(),
-                  divergence="forward_kl", weighting=wpkl.Weighting(token_importance=wpkl.TokenImportance(0.4)))
+                  divergence="forward_kl", **variant)
     x = student.detach().clone().to(device).requires_grad_(True)
     loss, stats = wpkl.weighted_kl_loss(x, None, backend=backend, return_stats=True,
                                         **{k: v.to(device) if isinstance(v, torch.Tensor) else v
@@ -320,6 +302,7 @@ def test_token_importance_top_k_teacher(backend, device):
     ref.backward()
     assert_values_close(loss, ref)
     assert torch.equal(stats.weight.cpu() > 0, ref_stats.weight > 0)
+    assert_values_close(stats.weight.cpu(), ref_stats.weight)
     assert_grad_close(x.grad.cpu(), y.grad, y.grad.float(), torch.float32)
 
 
